@@ -1,0 +1,155 @@
+"""Typed configuration: the schema behind conf/, registered in Hydra's ConfigStore, and its checks.
+
+Hydra checks types and key names against these dataclasses while composing; `validate` checks values and
+cross-field rules before any model is loaded, with one-line errors that name the key, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A bad config value; its message is one line naming the key, the value and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    path: str = MISSING  # hub id (facebook/opt-1.3b) or a local directory
+    dtype: str = "float32"  # float32, float16 or bfloat16
+    device_map: Optional[str] = None  # None: one device (eval.device); "auto": spread over GPUs by accelerate
+    revision: Optional[str] = None
+
+
+@dataclass
+class CriterionConfig:
+    name: str = MISSING
+
+
+@dataclass
+class CalibrationConfig:
+    source: str = "opt_mini"  # opt_mini: the embedded calibration split
+    limit: Optional[int] = None  # examples to use; None: all
+    batch_size: int = 8
+    max_length: Optional[int] = None  # truncate contexts from the left to this many tokens; None: model limit
+
+
+@dataclass
+class PredictorConfig:
+    name: str = "shadow"
+    layer: int = 0  # which layer's attention output feeds the predictor
+    head_hidden: int = 2048
+    neuron_hidden: int = 1024
+    head_epochs: int = 100
+    neuron_epochs: int = 20
+    head_batch_size: int = 32
+    neuron_batch_size: int = 16
+    head_val_fraction: float = 0.2
+    neuron_val_fraction: float = 0.1
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    target_norm: str = "per_layer"  # per_layer (the paper's b1eL) or global (b1e)
+
+
+@dataclass
+class EvalConfig:
+    name: str = "perplexity"
+    dataset: str = "opt_mini"  # opt_mini (offline) or wikitext2 (needs the hub)
+    protocols: list[str] = field(default_factory=lambda: ["token", "word"])
+    seq_len: Optional[int] = None  # window length; None: the model's context length
+    batch_size: int = 8
+    limit: Optional[int] = None  # first N windows (token) / documents (word); None: all
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"
+    project: str = "shadow"
+    entity: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    criterion: Optional[CriterionConfig] = None
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    sparsity: float = 0.5
+    head_sparsity: Optional[float] = None  # None: sparsity
+    neuron_sparsity: Optional[float] = None  # None: sparsity
+    policy: str = "global"  # global or local (per layer)
+    seed: int = 0
+    device: str = "cpu"
+    cache_dir: str = "${oc.env:SHADOW_CACHE_DIR,.cache/shadow}"
+
+
+def register_configs() -> None:
+    """The schema for conf/config.yaml, and ${shadow_asset:<path>}: a path inside the installed package."""
+    ConfigStore.instance().store(name="shadow_schema", node=Config)
+    package = Path(__file__).resolve().parent
+    OmegaConf.register_new_resolver("shadow_asset", lambda rel: str(package / rel), replace=True)
+
+
+DTYPES = ("float32", "float16", "bfloat16")
+POLICIES = ("global", "local")
+PREDICTORS = ("shadow",)
+EVAL_DATASETS = ("opt_mini", "wikitext2")
+PROTOCOLS = ("token", "word")
+TARGET_NORMS = ("per_layer", "global")
+
+
+def conf_options(group: str) -> list[str]:
+    """The options of a conf/ group: the names of its YAML files."""
+    return sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf" / group).glob("*.yaml"))
+
+
+def _choice(key: str, value: Any, allowed: tuple[str, ...] | list[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}; pick one, e.g. {key}={allowed[0]}")
+
+
+def _fraction(key: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ConfigError(f"{key}={value!r} is outside [0, 1); set {key} to a fraction such as 0.5")
+
+
+def validate(cfg: DictConfig | Config) -> None:
+    """Check values and cross-field rules; raise ConfigError before any expensive work starts."""
+    from shadow.criteria import CRITERIA  # late import: criteria import torch
+
+    if cfg.criterion is None:
+        raise ConfigError(f"criterion is not set; add +criterion=<name> with one of: {', '.join(sorted(CRITERIA))}")
+    _choice("criterion", cfg.criterion.name, sorted(CRITERIA))
+    _fraction("sparsity", cfg.sparsity)
+    for key in ("head_sparsity", "neuron_sparsity"):
+        if cfg[key] is not None:
+            _fraction(key, cfg[key])
+    _choice("policy", cfg.policy, POLICIES)
+    _choice("predictor", cfg.predictor.name, PREDICTORS)
+    _choice("predictor.target_norm", cfg.predictor.target_norm, TARGET_NORMS)
+    _choice("model.dtype", cfg.model.dtype, DTYPES)
+    _choice("eval.dataset", cfg.eval.dataset, EVAL_DATASETS)
+    for protocol in cfg.eval.protocols:
+        _choice("eval.protocols", protocol, PROTOCOLS)
+    if cfg.device == "cpu" and cfg.model.dtype == "float16":
+        raise ConfigError("model.dtype='float16' is slow and inexact on device=cpu; use model.dtype=float32 or bfloat16")
+    if cfg.calibration.source != "opt_mini":
+        raise ConfigError(f"calibration.source={cfg.calibration.source!r} is unknown; use calibration.source=opt_mini")
+    for key in ("calibration.batch_size", "eval.batch_size"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be at least 1; set {key}=8")
+    cache = Path(cfg.cache_dir)
+    probe = next((p for p in [cache, *cache.absolute().parents] if p.exists()), None)
+    if probe is None or not os.access(probe, os.W_OK):
+        raise ConfigError(f"cache_dir={cfg.cache_dir!r} is not writable; set cache_dir or SHADOW_CACHE_DIR to a "
+                          "writable directory")

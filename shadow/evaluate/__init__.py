@@ -1,0 +1,1 @@
+"""Measuring the sparse model: perplexity (here), downstream tasks and latency."""

@@ -1,0 +1,139 @@
+"""Perplexity of the (sparse) model under two protocols, named so they cannot be confused.
+
+- ``token_perplexity``: the joined text (documents separated by a blank line) cut into non-overlapping
+  windows of the context length, every token after each window's first scored (SparseGPT/Wanda).
+- ``word_perplexity`` (with ``byte_perplexity`` and ``bits_per_byte``): lm-eval's ``wikitext`` protocol,
+  document-level rolling windows from lm-eval's own window function, normalised by the words of each
+  document (what the ShadowLLM paper reports).
+
+Each window is one request with one mask. The mask is predicted from the text up to and including the token
+that precedes the window's first scored token, at most one window of it: the predictor never sees a token it
+is scored on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from shadow.config import ConfigError, EvalConfig
+from shadow.data import pad
+from shadow.masking import apply_masks
+from shadow.opt_mini import PERPLEXITY_FILE
+from shadow.policy import Masks
+
+MaskFn = Callable[[list[list[int]]], Optional[Masks]]  # prompts → one mask per prompt (None: dense)
+
+
+@dataclass
+class Document:
+    text: str  # what the model reads
+    words: int  # lm-eval's count, on the original text
+    bytes: int
+
+
+@dataclass
+class Request:
+    tokens: list[int]  # model input followed by the last target; at most seq_len + 1 tokens
+    n_targets: int  # the last n_targets tokens are scored
+    prompt: list[int]  # what the mask is predicted from
+
+
+def load_documents(cfg: EvalConfig) -> list[Document]:
+    """The evaluation documents; fails with a clear error before any model work if they are unreachable."""
+    if cfg.dataset == "opt_mini":
+        pages = [json.loads(line)["page"] for line in PERPLEXITY_FILE.read_text().splitlines()]
+        return [Document(p, len(re.split(r"\s+", p)), len(p.encode())) for p in pages]
+    import datasets
+    from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
+
+    try:
+        docs = datasets.load_dataset("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", split="test")
+    except Exception as err:  # offline or unreachable hub
+        raise ConfigError(f"eval.dataset=wikitext2 could not be loaded ({type(err).__name__}); run where the "
+                          "Hugging Face hub is reachable once to cache it, or use eval.dataset=opt_mini") from None
+    return [Document(wikitext_detokenizer(d), len(re.split(r"\s+", d["page"])), len(d["page"].encode()))
+            for d in docs]
+
+
+def _prompt(stream: list[int], first_target: int, seq_len: int) -> list[int]:
+    """Up to seq_len tokens of stream ending just before index first_target."""
+    return stream[max(0, first_target - seq_len):first_target]
+
+
+def token_requests(docs: list[Document], tokenizer, seq_len: int, limit: Optional[int]) -> list[Request]:
+    stream = tokenizer("\n\n".join(d.text for d in docs))["input_ids"]  # starts with BOS
+    starts = range(0, len(stream) - seq_len + 1, seq_len)
+    return [Request(stream[s:s + seq_len], seq_len - 1, _prompt(stream, s + 1, seq_len))
+            for s in list(starts)[:limit]]
+
+
+def word_requests(doc: Document, tokenizer, seq_len: int) -> list[Request]:
+    tokens = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+    stream = [tokenizer.bos_token_id] + tokens  # stream[i + 1] is tokens[i]
+    out, first = [], 0
+    for context, continuation in map(make_disjoint_window, get_rolling_token_windows(
+            token_list=tokens, prefix_token=tokenizer.bos_token_id, max_seq_len=seq_len, context_len=1)):
+        out.append(Request((context + continuation)[-(seq_len + 1):], len(continuation),
+                           _prompt(stream, first + 1, seq_len)))
+        first += len(continuation)
+    return out
+
+
+@torch.no_grad()
+def score(model: nn.Module, requests: list[Request], mask_fn: MaskFn, batch_size: int, pad_id: int,
+          desc: str) -> tuple[list[float], dict[str, float]]:
+    """Summed negative log-likelihood of each request's targets, and the mean achieved sparsity."""
+    nll: list[float] = []
+    kept: dict[str, float] = {}
+    for start in tqdm(range(0, len(requests), batch_size), desc=desc, unit="batch"):
+        chunk = requests[start:start + batch_size]
+        inputs = [r.tokens[:-1] for r in chunk]
+        ids, attention = pad(inputs, pad_id)
+        masks = mask_fn([r.prompt for r in chunk])
+        with apply_masks(model, masks):
+            logits = model(input_ids=ids.to(model.device), attention_mask=attention.to(model.device)).logits
+        logprobs = logits.float().log_softmax(-1).cpu()
+        for i, r in enumerate(chunk):
+            n = len(inputs[i])
+            targets = torch.tensor(r.tokens[-r.n_targets:])
+            nll.append(-logprobs[i, n - r.n_targets:n].gather(1, targets[:, None]).sum().item())
+        if masks is not None:
+            for key, value in masks.sparsity().items():
+                kept[key] = kept.get(key, 0.0) + value * len(chunk)
+    return nll, {k: v / len(requests) for k, v in kept.items()}
+
+
+def evaluate_perplexity(model: nn.Module, tokenizer, mask_fn: MaskFn, cfg: EvalConfig,
+                        docs: list[Document]) -> dict[str, float]:
+    seq_len = cfg.seq_len or model.config.max_position_embeddings
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    metrics: dict[str, float] = {}
+    sparsity: list[dict[str, float]] = []
+    if "token" in cfg.protocols:
+        requests = token_requests(docs, tokenizer, seq_len, cfg.limit)
+        nll, achieved = score(model, requests, mask_fn, cfg.batch_size, pad_id, "token perplexity")
+        metrics["token_perplexity"] = math.exp(sum(nll) / sum(r.n_targets for r in requests))
+        sparsity.append(achieved)
+    if "word" in cfg.protocols:
+        subset = docs[:cfg.limit]
+        per_doc = [word_requests(d, tokenizer, seq_len) for d in subset]
+        nll, achieved = score(model, [r for rs in per_doc for r in rs], mask_fn, cfg.batch_size, pad_id,
+                              "word perplexity")
+        total = sum(nll)
+        words, n_bytes = sum(d.words for d in subset), sum(d.bytes for d in subset)
+        metrics.update(word_perplexity=math.exp(total / words), byte_perplexity=math.exp(total / n_bytes),
+                       bits_per_byte=total / n_bytes / math.log(2))
+        sparsity.append(achieved)
+    for key in ("head_sparsity", "neuron_sparsity"):
+        values = [s[key] for s in sparsity if key in s]
+        metrics[f"achieved_{key}"] = sum(values) / len(values) if values else 0.0
+    return metrics

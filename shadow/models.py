@@ -1,0 +1,102 @@
+"""Loading OPT models and tokenizers from a hub id or a local directory, once per process."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from shadow.config import ConfigError, ModelConfig
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_LOADED: dict[tuple, tuple[nn.Module, object]] = {}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Layers, heads per layer, head size and FFN neurons per layer of an OPT decoder."""
+
+    layers: int
+    heads: int
+    head_dim: int
+    neurons: int
+
+    @classmethod
+    def of(cls, config) -> "Shape":
+        heads = config.num_attention_heads
+        return cls(config.num_hidden_layers, heads, config.hidden_size // heads, config.ffn_dim)
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}
+
+
+def resolve_path(cfg: ModelConfig) -> str:
+    """The local directory of the weights: cfg.path itself, or the hub id's snapshot in the local cache."""
+    path = Path(cfg.path).expanduser()
+    looks_local = cfg.path.startswith((".", "/", "~")) or path.exists()
+    if looks_local:
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.path={cfg.path!r} has no config.json; point model.path at a Hugging Face "
+                              "model directory or use a hub id such as facebook/opt-1.3b")
+        return str(path.resolve())
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(cfg.path, revision=cfg.revision, local_files_only=hub_offline(),
+                                 allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "merges.txt"])
+    except Exception as err:  # the hub client raises many types for "not there"
+        where = "the hub is offline (HF_HUB_OFFLINE=1) and it is not in the local cache" if hub_offline() \
+            else f"it could not be fetched ({type(err).__name__})"
+        raise ConfigError(f"model.path={cfg.path!r}: {where}; download it where the hub is reachable "
+                          "(huggingface-cli download) or set model.path to a local directory") from None
+
+
+def check_opt(cfg: ModelConfig) -> tuple[str, Shape]:
+    """Resolve the path and read only its config: fail fast on a missing or non-OPT model."""
+    from transformers import AutoConfig
+
+    path = resolve_path(cfg)
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type != "opt":
+        raise ConfigError(f"model.path={cfg.path!r} is a {config.model_type!r} model; shadow needs an OPT "
+                          "checkpoint (facebook/opt-* or model=opt-mini)")
+    return path, Shape.of(config)
+
+
+def load_model(cfg: ModelConfig, device: str = "cpu") -> tuple[nn.Module, object]:
+    """The model (in eval mode) and tokenizer; a sweep in one process loads each model once."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    key = (cfg.path, cfg.revision, cfg.dtype, cfg.device_map, device)
+    if key not in _LOADED:
+        _LOADED.clear()  # keep one model resident: big models do not fit twice
+        path, _ = check_opt(cfg)
+        log.info("loading %s from %s (%s)", cfg.name, path, cfg.dtype)
+        kwargs = {"device_map": cfg.device_map} if cfg.device_map else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], **kwargs)
+        if not cfg.device_map:
+            model.to(device)
+        _LOADED[key] = (model.eval(), AutoTokenizer.from_pretrained(path))
+    return _LOADED[key]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return model.model.decoder.layers
+
+
+def fingerprint(model: nn.Module, cfg: ModelConfig) -> dict:
+    """What identifies the weights for caching: the config, dtype, and each weight file's name, size and mtime."""
+    path = Path(model.config._name_or_path)
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.glob("*.safetensors")) \
+        if path.is_dir() else []
+    config = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
+    return {"path": str(path), "dtype": cfg.dtype, "files": files,
+            "config_sha256": hashlib.sha256(config.encode()).hexdigest()}

@@ -1,0 +1,145 @@
+"""The ShadowLLM predictor: one MLP reads one layer's attention output and predicts every layer's importance.
+
+Input: the attention output (before out_proj) of ``predictor.layer`` at the last context token, min–max
+normalised per example. Targets: the criterion's per-example scores, min–max normalised per layer (the paper's
+better variant) or over all layers. Two MLPs, Linear → ReLU → Linear: one for the L·H head scores and one for
+the L·F neuron scores, each trained with MSE, AdamW and a cosine schedule on its own train/validation split.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from shadow.config import PredictorConfig
+from shadow.data import pad
+from shadow.models import Shape
+from shadow.policy import Masks, select
+from shadow.traces import layer_features
+
+log = logging.getLogger(__name__)
+EPS = 1e-12
+
+
+def minmax(x: Tensor, dims: tuple[int, ...]) -> Tensor:
+    lo = x.amin(dim=dims, keepdim=True)
+    hi = x.amax(dim=dims, keepdim=True)
+    return (x - lo) / (hi - lo).clamp(min=EPS)
+
+
+def normalise_targets(scores: Tensor, how: str) -> Tensor:
+    """(N, L, U) scores → [0, 1] per example and layer (``per_layer``) or per example (``global``)."""
+    return minmax(scores, (2,) if how == "per_layer" else (1, 2))
+
+
+def mlp(inputs: int, hidden: int, outputs: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, outputs))
+
+
+class ShadowPredictor(nn.Module):
+    def __init__(self, shape: Shape, hidden_size: int, head_hidden: int, neuron_hidden: int):
+        super().__init__()
+        self.shape = shape
+        self.heads = mlp(hidden_size, head_hidden, shape.layers * shape.heads)
+        self.neurons = mlp(hidden_size, neuron_hidden, shape.layers * shape.neurons)
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, E) raw features → predicted (B, L, H) head and (B, L, F) neuron scores."""
+        x = minmax(features.float(), (1,))
+        L, H, F = self.shape.layers, self.shape.heads, self.shape.neurons
+        return self.heads(x).view(-1, L, H), self.neurons(x).view(-1, L, F)
+
+
+def spearman(pred: Tensor, target: Tensor) -> Tensor:
+    """Per-row Spearman rank correlation of (N, K) predictions and targets (ties broken by position)."""
+    def ranks(x: Tensor) -> Tensor:
+        r = x.argsort(dim=1).argsort(dim=1).float()
+        return r - r.mean(dim=1, keepdim=True)
+    rp, rt = ranks(pred), ranks(target)
+    return (rp * rt).sum(1) / (rp.norm(dim=1) * rt.norm(dim=1)).clamp(min=EPS)
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, round(n * val_fraction))
+    return order[n_val:], order[:n_val]
+
+
+def fit_mlp(net: nn.Module, x: Tensor, y: Tensor, epochs: int, batch_size: int, lr: float, weight_decay: float,
+            val_fraction: float, seed: int, desc: str) -> dict[str, float]:
+    """Train ``net`` to map normalised features x (N, E) to flattened targets y (N, K); held-out Spearman ρ."""
+    train, val = split_indices(len(x), val_fraction, seed)
+    steps = epochs * math.ceil(len(train) / batch_size)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
+    gen = torch.Generator().manual_seed(seed)
+    net.train()
+    for _ in tqdm(range(epochs), desc=desc, unit="epoch"):
+        for idx in train[torch.randperm(len(train), generator=gen)].split(batch_size):
+            loss = nn.functional.mse_loss(net(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            schedule.step()
+    net.eval()
+    with torch.no_grad():
+        pred = net(x[val])
+        return {"val_mse": nn.functional.mse_loss(pred, y[val]).item(),
+                "val_spearman": spearman(pred, y[val]).mean().item(), "val_examples": len(val)}
+
+
+def fit_shadow(traces: dict[str, Tensor], shape: Shape, cfg: PredictorConfig, seed: int) -> tuple[ShadowPredictor,
+                                                                                                  dict]:
+    torch.manual_seed(seed)
+    features = traces["features"]
+    predictor = ShadowPredictor(shape, features.shape[1], cfg.head_hidden, cfg.neuron_hidden)
+    x = minmax(features.float(), (1,))
+    metrics = {}
+    for kind, net, epochs, batch_size, val_fraction in (
+            ("heads", predictor.heads, cfg.head_epochs, cfg.head_batch_size, cfg.head_val_fraction),
+            ("neurons", predictor.neurons, cfg.neuron_epochs, cfg.neuron_batch_size, cfg.neuron_val_fraction)):
+        y = normalise_targets(traces[kind].float(), cfg.target_norm).flatten(1)
+        result = fit_mlp(net, x, y, epochs, batch_size, cfg.lr, cfg.weight_decay, val_fraction, seed,
+                         f"predictor ({kind})")
+        metrics.update({f"predictor/{kind}_{k}": v for k, v in result.items()})
+    log.info("predictor: held-out Spearman ρ heads %.3f, neurons %.3f",
+             metrics["predictor/heads_val_spearman"], metrics["predictor/neurons_val_spearman"])
+    return predictor.eval(), metrics
+
+
+class PredictedMasks:
+    """Prompts → layer features → predicted scores → one mask per prompt (the policy's top units)."""
+
+    def __init__(self, model: nn.Module, predictor: ShadowPredictor, layer: int, head_sparsity: float,
+                 neuron_sparsity: float, policy: str, pad_id: int):
+        self.model, self.predictor, self.layer, self.pad_id = model, predictor, layer, pad_id
+        self.head_sparsity, self.neuron_sparsity, self.policy = head_sparsity, neuron_sparsity, policy
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[list[int]]) -> Masks:
+        ids, attention = pad(prompts, self.pad_id)
+        last = torch.tensor([len(p) - 1 for p in prompts])
+        heads, neurons = self.predictor(layer_features(self.model, ids, attention, last, self.layer))
+        return select(heads, neurons, self.head_sparsity, self.neuron_sparsity, self.policy)
+
+
+def save_predictor(predictor: ShadowPredictor, directory: Path) -> dict:
+    """Write the weights as safetensors; returns what ``load_predictor`` needs to rebuild it."""
+    save_file({k: v.contiguous() for k, v in predictor.state_dict().items()},
+              str(directory / "predictor.safetensors"))
+    return {"shape": asdict(predictor.shape), "hidden_size": predictor.heads[0].in_features,
+            "head_hidden": predictor.heads[0].out_features, "neuron_hidden": predictor.neurons[0].out_features}
+
+
+def load_predictor(directory: Path, meta: dict) -> ShadowPredictor:
+    predictor = ShadowPredictor(Shape(**meta["shape"]), meta["hidden_size"], meta["head_hidden"],
+                                meta["neuron_hidden"])
+    predictor.load_state_dict(load_file(str(directory / "predictor.safetensors")))
+    return predictor.eval()

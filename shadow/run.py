@@ -1,0 +1,88 @@
+"""One job: calibration → importance traces → predictor → contextual masks → perplexity → results.
+
+Traces and the predictor are artifacts cached under ``cache_dir``, keyed by exactly what determines them, so a
+sparsity sweep scores and trains once and a rerun reuses both.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from shadow.artifacts import cache_key, cached
+from shadow.config import ConfigError, validate
+from shadow.criteria import CRITERIA
+from shadow.data import data_fingerprint, load_calibration
+from shadow.evaluate.perplexity import evaluate_perplexity, load_documents
+from shadow.models import check_opt, fingerprint, load_model
+from shadow.policy import check_policy
+from shadow.predictors import PredictedMasks, fit_shadow, load_predictor, save_predictor
+from shadow.tracking import Tracker, flat_config, write_results
+from shadow.traces import compute_traces, load_traces
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def stage(name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    log.info("%-10s done in %.1f s", name, time.perf_counter() - start)
+
+
+def sparsities(cfg: DictConfig) -> tuple[float, float]:
+    head = cfg.head_sparsity if cfg.head_sparsity is not None else cfg.sparsity
+    neuron = cfg.neuron_sparsity if cfg.neuron_sparsity is not None else cfg.sparsity
+    return head, neuron
+
+
+def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_name: str = "") -> dict[str, float]:
+    """Run the job described by ``cfg``; write metrics.json to output_dir and a line to sweep_dir/results.jsonl."""
+    validate(cfg)
+    _, shape = check_opt(cfg.model)
+    head_sparsity, neuron_sparsity = sparsities(cfg)
+    check_policy(cfg.policy, shape.heads, shape.neurons, head_sparsity, neuron_sparsity)
+    if not 0 <= cfg.predictor.layer < shape.layers:
+        raise ConfigError(f"predictor.layer={cfg.predictor.layer} is not a layer of this {shape.layers}-layer "
+                         f"model; set predictor.layer between 0 and {shape.layers - 1}")
+    documents = load_documents(cfg.eval)
+    sweep_dir = sweep_dir or output_dir
+    torch.manual_seed(cfg.seed)
+    criterion = CRITERIA[cfg.criterion.name]
+    with Tracker(cfg, output_dir, group=str(sweep_dir), name=job_name or output_dir.name) as tracker:
+        with stage("load"):
+            model, tokenizer = load_model(cfg.model, cfg.device)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        trace_inputs = {"model": fingerprint(model, cfg.model), "data": data_fingerprint(cfg.calibration),
+                        "criterion": OmegaConf.to_container(cfg.criterion), "feature_layer": cfg.predictor.layer}
+        with stage("scoring"):
+            examples = load_calibration(cfg.calibration, tokenizer, model.config.max_position_embeddings)
+            traces_dir, _ = cached(cfg.cache_dir, "traces", trace_inputs, lambda out: {"shards": compute_traces(
+                model, examples, criterion, shape, cfg.predictor.layer, cfg.calibration.batch_size, pad_id, out)})
+        predictor_inputs = {"traces": cache_key(trace_inputs), "predictor": OmegaConf.to_container(cfg.predictor),
+                            "seed": cfg.seed}
+
+        def train(out: Path) -> dict:
+            predictor, metrics = fit_shadow(load_traces(traces_dir), shape, cfg.predictor, cfg.seed)
+            return {**save_predictor(predictor, out), "metrics": metrics}
+
+        with stage("predictor"):
+            predictor_dir, predictor_meta = cached(cfg.cache_dir, "predictor", predictor_inputs, train)
+            predictor = load_predictor(predictor_dir, predictor_meta)
+        masks = PredictedMasks(model, predictor, cfg.predictor.layer, head_sparsity, neuron_sparsity, cfg.policy,
+                               pad_id)
+        with stage("evaluate"):
+            metrics = evaluate_perplexity(model, tokenizer, masks, cfg.eval, documents)
+        metrics.update(predictor_meta["metrics"])
+        record = {**{k: v for k, v in flat_config(cfg).items() if k != "config"}, "metrics": metrics,
+                  "output_dir": str(output_dir)}
+        write_results(output_dir, sweep_dir, record)
+        tracker.summary(metrics)
+    log.info("%s", " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return metrics

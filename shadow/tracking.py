@@ -1,0 +1,74 @@
+"""Results on disk (metrics.json per job, results.jsonl per sweep) and in Weights & Biases (one run per job)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def flat_config(cfg: DictConfig) -> dict[str, Any]:
+    """The keys runs are compared by, flat, then the whole resolved config under ``config``."""
+    return {
+        "model": cfg.model.name, "criterion": cfg.criterion.name, "predictor": cfg.predictor.name,
+        "sparsity": cfg.sparsity, "head_sparsity": cfg.head_sparsity if cfg.head_sparsity is not None
+        else cfg.sparsity, "neuron_sparsity": cfg.neuron_sparsity if cfg.neuron_sparsity is not None
+        else cfg.sparsity, "policy": cfg.policy, "eval": cfg.eval.dataset, "seed": cfg.seed,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+
+
+def write_results(output_dir: Path, sweep_dir: Path, record: dict[str, Any]) -> None:
+    """metrics.json in the job's directory (atomically) and one appended line in the sweep's results.jsonl."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = output_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    tmp.replace(output_dir / "metrics.json")
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(sweep_dir / "results.jsonl.lock")):
+        with (sweep_dir / "results.jsonl").open("a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+
+
+def wandb_mode() -> str | None:
+    """WANDB_MODE wins; without it, online with credentials and offline without (never fail for lack of a key)."""
+    if os.environ.get("WANDB_MODE"):
+        return None
+    import wandb
+
+    return "online" if wandb.login(prompt=False, verify=False) else "offline"
+
+
+class Tracker:
+    """One W&B run per job, finished even when the job fails; ``logger=none`` turns it off."""
+
+    def __init__(self, cfg: DictConfig, output_dir: Path, group: str, name: str):
+        self.cfg, self.output_dir, self.group, self.name = cfg, output_dir, group, name
+        self.run = None
+
+    def __enter__(self) -> "Tracker":
+        if self.cfg.logger.name == "wandb":
+            import wandb
+
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.run = wandb.init(project=self.cfg.logger.project, entity=self.cfg.logger.entity,
+                                  group=self.group, name=self.name, tags=list(self.cfg.logger.tags),
+                                  config=flat_config(self.cfg), dir=str(self.output_dir), mode=wandb_mode(),
+                                  reinit="finish_previous")
+        return self
+
+    def summary(self, metrics: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.log(metrics)
+            self.run.summary.update(metrics)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.run is not None:
+            self.run.finish(exit_code=1 if exc_type else 0)
