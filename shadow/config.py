@@ -6,10 +6,10 @@ cross-field rules before any model is loaded, with one-line errors that name the
 
 from __future__ import annotations
 
-import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -24,8 +24,8 @@ class ModelConfig:
     name: str = MISSING
     path: str = MISSING  # hub id (facebook/opt-1.3b) or a local directory
     dtype: str = "float32"  # float32, float16 or bfloat16
-    device_map: Optional[str] = None  # None: one device (eval.device); "auto": spread over GPUs by accelerate
-    revision: Optional[str] = None
+    device_map: str | None = None  # None: one device (eval.device); "auto": spread over GPUs by accelerate
+    revision: str | None = None
 
 
 @dataclass
@@ -36,9 +36,9 @@ class CriterionConfig:
 @dataclass
 class CalibrationConfig:
     source: str = "opt_mini"  # opt_mini: the embedded calibration split
-    limit: Optional[int] = None  # examples to use; None: all
+    limit: int | None = None  # examples to use; None: all
     batch_size: int = 8
-    max_length: Optional[int] = None  # truncate contexts from the left to this many tokens; None: model limit
+    max_length: int | None = None  # truncate contexts from the left to this many tokens; None: model limit
 
 
 @dataclass
@@ -63,30 +63,30 @@ class EvalConfig:
     name: str = "perplexity"
     dataset: str = "opt_mini"  # opt_mini (offline) or wikitext2 (needs the hub)
     protocols: list[str] = field(default_factory=lambda: ["token", "word"])
-    seq_len: Optional[int] = None  # window length; None: the model's context length
+    seq_len: int | None = None  # window length; None: the model's context length
     batch_size: int = 8
-    limit: Optional[int] = None  # first N windows (token) / documents (word); None: all
+    limit: int | None = None  # first N windows (token) / documents (word); None: all
 
 
 @dataclass
 class LoggerConfig:
     name: str = "wandb"
     project: str = "shadow"
-    entity: Optional[str] = None
+    entity: str | None = None
     tags: list[str] = field(default_factory=list)
 
 
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    criterion: Optional[CriterionConfig] = None
+    criterion: CriterionConfig | None = None
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     sparsity: float = 0.5
-    head_sparsity: Optional[float] = None  # None: sparsity
-    neuron_sparsity: Optional[float] = None  # None: sparsity
+    head_sparsity: float | None = None  # None: sparsity
+    neuron_sparsity: float | None = None  # None: sparsity
     policy: str = "global"  # global or local (per layer)
     seed: int = 0
     device: str = "cpu"
@@ -142,14 +142,16 @@ def validate(cfg: DictConfig | Config) -> None:
     for protocol in cfg.eval.protocols:
         _choice("eval.protocols", protocol, PROTOCOLS)
     if cfg.device == "cpu" and cfg.model.dtype == "float16":
-        raise ConfigError("model.dtype='float16' is slow and inexact on device=cpu; use model.dtype=float32 or bfloat16")
+        raise ConfigError("model.dtype='float16' is slow and inexact on device=cpu; "
+                          "use model.dtype=float32 or bfloat16")
     if cfg.calibration.source != "opt_mini":
         raise ConfigError(f"calibration.source={cfg.calibration.source!r} is unknown; use calibration.source=opt_mini")
     for key in ("calibration.batch_size", "eval.batch_size"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be at least 1; set {key}=8")
-    cache = Path(cfg.cache_dir)
-    probe = next((p for p in [cache, *cache.absolute().parents] if p.exists()), None)
-    if probe is None or not os.access(probe, os.W_OK):
+    try:
+        Path(cfg.cache_dir).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=cfg.cache_dir).close()
+    except OSError:
         raise ConfigError(f"cache_dir={cfg.cache_dir!r} is not writable; set cache_dir or SHADOW_CACHE_DIR to a "
-                          "writable directory")
+                          "writable directory") from None

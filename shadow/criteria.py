@@ -10,12 +10,12 @@ ShadowLLM (arXiv 2406.16635); conf/criterion/<name>.yaml selects one by its regi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 from torch import Tensor
 
-Scorer = Callable[[Tensor, Optional[Tensor], Tensor], Tensor]
+Scorer = Callable[[Tensor, Tensor | None, Tensor], Tensor]
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ deleting its ``fc2`` column does. Both reach the output. Each example of a batch
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from torch import Tensor, nn
 

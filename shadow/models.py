@@ -29,7 +29,7 @@ class Shape:
     neurons: int
 
     @classmethod
-    def of(cls, config) -> "Shape":
+    def of(cls, config) -> Shape:
         heads = config.num_attention_heads
         return cls(config.num_hidden_layers, heads, config.hidden_size // heads, config.ffn_dim)
 

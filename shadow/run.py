@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -23,8 +23,8 @@ from shadow.evaluate.perplexity import evaluate_perplexity, load_documents
 from shadow.models import check_opt, fingerprint, load_model
 from shadow.policy import check_policy
 from shadow.predictors import PredictedMasks, fit_shadow, load_predictor, save_predictor
-from shadow.tracking import Tracker, flat_config, write_results
 from shadow.traces import compute_traces, load_traces
+from shadow.tracking import Tracker, flat_config, write_results
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,8 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
     sweep_dir = sweep_dir or output_dir
     torch.manual_seed(cfg.seed)
     criterion = CRITERIA[cfg.criterion.name]
-    with Tracker(cfg, output_dir, group=str(sweep_dir), name=job_name or output_dir.name) as tracker:
+    group = "/".join(sweep_dir.parts[-2:])  # multirun/<date>/<time> → <date>/<time>
+    with Tracker(cfg, output_dir, group=group, name=job_name or output_dir.name) as tracker:
         with stage("load"):
             model, tokenizer = load_model(cfg.model, cfg.device)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -37,7 +37,7 @@ def frozen(model: nn.Module):
         yield
     finally:
         handle.remove()
-        for p, flag in zip(model.parameters(), flags):
+        for p, flag in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(flag)
 
 
@@ -75,7 +75,7 @@ def score_batch(model: nn.Module, batch: Batch, criterion: Criterion, shape: Sha
     def record(out: Tensor, index: int, scorer, act: Tensor):
         def on_grad(grad: Tensor) -> None:
             v = valid.to(act.device)
-            out[:, index] = scorer(act.float(), grad.float().reshape(act.shape), v).cpu()
+            out[:, index] = scorer(upcast(act), upcast(grad).reshape(act.shape), v).float().cpu()
         return on_grad
 
     def on_attention(index: int):
@@ -87,7 +87,7 @@ def score_batch(model: nn.Module, batch: Batch, criterion: Criterion, shape: Sha
             if criterion.needs_grad:
                 a.register_hook(record(heads, index, criterion.heads, head_view.detach()))
             else:
-                heads[:, index] = criterion.heads(head_view.float(), None, valid.to(a.device)).cpu()
+                heads[:, index] = criterion.heads(upcast(head_view), None, valid.to(a.device)).float().cpu()
         return hook
 
     def on_ffn(index: int):
@@ -96,7 +96,7 @@ def score_batch(model: nn.Module, batch: Batch, criterion: Criterion, shape: Sha
             if criterion.needs_grad:
                 args[0].register_hook(record(neurons, index, criterion.neurons, z.detach()))
             else:
-                neurons[:, index] = criterion.neurons(z.float(), None, valid.to(z.device)).cpu()
+                neurons[:, index] = criterion.neurons(upcast(z), None, valid.to(z.device)).float().cpu()
         return hook
 
     for index, layer in enumerate(decoder_layers(model)):
@@ -114,10 +114,15 @@ def score_batch(model: nn.Module, batch: Batch, criterion: Criterion, shape: Sha
     return features["x"], heads, neurons
 
 
+def upcast(x: Tensor) -> Tensor:
+    """At least float32: half-precision activations are scored in float32, float64 stays."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def example_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """(B,) mean cross-entropy of each example's labelled tokens (the gold continuation)."""
     target = labels[:, 1:]
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, reduction="none",
+    nll = torch.nn.functional.cross_entropy(upcast(logits[:, :-1]).transpose(1, 2), target, reduction="none",
                                             ignore_index=-100)
     counts = (target != -100).sum(1).clamp(min=1)
     return nll.sum(1) / counts
@@ -140,7 +145,7 @@ def compute_traces(model: nn.Module, examples: list[Example], criterion: Criteri
 
     for start in tqdm(range(0, len(examples), batch_size), desc=f"scoring ({criterion.name})", unit="batch"):
         batch = collate(examples[start:start + batch_size], pad_id)
-        for key, value in zip(shard, score_batch(model, batch, criterion, shape, feature_layer)):
+        for key, value in zip(shard, score_batch(model, batch, criterion, shape, feature_layer), strict=True):
             shard[key].append(value)
         if sum(len(x) for x in shard["features"]) >= SHARD_SIZE:
             flush()

@@ -32,9 +32,8 @@ def write_results(output_dir: Path, sweep_dir: Path, record: dict[str, Any]) -> 
     tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
     tmp.replace(output_dir / "metrics.json")
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(sweep_dir / "results.jsonl.lock")):
-        with (sweep_dir / "results.jsonl").open("a") as f:
-            f.write(json.dumps(record, default=str) + "\n")
+    with FileLock(str(sweep_dir / "results.jsonl.lock")), (sweep_dir / "results.jsonl").open("a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
 
 
 def wandb_mode() -> str | None:
@@ -53,7 +52,7 @@ class Tracker:
         self.cfg, self.output_dir, self.group, self.name = cfg, output_dir, group, name
         self.run = None
 
-    def __enter__(self) -> "Tracker":
+    def __enter__(self) -> Tracker:
         if self.cfg.logger.name == "wandb":
             import wandb
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-from torch import Tensor, nn
+from torch import nn
 from tqdm import tqdm
 
 from shadow.config import ConfigError, EvalConfig
@@ -30,7 +30,7 @@ from shadow.masking import apply_masks
 from shadow.opt_mini import PERPLEXITY_FILE
 from shadow.policy import Masks
 
-MaskFn = Callable[[list[list[int]]], Optional[Masks]]  # prompts → one mask per prompt (None: dense)
+MaskFn = Callable[[list[list[int]]], Masks | None]  # prompts → one mask per prompt (None: dense)
 
 
 @dataclass
@@ -69,15 +69,15 @@ def _prompt(stream: list[int], first_target: int, seq_len: int) -> list[int]:
     return stream[max(0, first_target - seq_len):first_target]
 
 
-def token_requests(docs: list[Document], tokenizer, seq_len: int, limit: Optional[int]) -> list[Request]:
-    stream = tokenizer("\n\n".join(d.text for d in docs))["input_ids"]  # starts with BOS
+def token_requests(docs: list[Document], tokenizer, seq_len: int, limit: int | None) -> list[Request]:
+    stream = tokenizer("\n\n".join(d.text for d in docs), verbose=False)["input_ids"]  # starts with BOS
     starts = range(0, len(stream) - seq_len + 1, seq_len)
     return [Request(stream[s:s + seq_len], seq_len - 1, _prompt(stream, s + 1, seq_len))
             for s in list(starts)[:limit]]
 
 
 def word_requests(doc: Document, tokenizer, seq_len: int) -> list[Request]:
-    tokens = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+    tokens = tokenizer(doc.text, verbose=False)["input_ids"]  # as lm-eval's HFLM encodes it: with BOS
     stream = [tokenizer.bos_token_id] + tokens  # stream[i + 1] is tokens[i]
     out, first = [], 0
     for context, continuation in map(make_disjoint_window, get_rolling_token_windows(

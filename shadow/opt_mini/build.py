@@ -346,9 +346,10 @@ def train(workdir: Path, settings: TrainSettings) -> dict:
             if val < best:
                 best = val
                 save_atomically(model, MODEL_DIR)
-    summary = {"train_tokens_in_corpus": int(len(train_stream)), "best_valid_loss": best,
-               "train_minutes": (time.time() - start) / 60, "settings": asdict(settings)}
-    (workdir / "train_summary.json").write_text(json.dumps(summary, indent=1))
+            summary = {"train_tokens_in_corpus": int(len(train_stream)), "best_valid_loss": best,
+                       "steps_done": step + 1, "train_minutes": (time.time() - start) / 60,
+                       "settings": asdict(settings)}
+            (workdir / "train_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
@@ -464,7 +465,8 @@ Multiple-choice tasks (lm-eval, 0-shot, 500 questions each; chance 0.25):
 ## Training
 AdamW (β 0.9/0.95, weight decay {s['weight_decay']}), peak learning rate {s['peak_lr']}, {s['warmup_steps']} warm-up
 steps then cosine decay to {s['min_lr_ratio']}× over {s['steps']} steps of {s['batch_size']} × {s['seq_len']}
-tokens ({s['steps'] * s['batch_size'] * s['seq_len'] / 1e6:.1f} M tokens seen; the training split holds
+tokens ({t['steps_done']} steps run, {t['steps_done'] * s['batch_size'] * s['seq_len'] / 1e6:.1f} M tokens seen;
+the training split holds
 {t['train_tokens_in_corpus'] / 1e6:.1f} M), fp32 on {s['threads']} CPU threads, seed {s['seed']}:
 {t['train_minutes']:.0f} minutes. The checkpoint with the best validation loss is kept
 (validation loss {t['best_valid_loss']:.3f}, perplexity {math.exp(t['best_valid_loss']):.1f}).

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny OPT models built in the test, opt-mini's tokenizer, Hydra composition, offline hubs."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from shadow.config import register_configs  # noqa: E402
+from shadow.opt_mini import MODEL_DIR  # noqa: E402
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def make_tiny_opt(layers: int = 3, heads: int = 4, hidden: int = 16, ffn: int = 32, vocab: int = 8192,
+                  seed: int = 0, dtype: torch.dtype = torch.float32):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    config = OPTConfig(vocab_size=vocab, hidden_size=hidden, word_embed_proj_dim=hidden, num_hidden_layers=layers,
+                       num_attention_heads=heads, ffn_dim=ffn, max_position_embeddings=64, dropout=0.0,
+                       attention_dropout=0.0, pad_token_id=1, bos_token_id=2, eos_token_id=2)
+    model = OPTForCausalLM(config).to(dtype).eval()
+    with torch.no_grad():  # larger than the default init so that every unit matters measurably
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(MODEL_DIR)
+
+
+@pytest.fixture
+def tiny_opt():
+    return make_tiny_opt()
+
+
+@pytest.fixture
+def compose_cfg():
+    """compose_cfg(*overrides) → the config exactly as `python -m shadow <overrides>` would build it."""
+    register_configs()
+
+    def _compose(*overrides: str) -> DictConfig:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides))
+    return _compose

@@ -1,0 +1,54 @@
+"""The user's exact command, in a subprocess, as typed: `python -m shadow +criterion=plainact -m sparsity=0.3,0.5`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from shadow.__main__ import fix_argv
+from shadow.opt_mini import MODEL_DIR
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def shadow(args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shadow", *args.split()], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **env}, timeout=900)
+
+
+def test_flags_move_to_the_front():
+    assert fix_argv(["+criterion=plainact", "-m", "sparsity=0.3,0.5"]) == ["-m", "+criterion=plainact",
+                                                                          "sparsity=0.3,0.5"]
+    assert fix_argv(["--cfg", "job"]) == ["--cfg", "job", "--resolve"]
+
+
+def test_the_exact_command_runs_two_jobs(tmp_path):
+    result = shadow("+criterion=plainact -m sparsity=0.3,0.5", tmp_path, SHADOW_CACHE_DIR=str(tmp_path / "cache"),
+                    WANDB_MODE="offline")
+    assert result.returncode == 0, result.stderr[-3000:]
+    [results] = list((tmp_path / "multirun").glob("*/*/results.jsonl"))
+    lines = [json.loads(x) for x in results.read_text().splitlines()]
+    assert sorted(x["sparsity"] for x in lines) == [0.3, 0.5]
+    assert all(x["model"] == "opt-mini" and x["criterion"] == "plainact" for x in lines)
+    low, high = sorted(lines, key=lambda x: x["sparsity"])
+    assert low["metrics"]["token_perplexity"] < high["metrics"]["token_perplexity"]
+    assert result.stderr.count("traces: reusing") == 1  # the second job reuses the first job's scores
+    assert len(list(results.parent.glob("*/wandb/offline-run-*"))) == 2
+    assert len(list(results.parent.glob("*/metrics.json"))) == 2
+
+
+def test_missing_criterion_is_one_line_listing_the_criteria(tmp_path):
+    result = shadow("sparsity=0.3", tmp_path, SHADOW_CACHE_DIR=str(tmp_path / "cache"))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == \
+        "error: criterion is not set; add +criterion=<name> with one of: plainact"
+    assert "Traceback" not in result.stderr
+
+
+def test_cfg_job_shows_the_resolved_model_path(tmp_path):
+    result = shadow("+criterion=plainact --cfg job", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"path: {MODEL_DIR}" in result.stdout

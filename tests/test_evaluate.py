@@ -1,0 +1,93 @@
+"""Perplexity protocols: windows, no leakage into the mask's prompt, agreement with lm-eval, masks applied."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from shadow.config import EvalConfig
+from shadow.evaluate.perplexity import Document, evaluate_perplexity, load_documents, token_requests, word_requests
+from shadow.models import Shape
+from shadow.policy import Masks
+
+TEXT = ("It is a truth universally acknowledged that a single man in possession of a good fortune must be in "
+        "want of a wife. However little known the feelings or views of such a man may be on his first entering "
+        "a neighbourhood, this truth is so well fixed in the minds of the surrounding families.")
+
+
+def doc(text: str = TEXT) -> Document:
+    return Document(text, len(text.split()), len(text.encode()))
+
+
+def test_token_windows_tile_the_stream_and_prompts_precede_targets(tokenizer):
+    stream = tokenizer("\n\n".join([TEXT, TEXT]))["input_ids"]
+    requests = token_requests([doc(), doc()], tokenizer, seq_len=16, limit=None)
+    assert len(requests) == len(stream) // 16
+    for k, r in enumerate(requests):
+        assert r.tokens == stream[16 * k:16 * (k + 1)] and r.n_targets == 15
+        # the prompt is the text up to the window's first (unscored) token, never a target
+        assert r.prompt == stream[max(0, 16 * k + 1 - 16):16 * k + 1]
+
+
+def test_word_windows_score_every_token_once_and_prompts_precede_targets(tokenizer):
+    tokens = tokenizer(TEXT)["input_ids"]
+    stream = [tokenizer.bos_token_id] + tokens
+    requests = word_requests(doc(), tokenizer, seq_len=16)
+    scored = [t for r in requests for t in r.tokens[-r.n_targets:]]
+    assert scored == tokens
+    first = 0
+    for r in requests:
+        assert len(r.tokens) - 1 <= 16
+        assert r.prompt == stream[max(0, first + 1 - 16):first + 1]  # ends just before the first target
+        first += r.n_targets
+
+
+def test_dense_word_perplexity_equals_lm_eval(tiny_opt, tokenizer):
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from shadow.opt_mini import PERPLEXITY_TASK, TASKS_DIR
+
+    cfg = EvalConfig(protocols=["word"], limit=2, batch_size=4)
+    ours = evaluate_perplexity(tiny_opt, tokenizer, lambda prompts: None, cfg, load_documents(cfg))
+    lm = HFLM(pretrained=tiny_opt, tokenizer=tokenizer, batch_size=4)
+    theirs = lm_eval.simple_evaluate(model=lm, tasks=[PERPLEXITY_TASK], limit=2,
+                                     task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False))
+    result = theirs["results"][PERPLEXITY_TASK]
+    assert ours["word_perplexity"] == pytest.approx(result["word_perplexity,none"], rel=1e-5)
+    assert ours["bits_per_byte"] == pytest.approx(result["bits_per_byte,none"], rel=1e-5)
+
+
+def test_dense_token_perplexity_matches_a_direct_computation(tiny_opt, tokenizer):
+    cfg = EvalConfig(protocols=["token"], batch_size=3)
+    metrics = evaluate_perplexity(tiny_opt, tokenizer, lambda prompts: None, cfg, [doc(), doc()])
+    ids = torch.tensor(tokenizer("\n\n".join([TEXT, TEXT]))["input_ids"])
+    windows = ids[: len(ids) // 64 * 64].view(-1, 64)
+    with torch.no_grad():
+        loss = tiny_opt(input_ids=windows, labels=windows).loss  # mean over every window's 63 targets
+    assert metrics["token_perplexity"] == pytest.approx(math.exp(loss.item()), rel=1e-5)
+
+
+def test_masks_are_applied_per_request_and_reported(tiny_opt, tokenizer):
+    shape = Shape.of(tiny_opt.config)
+    seen = []
+
+    def half_masks(prompts):
+        seen.extend(prompts)
+        gen = torch.Generator().manual_seed(len(seen))
+        heads = torch.rand(len(prompts), shape.layers, shape.heads, generator=gen).argsort(-1) < shape.heads // 2
+        neurons = torch.rand(len(prompts), shape.layers, shape.neurons, generator=gen).argsort(-1) < 8
+        return Masks(heads, neurons)
+
+    cfg = EvalConfig(protocols=["token", "word"], seq_len=16, batch_size=2)
+    dense = evaluate_perplexity(tiny_opt, tokenizer, lambda prompts: None, cfg, [doc()])
+    sparse = evaluate_perplexity(tiny_opt, tokenizer, half_masks, cfg, [doc()])
+    assert sparse["token_perplexity"] != pytest.approx(dense["token_perplexity"], rel=1e-3)
+    assert sparse["word_perplexity"] != pytest.approx(dense["word_perplexity"], rel=1e-3)
+    assert sparse["achieved_head_sparsity"] == pytest.approx(0.5)
+    assert sparse["achieved_neuron_sparsity"] == pytest.approx(1 - 8 / shape.neurons)
+    assert dense["achieved_head_sparsity"] == 0.0
+    assert len(seen) == len(token_requests([doc()], tokenizer, 16, None)) + len(word_requests(doc(), tokenizer, 16))

@@ -1,0 +1,89 @@
+"""The ShadowLLM predictor: normalisation, Spearman ρ, learning, persistence and contextual masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from shadow.config import PredictorConfig
+from shadow.models import Shape
+from shadow.predictors import (
+    PredictedMasks,
+    ShadowPredictor,
+    fit_shadow,
+    load_predictor,
+    normalise_targets,
+    save_predictor,
+    spearman,
+)
+
+SHAPE = Shape(layers=3, heads=4, head_dim=4, neurons=32)
+
+
+def test_spearman_matches_scipy():
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.rand(5, 40, generator=gen), torch.rand(5, 40, generator=gen)
+    expected = [spearmanr(a[i], b[i]).statistic for i in range(5)]
+    torch.testing.assert_close(spearman(a, b), torch.tensor(expected, dtype=torch.float32), rtol=1e-5, atol=1e-6)
+
+
+def test_target_normalisation_per_layer_and_global():
+    scores = torch.tensor([[[1.0, 3.0], [10.0, 30.0]]])
+    assert normalise_targets(scores, "per_layer").tolist() == [[[0.0, 1.0], [0.0, 1.0]]]
+    torch.testing.assert_close(normalise_targets(scores, "global"),
+                               torch.tensor([[[0.0, 2 / 29], [9 / 29, 1.0]]]))
+
+
+def synthetic_traces(n: int = 512, hidden: int = 16) -> dict:
+    """Scores that are a fixed nonlinear function of the features: a predictor can learn them."""
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(n, hidden, generator=gen)
+    w_heads = torch.randn(hidden, SHAPE.layers * SHAPE.heads, generator=gen)
+    w_neurons = torch.randn(hidden, SHAPE.layers * SHAPE.neurons, generator=gen)
+    return {"features": features,
+            "heads": torch.nn.functional.softplus(features @ w_heads).view(n, SHAPE.layers, SHAPE.heads),
+            "neurons": torch.nn.functional.softplus(features @ w_neurons).view(n, SHAPE.layers, SHAPE.neurons)}
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    cfg = PredictorConfig(head_hidden=64, neuron_hidden=64, head_epochs=100, neuron_epochs=40)
+    return fit_shadow(synthetic_traces(), SHAPE, cfg, seed=0)
+
+
+def test_predictor_learns_held_out_rankings(fitted):
+    _, metrics = fitted
+    assert metrics["predictor/heads_val_spearman"] > 0.8
+    assert metrics["predictor/neurons_val_spearman"] > 0.8
+
+
+def test_untrained_predictor_does_not_rank_well():
+    predictor = ShadowPredictor(SHAPE, 16, 64, 64)
+    traces = synthetic_traces()
+    heads, _ = predictor(traces["features"])
+    target = normalise_targets(traces["heads"], "per_layer").flatten(1)
+    assert spearman(heads.detach().flatten(1), target).mean() < 0.5
+
+
+def test_save_and_load_give_the_same_predictions(fitted, tmp_path):
+    predictor, _ = fitted
+    meta = save_predictor(predictor, tmp_path)
+    loaded = load_predictor(tmp_path, meta)
+    x = torch.randn(3, 16)
+    for a, b in zip(predictor(x), loaded(x), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_masks_follow_the_prompt_only(tiny_opt, tokenizer):
+    shape = Shape.of(tiny_opt.config)
+    torch.manual_seed(0)
+    masker = PredictedMasks(tiny_opt, ShadowPredictor(shape, 16, 32, 32), layer=0, head_sparsity=0.5,
+                            neuron_sparsity=0.5, policy="global", pad_id=1)
+    a = tokenizer("The army marched north at dawn")["input_ids"]
+    b = tokenizer("Love is not love which alters when it alteration finds")["input_ids"]
+    together = masker([a, b])
+    alone = masker([b])
+    assert torch.equal(together.heads[1], alone.heads[0]) and torch.equal(together.neurons[1], alone.neurons[0])
+    assert not torch.equal(together.neurons[0], together.neurons[1])  # different contexts, different masks
+    assert together.sparsity() == pytest.approx({"head_sparsity": 0.5, "neuron_sparsity": 0.5})

@@ -1,0 +1,72 @@
+"""The whole job in-process on a tiny OPT: stages, caching, determinism, results on disk and in W&B."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import make_tiny_opt
+
+from shadow.evaluate.perplexity import evaluate_perplexity, load_documents
+from shadow.models import load_model
+from shadow.run import run
+
+FAST = ["calibration.limit=24", "calibration.batch_size=8", "predictor.head_epochs=3", "predictor.neuron_epochs=2",
+        "predictor.head_hidden=32", "predictor.neuron_hidden=32", "eval.limit=2", "eval.seq_len=32",
+        "eval.batch_size=16"]
+
+
+@pytest.fixture
+def tiny_dir(tmp_path, tokenizer):
+    path = tmp_path / "tiny-opt"
+    make_tiny_opt().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def job(compose_cfg, tiny_dir, tmp_path):
+    def _job(*overrides: str):
+        return compose_cfg("+criterion=plainact", f"model.path={tiny_dir}", f"cache_dir={tmp_path / 'cache'}",
+                           *FAST, *overrides)
+    return _job
+
+
+def test_job_writes_results_and_reuses_artifacts(job, tmp_path, caplog):
+    caplog.set_level("INFO")
+    sweep = tmp_path / "sweep"
+    first = run(job("sparsity=0.5", "logger=none"), tmp_path / "a", sweep)
+    assert "traces: reusing" not in caplog.text
+    second = run(job("sparsity=0.5", "logger=none"), tmp_path / "b", sweep)
+    assert "traces: reusing" in caplog.text and "predictor: reusing" in caplog.text
+    assert first == second  # same config and seed: identical metrics
+    for key in ("token_perplexity", "word_perplexity", "bits_per_byte", "predictor/heads_val_spearman",
+                "predictor/neurons_val_spearman"):
+        assert key in first
+    assert first["achieved_head_sparsity"] == pytest.approx(0.5)
+    assert first["achieved_neuron_sparsity"] == pytest.approx(0.5)
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["metrics"] == first
+    lines = [json.loads(x) for x in (sweep / "results.jsonl").read_text().splitlines()]
+    assert [x["sparsity"] for x in lines] == [0.5, 0.5] and lines[0]["criterion"] == "plainact"
+
+
+def test_sparsity_zero_is_the_dense_model(job, tmp_path):
+    cfg = job("sparsity=0.0", "logger=none")
+    metrics = run(cfg, tmp_path / "zero")
+    model, tokenizer = load_model(cfg.model)
+    dense = evaluate_perplexity(model, tokenizer, lambda prompts: None, cfg.eval, load_documents(cfg.eval))
+    assert metrics["token_perplexity"] == dense["token_perplexity"]
+    assert metrics["word_perplexity"] == dense["word_perplexity"]
+
+
+def test_sparsity_raises_perplexity(job, tmp_path):
+    low = run(job("sparsity=0.1", "logger=none"), tmp_path / "low")
+    high = run(job("sparsity=0.8", "logger=none"), tmp_path / "high")
+    assert high["token_perplexity"] > low["token_perplexity"]
+
+
+def test_wandb_run_is_logged_offline(job, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run(job("sparsity=0.3"), tmp_path / "tracked")
+    runs = list((tmp_path / "tracked" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
