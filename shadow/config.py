@@ -31,12 +31,16 @@ class ModelConfig:
 @dataclass
 class CriterionConfig:
     name: str = MISSING
+    variant: str = "textbook"  # textbook, or reference (what ShadowLLM's code computed) where it differs
 
 
 @dataclass
 class CalibrationConfig:
-    source: str = "opt_mini"  # opt_mini: the embedded calibration split
-    limit: int | None = None  # examples to use; None: all
+    source: str = "opt_mini"  # opt_mini (the embedded calibration split) or tasks (lm-eval tasks' training docs)
+    tasks: list[str] = field(default_factory=lambda: ["opt_mini_nextsent", "opt_mini_lastword"])  # source=tasks
+    num_fewshot: int = 0  # source=tasks: 0, 3 or 5 in ShadowLLM
+    include_path: str | None = None  # source=tasks: a directory of extra lm-eval task YAML
+    limit: int | None = None  # examples per task (or of the split); None: all
     batch_size: int = 8
     max_length: int | None = None  # truncate contexts from the left to this many tokens; None: model limit
 
@@ -104,6 +108,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 POLICIES = ("global", "local")
 PREDICTORS = ("shadow",)
 EVAL_DATASETS = ("opt_mini", "wikitext2")
+CALIBRATION_SOURCES = ("opt_mini", "tasks")
 PROTOCOLS = ("token", "word")
 TARGET_NORMS = ("per_layer", "global")
 
@@ -130,6 +135,7 @@ def validate(cfg: DictConfig | Config) -> None:
     if cfg.criterion is None:
         raise ConfigError(f"criterion is not set; add +criterion=<name> with one of: {', '.join(sorted(CRITERIA))}")
     _choice("criterion", cfg.criterion.name, sorted(CRITERIA))
+    _choice("criterion.variant", cfg.criterion.variant, sorted(CRITERIA[cfg.criterion.name]))
     _fraction("sparsity", cfg.sparsity)
     for key in ("head_sparsity", "neuron_sparsity"):
         if cfg[key] is not None:
@@ -144,8 +150,13 @@ def validate(cfg: DictConfig | Config) -> None:
     if cfg.device == "cpu" and cfg.model.dtype == "float16":
         raise ConfigError("model.dtype='float16' is slow and inexact on device=cpu; "
                           "use model.dtype=float32 or bfloat16")
-    if cfg.calibration.source != "opt_mini":
-        raise ConfigError(f"calibration.source={cfg.calibration.source!r} is unknown; use calibration.source=opt_mini")
+    _choice("calibration.source", cfg.calibration.source, CALIBRATION_SOURCES)
+    if cfg.calibration.num_fewshot < 0:
+        raise ConfigError(f"calibration.num_fewshot={cfg.calibration.num_fewshot} is negative; use 0, 3 or 5")
+    include = cfg.calibration.include_path
+    if include is not None and not Path(include).is_dir():
+        raise ConfigError(f"calibration.include_path={include!r} is not a directory; point it at a folder of "
+                          "lm-eval task YAML files")
     for key in ("calibration.batch_size", "eval.batch_size"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be at least 1; set {key}=8")

@@ -1,4 +1,9 @@
-"""Calibration examples: a context and its gold continuation, tokenized and batched with a loss mask."""
+"""Calibration examples: a context and its gold continuation, tokenized and batched with a loss mask.
+
+Two sources: opt-mini's own calibration split (``calibration.source=opt_mini``), or the training split of any
+lm-eval tasks (``calibration.source=tasks``) with lm-eval's few-shot contexts and the gold answer as the
+continuation, as ShadowLLM calibrates on piqa, copa, openbookqa, winogrande, rte, hellaswag and arc_easy.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from shadow.config import CalibrationConfig
-from shadow.opt_mini import CALIBRATION_FILE
+from shadow.config import CalibrationConfig, ConfigError
+from shadow.opt_mini import CALIBRATION_FILE, TASKS_DIR
 
 
 @dataclass(frozen=True)
@@ -27,9 +32,9 @@ class Batch:
     last_context: Tensor  # (B,) index of each example's last context token: the predictor reads it
 
 
-def data_fingerprint(cfg: CalibrationConfig) -> dict:
-    return {"file": CALIBRATION_FILE.name, "sha256": hashlib.sha256(CALIBRATION_FILE.read_bytes()).hexdigest(),
-            "limit": cfg.limit, "max_length": cfg.max_length}
+def fingerprint(examples: list[Example]) -> str:
+    """What the traces depend on: exactly these token sequences and loss masks."""
+    return hashlib.sha256(json.dumps([(e.input_ids, e.context_len) for e in examples]).encode()).hexdigest()
 
 
 def encode(context: str, continuation: str, tokenizer, max_length: int) -> Example:
@@ -42,11 +47,50 @@ def encode(context: str, continuation: str, tokenizer, max_length: int) -> Examp
     return Example(tuple(ctx + cont), len(ctx))
 
 
+def task_manager(include_path: str | None, tasks: list[str]):
+    """lm-eval's task index: opt-mini's tasks and include_path, plus lm-eval's own only when a task needs them."""
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(TASKS_DIR)] + ([include_path] if include_path else [])
+    local = TaskManager(include_path=paths, include_defaults=False)
+    if all(t in local.all_tasks for t in tasks):
+        return local
+    manager = TaskManager(include_path=paths)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ConfigError(f"calibration.tasks: {', '.join(unknown)} unknown to lm-eval; use an lm-eval task name "
+                          "(e.g. piqa) or add its directory with calibration.include_path")
+    return manager
+
+
+def task_pairs(cfg: CalibrationConfig) -> list[tuple[str, str]]:
+    """(few-shot context, delimiter + gold answer) for the first ``limit`` training documents of each task."""
+    from lm_eval.tasks import get_task_dict
+
+    tasks = get_task_dict(list(cfg.tasks), task_manager(cfg.include_path, list(cfg.tasks)))
+    pairs = []
+    for name in cfg.tasks:
+        task = tasks[name]
+        docs = task.training_docs() if task.has_training_docs() else task.validation_docs()
+        if cfg.num_fewshot >= len(docs):
+            raise ConfigError(f"calibration.num_fewshot={cfg.num_fewshot} needs more than the {len(docs)} "
+                              f"documents of {name}; lower calibration.num_fewshot")
+        for doc in list(docs)[: cfg.limit]:
+            target = task.doc_to_target(doc)
+            if task.OUTPUT_TYPE == "multiple_choice" and isinstance(target, int):
+                target = task.doc_to_choice(doc)[target]
+            pairs.append((task.fewshot_context(doc, cfg.num_fewshot), task.config.target_delimiter + str(target)))
+    return pairs
+
+
 def load_calibration(cfg: CalibrationConfig, tokenizer, model_max_length: int) -> list[Example]:
-    rows = [json.loads(line) for line in CALIBRATION_FILE.read_text().splitlines() if line.strip()]
-    rows = rows[: cfg.limit] if cfg.limit else rows
+    if cfg.source == "tasks":
+        pairs = task_pairs(cfg)
+    else:
+        rows = [json.loads(line) for line in CALIBRATION_FILE.read_text().splitlines() if line.strip()]
+        pairs = [(r["context"], r["continuation"]) for r in rows[: cfg.limit]]
     max_length = min(cfg.max_length or model_max_length, model_max_length)
-    return [encode(r["context"], r["continuation"], tokenizer, max_length) for r in rows]
+    return [encode(context, continuation, tokenizer, max_length) for context, continuation in pairs]
 
 
 def pad(sequences: list[list[int]] | list[tuple[int, ...]], pad_id: int) -> tuple[Tensor, Tensor]:

@@ -59,8 +59,8 @@ def resolve_path(cfg: ModelConfig) -> str:
                           "(huggingface-cli download) or set model.path to a local directory") from None
 
 
-def check_opt(cfg: ModelConfig) -> tuple[str, Shape]:
-    """Resolve the path and read only its config: fail fast on a missing or non-OPT model."""
+def check_opt(cfg: ModelConfig):
+    """The local path and the model's config, read without its weights: fail fast on a missing or non-OPT model."""
     from transformers import AutoConfig
 
     path = resolve_path(cfg)
@@ -68,12 +68,18 @@ def check_opt(cfg: ModelConfig) -> tuple[str, Shape]:
     if config.model_type != "opt":
         raise ConfigError(f"model.path={cfg.path!r} is a {config.model_type!r} model; shadow needs an OPT "
                           "checkpoint (facebook/opt-* or model=opt-mini)")
-    return path, Shape.of(config)
+    return path, config
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
 
 
 def load_model(cfg: ModelConfig, device: str = "cpu") -> tuple[nn.Module, object]:
     """The model (in eval mode) and tokenizer; a sweep in one process loads each model once."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     key = (cfg.path, cfg.revision, cfg.dtype, cfg.device_map, device)
     if key not in _LOADED:
@@ -84,7 +90,7 @@ def load_model(cfg: ModelConfig, device: str = "cpu") -> tuple[nn.Module, object
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], **kwargs)
         if not cfg.device_map:
             model.to(device)
-        _LOADED[key] = (model.eval(), AutoTokenizer.from_pretrained(path))
+        _LOADED[key] = (model.eval(), load_tokenizer(path))
     return _LOADED[key]
 
 

@@ -17,10 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from shadow.artifacts import cache_key, cached
 from shadow.config import ConfigError, validate
-from shadow.criteria import CRITERIA
-from shadow.data import data_fingerprint, load_calibration
+from shadow.criteria import get_criterion
+from shadow.data import fingerprint as examples_fingerprint
+from shadow.data import load_calibration
 from shadow.evaluate.perplexity import evaluate_perplexity, load_documents
-from shadow.models import check_opt, fingerprint, load_model
+from shadow.models import Shape, check_opt, fingerprint, load_model, load_tokenizer
 from shadow.policy import check_policy
 from shadow.predictors import PredictedMasks, fit_shadow, load_predictor, save_predictor
 from shadow.traces import compute_traces, load_traces
@@ -45,27 +46,34 @@ def sparsities(cfg: DictConfig) -> tuple[float, float]:
 def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_name: str = "") -> dict[str, float]:
     """Run the job described by ``cfg``; write metrics.json to output_dir and a line to sweep_dir/results.jsonl."""
     validate(cfg)
-    _, shape = check_opt(cfg.model)
+    path, config = check_opt(cfg.model)
+    shape = Shape.of(config)
     head_sparsity, neuron_sparsity = sparsities(cfg)
     check_policy(cfg.policy, shape.heads, shape.neurons, head_sparsity, neuron_sparsity)
     if not 0 <= cfg.predictor.layer < shape.layers:
         raise ConfigError(f"predictor.layer={cfg.predictor.layer} is not a layer of this {shape.layers}-layer "
                          f"model; set predictor.layer between 0 and {shape.layers - 1}")
+    tokenizer = load_tokenizer(path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    examples = load_calibration(cfg.calibration, tokenizer, config.max_position_embeddings)
     documents = load_documents(cfg.eval)
     sweep_dir = sweep_dir or output_dir
     torch.manual_seed(cfg.seed)
-    criterion = CRITERIA[cfg.criterion.name]
+    criterion = get_criterion(cfg.criterion.name, cfg.criterion.variant)
+    if criterion.neurons is None and neuron_sparsity > 0:
+        log.info("%s scores heads only: every neuron is kept", criterion.name)
+        neuron_sparsity = 0.0
     group = "/".join(sweep_dir.parts[-2:])  # multirun/<date>/<time> → <date>/<time>
     with Tracker(cfg, output_dir, group=group, name=job_name or output_dir.name) as tracker:
         with stage("load"):
-            model, tokenizer = load_model(cfg.model, cfg.device)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        trace_inputs = {"model": fingerprint(model, cfg.model), "data": data_fingerprint(cfg.calibration),
-                        "criterion": OmegaConf.to_container(cfg.criterion), "feature_layer": cfg.predictor.layer}
+            model, _ = load_model(cfg.model, cfg.device)
+        trace_inputs = {"model": fingerprint(model, cfg.model), "examples": examples_fingerprint(examples),
+                        "criterion": OmegaConf.to_container(cfg.criterion), "feature_layer": cfg.predictor.layer,
+                        "batch_size": cfg.calibration.batch_size, "seed": cfg.seed}
         with stage("scoring"):
-            examples = load_calibration(cfg.calibration, tokenizer, model.config.max_position_embeddings)
             traces_dir, _ = cached(cfg.cache_dir, "traces", trace_inputs, lambda out: {"shards": compute_traces(
-                model, examples, criterion, shape, cfg.predictor.layer, cfg.calibration.batch_size, pad_id, out)})
+                model, examples, criterion, shape, cfg.predictor.layer, cfg.calibration.batch_size, pad_id, out,
+                cfg.seed)})
         predictor_inputs = {"traces": cache_key(trace_inputs), "predictor": OmegaConf.to_container(cfg.predictor),
                             "seed": cfg.seed}
 

@@ -16,9 +16,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from shadow.criteria import Criterion
+from shadow.criteria import Criterion, Units
 from shadow.data import Batch, Example, collate
+from shadow.masking import apply_masks
 from shadow.models import Shape, decoder_layers
+from shadow.policy import Masks
 
 SHARD_SIZE = 512  # examples per safetensors file: traces stream to disk, not into RAM
 
@@ -62,56 +64,108 @@ def layer_features(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
     return captured["x"].cpu()
 
 
-def score_batch(model: nn.Module, batch: Batch, criterion: Criterion, shape: Shape,
-                feature_layer: int) -> tuple[Tensor, Tensor, Tensor]:
+def score_batch(model: nn.Module, batch: Batch, criterion: Criterion, shape: Shape, feature_layer: int,
+                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(features (B, E), head scores (B, L, H), neuron scores (B, L, F)) for one batch."""
     B = batch.input_ids.shape[0]
     heads = torch.zeros(B, shape.layers, shape.heads)
     neurons = torch.zeros(B, shape.layers, shape.neurons)
     valid = batch.attention_mask.float()
-    features = {}
-    handles = []
+    targets = torch.cat([batch.input_ids[:, 1:].masked_fill(batch.attention_mask[:, 1:] == 0, -100),
+                         torch.full((B, 1), -100)], dim=1)
+    needs, captured, handles = criterion.needs, {}, []
 
-    def record(out: Tensor, index: int, scorer, act: Tensor):
+    def units(act: Tensor, grad: Tensor | None, index: int, kind: str) -> Units:
+        layer = decoder_layers(model)[index]
+        modules = {"fc1": layer.fc1, "fc2": layer.fc2, "v_proj": layer.self_attn.v_proj,
+                   "out_proj": layer.self_attn.out_proj} if "weights" in needs else {}
+        return Units(act=upcast(act), grad=None if grad is None else upcast(grad).reshape(act.shape),
+                     valid=valid.to(act.device), weights={k: upcast(m.weight.detach()) for k, m in modules.items()},
+                     fc1_input=captured.get(("fc1", index)) if kind == "neurons" else None,
+                     out_grad=captured.get(("out", index)) if kind == "heads" else None,
+                     targets=targets.to(act.device), generator=generator)
+
+    def score(out: Tensor, index: int, kind: str, scorer, act: Tensor, tensor: Tensor) -> None:
+        """Score now, or when the gradient of ``tensor`` arrives in the backward pass."""
+        if "grad" not in needs:
+            out[:, index] = scorer(units(act, None, index, kind)).float().cpu()
+            return
+
         def on_grad(grad: Tensor) -> None:
-            v = valid.to(act.device)
-            out[:, index] = scorer(upcast(act), upcast(grad).reshape(act.shape), v).float().cpu()
-        return on_grad
+            out[:, index] = scorer(units(act, grad, index, kind)).float().cpu()
+        tensor.register_hook(on_grad)
 
     def on_attention(index: int):
         def hook(module, args):
             a = args[0]
             if index == feature_layer:
-                features["x"] = a.detach()[torch.arange(B), batch.last_context.to(a.device)].float().cpu()
-            head_view = a.view(B, -1, shape.heads, shape.head_dim)
-            if criterion.needs_grad:
-                a.register_hook(record(heads, index, criterion.heads, head_view.detach()))
-            else:
-                heads[:, index] = criterion.heads(upcast(head_view), None, valid.to(a.device)).float().cpu()
+                captured["features"] = a.detach()[torch.arange(B), batch.last_context.to(a.device)].float().cpu()
+            if criterion.heads is not None:
+                score(heads, index, "heads", criterion.heads, a.detach().view(B, -1, shape.heads, shape.head_dim), a)
+        return hook
+
+    def on_attention_output(index: int):
+        def hook(module, args, output):
+            def keep(grad: Tensor) -> None:
+                captured[("out", index)] = upcast(grad).view(B, -1, shape.heads, shape.head_dim)
+            output.register_hook(keep)
+        return hook
+
+    def on_fc1(index: int):
+        def hook(module, args):
+            captured[("fc1", index)] = upcast(args[0].detach()).view(B, -1, args[0].shape[-1])
         return hook
 
     def on_ffn(index: int):
         def hook(module, args):
-            z = args[0].view(B, -1, shape.neurons)
-            if criterion.needs_grad:
-                args[0].register_hook(record(neurons, index, criterion.neurons, z.detach()))
-            else:
-                neurons[:, index] = criterion.neurons(upcast(z), None, valid.to(z.device)).float().cpu()
+            z = args[0]
+            score(neurons, index, "neurons", criterion.neurons, z.detach().view(B, -1, shape.neurons, 1), z)
         return hook
 
     for index, layer in enumerate(decoder_layers(model)):
         handles.append(layer.self_attn.out_proj.register_forward_pre_hook(on_attention(index)))
-        handles.append(layer.fc2.register_forward_pre_hook(on_ffn(index)))
+        if "out_grad" in needs:
+            handles.append(layer.self_attn.out_proj.register_forward_hook(on_attention_output(index)))
+        if "fc1_input" in needs:
+            handles.append(layer.fc1.register_forward_pre_hook(on_fc1(index)))
+        if criterion.neurons is not None:
+            handles.append(layer.fc2.register_forward_pre_hook(on_ffn(index)))
     try:
-        with frozen(model), torch.set_grad_enabled(criterion.needs_grad):
-            device = model.device
-            logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
-            if criterion.needs_grad:
-                example_loss(logits, batch.labels.to(device)).sum().backward()
+        if "hessian" in needs:
+            heads[:], neurons[:] = gate_hessian_scores(model, batch, shape)
+        else:
+            with frozen(model), torch.set_grad_enabled("grad" in needs):
+                device = model.device
+                logits = model(input_ids=batch.input_ids.to(device),
+                               attention_mask=batch.attention_mask.to(device)).logits
+                if "grad" in needs:
+                    example_loss(logits, batch.labels.to(device)).sum().backward()
     finally:
         for h in handles:
             h.remove()
-    return features["x"], heads, neurons
+    return captured["features"], heads, neurons
+
+
+def gate_hessian_scores(model: nn.Module, batch: Batch, shape: Shape) -> tuple[Tensor, Tensor]:
+    """GraSP on multiplicative gates: −(H g) at gate = 1, per example (the Hessian is block-diagonal over examples).
+
+    Needs double backward, which only the eager attention supports; the model's own choice is restored after.
+    """
+    device, dtype = model.device, model.dtype
+    B = batch.input_ids.shape[0]
+    gates = Masks(torch.ones(B, shape.layers, shape.heads, device=device, dtype=dtype, requires_grad=True),
+                  torch.ones(B, shape.layers, shape.neurons, device=device, dtype=dtype, requires_grad=True))
+    attention = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with frozen(model), torch.enable_grad(), apply_masks(model, gates):
+            logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
+            loss = example_loss(logits, batch.labels.to(device)).sum()
+            grads = torch.autograd.grad(loss, [gates.heads, gates.neurons], create_graph=True)
+            hvp = torch.autograd.grad(sum((g * g.detach()).sum() for g in grads), [gates.heads, gates.neurons])
+    finally:
+        model.set_attn_implementation(attention)
+    return -hvp[0].float().cpu(), -hvp[1].float().cpu()
 
 
 def upcast(x: Tensor) -> Tensor:
@@ -129,7 +183,7 @@ def example_loss(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def compute_traces(model: nn.Module, examples: list[Example], criterion: Criterion, shape: Shape,
-                   feature_layer: int, batch_size: int, pad_id: int, out_dir: Path) -> int:
+                   feature_layer: int, batch_size: int, pad_id: int, out_dir: Path, seed: int = 0) -> int:
     """Score all examples, writing shards ``traces-<n>.safetensors`` into out_dir; returns the shard count."""
     shard: dict[str, list[Tensor]] = {"features": [], "heads": [], "neurons": []}
     n_shards = 0
@@ -145,7 +199,9 @@ def compute_traces(model: nn.Module, examples: list[Example], criterion: Criteri
 
     for start in tqdm(range(0, len(examples), batch_size), desc=f"scoring ({criterion.name})", unit="batch"):
         batch = collate(examples[start:start + batch_size], pad_id)
-        for key, value in zip(shard, score_batch(model, batch, criterion, shape, feature_layer), strict=True):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + start)  # the random control, reproducible
+        scores = score_batch(model, batch, criterion, shape, feature_layer, generator)
+        for key, value in zip(shard, scores, strict=True):
             shard[key].append(value)
         if sum(len(x) for x in shard["features"]) >= SHARD_SIZE:
             flush()

@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 def flat_config(cfg: DictConfig) -> dict[str, Any]:
     """The keys runs are compared by, flat, then the whole resolved config under ``config``."""
     return {
-        "model": cfg.model.name, "criterion": cfg.criterion.name, "predictor": cfg.predictor.name,
+        "model": cfg.model.name, "criterion": cfg.criterion.name, "criterion_variant": cfg.criterion.variant,
+        "predictor": cfg.predictor.name,
         "sparsity": cfg.sparsity, "head_sparsity": cfg.head_sparsity if cfg.head_sparsity is not None
         else cfg.sparsity, "neuron_sparsity": cfg.neuron_sparsity if cfg.neuron_sparsity is not None
         else cfg.sparsity, "policy": cfg.policy, "eval": cfg.eval.dataset, "seed": cfg.seed,

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from shadow.__main__ import fix_argv
+from shadow.criteria import CRITERIA
 from shadow.opt_mini import MODEL_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +45,7 @@ def test_missing_criterion_is_one_line_listing_the_criteria(tmp_path):
     result = shadow("sparsity=0.3", tmp_path, SHADOW_CACHE_DIR=str(tmp_path / "cache"))
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == \
-        "error: criterion is not set; add +criterion=<name> with one of: plainact"
+        f"error: criterion is not set; add +criterion=<name> with one of: {', '.join(sorted(CRITERIA))}"
     assert "Traceback" not in result.stderr
 
 

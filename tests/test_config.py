@@ -27,14 +27,16 @@ def test_every_option_of_every_group_composes(compose_cfg, group):
 
 def test_default_model_is_the_embedded_opt_mini(compose_cfg):
     cfg = compose_cfg("+criterion=plainact")
-    path, shape = check_opt(cfg.model)
+    path, config = check_opt(cfg.model)
     assert cfg.model.name == "opt-mini" and path.endswith("opt_mini/model")
-    assert shape.layers > 1 and shape.heads > 1
+    assert config.num_hidden_layers > 1 and config.num_attention_heads > 1
 
 
 def test_no_criterion_lists_the_criteria(compose_cfg):
-    with pytest.raises(ConfigError, match="criterion is not set; add \\+criterion=<name> with one of: plainact"):
+    names = ", ".join(sorted(CRITERIA))
+    with pytest.raises(ConfigError) as err:
         validate(compose_cfg())
+    assert str(err.value) == f"criterion is not set; add +criterion=<name> with one of: {names}"
 
 
 @pytest.mark.parametrize("override,message", [
@@ -53,6 +55,12 @@ def test_no_criterion_lists_the_criteria(compose_cfg):
 def test_bad_values_fail_with_key_value_and_fix(compose_cfg, override, message):
     with pytest.raises(ConfigError, match=message):
         validate(compose_cfg("+criterion=plainact", override))
+
+
+def test_variant_must_exist_for_the_criterion(compose_cfg):
+    validate(compose_cfg("+criterion=plainact", "criterion.variant=reference"))
+    with pytest.raises(ConfigError, match="criterion.variant='reference' is not one of textbook"):
+        validate(compose_cfg("+criterion=fisher", "criterion.variant=reference"))
 
 
 def test_unknown_criterion(compose_cfg):

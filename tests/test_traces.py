@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import make_tiny_opt
 
-from shadow.criteria import CRITERIA
+from shadow.criteria import get_criterion
 from shadow.data import collate, encode
 from shadow.masking import apply_masks
 from shadow.models import Shape, decoder_layers
@@ -45,7 +45,7 @@ def captured_forward(model, ids, labels):
 def test_plainact_matches_autograd_per_example(tiny_opt, examples):
     shape = Shape.of(tiny_opt.config)
     batch = collate(examples, pad_id=1)  # padded: the examples differ in length
-    features, heads, neurons = score_batch(tiny_opt, batch, CRITERIA["plainact"], shape, feature_layer=0)
+    features, heads, neurons = score_batch(tiny_opt, batch, get_criterion("plainact"), shape, feature_layer=0)
     for i, ex in enumerate(examples):
         n = len(ex.input_ids)
         loss, acts = captured_forward(tiny_opt, batch.input_ids[i:i + 1, :n], batch.labels[i:i + 1, :n])
@@ -61,7 +61,7 @@ def test_plainact_matches_autograd_per_example(tiny_opt, examples):
 
 def test_scores_do_not_depend_on_the_rest_of_the_batch(tiny_opt, examples):
     shape = Shape.of(tiny_opt.config)
-    plainact = CRITERIA["plainact"]
+    plainact = get_criterion("plainact")
     _, heads_all, neurons_all = score_batch(tiny_opt, collate(examples, 1), plainact, shape, 0)
     _, heads_one, neurons_one = score_batch(tiny_opt, collate(examples[1:2], 1), plainact, shape, 0)
     torch.testing.assert_close(heads_all[1:2], heads_one, rtol=1e-4, atol=1e-7)
@@ -69,7 +69,7 @@ def test_scores_do_not_depend_on_the_rest_of_the_batch(tiny_opt, examples):
 
 
 def test_scoring_leaves_weights_without_gradients(tiny_opt, examples):
-    score_batch(tiny_opt, collate(examples, 1), CRITERIA["plainact"], Shape.of(tiny_opt.config), 0)
+    score_batch(tiny_opt, collate(examples, 1), get_criterion("plainact"), Shape.of(tiny_opt.config), 0)
     assert all(p.grad is None and p.requires_grad for p in tiny_opt.parameters())
 
 
@@ -102,5 +102,5 @@ def test_gate_gradient_predicts_the_loss_change(examples):
 def test_layer_features_stop_early_and_match_the_full_pass(tiny_opt, examples):
     batch = collate(examples, 1)
     feats = layer_features(tiny_opt, batch.input_ids, batch.attention_mask, batch.last_context, layer=1)
-    full, _, _ = score_batch(tiny_opt, batch, CRITERIA["plainact"], Shape.of(tiny_opt.config), feature_layer=1)
+    full, _, _ = score_batch(tiny_opt, batch, get_criterion("plainact"), Shape.of(tiny_opt.config), feature_layer=1)
     torch.testing.assert_close(feats, full, rtol=1e-5, atol=1e-6)
