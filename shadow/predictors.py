@@ -39,6 +39,13 @@ def normalise_targets(scores: Tensor, how: str) -> Tensor:
     return minmax(scores, (2,) if how == "per_layer" else (1, 2))
 
 
+def static_importance(traces: dict[str, Tensor], how: str = "per_layer") -> tuple[Tensor, Tensor]:
+    """One (L, H) head and (L, F) neuron importance for every input: the mean over calibration examples of each
+    example's normalised scores, so that no example (a long one, a task with long answers) outweighs another."""
+    return (normalise_targets(traces["heads"].float(), how).mean(0),
+            normalise_targets(traces["neurons"].float(), how).mean(0))
+
+
 def mlp(inputs: int, hidden: int, outputs: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, outputs))
 

@@ -60,7 +60,7 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
     sweep_dir = sweep_dir or output_dir
     torch.manual_seed(cfg.seed)
     criterion = get_criterion(cfg.criterion.name, cfg.criterion.variant)
-    if criterion.neurons is None and neuron_sparsity > 0:
+    if criterion.heads_only and neuron_sparsity > 0:
         log.info("%s scores heads only: every neuron is kept", criterion.name)
         neuron_sparsity = 0.0
     group = "/".join(sweep_dir.parts[-2:])  # multirun/<date>/<time> → <date>/<time>

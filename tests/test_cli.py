@@ -53,3 +53,18 @@ def test_cfg_job_shows_the_resolved_model_path(tmp_path):
     result = shadow("+criterion=plainact --cfg job", tmp_path)
     assert result.returncode == 0, result.stderr
     assert f"path: {MODEL_DIR}" in result.stdout
+
+
+def test_every_criterion_runs_end_to_end(tmp_path):
+    fast = ("logger=none calibration.limit=8 predictor.head_epochs=2 predictor.neuron_epochs=1 eval.limit=1 "
+            f"eval.protocols=[token] hydra.sweep.dir={tmp_path / 'sweep'}")
+    result = shadow(f"-m +criterion={','.join(sorted(CRITERIA))} {fast}", tmp_path,
+                    SHADOW_CACHE_DIR=str(tmp_path / "cache"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(x) for x in (tmp_path / "sweep" / "results.jsonl").read_text().splitlines()]
+    assert sorted(x["criterion"] for x in lines) == sorted(CRITERIA)
+    for line in lines:
+        assert 1 < line["metrics"]["token_perplexity"] < 1e6
+        assert line["metrics"]["achieved_head_sparsity"] == 0.5
+        heads_only = line["criterion"] in ("jacov", "epenas")
+        assert line["metrics"]["achieved_neuron_sparsity"] == (0.0 if heads_only else 0.5)

@@ -137,7 +137,7 @@ def test_criterion_matches_direct_computation(model, examples, alone, name, vari
             for unit in range(shape.heads):
                 want = expected(name, variant, "heads", layer, unit, rec, model, shape)
                 assert heads[i, layer, unit].item() == pytest.approx(want, rel=1e-4, abs=1e-6), (i, layer, unit)
-            if criterion.neurons is None:
+            if criterion.heads_only:
                 assert (neurons[i] == 0).all()
                 continue
             for unit in range(0, shape.neurons, 5):

@@ -16,6 +16,7 @@ from shadow.predictors import (
     normalise_targets,
     save_predictor,
     spearman,
+    static_importance,
 )
 
 SHAPE = Shape(layers=3, heads=4, head_dim=4, neurons=32)
@@ -33,6 +34,19 @@ def test_target_normalisation_per_layer_and_global():
     assert normalise_targets(scores, "per_layer").tolist() == [[[0.0, 1.0], [0.0, 1.0]]]
     torch.testing.assert_close(normalise_targets(scores, "global"),
                                torch.tensor([[[0.0, 2 / 29], [9 / 29, 1.0]]]))
+
+
+def test_static_importance_weighs_every_example_equally():
+    traces = synthetic_traces(8)
+    heads, neurons = static_importance(traces)
+    assert heads.shape == (SHAPE.layers, SHAPE.heads) and neurons.shape == (SHAPE.layers, SHAPE.neurons)
+    louder = {k: v.clone() for k, v in traces.items()}
+    louder["heads"][0] *= 1000  # a long example's raw sums are larger; it must not dominate
+    louder["neurons"][0] *= 1000
+    torch.testing.assert_close(static_importance(louder)[0], heads)
+    torch.testing.assert_close(static_importance(louder)[1], neurons)
+    expected = normalise_targets(traces["heads"], "per_layer").mean(0)
+    torch.testing.assert_close(heads, expected)
 
 
 def synthetic_traces(n: int = 512, hidden: int = 16) -> dict:
