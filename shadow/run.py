@@ -20,7 +20,7 @@ from shadow.config import ConfigError, validate
 from shadow.criteria import get_criterion
 from shadow.data import fingerprint as examples_fingerprint
 from shadow.data import load_calibration
-from shadow.evaluate.perplexity import evaluate_perplexity, load_documents
+from shadow.evaluate.perplexity import evaluate_perplexity, load_eval_data
 from shadow.models import Shape, check_opt, fingerprint, load_model, load_tokenizer
 from shadow.policy import check_policy
 from shadow.predictors import PredictedMasks, fit_shadow, load_predictor, save_predictor
@@ -56,7 +56,7 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
     tokenizer = load_tokenizer(path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     examples = load_calibration(cfg.calibration, tokenizer, config.max_position_embeddings)
-    documents = load_documents(cfg.eval)
+    eval_data = load_eval_data(cfg.eval)
     sweep_dir = sweep_dir or output_dir
     torch.manual_seed(cfg.seed)
     criterion = get_criterion(cfg.criterion.name, cfg.criterion.variant)
@@ -87,7 +87,7 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
         masks = PredictedMasks(model, predictor, cfg.predictor.layer, head_sparsity, neuron_sparsity, cfg.policy,
                                pad_id)
         with stage("evaluate"):
-            metrics = evaluate_perplexity(model, tokenizer, masks, cfg.eval, documents)
+            metrics = evaluate_perplexity(model, tokenizer, masks, cfg.eval, eval_data)
         metrics.update(predictor_meta["metrics"])
         record = {**{k: v for k, v in flat_config(cfg).items() if k != "config"}, "metrics": metrics,
                   "output_dir": str(output_dir)}

@@ -81,8 +81,8 @@ def score_batch(model: nn.Module, batch: Batch, criterion: Criterion, shape: Sha
                    "out_proj": layer.self_attn.out_proj} if "weights" in needs else {}
         return Units(act=upcast(act), grad=None if grad is None else upcast(grad).reshape(act.shape),
                      valid=valid.to(act.device), weights={k: upcast(m.weight.detach()) for k, m in modules.items()},
-                     fc1_input=captured.get(("fc1", index)) if kind == "neurons" else None,
-                     out_grad=captured.get(("out", index)) if kind == "heads" else None,
+                     fc1_input=captured.pop(("fc1", index), None) if kind == "neurons" else None,
+                     out_grad=captured.pop(("out", index), None) if kind == "heads" else None,
                      targets=targets.to(act.device), generator=generator)
 
     def score(out: Tensor, index: int, kind: str, scorer, act: Tensor, tensor: Tensor) -> None:

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from shadow.config import EvalConfig
-from shadow.evaluate.perplexity import Document, evaluate_perplexity, load_documents, token_requests, word_requests
+from shadow.evaluate.perplexity import (
+    EvalData,
+    document,
+    evaluate_perplexity,
+    load_eval_data,
+    token_requests,
+    word_requests,
+)
 from shadow.models import Shape
 from shadow.policy import Masks
 
@@ -17,13 +24,17 @@ TEXT = ("It is a truth universally acknowledged that a single man in possession 
         "a neighbourhood, this truth is so well fixed in the minds of the surrounding families.")
 
 
-def doc(text: str = TEXT) -> Document:
-    return Document(text, len(text.split()), len(text.encode()))
+def doc(text: str = TEXT):
+    return document(text)
+
+
+def data(*texts: str) -> EvalData:
+    return EvalData("\n\n".join(texts), [doc(t) for t in texts])
 
 
 def test_token_windows_tile_the_stream_and_prompts_precede_targets(tokenizer):
     stream = tokenizer("\n\n".join([TEXT, TEXT]))["input_ids"]
-    requests = token_requests([doc(), doc()], tokenizer, seq_len=16, limit=None)
+    requests = token_requests("\n\n".join([TEXT, TEXT]), tokenizer, seq_len=16, limit=None)
     assert len(requests) == len(stream) // 16
     for k, r in enumerate(requests):
         assert r.tokens == stream[16 * k:16 * (k + 1)] and r.n_targets == 15
@@ -52,7 +63,7 @@ def test_dense_word_perplexity_equals_lm_eval(tiny_opt, tokenizer):
     from shadow.opt_mini import PERPLEXITY_TASK, TASKS_DIR
 
     cfg = EvalConfig(protocols=["word"], limit=2, batch_size=4)
-    ours = evaluate_perplexity(tiny_opt, tokenizer, lambda prompts: None, cfg, load_documents(cfg))
+    ours = evaluate_perplexity(tiny_opt, tokenizer, lambda prompts: None, cfg, load_eval_data(cfg))
     lm = HFLM(pretrained=tiny_opt, tokenizer=tokenizer, batch_size=4)
     theirs = lm_eval.simple_evaluate(model=lm, tasks=[PERPLEXITY_TASK], limit=2,
                                      task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False))
@@ -63,7 +74,7 @@ def test_dense_word_perplexity_equals_lm_eval(tiny_opt, tokenizer):
 
 def test_dense_token_perplexity_matches_a_direct_computation(tiny_opt, tokenizer):
     cfg = EvalConfig(protocols=["token"], batch_size=3)
-    metrics = evaluate_perplexity(tiny_opt, tokenizer, lambda prompts: None, cfg, [doc(), doc()])
+    metrics = evaluate_perplexity(tiny_opt, tokenizer, lambda prompts: None, cfg, data(TEXT, TEXT))
     ids = torch.tensor(tokenizer("\n\n".join([TEXT, TEXT]))["input_ids"])
     windows = ids[: len(ids) // 64 * 64].view(-1, 64)
     with torch.no_grad():
@@ -83,11 +94,11 @@ def test_masks_are_applied_per_request_and_reported(tiny_opt, tokenizer):
         return Masks(heads, neurons)
 
     cfg = EvalConfig(protocols=["token", "word"], seq_len=16, batch_size=2)
-    dense = evaluate_perplexity(tiny_opt, tokenizer, lambda prompts: None, cfg, [doc()])
-    sparse = evaluate_perplexity(tiny_opt, tokenizer, half_masks, cfg, [doc()])
+    dense = evaluate_perplexity(tiny_opt, tokenizer, lambda prompts: None, cfg, data(TEXT))
+    sparse = evaluate_perplexity(tiny_opt, tokenizer, half_masks, cfg, data(TEXT))
     assert sparse["token_perplexity"] != pytest.approx(dense["token_perplexity"], rel=1e-3)
     assert sparse["word_perplexity"] != pytest.approx(dense["word_perplexity"], rel=1e-3)
     assert sparse["achieved_head_sparsity"] == pytest.approx(0.5)
     assert sparse["achieved_neuron_sparsity"] == pytest.approx(1 - 8 / shape.neurons)
     assert dense["achieved_head_sparsity"] == 0.0
-    assert len(seen) == len(token_requests([doc()], tokenizer, 16, None)) + len(word_requests(doc(), tokenizer, 16))
+    assert len(seen) == len(token_requests(TEXT, tokenizer, 16, None)) + len(word_requests(doc(), tokenizer, 16))

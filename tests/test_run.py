@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import make_tiny_opt
 
-from shadow.evaluate.perplexity import evaluate_perplexity, load_documents
+from shadow.evaluate.perplexity import evaluate_perplexity, load_eval_data
 from shadow.models import load_model
 from shadow.run import run
 
@@ -54,7 +54,7 @@ def test_sparsity_zero_is_the_dense_model(job, tmp_path):
     cfg = job("sparsity=0.0", "logger=none")
     metrics = run(cfg, tmp_path / "zero")
     model, tokenizer = load_model(cfg.model)
-    dense = evaluate_perplexity(model, tokenizer, lambda prompts: None, cfg.eval, load_documents(cfg.eval))
+    dense = evaluate_perplexity(model, tokenizer, lambda prompts: None, cfg.eval, load_eval_data(cfg.eval))
     assert metrics["token_perplexity"] == dense["token_perplexity"]
     assert metrics["word_perplexity"] == dense["word_perplexity"]
 

@@ -1,7 +1,7 @@
 """Perplexity of the (sparse) model under two protocols, named so they cannot be confused.
 
-- ``token_perplexity``: the joined text (documents separated by a blank line) cut into non-overlapping
-  windows of the context length, every token after each window's first scored (SparseGPT/Wanda).
+- ``token_perplexity``: the joined test text cut into non-overlapping windows of the context length, every
+  token after each window's first scored (SparseGPT/Wanda: WikiText-2's lines joined by blank lines).
 - ``word_perplexity`` (with ``byte_perplexity`` and ``bits_per_byte``): lm-eval's ``wikitext`` protocol,
   document-level rolling windows from lm-eval's own window function, normalised by the words of each
   document (what the ShadowLLM paper reports).
@@ -41,27 +41,38 @@ class Document:
 
 
 @dataclass
+class EvalData:
+    text: str  # the token protocol's joined text
+    documents: list[Document]  # the word protocol's documents
+
+
+@dataclass
 class Request:
     tokens: list[int]  # model input followed by the last target; at most seq_len + 1 tokens
     n_targets: int  # the last n_targets tokens are scored
     prompt: list[int]  # what the mask is predicted from
 
 
-def load_documents(cfg: EvalConfig) -> list[Document]:
-    """The evaluation documents; fails with a clear error before any model work if they are unreachable."""
+def document(page: str, text: str | None = None) -> Document:
+    """A document scored as ``text`` (default: the page), counted as lm-eval counts the original page."""
+    return Document(page if text is None else text, len(re.split(r"\s+", page)), len(page.encode()))
+
+
+def load_eval_data(cfg: EvalConfig) -> EvalData:
+    """The evaluation text; fails with a clear error before any model work if it is unreachable."""
     if cfg.dataset == "opt_mini":
         pages = [json.loads(line)["page"] for line in PERPLEXITY_FILE.read_text().splitlines()]
-        return [Document(p, len(re.split(r"\s+", p)), len(p.encode())) for p in pages]
+        return EvalData("\n\n".join(pages), [document(p) for p in pages])
     import datasets
     from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
 
     try:
-        docs = datasets.load_dataset("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", split="test")
+        lines = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]
+        pages = datasets.load_dataset("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", split="test")
     except Exception as err:  # offline or unreachable hub
         raise ConfigError(f"eval.dataset=wikitext2 could not be loaded ({type(err).__name__}); run where the "
                           "Hugging Face hub is reachable once to cache it, or use eval.dataset=opt_mini") from None
-    return [Document(wikitext_detokenizer(d), len(re.split(r"\s+", d["page"])), len(d["page"].encode()))
-            for d in docs]
+    return EvalData("\n\n".join(lines), [document(d["page"], wikitext_detokenizer(d)) for d in pages])
 
 
 def _prompt(stream: list[int], first_target: int, seq_len: int) -> list[int]:
@@ -69,8 +80,8 @@ def _prompt(stream: list[int], first_target: int, seq_len: int) -> list[int]:
     return stream[max(0, first_target - seq_len):first_target]
 
 
-def token_requests(docs: list[Document], tokenizer, seq_len: int, limit: int | None) -> list[Request]:
-    stream = tokenizer("\n\n".join(d.text for d in docs), verbose=False)["input_ids"]  # starts with BOS
+def token_requests(text: str, tokenizer, seq_len: int, limit: int | None) -> list[Request]:
+    stream = tokenizer(text, verbose=False)["input_ids"]  # starts with BOS
     starts = range(0, len(stream) - seq_len + 1, seq_len)
     return [Request(stream[s:s + seq_len], seq_len - 1, _prompt(stream, s + 1, seq_len))
             for s in list(starts)[:limit]]
@@ -113,18 +124,18 @@ def score(model: nn.Module, requests: list[Request], mask_fn: MaskFn, batch_size
 
 
 def evaluate_perplexity(model: nn.Module, tokenizer, mask_fn: MaskFn, cfg: EvalConfig,
-                        docs: list[Document]) -> dict[str, float]:
+                        data: EvalData) -> dict[str, float]:
     seq_len = cfg.seq_len or model.config.max_position_embeddings
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     metrics: dict[str, float] = {}
     sparsity: list[dict[str, float]] = []
     if "token" in cfg.protocols:
-        requests = token_requests(docs, tokenizer, seq_len, cfg.limit)
+        requests = token_requests(data.text, tokenizer, seq_len, cfg.limit)
         nll, achieved = score(model, requests, mask_fn, cfg.batch_size, pad_id, "token perplexity")
         metrics["token_perplexity"] = math.exp(sum(nll) / sum(r.n_targets for r in requests))
         sparsity.append(achieved)
     if "word" in cfg.protocols:
-        subset = docs[:cfg.limit]
+        subset = data.documents[:cfg.limit]
         per_doc = [word_requests(d, tokenizer, seq_len) for d in subset]
         nll, achieved = score(model, [r for rs in per_doc for r in rs], mask_fn, cfg.batch_size, pad_id,
                               "word perplexity")
