@@ -91,10 +91,20 @@ class Config:
     sparsity: float = 0.5
     head_sparsity: float | None = None  # None: sparsity
     neuron_sparsity: float | None = None  # None: sparsity
-    policy: str = "global"  # global or local (per layer)
+    policy: str = "global"  # global, local (per layer) or hybrid (global with a per-layer floor)
+    min_heads: int = 1  # hybrid: heads kept in every layer at least
+    min_neurons: int = 256  # hybrid: neurons kept in every layer at least
+    dense_first_layer: bool = False  # keep layer 0 whole, as ShadowLLM's code did
     seed: int = 0
     device: str = "cpu"
     cache_dir: str = "${oc.env:SHADOW_CACHE_DIR,.cache/shadow}"
+
+
+def resolved_sparsities(cfg: DictConfig | Config) -> tuple[float, float]:
+    """(head, neuron) sparsity: each defaults to ``sparsity``."""
+    head = cfg.head_sparsity if cfg.head_sparsity is not None else cfg.sparsity
+    neuron = cfg.neuron_sparsity if cfg.neuron_sparsity is not None else cfg.sparsity
+    return head, neuron
 
 
 def register_configs() -> None:
@@ -105,7 +115,7 @@ def register_configs() -> None:
 
 
 DTYPES = ("float32", "float16", "bfloat16")
-POLICIES = ("global", "local")
+POLICIES = ("global", "local", "hybrid")
 PREDICTORS = ("shadow",)
 EVAL_DATASETS = ("opt_mini", "wikitext2")
 CALIBRATION_SOURCES = ("opt_mini", "tasks")

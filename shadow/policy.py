@@ -1,8 +1,11 @@
 """From scores to masks: keep the top (1 − sparsity) heads and neurons of each example.
 
-``global`` ranks units across all layers at once (heads and neurons separately); ``local`` keeps the same
-number in every layer. Scores must be comparable across layers for ``global``: the predictor's targets are
-normalised per layer for that reason.
+- ``global`` ranks units across all layers at once (heads and neurons separately);
+- ``local`` keeps the same number in every layer;
+- ``hybrid`` is global with a floor: at least ``min_heads`` heads and ``min_neurons`` neurons per layer.
+``dense_first_layer`` keeps layer 0 whole (it feeds the predictor), as ShadowLLM's code did; the other layers
+then carry the nominal sparsity, so the model as a whole is less sparse. Scores must be comparable across
+layers for ``global`` and ``hybrid``: the predictor's targets are normalised per layer for that reason.
 """
 
 from __future__ import annotations
@@ -24,32 +27,91 @@ class Masks:
         return {"head_sparsity": 1 - self.heads.float().mean().item(),
                 "neuron_sparsity": 1 - self.neurons.float().mean().item()}
 
+    def kept_per_layer(self) -> tuple[Tensor, Tensor]:
+        """(L,) kept fraction of heads and of neurons in each layer, summed over the batch's examples."""
+        return self.heads.float().mean(2).sum(0), self.neurons.float().mean(2).sum(0)
+
+
+@dataclass
+class SparsityMeter:
+    """Achieved sparsity over many requests, overall and per layer."""
+
+    heads: Tensor | None = None  # (L,) kept fractions summed over requests
+    neurons: Tensor | None = None
+    requests: int = 0
+
+    def add(self, masks: Masks) -> None:
+        heads, neurons = masks.kept_per_layer()
+        self.heads = heads if self.heads is None else self.heads + heads
+        self.neurons = neurons if self.neurons is None else self.neurons + neurons
+        self.requests += masks.heads.shape[0]
+
+    def per_layer(self) -> dict[str, list[float]]:
+        if not self.requests:
+            return {}
+        return {"head_sparsity": (1 - self.heads / self.requests).tolist(),
+                "neuron_sparsity": (1 - self.neurons / self.requests).tolist()}
+
+    def overall(self) -> dict[str, float]:
+        layers = self.per_layer()
+        return {f"achieved_{key}": sum(values) / len(values) if values else 0.0
+                for key, values in (("head_sparsity", layers.get("head_sparsity", [])),
+                                    ("neuron_sparsity", layers.get("neuron_sparsity", [])))}
+
 
 def kept_count(units: int, sparsity: float) -> int:
     return round((1 - sparsity) * units)
 
 
-def keep_top(scores: Tensor, sparsity: float, policy: str) -> Tensor:
-    """Boolean mask of the (B, L, U) scores' top (1 − sparsity), per example, globally or per layer."""
+def keep_top(scores: Tensor, sparsity: float, policy: str, minimum: int = 0) -> Tensor:
+    """Boolean mask of the (B, L, U) scores' top (1 − sparsity), per example."""
     B, L, U = scores.shape
-    flat = scores.reshape(B, L * U) if policy == "global" else scores
-    k = kept_count(flat.shape[-1], sparsity)
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask.scatter_(-1, flat.topk(k, dim=-1).indices, True)
-    return mask.reshape(B, L, U)
+    if policy == "local":
+        return _top(scores, kept_count(U, sparsity))
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    k = kept_count(L * U, sparsity)
+    if policy == "hybrid" and minimum:
+        mask = _top(scores, min(minimum, U))
+        scores = scores.masked_fill(mask, float("-inf"))
+        k -= L * min(minimum, U)
+    return mask | _top(scores.reshape(B, L * U), k).reshape(B, L, U)
 
 
-def check_policy(policy: str, heads: int, neurons: int, head_sparsity: float, neuron_sparsity: float) -> None:
-    """A local policy must keep at least one unit per layer."""
-    if policy != "local":
-        return
-    for key, units, sparsity in (("head_sparsity", heads, head_sparsity),
-                                 ("neuron_sparsity", neurons, neuron_sparsity)):
-        if kept_count(units, sparsity) < 1:
-            raise ConfigError(f"{key}={sparsity} keeps no unit of the {units} per layer under policy=local; "
-                              f"lower {key} below {1 - 0.5 / units:.4f} or use policy=global")
+def _top(scores: Tensor, k: int) -> Tensor:
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    return mask.scatter_(-1, scores.topk(k, dim=-1).indices, True)
 
 
-def select(head_scores: Tensor, neuron_scores: Tensor, head_sparsity: float, neuron_sparsity: float,
-           policy: str) -> Masks:
-    return Masks(keep_top(head_scores, head_sparsity, policy), keep_top(neuron_scores, neuron_sparsity, policy))
+@dataclass(frozen=True)
+class Policy:
+    name: str = "global"
+    head_sparsity: float = 0.5
+    neuron_sparsity: float = 0.5
+    min_heads: int = 1  # hybrid only
+    min_neurons: int = 256  # hybrid only
+    dense_first_layer: bool = False
+
+    def select(self, heads: Tensor, neurons: Tensor) -> Masks:
+        """Masks for (B, L, H) head and (B, L, F) neuron scores."""
+        return Masks(self._keep(heads, self.head_sparsity, self.min_heads),
+                     self._keep(neurons, self.neuron_sparsity, self.min_neurons))
+
+    def _keep(self, scores: Tensor, sparsity: float, minimum: int) -> Tensor:
+        first = 1 if self.dense_first_layer else 0
+        mask = torch.ones_like(scores, dtype=torch.bool)
+        mask[:, first:] = keep_top(scores[:, first:], sparsity, self.name, minimum)
+        return mask
+
+    def check(self, layers: int, heads: int, neurons: int) -> None:
+        """Fail before any work if the policy cannot be met on a model of this shape."""
+        sparse_layers = layers - (1 if self.dense_first_layer else 0)
+        for kind, key, units, sparsity, minimum in (
+                ("heads", "head_sparsity", heads, self.head_sparsity, self.min_heads),
+                ("neurons", "neuron_sparsity", neurons, self.neuron_sparsity, self.min_neurons)):
+            if self.name == "local" and kept_count(units, sparsity) < 1:
+                raise ConfigError(f"{key}={sparsity} keeps no unit of the {units} per layer under policy=local; "
+                                  f"lower {key} below {1 - 0.5 / units:.4f} or use policy=global")
+            floor = sparse_layers * min(minimum, units)
+            if self.name == "hybrid" and floor > kept_count(sparse_layers * units, sparsity):
+                raise ConfigError(f"min_{kind}={minimum} per layer needs {floor} {kind} but {key}={sparsity} keeps "
+                                  f"{kept_count(sparse_layers * units, sparsity)}; lower min_{kind} or {key}")

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from shadow.config import PredictorConfig
 from shadow.data import pad
 from shadow.models import Shape
-from shadow.policy import Masks, select
+from shadow.policy import Masks, Policy
 from shadow.traces import layer_features
 
 log = logging.getLogger(__name__)
@@ -124,17 +124,15 @@ def fit_shadow(traces: dict[str, Tensor], shape: Shape, cfg: PredictorConfig, se
 class PredictedMasks:
     """Prompts → layer features → predicted scores → one mask per prompt (the policy's top units)."""
 
-    def __init__(self, model: nn.Module, predictor: ShadowPredictor, layer: int, head_sparsity: float,
-                 neuron_sparsity: float, policy: str, pad_id: int):
-        self.model, self.predictor, self.layer, self.pad_id = model, predictor, layer, pad_id
-        self.head_sparsity, self.neuron_sparsity, self.policy = head_sparsity, neuron_sparsity, policy
+    def __init__(self, model: nn.Module, predictor: ShadowPredictor, layer: int, policy: Policy, pad_id: int):
+        self.model, self.predictor, self.layer, self.policy, self.pad_id = model, predictor, layer, policy, pad_id
 
     @torch.no_grad()
     def __call__(self, prompts: list[list[int]]) -> Masks:
         ids, attention = pad(prompts, self.pad_id)
         last = torch.tensor([len(p) - 1 for p in prompts])
         heads, neurons = self.predictor(layer_features(self.model, ids, attention, last, self.layer))
-        return select(heads, neurons, self.head_sparsity, self.neuron_sparsity, self.policy)
+        return self.policy.select(heads, neurons)
 
 
 def save_predictor(predictor: ShadowPredictor, directory: Path) -> dict:

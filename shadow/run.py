@@ -16,13 +16,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from shadow.artifacts import cache_key, cached
-from shadow.config import ConfigError, validate
+from shadow.config import ConfigError, resolved_sparsities, validate
 from shadow.criteria import get_criterion
 from shadow.data import fingerprint as examples_fingerprint
 from shadow.data import load_calibration
 from shadow.evaluate.perplexity import evaluate_perplexity, load_eval_data
 from shadow.models import Shape, check_opt, fingerprint, load_model, load_tokenizer
-from shadow.policy import check_policy
+from shadow.policy import Policy
 from shadow.predictors import PredictedMasks, fit_shadow, load_predictor, save_predictor
 from shadow.traces import compute_traces, load_traces
 from shadow.tracking import Tracker, flat_config, write_results
@@ -37,10 +37,13 @@ def stage(name: str) -> Iterator[None]:
     log.info("%-10s done in %.1f s", name, time.perf_counter() - start)
 
 
-def sparsities(cfg: DictConfig) -> tuple[float, float]:
-    head = cfg.head_sparsity if cfg.head_sparsity is not None else cfg.sparsity
-    neuron = cfg.neuron_sparsity if cfg.neuron_sparsity is not None else cfg.sparsity
-    return head, neuron
+def make_policy(cfg: DictConfig, heads_only: bool) -> Policy:
+    """The selection rule; head and neuron sparsity default to ``sparsity`` (neurons: 0 for head-only criteria)."""
+    head, neuron = resolved_sparsities(cfg)
+    if heads_only and neuron > 0:
+        log.info("%s scores heads only: every neuron is kept", cfg.criterion.name)
+        neuron = 0.0
+    return Policy(cfg.policy, head, neuron, cfg.min_heads, cfg.min_neurons, cfg.dense_first_layer)
 
 
 def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_name: str = "") -> dict[str, float]:
@@ -48,8 +51,9 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
     validate(cfg)
     path, config = check_opt(cfg.model)
     shape = Shape.of(config)
-    head_sparsity, neuron_sparsity = sparsities(cfg)
-    check_policy(cfg.policy, shape.heads, shape.neurons, head_sparsity, neuron_sparsity)
+    criterion = get_criterion(cfg.criterion.name, cfg.criterion.variant)
+    policy = make_policy(cfg, criterion.heads_only)
+    policy.check(shape.layers, shape.heads, shape.neurons)
     if not 0 <= cfg.predictor.layer < shape.layers:
         raise ConfigError(f"predictor.layer={cfg.predictor.layer} is not a layer of this {shape.layers}-layer "
                          f"model; set predictor.layer between 0 and {shape.layers - 1}")
@@ -59,10 +63,6 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
     eval_data = load_eval_data(cfg.eval)
     sweep_dir = sweep_dir or output_dir
     torch.manual_seed(cfg.seed)
-    criterion = get_criterion(cfg.criterion.name, cfg.criterion.variant)
-    if criterion.heads_only and neuron_sparsity > 0:
-        log.info("%s scores heads only: every neuron is kept", criterion.name)
-        neuron_sparsity = 0.0
     group = "/".join(sweep_dir.parts[-2:])  # multirun/<date>/<time> → <date>/<time>
     with Tracker(cfg, output_dir, group=group, name=job_name or output_dir.name) as tracker:
         with stage("load"):
@@ -84,14 +84,13 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
         with stage("predictor"):
             predictor_dir, predictor_meta = cached(cfg.cache_dir, "predictor", predictor_inputs, train)
             predictor = load_predictor(predictor_dir, predictor_meta)
-        masks = PredictedMasks(model, predictor, cfg.predictor.layer, head_sparsity, neuron_sparsity, cfg.policy,
-                               pad_id)
+        masks = PredictedMasks(model, predictor, cfg.predictor.layer, policy, pad_id)
         with stage("evaluate"):
-            metrics = evaluate_perplexity(model, tokenizer, masks, cfg.eval, eval_data)
+            metrics, per_layer = evaluate_perplexity(model, tokenizer, masks, cfg.eval, eval_data)
         metrics.update(predictor_meta["metrics"])
         record = {**{k: v for k, v in flat_config(cfg).items() if k != "config"}, "metrics": metrics,
-                  "output_dir": str(output_dir)}
+                  "sparsity_per_layer": per_layer, "output_dir": str(output_dir)}
         write_results(output_dir, sweep_dir, record)
-        tracker.summary(metrics)
+        tracker.summary(metrics, per_layer)
     log.info("%s", " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return metrics

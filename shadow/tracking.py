@@ -11,17 +11,20 @@ from typing import Any
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
+from shadow.config import resolved_sparsities
+
 log = logging.getLogger(__name__)
 
 
 def flat_config(cfg: DictConfig) -> dict[str, Any]:
     """The keys runs are compared by, flat, then the whole resolved config under ``config``."""
+    head_sparsity, neuron_sparsity = resolved_sparsities(cfg)
     return {
         "model": cfg.model.name, "criterion": cfg.criterion.name, "criterion_variant": cfg.criterion.variant,
         "predictor": cfg.predictor.name,
-        "sparsity": cfg.sparsity, "head_sparsity": cfg.head_sparsity if cfg.head_sparsity is not None
-        else cfg.sparsity, "neuron_sparsity": cfg.neuron_sparsity if cfg.neuron_sparsity is not None
-        else cfg.sparsity, "policy": cfg.policy, "eval": cfg.eval.dataset, "seed": cfg.seed,
+        "sparsity": cfg.sparsity, "head_sparsity": head_sparsity, "neuron_sparsity": neuron_sparsity,
+        "policy": cfg.policy, "dense_first_layer": cfg.dense_first_layer,
+        "eval": cfg.eval.dataset, "seed": cfg.seed,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
 
@@ -64,10 +67,16 @@ class Tracker:
                                   reinit="finish_previous")
         return self
 
-    def summary(self, metrics: dict[str, Any]) -> None:
-        if self.run is not None:
-            self.run.log(metrics)
-            self.run.summary.update(metrics)
+    def summary(self, metrics: dict[str, Any], per_layer: dict[str, list[float]]) -> None:
+        """Metrics into the run's summary; the achieved sparsity of each layer as a table."""
+        if self.run is None:
+            return
+        import wandb
+
+        self.run.summary.update(metrics)
+        if per_layer:
+            rows = [[layer, *values] for layer, values in enumerate(zip(*per_layer.values(), strict=True))]
+            self.run.log({"sparsity_per_layer": wandb.Table(columns=["layer", *per_layer], data=rows), **metrics})
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.run is not None:

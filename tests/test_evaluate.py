@@ -63,7 +63,7 @@ def test_dense_word_perplexity_equals_lm_eval(tiny_opt, tokenizer):
     from shadow.opt_mini import PERPLEXITY_TASK, TASKS_DIR
 
     cfg = EvalConfig(protocols=["word"], limit=2, batch_size=4)
-    ours = evaluate_perplexity(tiny_opt, tokenizer, lambda prompts: None, cfg, load_eval_data(cfg))
+    ours, _ = evaluate_perplexity(tiny_opt, tokenizer, lambda prompts: None, cfg, load_eval_data(cfg))
     lm = HFLM(pretrained=tiny_opt, tokenizer=tokenizer, batch_size=4)
     theirs = lm_eval.simple_evaluate(model=lm, tasks=[PERPLEXITY_TASK], limit=2,
                                      task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False))
@@ -74,7 +74,7 @@ def test_dense_word_perplexity_equals_lm_eval(tiny_opt, tokenizer):
 
 def test_dense_token_perplexity_matches_a_direct_computation(tiny_opt, tokenizer):
     cfg = EvalConfig(protocols=["token"], batch_size=3)
-    metrics = evaluate_perplexity(tiny_opt, tokenizer, lambda prompts: None, cfg, data(TEXT, TEXT))
+    metrics, _ = evaluate_perplexity(tiny_opt, tokenizer, lambda prompts: None, cfg, data(TEXT, TEXT))
     ids = torch.tensor(tokenizer("\n\n".join([TEXT, TEXT]))["input_ids"])
     windows = ids[: len(ids) // 64 * 64].view(-1, 64)
     with torch.no_grad():
@@ -94,11 +94,13 @@ def test_masks_are_applied_per_request_and_reported(tiny_opt, tokenizer):
         return Masks(heads, neurons)
 
     cfg = EvalConfig(protocols=["token", "word"], seq_len=16, batch_size=2)
-    dense = evaluate_perplexity(tiny_opt, tokenizer, lambda prompts: None, cfg, data(TEXT))
-    sparse = evaluate_perplexity(tiny_opt, tokenizer, half_masks, cfg, data(TEXT))
+    dense, dense_layers = evaluate_perplexity(tiny_opt, tokenizer, lambda prompts: None, cfg, data(TEXT))
+    sparse, sparse_layers = evaluate_perplexity(tiny_opt, tokenizer, half_masks, cfg, data(TEXT))
     assert sparse["token_perplexity"] != pytest.approx(dense["token_perplexity"], rel=1e-3)
     assert sparse["word_perplexity"] != pytest.approx(dense["word_perplexity"], rel=1e-3)
     assert sparse["achieved_head_sparsity"] == pytest.approx(0.5)
     assert sparse["achieved_neuron_sparsity"] == pytest.approx(1 - 8 / shape.neurons)
-    assert dense["achieved_head_sparsity"] == 0.0
+    assert dense["achieved_head_sparsity"] == 0.0 and dense_layers == {}
+    assert sparse_layers["head_sparsity"] == pytest.approx([0.5] * shape.layers)
+    assert sparse_layers["neuron_sparsity"] == pytest.approx([1 - 8 / shape.neurons] * shape.layers)
     assert len(seen) == len(token_requests(TEXT, tokenizer, 16, None)) + len(word_requests(doc(), tokenizer, 16))

@@ -8,6 +8,7 @@ from scipy.stats import spearmanr
 
 from shadow.config import PredictorConfig
 from shadow.models import Shape
+from shadow.policy import Policy
 from shadow.predictors import (
     PredictedMasks,
     ShadowPredictor,
@@ -92,8 +93,8 @@ def test_save_and_load_give_the_same_predictions(fitted, tmp_path):
 def test_masks_follow_the_prompt_only(tiny_opt, tokenizer):
     shape = Shape.of(tiny_opt.config)
     torch.manual_seed(0)
-    masker = PredictedMasks(tiny_opt, ShadowPredictor(shape, 16, 32, 32), layer=0, head_sparsity=0.5,
-                            neuron_sparsity=0.5, policy="global", pad_id=1)
+    masker = PredictedMasks(tiny_opt, ShadowPredictor(shape, 16, 32, 32), layer=0, policy=Policy("global", 0.5, 0.5),
+                            pad_id=1)
     a = tokenizer("The army marched north at dawn")["input_ids"]
     b = tokenizer("Love is not love which alters when it alteration finds")["input_ids"]
     together = masker([a, b])

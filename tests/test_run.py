@@ -45,7 +45,10 @@ def test_job_writes_results_and_reuses_artifacts(job, tmp_path, caplog):
         assert key in first
     assert first["achieved_head_sparsity"] == pytest.approx(0.5)
     assert first["achieved_neuron_sparsity"] == pytest.approx(0.5)
-    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["metrics"] == first
+    saved = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert saved["metrics"] == first
+    assert saved["sparsity_per_layer"]["head_sparsity"] == pytest.approx([0.5] * 3, abs=0.5)  # global: varies
+    assert sum(saved["sparsity_per_layer"]["neuron_sparsity"]) / 3 == pytest.approx(0.5)
     lines = [json.loads(x) for x in (sweep / "results.jsonl").read_text().splitlines()]
     assert [x["sparsity"] for x in lines] == [0.5, 0.5] and lines[0]["criterion"] == "plainact"
 
@@ -54,7 +57,7 @@ def test_sparsity_zero_is_the_dense_model(job, tmp_path):
     cfg = job("sparsity=0.0", "logger=none")
     metrics = run(cfg, tmp_path / "zero")
     model, tokenizer = load_model(cfg.model)
-    dense = evaluate_perplexity(model, tokenizer, lambda prompts: None, cfg.eval, load_eval_data(cfg.eval))
+    dense, _ = evaluate_perplexity(model, tokenizer, lambda prompts: None, cfg.eval, load_eval_data(cfg.eval))
     assert metrics["token_perplexity"] == dense["token_perplexity"]
     assert metrics["word_perplexity"] == dense["word_perplexity"]
 

@@ -28,7 +28,7 @@ from shadow.config import ConfigError, EvalConfig
 from shadow.data import pad
 from shadow.masking import apply_masks
 from shadow.opt_mini import PERPLEXITY_FILE
-from shadow.policy import Masks
+from shadow.policy import Masks, SparsityMeter
 
 MaskFn = Callable[[list[list[int]]], Masks | None]  # prompts → one mask per prompt (None: dense)
 
@@ -101,10 +101,9 @@ def word_requests(doc: Document, tokenizer, seq_len: int) -> list[Request]:
 
 @torch.no_grad()
 def score(model: nn.Module, requests: list[Request], mask_fn: MaskFn, batch_size: int, pad_id: int,
-          desc: str) -> tuple[list[float], dict[str, float]]:
-    """Summed negative log-likelihood of each request's targets, and the mean achieved sparsity."""
+          meter: SparsityMeter, desc: str) -> list[float]:
+    """Summed negative log-likelihood of each request's targets; the masks used are added to ``meter``."""
     nll: list[float] = []
-    kept: dict[str, float] = {}
     for start in tqdm(range(0, len(requests), batch_size), desc=desc, unit="batch"):
         chunk = requests[start:start + batch_size]
         inputs = [r.tokens[:-1] for r in chunk]
@@ -118,33 +117,28 @@ def score(model: nn.Module, requests: list[Request], mask_fn: MaskFn, batch_size
             targets = torch.tensor(r.tokens[-r.n_targets:])
             nll.append(-logprobs[i, n - r.n_targets:n].gather(1, targets[:, None]).sum().item())
         if masks is not None:
-            for key, value in masks.sparsity().items():
-                kept[key] = kept.get(key, 0.0) + value * len(chunk)
-    return nll, {k: v / len(requests) for k, v in kept.items()}
+            meter.add(masks)
+    return nll
 
 
 def evaluate_perplexity(model: nn.Module, tokenizer, mask_fn: MaskFn, cfg: EvalConfig,
-                        data: EvalData) -> dict[str, float]:
+                        data: EvalData) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Perplexity metrics with the overall achieved sparsity, and the achieved sparsity of each layer."""
     seq_len = cfg.seq_len or model.config.max_position_embeddings
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     metrics: dict[str, float] = {}
-    sparsity: list[dict[str, float]] = []
+    meter = SparsityMeter()
     if "token" in cfg.protocols:
         requests = token_requests(data.text, tokenizer, seq_len, cfg.limit)
-        nll, achieved = score(model, requests, mask_fn, cfg.batch_size, pad_id, "token perplexity")
+        nll = score(model, requests, mask_fn, cfg.batch_size, pad_id, meter, "token perplexity")
         metrics["token_perplexity"] = math.exp(sum(nll) / sum(r.n_targets for r in requests))
-        sparsity.append(achieved)
     if "word" in cfg.protocols:
         subset = data.documents[:cfg.limit]
         per_doc = [word_requests(d, tokenizer, seq_len) for d in subset]
-        nll, achieved = score(model, [r for rs in per_doc for r in rs], mask_fn, cfg.batch_size, pad_id,
-                              "word perplexity")
+        nll = score(model, [r for rs in per_doc for r in rs], mask_fn, cfg.batch_size, pad_id, meter,
+                    "word perplexity")
         total = sum(nll)
         words, n_bytes = sum(d.words for d in subset), sum(d.bytes for d in subset)
         metrics.update(word_perplexity=math.exp(total / words), byte_perplexity=math.exp(total / n_bytes),
                        bits_per_byte=total / n_bytes / math.log(2))
-        sparsity.append(achieved)
-    for key in ("head_sparsity", "neuron_sparsity"):
-        values = [s[key] for s in sparsity if key in s]
-        metrics[f"achieved_{key}"] = sum(values) / len(values) if values else 0.0
-    return metrics
+    return {**metrics, **meter.overall()}, meter.per_layer()
