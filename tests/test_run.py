@@ -47,8 +47,9 @@ def test_job_writes_results_and_reuses_artifacts(job, tmp_path, caplog):
     assert first["achieved_neuron_sparsity"] == pytest.approx(0.5)
     saved = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert saved["metrics"] == first
-    assert saved["sparsity_per_layer"]["head_sparsity"] == pytest.approx([0.5] * 3, abs=0.5)  # global: varies
-    assert sum(saved["sparsity_per_layer"]["neuron_sparsity"]) / 3 == pytest.approx(0.5)
+    for kind in ("head_sparsity", "neuron_sparsity"):  # global policy: layers differ, their mean is the target
+        assert len(saved["sparsity_per_layer"][kind]) == 3
+        assert sum(saved["sparsity_per_layer"][kind]) / 3 == pytest.approx(0.5)
     lines = [json.loads(x) for x in (sweep / "results.jsonl").read_text().splitlines()]
     assert [x["sparsity"] for x in lines] == [0.5, 0.5] and lines[0]["criterion"] == "plainact"
 
