@@ -116,7 +116,7 @@ def register_configs() -> None:
 
 DTYPES = ("float32", "float16", "bfloat16")
 POLICIES = ("global", "local", "hybrid")
-PREDICTORS = ("shadow",)
+PREDICTORS = ("dense", "static", "oracle", "shadow")
 EVAL_DATASETS = ("opt_mini", "wikitext2")
 CALIBRATION_SOURCES = ("opt_mini", "tasks")
 PROTOCOLS = ("token", "word")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,10 +20,11 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from shadow.config import PredictorConfig
-from shadow.data import pad
+from shadow.criteria import Criterion
+from shadow.data import Example, collate, pad
 from shadow.models import Shape
 from shadow.policy import Masks, Policy
-from shadow.traces import layer_features
+from shadow.traces import layer_features, score_batch
 
 log = logging.getLogger(__name__)
 EPS = 1e-12
@@ -122,17 +124,46 @@ def fit_shadow(traces: dict[str, Tensor], shape: Shape, cfg: PredictorConfig, se
 
 
 class PredictedMasks:
-    """Prompts → layer features → predicted scores → one mask per prompt (the policy's top units)."""
+    """The ShadowLLM mask source: each request's prompt → layer features → predicted scores → the policy's mask."""
 
     def __init__(self, model: nn.Module, predictor: ShadowPredictor, layer: int, policy: Policy, pad_id: int):
         self.model, self.predictor, self.layer, self.policy, self.pad_id = model, predictor, layer, policy, pad_id
 
     @torch.no_grad()
-    def __call__(self, prompts: list[list[int]]) -> Masks:
+    def __call__(self, requests: Sequence) -> Masks:
+        prompts = [r.prompt for r in requests]
         ids, attention = pad(prompts, self.pad_id)
         last = torch.tensor([len(p) - 1 for p in prompts])
         heads, neurons = self.predictor(layer_features(self.model, ids, attention, last, self.layer))
         return self.policy.select(heads, neurons)
+
+
+class StaticMasks:
+    """One mask for every request, from importance aggregated over the calibration set."""
+
+    def __init__(self, heads: Tensor, neurons: Tensor, policy: Policy):
+        self.masks = policy.select(heads[None], neurons[None])
+
+    def __call__(self, requests: Sequence) -> Masks:
+        n = len(requests)
+        return Masks(self.masks.heads.expand(n, -1, -1), self.masks.neurons.expand(n, -1, -1))
+
+
+class OracleMasks:
+    """The upper bound of any predictor: the criterion's own scores, computed on each request's full text,
+    scored tokens included, normalised as the predictor's targets are."""
+
+    def __init__(self, model: nn.Module, criterion: Criterion, shape: Shape, policy: Policy, target_norm: str,
+                 pad_id: int, seed: int):
+        self.model, self.criterion, self.shape, self.policy = model, criterion, shape, policy
+        self.target_norm, self.pad_id, self.seed = target_norm, pad_id, seed
+
+    def __call__(self, requests: Sequence) -> Masks:
+        batch = collate([Example(tuple(r.tokens), 1) for r in requests], self.pad_id)
+        generator = torch.Generator().manual_seed(self.seed)
+        _, heads, neurons = score_batch(self.model, batch, self.criterion, self.shape, 0, generator)
+        return self.policy.select(normalise_targets(heads, self.target_norm),
+                                  normalise_targets(neurons, self.target_norm))
 
 
 def save_predictor(predictor: ShadowPredictor, directory: Path) -> dict:

@@ -17,13 +17,21 @@ from omegaconf import DictConfig, OmegaConf
 
 from shadow.artifacts import cache_key, cached
 from shadow.config import ConfigError, resolved_sparsities, validate
-from shadow.criteria import get_criterion
+from shadow.criteria import Criterion, get_criterion
+from shadow.data import Example, load_calibration
 from shadow.data import fingerprint as examples_fingerprint
-from shadow.data import load_calibration
-from shadow.evaluate.perplexity import evaluate_perplexity, load_eval_data
+from shadow.evaluate.perplexity import MaskFn, evaluate_perplexity, load_eval_data
 from shadow.models import Shape, check_opt, fingerprint, load_model, load_tokenizer
 from shadow.policy import Policy
-from shadow.predictors import PredictedMasks, fit_shadow, load_predictor, save_predictor
+from shadow.predictors import (
+    OracleMasks,
+    PredictedMasks,
+    StaticMasks,
+    fit_shadow,
+    load_predictor,
+    save_predictor,
+    static_importance,
+)
 from shadow.traces import compute_traces, load_traces
 from shadow.tracking import Tracker, flat_config, write_results
 
@@ -44,6 +52,37 @@ def make_policy(cfg: DictConfig, heads_only: bool) -> Policy:
         log.info("%s scores heads only: every neuron is kept", cfg.criterion.name)
         neuron = 0.0
     return Policy(cfg.policy, head, neuron, cfg.min_heads, cfg.min_neurons, cfg.dense_first_layer)
+
+
+def mask_source(cfg: DictConfig, model, examples: list[Example], criterion: Criterion, shape: Shape,
+                policy: Policy, pad_id: int) -> tuple[MaskFn, dict[str, float]]:
+    """The configured predictor placement as a mask source, and its quality metrics. Traces and the trained
+    predictor are cached artifacts; ``dense`` and ``oracle`` need neither."""
+    name = cfg.predictor.name
+    if name == "dense":
+        return (lambda requests: None), {}
+    if name == "oracle":
+        return OracleMasks(model, criterion, shape, policy, cfg.predictor.target_norm, pad_id, cfg.seed), {}
+    trace_inputs = {"model": fingerprint(model, cfg.model), "examples": examples_fingerprint(examples),
+                    "criterion": OmegaConf.to_container(cfg.criterion), "feature_layer": cfg.predictor.layer,
+                    "batch_size": cfg.calibration.batch_size, "seed": cfg.seed}
+    with stage("scoring"):
+        traces_dir, _ = cached(cfg.cache_dir, "traces", trace_inputs, lambda out: {"shards": compute_traces(
+            model, examples, criterion, shape, cfg.predictor.layer, cfg.calibration.batch_size, pad_id, out,
+            cfg.seed)})
+    if name == "static":
+        return StaticMasks(*static_importance(load_traces(traces_dir), cfg.predictor.target_norm), policy), {}
+    predictor_inputs = {"traces": cache_key(trace_inputs), "predictor": OmegaConf.to_container(cfg.predictor),
+                        "seed": cfg.seed}
+
+    def train(out: Path) -> dict:
+        predictor, metrics = fit_shadow(load_traces(traces_dir), shape, cfg.predictor, cfg.seed)
+        return {**save_predictor(predictor, out), "metrics": metrics}
+
+    with stage("predictor"):
+        predictor_dir, predictor_meta = cached(cfg.cache_dir, "predictor", predictor_inputs, train)
+    predictor = load_predictor(predictor_dir, predictor_meta)
+    return PredictedMasks(model, predictor, cfg.predictor.layer, policy, pad_id), predictor_meta["metrics"]
 
 
 def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_name: str = "") -> dict[str, float]:
@@ -67,27 +106,10 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
     with Tracker(cfg, output_dir, group=group, name=job_name or output_dir.name) as tracker:
         with stage("load"):
             model, _ = load_model(cfg.model, cfg.device)
-        trace_inputs = {"model": fingerprint(model, cfg.model), "examples": examples_fingerprint(examples),
-                        "criterion": OmegaConf.to_container(cfg.criterion), "feature_layer": cfg.predictor.layer,
-                        "batch_size": cfg.calibration.batch_size, "seed": cfg.seed}
-        with stage("scoring"):
-            traces_dir, _ = cached(cfg.cache_dir, "traces", trace_inputs, lambda out: {"shards": compute_traces(
-                model, examples, criterion, shape, cfg.predictor.layer, cfg.calibration.batch_size, pad_id, out,
-                cfg.seed)})
-        predictor_inputs = {"traces": cache_key(trace_inputs), "predictor": OmegaConf.to_container(cfg.predictor),
-                            "seed": cfg.seed}
-
-        def train(out: Path) -> dict:
-            predictor, metrics = fit_shadow(load_traces(traces_dir), shape, cfg.predictor, cfg.seed)
-            return {**save_predictor(predictor, out), "metrics": metrics}
-
-        with stage("predictor"):
-            predictor_dir, predictor_meta = cached(cfg.cache_dir, "predictor", predictor_inputs, train)
-            predictor = load_predictor(predictor_dir, predictor_meta)
-        masks = PredictedMasks(model, predictor, cfg.predictor.layer, policy, pad_id)
+        masks, predictor_metrics = mask_source(cfg, model, examples, criterion, shape, policy, pad_id)
         with stage("evaluate"):
             metrics, per_layer = evaluate_perplexity(model, tokenizer, masks, cfg.eval, eval_data)
-        metrics.update(predictor_meta["metrics"])
+        metrics.update(predictor_metrics)
         record = {**{k: v for k, v in flat_config(cfg).items() if k != "config"}, "metrics": metrics,
                   "sparsity_per_layer": per_layer, "output_dir": str(output_dir)}
         write_results(output_dir, sweep_dir, record)

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from scipy.stats import spearmanr
 
 from shadow.config import PredictorConfig
+from shadow.criteria import get_criterion
+from shadow.data import Example, collate
 from shadow.models import Shape
 from shadow.policy import Policy
 from shadow.predictors import (
+    OracleMasks,
     PredictedMasks,
     ShadowPredictor,
+    StaticMasks,
     fit_shadow,
     load_predictor,
     normalise_targets,
@@ -19,6 +25,7 @@ from shadow.predictors import (
     spearman,
     static_importance,
 )
+from shadow.traces import score_batch
 
 SHAPE = Shape(layers=3, heads=4, head_dim=4, neurons=32)
 
@@ -95,10 +102,31 @@ def test_masks_follow_the_prompt_only(tiny_opt, tokenizer):
     torch.manual_seed(0)
     masker = PredictedMasks(tiny_opt, ShadowPredictor(shape, 16, 32, 32), layer=0, policy=Policy("global", 0.5, 0.5),
                             pad_id=1)
-    a = tokenizer("The army marched north at dawn")["input_ids"]
-    b = tokenizer("Love is not love which alters when it alteration finds")["input_ids"]
+    a = SimpleNamespace(prompt=tokenizer("The army marched north at dawn")["input_ids"])
+    b = SimpleNamespace(prompt=tokenizer("Love is not love which alters when it alteration finds")["input_ids"])
     together = masker([a, b])
     alone = masker([b])
     assert torch.equal(together.heads[1], alone.heads[0]) and torch.equal(together.neurons[1], alone.neurons[0])
     assert not torch.equal(together.neurons[0], together.neurons[1])  # different contexts, different masks
     assert together.sparsity() == pytest.approx({"head_sparsity": 0.5, "neuron_sparsity": 0.5})
+
+
+def test_static_masks_are_the_same_for_every_request():
+    heads, neurons = static_importance(synthetic_traces(16))
+    masker = StaticMasks(heads, neurons, Policy("global", 0.5, 0.75))
+    masks = masker([SimpleNamespace(prompt=[2, 5]), SimpleNamespace(prompt=[2, 9, 9])])
+    assert torch.equal(masks.heads[0], masks.heads[1]) and torch.equal(masks.neurons[0], masks.neurons[1])
+    assert torch.equal(masks.heads[0], Policy("global", 0.5, 0.75).select(heads[None], neurons[None]).heads[0])
+    assert masks.sparsity() == pytest.approx({"head_sparsity": 0.5, "neuron_sparsity": 0.75})
+
+
+def test_oracle_masks_keep_the_criterions_own_top_units(tiny_opt, tokenizer):
+    shape = Shape.of(tiny_opt.config)
+    policy = Policy("local", 0.5, 0.5)
+    tokens = tokenizer("Four score and seven years ago our fathers brought forth")["input_ids"]
+    oracle = OracleMasks(tiny_opt, get_criterion("plainact"), shape, policy, "per_layer", pad_id=1, seed=0)
+    masks = oracle([SimpleNamespace(prompt=tokens[:1], tokens=tokens)])
+    _, heads, neurons = score_batch(tiny_opt, collate([Example(tuple(tokens), 1)], 1), get_criterion("plainact"),
+                                    shape, 0)
+    assert torch.equal(masks.heads, policy.select(heads, neurons).heads)
+    assert torch.equal(masks.neurons, policy.select(heads, neurons).neurons)

@@ -74,3 +74,18 @@ def test_wandb_run_is_logged_offline(job, tmp_path, monkeypatch):
     run(job("sparsity=0.3"), tmp_path / "tracked")
     runs = list((tmp_path / "tracked" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
+
+
+def test_dense_predictor_is_the_dense_model(job, tmp_path):
+    metrics = run(job("predictor=dense", "logger=none"), tmp_path / "dense")
+    zero = run(job("sparsity=0.0", "logger=none"), tmp_path / "zero")
+    assert metrics["token_perplexity"] == zero["token_perplexity"]
+    assert metrics["achieved_head_sparsity"] == 0.0 and "predictor/heads_val_spearman" not in metrics
+
+
+@pytest.mark.parametrize("placement", ["static", "oracle"])
+def test_static_and_oracle_placements_run(job, tmp_path, placement):
+    metrics = run(job(f"predictor={placement}", "sparsity=0.5", "logger=none"), tmp_path / placement)
+    assert metrics["achieved_head_sparsity"] == pytest.approx(0.5)
+    assert metrics["achieved_neuron_sparsity"] == pytest.approx(0.5)
+    assert metrics["token_perplexity"] > 1

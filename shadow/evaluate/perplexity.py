@@ -30,7 +30,7 @@ from shadow.masking import apply_masks
 from shadow.opt_mini import PERPLEXITY_FILE
 from shadow.policy import Masks, SparsityMeter
 
-MaskFn = Callable[[list[list[int]]], Masks | None]  # prompts → one mask per prompt (None: dense)
+MaskFn = Callable[[list["Request"]], Masks | None]  # requests → one mask per request (None: dense)
 
 
 @dataclass
@@ -108,7 +108,7 @@ def score(model: nn.Module, requests: list[Request], mask_fn: MaskFn, batch_size
         chunk = requests[start:start + batch_size]
         inputs = [r.tokens[:-1] for r in chunk]
         ids, attention = pad(inputs, pad_id)
-        masks = mask_fn([r.prompt for r in chunk])
+        masks = mask_fn(chunk)
         with apply_masks(model, masks):
             logits = model(input_ids=ids.to(model.device), attention_mask=attention.to(model.device)).logits
         logprobs = logits.float().log_softmax(-1).cpu()
