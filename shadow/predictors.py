@@ -75,6 +75,25 @@ def spearman(pred: Tensor, target: Tensor) -> Tensor:
     return (rp * rt).sum(1) / (rp.norm(dim=1) * rt.norm(dim=1)).clamp(min=EPS)
 
 
+def top_recall(pred: Tensor, target: Tensor, keep: float = 0.5) -> Tensor:
+    """Per-row fraction of the target's top ``keep`` units that the prediction's top ``keep`` also holds."""
+    k = max(1, round(keep * pred.shape[1]))
+    hit = torch.zeros_like(pred, dtype=torch.bool).scatter_(1, pred.topk(k, dim=1).indices, True)
+    return hit.gather(1, target.topk(k, dim=1).indices).float().mean(1)
+
+
+def quality(pred: Tensor, target: Tensor) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Held-out quality of (N, L, U) predictions: Spearman ρ and top-50% recall over all units (the global
+    ranking) and within each layer (the local ranking), averaged over examples."""
+    N, L, U = pred.shape
+    per_layer = pred.reshape(N * L, U), target.reshape(N * L, U)
+    overall = {"val_spearman": spearman(pred.flatten(1), target.flatten(1)).mean().item(),
+               "val_recall50": top_recall(pred.flatten(1), target.flatten(1)).mean().item()}
+    layers = {"val_spearman": spearman(*per_layer).view(N, L).mean(0).tolist(),
+              "val_recall50": top_recall(*per_layer).view(N, L).mean(0).tolist()}
+    return overall, layers
+
+
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_val = max(1, round(n * val_fraction))
@@ -82,8 +101,8 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tenso
 
 
 def fit_mlp(net: nn.Module, x: Tensor, y: Tensor, epochs: int, batch_size: int, lr: float, weight_decay: float,
-            val_fraction: float, seed: int, desc: str) -> dict[str, float]:
-    """Train ``net`` to map normalised features x (N, E) to flattened targets y (N, K); held-out Spearman ρ."""
+            val_fraction: float, seed: int, desc: str) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Train ``net`` to map normalised features x (N, E) to targets y (N, L, U); its held-out quality."""
     train, val = split_indices(len(x), val_fraction, seed)
     steps = epochs * math.ceil(len(train) / batch_size)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
@@ -92,16 +111,16 @@ def fit_mlp(net: nn.Module, x: Tensor, y: Tensor, epochs: int, batch_size: int, 
     net.train()
     for _ in tqdm(range(epochs), desc=desc, unit="epoch"):
         for idx in train[torch.randperm(len(train), generator=gen)].split(batch_size):
-            loss = nn.functional.mse_loss(net(x[idx]), y[idx])
+            loss = nn.functional.mse_loss(net(x[idx]), y[idx].flatten(1))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             schedule.step()
     net.eval()
     with torch.no_grad():
-        pred = net(x[val])
-        return {"val_mse": nn.functional.mse_loss(pred, y[val]).item(),
-                "val_spearman": spearman(pred, y[val]).mean().item(), "val_examples": len(val)}
+        pred = net(x[val]).view(y[val].shape)
+    overall, layers = quality(pred, y[val])
+    return {"val_mse": nn.functional.mse_loss(pred, y[val]).item(), **overall, "val_examples": len(val)}, layers
 
 
 def fit_shadow(traces: dict[str, Tensor], shape: Shape, cfg: PredictorConfig, seed: int) -> tuple[ShadowPredictor,
@@ -110,17 +129,18 @@ def fit_shadow(traces: dict[str, Tensor], shape: Shape, cfg: PredictorConfig, se
     features = traces["features"]
     predictor = ShadowPredictor(shape, features.shape[1], cfg.head_hidden, cfg.neuron_hidden)
     x = minmax(features.float(), (1,))
-    metrics = {}
+    metrics, per_layer = {}, {}
     for kind, net, epochs, batch_size, val_fraction in (
             ("heads", predictor.heads, cfg.head_epochs, cfg.head_batch_size, cfg.head_val_fraction),
             ("neurons", predictor.neurons, cfg.neuron_epochs, cfg.neuron_batch_size, cfg.neuron_val_fraction)):
-        y = normalise_targets(traces[kind].float(), cfg.target_norm).flatten(1)
-        result = fit_mlp(net, x, y, epochs, batch_size, cfg.lr, cfg.weight_decay, val_fraction, seed,
-                         f"predictor ({kind})")
+        y = normalise_targets(traces[kind].float(), cfg.target_norm)
+        result, layers = fit_mlp(net, x, y, epochs, batch_size, cfg.lr, cfg.weight_decay, val_fraction, seed,
+                                 f"predictor ({kind})")
         metrics.update({f"predictor/{kind}_{k}": v for k, v in result.items()})
+        per_layer.update({f"{kind}_{k}": v for k, v in layers.items()})
     log.info("predictor: held-out Spearman ρ heads %.3f, neurons %.3f",
              metrics["predictor/heads_val_spearman"], metrics["predictor/neurons_val_spearman"])
-    return predictor.eval(), metrics
+    return predictor.eval(), {"metrics": metrics, "per_layer": per_layer}
 
 
 class PredictedMasks:

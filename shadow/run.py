@@ -36,6 +36,7 @@ from shadow.traces import compute_traces, load_traces
 from shadow.tracking import Tracker, flat_config, write_results
 
 log = logging.getLogger(__name__)
+NO_REPORT: dict = {"metrics": {}, "per_layer": {}}
 
 
 @contextmanager
@@ -55,14 +56,15 @@ def make_policy(cfg: DictConfig, heads_only: bool) -> Policy:
 
 
 def mask_source(cfg: DictConfig, model, examples: list[Example], criterion: Criterion, shape: Shape,
-                policy: Policy, pad_id: int) -> tuple[MaskFn, dict[str, float]]:
-    """The configured predictor placement as a mask source, and its quality metrics. Traces and the trained
-    predictor are cached artifacts; ``dense`` and ``oracle`` need neither."""
+                policy: Policy, pad_id: int) -> tuple[MaskFn, dict]:
+    """The configured predictor placement as a mask source, and the predictor's held-out quality (``metrics``
+    overall, ``per_layer`` lists). Traces and the trained predictor are cached artifacts; ``dense`` and
+    ``oracle`` need neither."""
     name = cfg.predictor.name
     if name == "dense":
-        return (lambda requests: None), {}
+        return (lambda requests: None), NO_REPORT
     if name == "oracle":
-        return OracleMasks(model, criterion, shape, policy, cfg.predictor.target_norm, pad_id, cfg.seed), {}
+        return OracleMasks(model, criterion, shape, policy, cfg.predictor.target_norm, pad_id, cfg.seed), NO_REPORT
     trace_inputs = {"model": fingerprint(model, cfg.model), "examples": examples_fingerprint(examples),
                     "criterion": OmegaConf.to_container(cfg.criterion), "feature_layer": cfg.predictor.layer,
                     "batch_size": cfg.calibration.batch_size, "seed": cfg.seed}
@@ -71,18 +73,19 @@ def mask_source(cfg: DictConfig, model, examples: list[Example], criterion: Crit
             model, examples, criterion, shape, cfg.predictor.layer, cfg.calibration.batch_size, pad_id, out,
             cfg.seed)})
     if name == "static":
-        return StaticMasks(*static_importance(load_traces(traces_dir), cfg.predictor.target_norm), policy), {}
+        return StaticMasks(*static_importance(load_traces(traces_dir), cfg.predictor.target_norm), policy), NO_REPORT
     predictor_inputs = {"traces": cache_key(trace_inputs), "predictor": OmegaConf.to_container(cfg.predictor),
                         "seed": cfg.seed}
 
     def train(out: Path) -> dict:
-        predictor, metrics = fit_shadow(load_traces(traces_dir), shape, cfg.predictor, cfg.seed)
-        return {**save_predictor(predictor, out), "metrics": metrics}
+        predictor, report = fit_shadow(load_traces(traces_dir), shape, cfg.predictor, cfg.seed)
+        return {**save_predictor(predictor, out), **report}
 
     with stage("predictor"):
         predictor_dir, predictor_meta = cached(cfg.cache_dir, "predictor", predictor_inputs, train)
     predictor = load_predictor(predictor_dir, predictor_meta)
-    return PredictedMasks(model, predictor, cfg.predictor.layer, policy, pad_id), predictor_meta["metrics"]
+    return (PredictedMasks(model, predictor, cfg.predictor.layer, policy, pad_id),
+            {"metrics": predictor_meta["metrics"], "per_layer": predictor_meta["per_layer"]})
 
 
 def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_name: str = "") -> dict[str, float]:
@@ -106,12 +109,13 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
     with Tracker(cfg, output_dir, group=group, name=job_name or output_dir.name) as tracker:
         with stage("load"):
             model, _ = load_model(cfg.model, cfg.device)
-        masks, predictor_metrics = mask_source(cfg, model, examples, criterion, shape, policy, pad_id)
+        masks, report = mask_source(cfg, model, examples, criterion, shape, policy, pad_id)
         with stage("evaluate"):
             metrics, per_layer = evaluate_perplexity(model, tokenizer, masks, cfg.eval, eval_data)
-        metrics.update(predictor_metrics)
+        metrics.update(report["metrics"])
         record = {**{k: v for k, v in flat_config(cfg).items() if k != "config"}, "metrics": metrics,
-                  "sparsity_per_layer": per_layer, "output_dir": str(output_dir)}
+                  "sparsity_per_layer": per_layer, "predictor_per_layer": report["per_layer"],
+                  "output_dir": str(output_dir)}
         write_results(output_dir, sweep_dir, record)
         tracker.summary(metrics, per_layer)
     log.info("%s", " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))

@@ -21,9 +21,11 @@ from shadow.predictors import (
     fit_shadow,
     load_predictor,
     normalise_targets,
+    quality,
     save_predictor,
     spearman,
     static_importance,
+    top_recall,
 )
 from shadow.traces import score_batch
 
@@ -75,9 +77,22 @@ def fitted():
 
 
 def test_predictor_learns_held_out_rankings(fitted):
-    _, metrics = fitted
+    _, report = fitted
+    metrics, layers = report["metrics"], report["per_layer"]
     assert metrics["predictor/heads_val_spearman"] > 0.8
     assert metrics["predictor/neurons_val_spearman"] > 0.8
+    assert metrics["predictor/neurons_val_recall50"] > 0.7
+    assert len(layers["neurons_val_spearman"]) == SHAPE.layers and min(layers["neurons_val_spearman"]) > 0.5
+
+
+def test_quality_metrics_on_known_rankings():
+    target = torch.arange(16.0).view(1, 2, 8).repeat(2, 1, 1)  # (N=2, L=2, U=8), no ties
+    overall, layers = quality(target.clone(), target)
+    assert overall == {"val_spearman": pytest.approx(1.0), "val_recall50": 1.0}
+    reversed_ = quality(-target, target)
+    assert reversed_[0] == {"val_spearman": pytest.approx(-1.0), "val_recall50": 0.0}
+    assert reversed_[1]["val_recall50"] == [0.0, 0.0] and reversed_[1]["val_spearman"] == pytest.approx([-1, -1])
+    assert top_recall(torch.tensor([[4.0, 3, 2, 1]]), torch.tensor([[4.0, 1, 3, 2]])).item() == 0.5
 
 
 def test_untrained_predictor_does_not_rank_well():
