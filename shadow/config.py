@@ -48,7 +48,10 @@ class CalibrationConfig:
 @dataclass
 class PredictorConfig:
     name: str = "shadow"
-    layer: int = 0  # which layer's attention output feeds the predictor
+    layer: int = 0  # shadow: which layer's attention output feeds the predictor
+    lookahead: bool = False  # dejavu: layer l's predictor reads layer l − 1's attention output
+    arch: str = "mlp"  # mlp (Linear-ReLU-Linear, the paper's) or lowrank (DejaVu's linear map; hidden = rank)
+    granularity: str = "request"  # request (one mask from the prompt) or token (a mask at every position)
     head_hidden: int = 2048
     neuron_hidden: int = 1024
     head_epochs: int = 100
@@ -116,7 +119,9 @@ def register_configs() -> None:
 
 DTYPES = ("float32", "float16", "bfloat16")
 POLICIES = ("global", "local", "hybrid")
-PREDICTORS = ("dense", "static", "oracle", "shadow")
+PREDICTORS = ("dense", "static", "oracle", "shadow", "dejavu")
+ARCHS = ("mlp", "lowrank")
+GRANULARITIES = ("request", "token")
 EVAL_DATASETS = ("opt_mini", "wikitext2")
 CALIBRATION_SOURCES = ("opt_mini", "tasks")
 PROTOCOLS = ("token", "word")
@@ -153,6 +158,8 @@ def validate(cfg: DictConfig | Config) -> None:
     _choice("policy", cfg.policy, POLICIES)
     _choice("predictor", cfg.predictor.name, PREDICTORS)
     _choice("predictor.target_norm", cfg.predictor.target_norm, TARGET_NORMS)
+    _choice("predictor.arch", cfg.predictor.arch, ARCHS)
+    _choice("predictor.granularity", cfg.predictor.granularity, GRANULARITIES)
     _choice("model.dtype", cfg.model.dtype, DTYPES)
     _choice("eval.dataset", cfg.eval.dataset, EVAL_DATASETS)
     for protocol in cfg.eval.protocols:

@@ -2,7 +2,8 @@
 
 A masked head's slice of the attention output is zeroed before ``out_proj``, which is exactly what deleting
 that head's ``out_proj`` columns does; a masked neuron's ReLU output is zeroed before ``fc2``, exactly what
-deleting its ``fc2`` column does. Both reach the output. Each example of a batch has its own mask.
+deleting its ``fc2`` column does. Both reach the output. Each example of a batch has its own mask, for all its
+positions (per request) or one per position (per token).
 """
 
 from __future__ import annotations
@@ -17,19 +18,19 @@ from shadow.policy import Masks
 
 
 def _head_hook(keep: Tensor):
-    """keep: (B, H). out_proj's input is (B, T, H·d)."""
+    """keep: (B, 1, H) per request or (B, T, H) per token. out_proj's input is (B, T, H·d)."""
     def hook(module: nn.Module, args: tuple) -> tuple:
         x = args[0]
         B, T, E = x.shape
-        return ((x.view(B, T, keep.shape[1], -1) * keep[:, None, :, None]).view(B, T, E),)
+        return ((x.view(B, T, keep.shape[-1], -1) * keep[..., None]).view(B, T, E),)
     return hook
 
 
 def _neuron_hook(keep: Tensor):
-    """keep: (B, F). fc2's input is flattened to (B·T, F)."""
+    """keep: (B, 1, F) per request or (B, T, F) per token. fc2's input is flattened to (B·T, F)."""
     def hook(module: nn.Module, args: tuple) -> tuple:
         x = args[0]
-        return ((x.view(keep.shape[0], -1, x.shape[-1]) * keep[:, None, :]).view(x.shape),)
+        return ((x.view(keep.shape[0], -1, x.shape[-1]) * keep).view(x.shape),)
     return hook
 
 
@@ -41,8 +42,11 @@ def apply_masks(model: nn.Module, masks: Masks | None) -> Iterator[None]:
         if masks is not None:
             for index, layer in enumerate(decoder_layers(model)):
                 attn, fc2 = layer.self_attn.out_proj, layer.fc2
-                heads = masks.heads[:, index].to(device=attn.weight.device, dtype=attn.weight.dtype)
-                neurons = masks.neurons[:, index].to(device=fc2.weight.device, dtype=fc2.weight.dtype)
+                heads, neurons = masks.heads[..., index, :], masks.neurons[..., index, :]
+                if heads.dim() == 2:  # per request: the same mask at every position
+                    heads, neurons = heads[:, None], neurons[:, None]
+                heads = heads.to(device=attn.weight.device, dtype=attn.weight.dtype)
+                neurons = neurons.to(device=fc2.weight.device, dtype=fc2.weight.dtype)
                 handles.append(attn.register_forward_pre_hook(_head_hook(heads)))
                 handles.append(fc2.register_forward_pre_hook(_neuron_hook(neurons)))
         yield

@@ -20,31 +20,33 @@ from shadow.config import ConfigError
 
 @dataclass
 class Masks:
-    heads: Tensor  # (B, L, H) bool, True = kept
-    neurons: Tensor  # (B, L, F) bool
+    heads: Tensor  # (B, L, H) per request or (B, T, L, H) per token; bool, True = kept
+    neurons: Tensor  # (B, L, F) or (B, T, L, F)
 
     def sparsity(self) -> dict[str, float]:
         return {"head_sparsity": 1 - self.heads.float().mean().item(),
                 "neuron_sparsity": 1 - self.neurons.float().mean().item()}
 
-    def kept_per_layer(self) -> tuple[Tensor, Tensor]:
-        """(L,) kept fraction of heads and of neurons in each layer, summed over the batch's examples."""
-        return self.heads.float().mean(2).sum(0), self.neurons.float().mean(2).sum(0)
+    def kept_per_layer(self) -> tuple[Tensor, Tensor, int]:
+        """(L,) kept fraction of heads and of neurons in each layer summed over the masks, and how many masks."""
+        heads = self.heads.float().mean(-1).reshape(-1, self.heads.shape[-2])
+        neurons = self.neurons.float().mean(-1).reshape(-1, self.neurons.shape[-2])
+        return heads.sum(0), neurons.sum(0), len(heads)
 
 
 @dataclass
 class SparsityMeter:
     """Achieved sparsity over many requests, overall and per layer."""
 
-    heads: Tensor | None = None  # (L,) kept fractions summed over requests
+    heads: Tensor | None = None  # (L,) kept fractions summed over masks
     neurons: Tensor | None = None
-    requests: int = 0
+    requests: int = 0  # masks counted: requests, or tokens with per-token masks
 
     def add(self, masks: Masks) -> None:
-        heads, neurons = masks.kept_per_layer()
+        heads, neurons, count = masks.kept_per_layer()
         self.heads = heads if self.heads is None else self.heads + heads
         self.neurons = neurons if self.neurons is None else self.neurons + neurons
-        self.requests += masks.heads.shape[0]
+        self.requests += count
 
     def per_layer(self) -> dict[str, list[float]]:
         if not self.requests:
@@ -92,15 +94,16 @@ class Policy:
     dense_first_layer: bool = False
 
     def select(self, heads: Tensor, neurons: Tensor) -> Masks:
-        """Masks for (B, L, H) head and (B, L, F) neuron scores."""
+        """Masks for (..., L, H) head and (..., L, F) neuron scores: one per leading index."""
         return Masks(self._keep(heads, self.head_sparsity, self.min_heads),
                      self._keep(neurons, self.neuron_sparsity, self.min_neurons))
 
     def _keep(self, scores: Tensor, sparsity: float, minimum: int) -> Tensor:
+        flat = scores.reshape(-1, *scores.shape[-2:])
         first = 1 if self.dense_first_layer else 0
-        mask = torch.ones_like(scores, dtype=torch.bool)
-        mask[:, first:] = keep_top(scores[:, first:], sparsity, self.name, minimum)
-        return mask
+        mask = torch.ones_like(flat, dtype=torch.bool)
+        mask[:, first:] = keep_top(flat[:, first:], sparsity, self.name, minimum)
+        return mask.view(scores.shape)
 
     def check(self, layers: int, heads: int, neurons: int) -> None:
         """Fail before any work if the policy cannot be met on a model of this shape."""

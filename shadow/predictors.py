@@ -1,9 +1,19 @@
-"""The ShadowLLM predictor: one MLP reads one layer's attention output and predicts every layer's importance.
+"""Predictors and the mask sources built on them (the ``predictor`` config group).
 
-Input: the attention output (before out_proj) of ``predictor.layer`` at the last context token, min–max
-normalised per example. Targets: the criterion's per-example scores, min–max normalised per layer (the paper's
-better variant) or over all layers. Two MLPs, Linear → ReLU → Linear: one for the L·H head scores and one for
-the L·F neuron scores, each trained with MSE, AdamW and a cosine schedule on its own train/validation split.
+- ``shadow`` (ShadowLLM): one predictor reads the attention output (before out_proj) of ``predictor.layer``
+  (0 by default) at the last context token and predicts every layer's head and neuron importance.
+- ``dejavu`` (DejaVu-style, as ShadowLLM ran it): one predictor per layer, reading that layer's own attention
+  output from a dense pass, or the previous layer's with ``predictor.lookahead=true``.
+- ``static``: one mask for every input, from importance averaged over the calibration set.
+- ``oracle``: the criterion's own scores on each request, the upper bound of any predictor.
+- ``dense``: no mask.
+
+A predictor is an MLP (Linear → ReLU → Linear, hidden 2048 for heads and 1024 for neurons, the paper's) or
+DejaVu's low-rank linear map (``predictor.arch=lowrank``, rank = the hidden size). Inputs are min–max normalised
+per example; targets are the criterion's per-example scores, min–max normalised per layer (the paper's better
+variant) or over all layers; training is MSE with AdamW and a cosine schedule, on a held-out split per kind.
+Masks are per request (one from the prompt) or per token (``predictor.granularity=token``: position t's mask
+from the features at t, recomputed at every step as DejaVu does).
 """
 
 from __future__ import annotations
@@ -48,22 +58,48 @@ def static_importance(traces: dict[str, Tensor], how: str = "per_layer") -> tupl
             normalise_targets(traces["neurons"].float(), how).mean(0))
 
 
-def mlp(inputs: int, hidden: int, outputs: int) -> nn.Sequential:
+Groups = tuple[tuple[int, tuple[int, ...]], ...]  # (feature layer, the layers it predicts), one per network
+
+
+def placement_groups(name: str, layers: int, layer: int = 0, lookahead: bool = False) -> Groups:
+    if name == "shadow":
+        return ((layer, tuple(range(layers))),)
+    return tuple((max(target - 1, 0) if lookahead else target, (target,)) for target in range(layers))
+
+
+def network(arch: str, inputs: int, hidden: int, outputs: int) -> nn.Sequential:
+    if arch == "lowrank":
+        return nn.Sequential(nn.Linear(inputs, hidden, bias=False), nn.Linear(hidden, outputs))
     return nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, outputs))
 
 
-class ShadowPredictor(nn.Module):
-    def __init__(self, shape: Shape, hidden_size: int, head_hidden: int, neuron_hidden: int):
+class Predictor(nn.Module):
+    """One head network and one neuron network per group; together they cover every layer once."""
+
+    def __init__(self, shape: Shape, hidden_size: int, groups: Groups, arch: str = "mlp", head_hidden: int = 2048,
+                 neuron_hidden: int = 1024):
         super().__init__()
-        self.shape = shape
-        self.heads = mlp(hidden_size, head_hidden, shape.layers * shape.heads)
-        self.neurons = mlp(hidden_size, neuron_hidden, shape.layers * shape.neurons)
+        self.shape, self.groups, self.arch = shape, groups, arch
+        self.feature_layers = sorted({layer for layer, _ in groups})
+        self.heads = nn.ModuleList(network(arch, hidden_size, head_hidden, len(t) * shape.heads) for _, t in groups)
+        self.neurons = nn.ModuleList(network(arch, hidden_size, neuron_hidden, len(t) * shape.neurons)
+                                     for _, t in groups)
+
+    def inputs(self, features: Tensor, group: int) -> Tensor:
+        """The group's normalised input from (..., len(feature_layers), E) features."""
+        x = features[..., self.feature_layers.index(self.groups[group][0]), :].float()
+        return minmax(x, (-1,))
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, E) raw features → predicted (B, L, H) head and (B, L, F) neuron scores."""
-        x = minmax(features.float(), (1,))
-        L, H, F = self.shape.layers, self.shape.heads, self.shape.neurons
-        return self.heads(x).view(-1, L, H), self.neurons(x).view(-1, L, F)
+        """(..., len(feature_layers), E) raw features → predicted (..., L, H) head and (..., L, F) neuron scores."""
+        lead = features.shape[:-2]
+        heads = features.new_zeros(*lead, self.shape.layers, self.shape.heads, dtype=torch.float32)
+        neurons = features.new_zeros(*lead, self.shape.layers, self.shape.neurons, dtype=torch.float32)
+        for g, (_, targets) in enumerate(self.groups):
+            x = self.inputs(features, g)
+            heads[..., list(targets), :] = self.heads[g](x).view(*lead, len(targets), -1)
+            neurons[..., list(targets), :] = self.neurons[g](x).view(*lead, len(targets), -1)
+        return heads, neurons
 
 
 def spearman(pred: Tensor, target: Tensor) -> Tensor:
@@ -100,43 +136,50 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tenso
     return order[n_val:], order[:n_val]
 
 
-def fit_mlp(net: nn.Module, x: Tensor, y: Tensor, epochs: int, batch_size: int, lr: float, weight_decay: float,
-            val_fraction: float, seed: int, desc: str) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """Train ``net`` to map normalised features x (N, E) to targets y (N, L, U); its held-out quality."""
-    train, val = split_indices(len(x), val_fraction, seed)
-    steps = epochs * math.ceil(len(train) / batch_size)
+def train_network(net: nn.Module, x: Tensor, y: Tensor, epochs: int, batch_size: int, lr: float,
+                  weight_decay: float, seed: int, desc: str) -> None:
+    """MSE regression of targets y (N, K) on inputs x (N, E): AdamW, cosine schedule, seeded shuffles."""
+    steps = epochs * math.ceil(len(x) / batch_size)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
     gen = torch.Generator().manual_seed(seed)
     net.train()
     for _ in tqdm(range(epochs), desc=desc, unit="epoch"):
-        for idx in train[torch.randperm(len(train), generator=gen)].split(batch_size):
-            loss = nn.functional.mse_loss(net(x[idx]), y[idx].flatten(1))
+        for idx in torch.randperm(len(x), generator=gen).split(batch_size):
+            loss = nn.functional.mse_loss(net(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             schedule.step()
     net.eval()
-    with torch.no_grad():
-        pred = net(x[val]).view(y[val].shape)
-    overall, layers = quality(pred, y[val])
-    return {"val_mse": nn.functional.mse_loss(pred, y[val]).item(), **overall, "val_examples": len(val)}, layers
 
 
-def fit_shadow(traces: dict[str, Tensor], shape: Shape, cfg: PredictorConfig, seed: int) -> tuple[ShadowPredictor,
-                                                                                                  dict]:
+def fit_predictor(traces: dict[str, Tensor], shape: Shape, cfg: PredictorConfig, seed: int) -> tuple[Predictor,
+                                                                                                     dict]:
+    """Train the configured placement on the traces; report held-out quality overall and per layer."""
     torch.manual_seed(seed)
-    features = traces["features"]
-    predictor = ShadowPredictor(shape, features.shape[1], cfg.head_hidden, cfg.neuron_hidden)
-    x = minmax(features.float(), (1,))
+    features = traces["features"]  # (N, L, E): every layer's attention output at the last context token
+    groups = placement_groups(cfg.name, shape.layers, cfg.layer, cfg.lookahead)
+    predictor = Predictor(shape, features.shape[-1], groups, cfg.arch, cfg.head_hidden, cfg.neuron_hidden)
+    inputs = features[:, predictor.feature_layers]
     metrics, per_layer = {}, {}
-    for kind, net, epochs, batch_size, val_fraction in (
+    for kind, nets, epochs, batch_size, val_fraction in (
             ("heads", predictor.heads, cfg.head_epochs, cfg.head_batch_size, cfg.head_val_fraction),
             ("neurons", predictor.neurons, cfg.neuron_epochs, cfg.neuron_batch_size, cfg.neuron_val_fraction)):
         y = normalise_targets(traces[kind].float(), cfg.target_norm)
-        result, layers = fit_mlp(net, x, y, epochs, batch_size, cfg.lr, cfg.weight_decay, val_fraction, seed,
-                                 f"predictor ({kind})")
-        metrics.update({f"predictor/{kind}_{k}": v for k, v in result.items()})
+        train, val = split_indices(len(y), val_fraction, seed)
+        pred = torch.zeros_like(y[val])
+        for g, (_, targets) in enumerate(groups):
+            x = predictor.inputs(inputs, g)
+            where = f" layer {targets[0]}" if len(groups) > 1 else ""
+            train_network(nets[g], x[train], y[train][:, list(targets)].flatten(1), epochs, batch_size, cfg.lr,
+                          cfg.weight_decay, seed, f"predictor ({kind}{where})")
+            with torch.no_grad():
+                pred[:, list(targets)] = nets[g](x[val]).view(len(val), len(targets), -1)
+        overall, layers = quality(pred, y[val])
+        metrics.update({f"predictor/{kind}_val_mse": nn.functional.mse_loss(pred, y[val]).item(),
+                        **{f"predictor/{kind}_{k}": v for k, v in overall.items()},
+                        f"predictor/{kind}_val_examples": len(val)})
         per_layer.update({f"{kind}_{k}": v for k, v in layers.items()})
     log.info("predictor: held-out Spearman ρ heads %.3f, neurons %.3f",
              metrics["predictor/heads_val_spearman"], metrics["predictor/neurons_val_spearman"])
@@ -144,18 +187,27 @@ def fit_shadow(traces: dict[str, Tensor], shape: Shape, cfg: PredictorConfig, se
 
 
 class PredictedMasks:
-    """The ShadowLLM mask source: each request's prompt → layer features → predicted scores → the policy's mask."""
+    """A trained predictor as a mask source: features → predicted scores → the policy's masks.
 
-    def __init__(self, model: nn.Module, predictor: ShadowPredictor, layer: int, policy: Policy, pad_id: int):
-        self.model, self.predictor, self.layer, self.policy, self.pad_id = model, predictor, layer, policy, pad_id
+    Per request, the features are those of each request's prompt at its last token; per token, those of the
+    request's own input at every position (position t sees tokens up to t only, so nothing leaks).
+    """
+
+    def __init__(self, model: nn.Module, predictor: Predictor, policy: Policy, pad_id: int,
+                 granularity: str = "request"):
+        self.model, self.predictor, self.policy, self.pad_id = model, predictor, policy, pad_id
+        self.granularity = granularity
 
     @torch.no_grad()
     def __call__(self, requests: Sequence) -> Masks:
-        prompts = [r.prompt for r in requests]
-        ids, attention = pad(prompts, self.pad_id)
-        last = torch.tensor([len(p) - 1 for p in prompts])
-        heads, neurons = self.predictor(layer_features(self.model, ids, attention, last, self.layer))
-        return self.policy.select(heads, neurons)
+        if self.granularity == "token":
+            ids, attention = pad([r.tokens[:-1] for r in requests], self.pad_id)
+            positions = None
+        else:
+            ids, attention = pad([r.prompt for r in requests], self.pad_id)
+            positions = attention.sum(1) - 1
+        features = layer_features(self.model, ids, attention, positions, self.predictor.feature_layers)
+        return self.policy.select(*self.predictor(features))
 
 
 class StaticMasks:
@@ -181,21 +233,24 @@ class OracleMasks:
     def __call__(self, requests: Sequence) -> Masks:
         batch = collate([Example(tuple(r.tokens), 1) for r in requests], self.pad_id)
         generator = torch.Generator().manual_seed(self.seed)
-        _, heads, neurons = score_batch(self.model, batch, self.criterion, self.shape, 0, generator)
+        _, heads, neurons = score_batch(self.model, batch, self.criterion, self.shape, generator)
         return self.policy.select(normalise_targets(heads, self.target_norm),
                                   normalise_targets(neurons, self.target_norm))
 
 
-def save_predictor(predictor: ShadowPredictor, directory: Path) -> dict:
+def save_predictor(predictor: Predictor, directory: Path) -> dict:
     """Write the weights as safetensors; returns what ``load_predictor`` needs to rebuild it."""
     save_file({k: v.contiguous() for k, v in predictor.state_dict().items()},
               str(directory / "predictor.safetensors"))
-    return {"shape": asdict(predictor.shape), "hidden_size": predictor.heads[0].in_features,
-            "head_hidden": predictor.heads[0].out_features, "neuron_hidden": predictor.neurons[0].out_features}
+    first_heads, first_neurons = predictor.heads[0][0], predictor.neurons[0][0]
+    return {"shape": asdict(predictor.shape), "groups": predictor.groups, "arch": predictor.arch,
+            "hidden_size": first_heads.in_features, "head_hidden": first_heads.out_features,
+            "neuron_hidden": first_neurons.out_features}
 
 
-def load_predictor(directory: Path, meta: dict) -> ShadowPredictor:
-    predictor = ShadowPredictor(Shape(**meta["shape"]), meta["hidden_size"], meta["head_hidden"],
-                                meta["neuron_hidden"])
+def load_predictor(directory: Path, meta: dict) -> Predictor:
+    groups = tuple((layer, tuple(targets)) for layer, targets in meta["groups"])
+    predictor = Predictor(Shape(**meta["shape"]), meta["hidden_size"], groups, meta["arch"], meta["head_hidden"],
+                          meta["neuron_hidden"])
     predictor.load_state_dict(load_file(str(directory / "predictor.safetensors")))
     return predictor.eval()

@@ -27,7 +27,7 @@ from shadow.predictors import (
     OracleMasks,
     PredictedMasks,
     StaticMasks,
-    fit_shadow,
+    fit_predictor,
     load_predictor,
     save_predictor,
     static_importance,
@@ -66,25 +66,24 @@ def mask_source(cfg: DictConfig, model, examples: list[Example], criterion: Crit
     if name == "oracle":
         return OracleMasks(model, criterion, shape, policy, cfg.predictor.target_norm, pad_id, cfg.seed), NO_REPORT
     trace_inputs = {"model": fingerprint(model, cfg.model), "examples": examples_fingerprint(examples),
-                    "criterion": OmegaConf.to_container(cfg.criterion), "feature_layer": cfg.predictor.layer,
-                    "batch_size": cfg.calibration.batch_size, "seed": cfg.seed}
+                    "criterion": OmegaConf.to_container(cfg.criterion), "batch_size": cfg.calibration.batch_size,
+                    "seed": cfg.seed}
     with stage("scoring"):
         traces_dir, _ = cached(cfg.cache_dir, "traces", trace_inputs, lambda out: {"shards": compute_traces(
-            model, examples, criterion, shape, cfg.predictor.layer, cfg.calibration.batch_size, pad_id, out,
-            cfg.seed)})
+            model, examples, criterion, shape, cfg.calibration.batch_size, pad_id, out, cfg.seed)})
     if name == "static":
         return StaticMasks(*static_importance(load_traces(traces_dir), cfg.predictor.target_norm), policy), NO_REPORT
     predictor_inputs = {"traces": cache_key(trace_inputs), "predictor": OmegaConf.to_container(cfg.predictor),
                         "seed": cfg.seed}
 
     def train(out: Path) -> dict:
-        predictor, report = fit_shadow(load_traces(traces_dir), shape, cfg.predictor, cfg.seed)
+        predictor, report = fit_predictor(load_traces(traces_dir), shape, cfg.predictor, cfg.seed)
         return {**save_predictor(predictor, out), **report}
 
     with stage("predictor"):
         predictor_dir, predictor_meta = cached(cfg.cache_dir, "predictor", predictor_inputs, train)
     predictor = load_predictor(predictor_dir, predictor_meta)
-    return (PredictedMasks(model, predictor, cfg.predictor.layer, policy, pad_id),
+    return (PredictedMasks(model, predictor, policy, pad_id, cfg.predictor.granularity),
             {"metrics": predictor_meta["metrics"], "per_layer": predictor_meta["per_layer"]})
 
 

@@ -8,6 +8,7 @@ gradient. The weights are frozen for the pass: the backward computes activation 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -44,29 +45,36 @@ def frozen(model: nn.Module):
 
 
 @torch.no_grad()
-def layer_features(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, positions: Tensor,
-                   layer: int) -> Tensor:
-    """The attention output (input of out_proj) of ``layer`` at ``positions``, running layers 0..layer only."""
-    captured = {}
-    attn = decoder_layers(model)[layer].self_attn
+def layer_features(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, positions: Tensor | None,
+                   layers: Sequence[int]) -> Tensor:
+    """The attention outputs (inputs of out_proj) of ``layers`` in a dense pass that stops after the last of them:
+    (B, len(layers), E) at one position per row, or (B, T, len(layers), E) at every position (``positions=None``)."""
+    captured: dict[int, Tensor] = {}
+    last = max(layers)
 
-    def grab(module, args):
-        captured["x"] = args[0][torch.arange(len(positions)), positions.to(args[0].device)].float()
-        raise _Stop
+    def grab(index: int):
+        def hook(module, args):
+            x = args[0]
+            captured[index] = (x if positions is None else x[torch.arange(len(x)), positions.to(x.device)]).float()
+            if index == last:
+                raise _Stop
+        return hook
 
-    handle = attn.out_proj.register_forward_pre_hook(grab)
+    handles = [decoder_layers(model)[i].self_attn.out_proj.register_forward_pre_hook(grab(i)) for i in set(layers)]
     try:
         model.model.decoder(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device))
     except _Stop:
         pass
     finally:
-        handle.remove()
-    return captured["x"].cpu()
+        for handle in handles:
+            handle.remove()
+    return torch.stack([captured[i].cpu() for i in layers], dim=-2)
 
 
-def score_batch(model: nn.Module, batch: Batch, criterion: Criterion, shape: Shape, feature_layer: int,
+def score_batch(model: nn.Module, batch: Batch, criterion: Criterion, shape: Shape,
                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """(features (B, E), head scores (B, L, H), neuron scores (B, L, F)) for one batch."""
+    """(features (B, L, E): every layer's attention output at the last context token, head scores (B, L, H),
+    neuron scores (B, L, F)) for one batch."""
     B = batch.input_ids.shape[0]
     heads = torch.zeros(B, shape.layers, shape.heads)
     neurons = torch.zeros(B, shape.layers, shape.neurons)
@@ -98,8 +106,7 @@ def score_batch(model: nn.Module, batch: Batch, criterion: Criterion, shape: Sha
     def on_attention(index: int):
         def hook(module, args):
             a = args[0]
-            if index == feature_layer:
-                captured["features"] = a.detach()[torch.arange(B), batch.last_context.to(a.device)].float().cpu()
+            captured[("features", index)] = a.detach()[torch.arange(B), batch.last_context.to(a.device)].float().cpu()
             if criterion.heads is not None:
                 score(heads, index, "heads", criterion.heads, a.detach().view(B, -1, shape.heads, shape.head_dim), a)
         return hook
@@ -143,7 +150,8 @@ def score_batch(model: nn.Module, batch: Batch, criterion: Criterion, shape: Sha
     finally:
         for h in handles:
             h.remove()
-    return captured["features"], heads, neurons
+    features = torch.stack([captured[("features", i)] for i in range(shape.layers)], dim=1)
+    return features, heads, neurons
 
 
 def gate_hessian_scores(model: nn.Module, batch: Batch, shape: Shape) -> tuple[Tensor, Tensor]:
@@ -183,7 +191,7 @@ def example_loss(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def compute_traces(model: nn.Module, examples: list[Example], criterion: Criterion, shape: Shape,
-                   feature_layer: int, batch_size: int, pad_id: int, out_dir: Path, seed: int = 0) -> int:
+                   batch_size: int, pad_id: int, out_dir: Path, seed: int = 0) -> int:
     """Score all examples, writing shards ``traces-<n>.safetensors`` into out_dir; returns the shard count."""
     shard: dict[str, list[Tensor]] = {"features": [], "heads": [], "neurons": []}
     n_shards = 0
@@ -200,7 +208,7 @@ def compute_traces(model: nn.Module, examples: list[Example], criterion: Criteri
     for start in tqdm(range(0, len(examples), batch_size), desc=f"scoring ({criterion.name})", unit="batch"):
         batch = collate(examples[start:start + batch_size], pad_id)
         generator = torch.Generator().manual_seed(seed * 1_000_003 + start)  # the random control, reproducible
-        scores = score_batch(model, batch, criterion, shape, feature_layer, generator)
+        scores = score_batch(model, batch, criterion, shape, generator)
         for key, value in zip(shard, scores, strict=True):
             shard[key].append(value)
         if sum(len(x) for x in shard["features"]) >= SHARD_SIZE:

@@ -131,7 +131,7 @@ CASES = [(name, variant) for name in sorted(CRITERIA) for variant in CRITERIA[na
 def test_criterion_matches_direct_computation(model, examples, alone, name, variant):
     shape = Shape.of(model.config)
     criterion = get_criterion(name, variant)
-    _, heads, neurons = score_batch(model, collate(examples, 1), criterion, shape, feature_layer=0)
+    _, heads, neurons = score_batch(model, collate(examples, 1), criterion, shape)
     for i, rec in enumerate(alone):
         for layer in range(shape.layers):
             for unit in range(shape.heads):
@@ -149,7 +149,7 @@ def test_grasp_matches_finite_differences_of_the_gate_gradient(model, examples):
     """−(H g) with g the gate gradient at 1: H g ≈ (∇L(1 + εg) − ∇L(1 − εg)) / 2ε, per example."""
     shape = Shape.of(model.config)
     batch = collate(examples, 1)
-    _, heads, neurons = score_batch(model, batch, get_criterion("grasp"), shape, feature_layer=0)
+    _, heads, neurons = score_batch(model, batch, get_criterion("grasp"), shape)
     assert model.config._attn_implementation == "sdpa"  # restored after the double backward
     for i, ex in enumerate(examples):
         ids, labels = batch.input_ids[i:i + 1, :len(ex.input_ids)], batch.labels[i:i + 1, :len(ex.input_ids)]
@@ -175,7 +175,7 @@ def test_grasp_matches_finite_differences_of_the_gate_gradient(model, examples):
 def test_deterministic_under_a_seed(model, examples, name):
     shape = Shape.of(model.config)
     batch = collate(examples, 1)
-    runs = [score_batch(model, batch, get_criterion(name), shape, 0, torch.Generator().manual_seed(7))
+    runs = [score_batch(model, batch, get_criterion(name), shape, torch.Generator().manual_seed(7))
             for _ in range(2)]
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
@@ -184,6 +184,6 @@ def test_deterministic_under_a_seed(model, examples, name):
 def test_random_control_follows_the_seed(model, examples):
     shape = Shape.of(model.config)
     batch = collate(examples, 1)
-    one = score_batch(model, batch, get_criterion("random"), shape, 0, torch.Generator().manual_seed(1))[1]
-    two = score_batch(model, batch, get_criterion("random"), shape, 0, torch.Generator().manual_seed(2))[1]
+    one = score_batch(model, batch, get_criterion("random"), shape, torch.Generator().manual_seed(1))[1]
+    two = score_batch(model, batch, get_criterion("random"), shape, torch.Generator().manual_seed(2))[1]
     assert not torch.equal(one, two) and one.min() >= 0 and one.max() < 1

@@ -111,3 +111,25 @@ def test_hooks_are_removed_even_on_error(tiny_opt, ids):
     with pytest.raises(RuntimeError, match="boom"), apply_masks(tiny_opt, masks):
         raise RuntimeError("boom")
     assert all(not m._forward_pre_hooks for m in tiny_opt.modules())
+
+
+def test_per_token_masks_act_position_by_position(tiny_opt, ids):
+    """Equal masks at every position equal a per-request mask; changing the last position's mask changes only
+    the last position's output."""
+    gen = torch.Generator().manual_seed(2)
+    s, T = Shape.of(tiny_opt.config), ids.shape[1]
+    request = Masks(torch.rand(2, s.layers, s.heads, generator=gen) > 0.3,
+                    torch.rand(2, s.layers, s.neurons, generator=gen) > 0.5)
+    tokens = Masks(request.heads[:, None].repeat(1, T, 1, 1), request.neurons[:, None].repeat(1, T, 1, 1))
+    with torch.no_grad():
+        with apply_masks(tiny_opt, request):
+            per_request = tiny_opt(ids).logits
+        with apply_masks(tiny_opt, tokens):
+            per_token = tiny_opt(ids).logits
+        torch.testing.assert_close(per_token, per_request, rtol=1e-6, atol=1e-6)
+        tokens.heads[:, -1] = ~tokens.heads[:, -1]
+        tokens.neurons[:, -1] = ~tokens.neurons[:, -1]
+        with apply_masks(tiny_opt, tokens):
+            changed = tiny_opt(ids).logits
+    torch.testing.assert_close(changed[:, :-1], per_request[:, :-1], rtol=1e-6, atol=1e-6)
+    assert (changed[:, -1] - per_request[:, -1]).abs().max() > 1e-3

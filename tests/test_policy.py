@@ -38,8 +38,8 @@ def test_kept_fraction_matches_sparsity(policy, sparsity):
 def test_select_reports_achieved_sparsity():
     masks = Policy("local", 0.5, 0.25).select(torch.rand(2, 3, 4), torch.rand(2, 3, 8))
     assert masks.sparsity() == pytest.approx({"head_sparsity": 0.5, "neuron_sparsity": 0.25})
-    heads, neurons = masks.kept_per_layer()
-    assert heads.tolist() == [1.0, 1.0, 1.0] and neurons.tolist() == [1.5, 1.5, 1.5]  # summed over 2 examples
+    heads, neurons, count = masks.kept_per_layer()
+    assert heads.tolist() == [1.0, 1.0, 1.0] and neurons.tolist() == [1.5, 1.5, 1.5] and count == 2  # summed
 
 
 def test_dense_first_layer_keeps_layer_zero_whole():
@@ -54,3 +54,12 @@ def test_policies_that_cannot_be_met_fail_early():
         Policy("local", 0.9, 0.5).check(layers=4, heads=4, neurons=16)
     with pytest.raises(ConfigError, match="min_neurons=8 per layer needs 32 neurons but neuron_sparsity=0.9 keeps 6"):
         Policy("hybrid", 0.5, 0.9, min_heads=1, min_neurons=8).check(layers=4, heads=4, neurons=16)
+
+
+def test_per_token_scores_give_one_mask_per_position():
+    scores = torch.rand(2, 5, 3, 8, generator=torch.Generator().manual_seed(0))  # (B, T, L, U)
+    masks = Policy("local", 0.5, 0.25).select(scores[..., :4], scores)
+    assert masks.heads.shape == (2, 5, 3, 4) and masks.neurons.shape == (2, 5, 3, 8)
+    assert (masks.heads.sum(-1) == 2).all() and (masks.neurons.sum(-1) == 6).all()
+    assert torch.equal(masks.neurons[1, 3], keep_top(scores[1, 3][None], 0.25, "local")[0])
+    assert masks.kept_per_layer()[2] == 10

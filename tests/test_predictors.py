@@ -16,11 +16,12 @@ from shadow.policy import Policy
 from shadow.predictors import (
     OracleMasks,
     PredictedMasks,
-    ShadowPredictor,
+    Predictor,
     StaticMasks,
-    fit_shadow,
+    fit_predictor,
     load_predictor,
     normalise_targets,
+    placement_groups,
     quality,
     save_predictor,
     spearman,
@@ -62,18 +63,19 @@ def test_static_importance_weighs_every_example_equally():
 def synthetic_traces(n: int = 512, hidden: int = 16) -> dict:
     """Scores that are a fixed nonlinear function of the features: a predictor can learn them."""
     gen = torch.Generator().manual_seed(0)
-    features = torch.randn(n, hidden, generator=gen)
+    base = torch.randn(n, hidden, generator=gen)
+    features = base[:, None] + 0.01 * torch.randn(n, SHAPE.layers, hidden, generator=gen)  # (N, L, E)
     w_heads = torch.randn(hidden, SHAPE.layers * SHAPE.heads, generator=gen)
     w_neurons = torch.randn(hidden, SHAPE.layers * SHAPE.neurons, generator=gen)
     return {"features": features,
-            "heads": torch.nn.functional.softplus(features @ w_heads).view(n, SHAPE.layers, SHAPE.heads),
-            "neurons": torch.nn.functional.softplus(features @ w_neurons).view(n, SHAPE.layers, SHAPE.neurons)}
+            "heads": torch.nn.functional.softplus(base @ w_heads).view(n, SHAPE.layers, SHAPE.heads),
+            "neurons": torch.nn.functional.softplus(base @ w_neurons).view(n, SHAPE.layers, SHAPE.neurons)}
 
 
 @pytest.fixture(scope="module")
 def fitted():
     cfg = PredictorConfig(head_hidden=64, neuron_hidden=64, head_epochs=100, neuron_epochs=40)
-    return fit_shadow(synthetic_traces(), SHAPE, cfg, seed=0)
+    return fit_predictor(synthetic_traces(), SHAPE, cfg, seed=0)
 
 
 def test_predictor_learns_held_out_rankings(fitted):
@@ -96,9 +98,9 @@ def test_quality_metrics_on_known_rankings():
 
 
 def test_untrained_predictor_does_not_rank_well():
-    predictor = ShadowPredictor(SHAPE, 16, 64, 64)
+    predictor = Predictor(SHAPE, 16, placement_groups("shadow", SHAPE.layers), "mlp", 64, 64)
     traces = synthetic_traces()
-    heads, _ = predictor(traces["features"])
+    heads, _ = predictor(traces["features"][:, :1])
     target = normalise_targets(traces["heads"], "per_layer").flatten(1)
     assert spearman(heads.detach().flatten(1), target).mean() < 0.5
 
@@ -115,8 +117,8 @@ def test_save_and_load_give_the_same_predictions(fitted, tmp_path):
 def test_masks_follow_the_prompt_only(tiny_opt, tokenizer):
     shape = Shape.of(tiny_opt.config)
     torch.manual_seed(0)
-    masker = PredictedMasks(tiny_opt, ShadowPredictor(shape, 16, 32, 32), layer=0, policy=Policy("global", 0.5, 0.5),
-                            pad_id=1)
+    predictor = Predictor(shape, 16, placement_groups("shadow", shape.layers), "mlp", 32, 32)
+    masker = PredictedMasks(tiny_opt, predictor, Policy("global", 0.5, 0.5), pad_id=1)
     a = SimpleNamespace(prompt=tokenizer("The army marched north at dawn")["input_ids"])
     b = SimpleNamespace(prompt=tokenizer("Love is not love which alters when it alteration finds")["input_ids"])
     together = masker([a, b])
@@ -142,6 +144,36 @@ def test_oracle_masks_keep_the_criterions_own_top_units(tiny_opt, tokenizer):
     oracle = OracleMasks(tiny_opt, get_criterion("plainact"), shape, policy, "per_layer", pad_id=1, seed=0)
     masks = oracle([SimpleNamespace(prompt=tokens[:1], tokens=tokens)])
     _, heads, neurons = score_batch(tiny_opt, collate([Example(tuple(tokens), 1)], 1), get_criterion("plainact"),
-                                    shape, 0)
+                                    shape)
     assert torch.equal(masks.heads, policy.select(heads, neurons).heads)
     assert torch.equal(masks.neurons, policy.select(heads, neurons).neurons)
+
+
+def test_placements():
+    assert placement_groups("shadow", 3, layer=1) == ((1, (0, 1, 2)),)
+    assert placement_groups("dejavu", 3) == ((0, (0,)), (1, (1,)), (2, (2,)))
+    assert placement_groups("dejavu", 3, lookahead=True) == ((0, (0,)), (0, (1,)), (1, (2,)))
+
+
+@pytest.mark.parametrize("name,arch,lookahead", [("dejavu", "mlp", False), ("dejavu", "lowrank", True),
+                                                 ("shadow", "lowrank", False)])
+def test_other_placements_and_architectures_learn(name, arch, lookahead):
+    cfg = PredictorConfig(name=name, arch=arch, lookahead=lookahead, head_hidden=64, neuron_hidden=64,
+                          head_epochs=60, neuron_epochs=20)
+    predictor, report = fit_predictor(synthetic_traces(), SHAPE, cfg, seed=0)
+    assert len(predictor.heads) == (SHAPE.layers if name == "dejavu" else 1)
+    assert report["metrics"]["predictor/neurons_val_spearman"] > 0.6
+    assert len(report["per_layer"]["heads_val_recall50"]) == SHAPE.layers
+
+
+def test_per_token_masks_depend_only_on_the_tokens_so_far(tiny_opt, tokenizer):
+    shape = Shape.of(tiny_opt.config)
+    torch.manual_seed(0)
+    predictor = Predictor(shape, 16, placement_groups("shadow", shape.layers), "mlp", 32, 32)
+    masker = PredictedMasks(tiny_opt, predictor, Policy("global", 0.5, 0.5), pad_id=1, granularity="token")
+    a = tokenizer("The army marched north at dawn and rested")["input_ids"]
+    b = a[:5] + tokenizer(" sang loudly in the rain", add_special_tokens=False)["input_ids"]
+    masks = masker([SimpleNamespace(tokens=a), SimpleNamespace(tokens=b)])
+    assert masks.heads.shape == (2, max(len(a), len(b)) - 1, shape.layers, shape.heads)
+    assert torch.equal(masks.neurons[0, :5], masks.neurons[1, :5])  # same tokens so far, same masks
+    assert not torch.equal(masks.neurons[0, 5:len(b) - 1], masks.neurons[1, 5:len(b) - 1])

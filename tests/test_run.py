@@ -83,9 +83,10 @@ def test_dense_predictor_is_the_dense_model(job, tmp_path):
     assert metrics["achieved_head_sparsity"] == 0.0 and "predictor/heads_val_spearman" not in metrics
 
 
-@pytest.mark.parametrize("placement", ["static", "oracle"])
-def test_static_and_oracle_placements_run(job, tmp_path, placement):
-    metrics = run(job(f"predictor={placement}", "sparsity=0.5", "logger=none"), tmp_path / placement)
+@pytest.mark.parametrize("placement", ["predictor=static", "predictor=oracle", "predictor=dejavu",
+                                       "predictor.granularity=token"])
+def test_every_placement_runs(job, tmp_path, placement):
+    metrics = run(job(placement, "sparsity=0.5", "logger=none"), tmp_path / "job")
     assert metrics["achieved_head_sparsity"] == pytest.approx(0.5)
     assert metrics["achieved_neuron_sparsity"] == pytest.approx(0.5)
     assert metrics["token_perplexity"] > 1

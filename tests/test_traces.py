@@ -45,7 +45,7 @@ def captured_forward(model, ids, labels):
 def test_plainact_matches_autograd_per_example(tiny_opt, examples):
     shape = Shape.of(tiny_opt.config)
     batch = collate(examples, pad_id=1)  # padded: the examples differ in length
-    features, heads, neurons = score_batch(tiny_opt, batch, get_criterion("plainact"), shape, feature_layer=0)
+    features, heads, neurons = score_batch(tiny_opt, batch, get_criterion("plainact"), shape)
     for i, ex in enumerate(examples):
         n = len(ex.input_ids)
         loss, acts = captured_forward(tiny_opt, batch.input_ids[i:i + 1, :n], batch.labels[i:i + 1, :n])
@@ -55,21 +55,22 @@ def test_plainact_matches_autograd_per_example(tiny_opt, examples):
             per_token = (a * a.grad).view(n, shape.heads, shape.head_dim).sum(-1)  # <a_t,h, g_t,h>
             torch.testing.assert_close(heads[i, layer], per_token.abs().sum(0), rtol=1e-4, atol=1e-7)
             torch.testing.assert_close(neurons[i, layer], (z * z.grad).abs().sum(0), rtol=1e-4, atol=1e-7)
-        torch.testing.assert_close(features[i], acts[(0, "a")][0, ex.context_len - 1].detach())
+        for layer in range(shape.layers):
+            torch.testing.assert_close(features[i, layer], acts[(layer, "a")][0, ex.context_len - 1].detach())
     assert heads.min() >= 0 and heads.sum() > 0 and neurons.sum() > 0
 
 
 def test_scores_do_not_depend_on_the_rest_of_the_batch(tiny_opt, examples):
     shape = Shape.of(tiny_opt.config)
     plainact = get_criterion("plainact")
-    _, heads_all, neurons_all = score_batch(tiny_opt, collate(examples, 1), plainact, shape, 0)
-    _, heads_one, neurons_one = score_batch(tiny_opt, collate(examples[1:2], 1), plainact, shape, 0)
+    _, heads_all, neurons_all = score_batch(tiny_opt, collate(examples, 1), plainact, shape)
+    _, heads_one, neurons_one = score_batch(tiny_opt, collate(examples[1:2], 1), plainact, shape)
     torch.testing.assert_close(heads_all[1:2], heads_one, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(neurons_all[1:2], neurons_one, rtol=1e-4, atol=1e-7)
 
 
 def test_scoring_leaves_weights_without_gradients(tiny_opt, examples):
-    score_batch(tiny_opt, collate(examples, 1), get_criterion("plainact"), Shape.of(tiny_opt.config), 0)
+    score_batch(tiny_opt, collate(examples, 1), get_criterion("plainact"), Shape.of(tiny_opt.config))
     assert all(p.grad is None and p.requires_grad for p in tiny_opt.parameters())
 
 
@@ -99,8 +100,25 @@ def test_gate_gradient_predicts_the_loss_change(examples):
         assert abs(loss_at(0.0) - loss.item()) > 0  # removing the head changes the loss
 
 
-def test_layer_features_stop_early_and_match_the_full_pass(tiny_opt, examples):
+def test_layer_features_match_the_full_pass(tiny_opt, examples):
     batch = collate(examples, 1)
-    feats = layer_features(tiny_opt, batch.input_ids, batch.attention_mask, batch.last_context, layer=1)
-    full, _, _ = score_batch(tiny_opt, batch, get_criterion("plainact"), Shape.of(tiny_opt.config), feature_layer=1)
-    torch.testing.assert_close(feats, full, rtol=1e-5, atol=1e-6)
+    full, _, _ = score_batch(tiny_opt, batch, get_criterion("plainact"), Shape.of(tiny_opt.config))
+    feats = layer_features(tiny_opt, batch.input_ids, batch.attention_mask, batch.last_context, [1, 0])
+    torch.testing.assert_close(feats, full[:, [1, 0]], rtol=1e-5, atol=1e-6)
+    every = layer_features(tiny_opt, batch.input_ids, batch.attention_mask, None, [2])  # (B, T, 1, E)
+    torch.testing.assert_close(every[torch.arange(3), batch.last_context], full[:, [2]], rtol=1e-5, atol=1e-6)
+
+
+def test_layer_features_stop_after_the_last_layer_asked_for(tiny_opt, examples):
+    batch = collate(examples, 1)
+    reached = []
+    handle = decoder_layers(tiny_opt)[1].fc1.register_forward_pre_hook(lambda m, a: reached.append(1))
+    try:
+        layer_features(tiny_opt, batch.input_ids, batch.attention_mask, batch.last_context, [0])
+        assert not reached
+        layer_features(tiny_opt, batch.input_ids, batch.attention_mask, batch.last_context, [1])
+        assert not reached  # stops at layer 1's out_proj, before its FFN
+        layer_features(tiny_opt, batch.input_ids, batch.attention_mask, batch.last_context, [2])
+        assert reached
+    finally:
+        handle.remove()

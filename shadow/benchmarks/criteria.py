@@ -61,7 +61,7 @@ def main() -> None:
     for name in sorted(CRITERIA):
         for variant in CRITERIA[name]:
             criterion = get_criterion(name, variant)
-            ms = measure(lambda c=criterion: score_batch(model, batch, c, shape, 0, torch.Generator()))
+            ms = measure(lambda c=criterion: score_batch(model, batch, c, shape, torch.Generator()))
             label = name if variant == "textbook" else f"{name} ({variant})"
             print(f"{label:<28}{ms:>10.1f}{ms / base:>12.2f}", flush=True)
 
