@@ -116,6 +116,6 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
                   "sparsity_per_layer": per_layer, "predictor_per_layer": report["per_layer"],
                   "output_dir": str(output_dir)}
         write_results(output_dir, sweep_dir, record)
-        tracker.summary(metrics, per_layer)
+        tracker.summary(metrics, {"sparsity_per_layer": per_layer, "predictor_per_layer": report["per_layer"]})
     log.info("%s", " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return metrics

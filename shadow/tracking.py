@@ -67,16 +67,19 @@ class Tracker:
                                   reinit="finish_previous")
         return self
 
-    def summary(self, metrics: dict[str, Any], per_layer: dict[str, list[float]]) -> None:
-        """Metrics into the run's summary; the achieved sparsity of each layer as a table."""
+    def summary(self, metrics: dict[str, Any], tables: dict[str, dict[str, list[float]]]) -> None:
+        """Metrics into the run's summary; per-layer columns (name → column → values) as tables by layer."""
         if self.run is None:
             return
         import wandb
 
         self.run.summary.update(metrics)
-        if per_layer:
-            rows = [[layer, *values] for layer, values in enumerate(zip(*per_layer.values(), strict=True))]
-            self.run.log({"sparsity_per_layer": wandb.Table(columns=["layer", *per_layer], data=rows), **metrics})
+        logged = {}
+        for name, columns in tables.items():
+            if columns:
+                rows = [[layer, *values] for layer, values in enumerate(zip(*columns.values(), strict=True))]
+                logged[name] = wandb.Table(columns=["layer", *columns], data=rows)
+        self.run.log({**logged, **metrics})
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.run is not None:
