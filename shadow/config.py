@@ -67,12 +67,17 @@ class PredictorConfig:
 
 @dataclass
 class EvalConfig:
-    name: str = "perplexity"
+    name: str = "perplexity"  # perplexity, or tasks (lm-eval)
+    batch_size: int = 8
+    limit: int | None = None  # perplexity: first N windows (token) / documents (word); tasks: N per task
+    # perplexity
     dataset: str = "opt_mini"  # opt_mini (offline) or wikitext2 (needs the hub)
     protocols: list[str] = field(default_factory=lambda: ["token", "word"])
     seq_len: int | None = None  # window length; None: the model's context length
-    batch_size: int = 8
-    limit: int | None = None  # first N windows (token) / documents (word); None: all
+    # tasks
+    tasks: list[str] = field(default_factory=lambda: ["opt_mini_nextsent", "opt_mini_lastword"])
+    num_fewshot: int = 0
+    include_path: str | None = None  # a directory of extra lm-eval task YAML files
 
 
 @dataclass
@@ -122,6 +127,7 @@ POLICIES = ("global", "local", "hybrid")
 PREDICTORS = ("dense", "static", "oracle", "shadow", "dejavu")
 ARCHS = ("mlp", "lowrank")
 GRANULARITIES = ("request", "token")
+EVALS = ("perplexity", "tasks")
 EVAL_DATASETS = ("opt_mini", "wikitext2")
 CALIBRATION_SOURCES = ("opt_mini", "tasks")
 PROTOCOLS = ("token", "word")
@@ -161,7 +167,10 @@ def validate(cfg: DictConfig | Config) -> None:
     _choice("predictor.arch", cfg.predictor.arch, ARCHS)
     _choice("predictor.granularity", cfg.predictor.granularity, GRANULARITIES)
     _choice("model.dtype", cfg.model.dtype, DTYPES)
+    _choice("eval", cfg.eval.name, EVALS)
     _choice("eval.dataset", cfg.eval.dataset, EVAL_DATASETS)
+    if cfg.eval.num_fewshot < 0:
+        raise ConfigError(f"eval.num_fewshot={cfg.eval.num_fewshot} is negative; use 0, 3 or 5")
     for protocol in cfg.eval.protocols:
         _choice("eval.protocols", protocol, PROTOCOLS)
     if cfg.device == "cpu" and cfg.model.dtype == "float16":
@@ -170,10 +179,6 @@ def validate(cfg: DictConfig | Config) -> None:
     _choice("calibration.source", cfg.calibration.source, CALIBRATION_SOURCES)
     if cfg.calibration.num_fewshot < 0:
         raise ConfigError(f"calibration.num_fewshot={cfg.calibration.num_fewshot} is negative; use 0, 3 or 5")
-    include = cfg.calibration.include_path
-    if include is not None and not Path(include).is_dir():
-        raise ConfigError(f"calibration.include_path={include!r} is not a directory; point it at a folder of "
-                          "lm-eval task YAML files")
     for key in ("calibration.batch_size", "eval.batch_size"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be at least 1; set {key}=8")

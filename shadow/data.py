@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -47,34 +49,40 @@ def encode(context: str, continuation: str, tokenizer, max_length: int) -> Examp
     return Example(tuple(ctx + cont), len(ctx))
 
 
-def task_manager(include_path: str | None, tasks: list[str]):
-    """lm-eval's task index: opt-mini's tasks and include_path, plus lm-eval's own only when a task needs them."""
-    from lm_eval.tasks import TaskManager
+def load_tasks(tasks: list[str], include_path: str | None, num_fewshot: int, key: str) -> tuple[Any, dict]:
+    """lm-eval's task index and the loaded tasks, checked: names known, enough documents for the few-shot
+    examples. The index has opt-mini's tasks and ``include_path``, and lm-eval's own only when a task needs
+    them (indexing those takes seconds). ``key`` names the config section in errors."""
+    from lm_eval.tasks import TaskManager, get_task_dict
 
+    if include_path is not None and not Path(include_path).is_dir():
+        raise ConfigError(f"{key}.include_path={include_path!r} is not a directory; point it at a folder of lm-eval "
+                          "task YAML files")
     paths = [str(TASKS_DIR)] + ([include_path] if include_path else [])
-    local = TaskManager(include_path=paths, include_defaults=False)
-    if all(t in local.all_tasks for t in tasks):
-        return local
-    manager = TaskManager(include_path=paths)
+    manager = TaskManager(include_path=paths, include_defaults=False)
+    if not all(t in manager.all_tasks for t in tasks):
+        manager = TaskManager(include_path=paths)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise ConfigError(f"calibration.tasks: {', '.join(unknown)} unknown to lm-eval; use an lm-eval task name "
-                          "(e.g. piqa) or add its directory with calibration.include_path")
-    return manager
+        raise ConfigError(f"{key}.tasks: {', '.join(unknown)} unknown to lm-eval; use an lm-eval task name "
+                          f"(e.g. piqa) or add its directory with {key}.include_path")
+    loaded = get_task_dict(list(tasks), manager)
+    for name in tasks:
+        task = loaded[name]
+        docs = task.training_docs() if task.has_training_docs() else task.validation_docs()
+        if num_fewshot >= len(docs):
+            raise ConfigError(f"{key}.num_fewshot={num_fewshot} needs more than the {len(docs)} documents of {name}; "
+                              f"lower {key}.num_fewshot")
+    return manager, loaded
 
 
 def task_pairs(cfg: CalibrationConfig) -> list[tuple[str, str]]:
     """(few-shot context, delimiter + gold answer) for the first ``limit`` training documents of each task."""
-    from lm_eval.tasks import get_task_dict
-
-    tasks = get_task_dict(list(cfg.tasks), task_manager(cfg.include_path, list(cfg.tasks)))
+    _, tasks = load_tasks(list(cfg.tasks), cfg.include_path, cfg.num_fewshot, "calibration")
     pairs = []
     for name in cfg.tasks:
         task = tasks[name]
         docs = task.training_docs() if task.has_training_docs() else task.validation_docs()
-        if cfg.num_fewshot >= len(docs):
-            raise ConfigError(f"calibration.num_fewshot={cfg.num_fewshot} needs more than the {len(docs)} "
-                              f"documents of {name}; lower calibration.num_fewshot")
         for doc in list(docs)[: cfg.limit]:
             target = task.doc_to_target(doc)
             if task.OUTPUT_TYPE == "multiple_choice" and isinstance(target, int):

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from lm_eval.utils import make_table
 from omegaconf import DictConfig, OmegaConf
 
 from shadow.artifacts import cache_key, cached
@@ -20,7 +21,9 @@ from shadow.config import ConfigError, resolved_sparsities, validate
 from shadow.criteria import Criterion, get_criterion
 from shadow.data import Example, load_calibration
 from shadow.data import fingerprint as examples_fingerprint
-from shadow.evaluate.perplexity import MaskFn, evaluate_perplexity, load_eval_data
+from shadow.evaluate.perplexity import evaluate_perplexity, load_eval_data
+from shadow.evaluate.requests import MaskFn
+from shadow.evaluate.tasks import check_tasks, evaluate_tasks
 from shadow.models import Shape, check_opt, fingerprint, load_model, load_tokenizer
 from shadow.policy import Policy
 from shadow.predictors import (
@@ -101,7 +104,7 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
     tokenizer = load_tokenizer(path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     examples = load_calibration(cfg.calibration, tokenizer, config.max_position_embeddings)
-    eval_data = load_eval_data(cfg.eval)
+    eval_input = load_eval_data(cfg.eval) if cfg.eval.name == "perplexity" else check_tasks(cfg.eval)
     sweep_dir = sweep_dir or output_dir
     torch.manual_seed(cfg.seed)
     group = "/".join(sweep_dir.parts[-2:])  # multirun/<date>/<time> → <date>/<time>
@@ -109,11 +112,20 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
         with stage("load"):
             model, _ = load_model(cfg.model, cfg.device)
         masks, report = mask_source(cfg, model, examples, criterion, shape, policy, pad_id)
+        extra = {}
         with stage("evaluate"):
-            metrics, per_layer = evaluate_perplexity(model, tokenizer, masks, cfg.eval, eval_data)
+            if cfg.eval.name == "perplexity":
+                metrics, per_layer = evaluate_perplexity(model, tokenizer, masks, cfg.eval, eval_input)
+            else:
+                metrics, per_layer, out = evaluate_tasks(model, tokenizer, masks, cfg.eval, eval_input, cfg.seed)
+                extra = {"lm_eval": out["results"]}
+                log.info("lm-eval results\n%s", make_table(out))
+                tracker.table("lm_eval", ["task", "metric", "value"],
+                              [[t, k, v] for t, r in out["results"].items() for k, v in r.items()
+                               if isinstance(v, float)])
         metrics.update(report["metrics"])
         record = {**{k: v for k, v in flat_config(cfg).items() if k != "config"}, "metrics": metrics,
-                  "sparsity_per_layer": per_layer, "predictor_per_layer": report["per_layer"],
+                  "sparsity_per_layer": per_layer, "predictor_per_layer": report["per_layer"], **extra,
                   "output_dir": str(output_dir)}
         write_results(output_dir, sweep_dir, record)
         tracker.summary(metrics, {"sparsity_per_layer": per_layer, "predictor_per_layer": report["per_layer"]})

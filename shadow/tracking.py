@@ -81,6 +81,12 @@ class Tracker:
                 logged[name] = wandb.Table(columns=["layer", *columns], data=rows)
         self.run.log({**logged, **metrics})
 
+    def table(self, name: str, columns: list[str], rows: list[list]) -> None:
+        if self.run is not None:
+            import wandb
+
+            self.run.log({name: wandb.Table(columns=columns, data=rows)})
+
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.run is not None:
             self.run.finish(exit_code=1 if exc_type else 0)

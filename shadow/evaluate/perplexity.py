@@ -16,21 +16,15 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from torch import nn
-from tqdm import tqdm
 
 from shadow.config import ConfigError, EvalConfig
-from shadow.data import pad
-from shadow.masking import apply_masks
+from shadow.evaluate.requests import MaskFn, Request, score
 from shadow.opt_mini import PERPLEXITY_FILE
-from shadow.policy import Masks, SparsityMeter
-
-MaskFn = Callable[[list["Request"]], Masks | None]  # requests → one mask per request (None: dense)
+from shadow.policy import SparsityMeter
 
 
 @dataclass
@@ -44,13 +38,6 @@ class Document:
 class EvalData:
     text: str  # the token protocol's joined text
     documents: list[Document]  # the word protocol's documents
-
-
-@dataclass
-class Request:
-    tokens: list[int]  # model input followed by the last target; at most seq_len + 1 tokens
-    n_targets: int  # the last n_targets tokens are scored
-    prompt: list[int]  # what the mask is predicted from
 
 
 def document(page: str, text: str | None = None) -> Document:
@@ -99,28 +86,6 @@ def word_requests(doc: Document, tokenizer, seq_len: int) -> list[Request]:
     return out
 
 
-@torch.no_grad()
-def score(model: nn.Module, requests: list[Request], mask_fn: MaskFn, batch_size: int, pad_id: int,
-          meter: SparsityMeter, desc: str) -> list[float]:
-    """Summed negative log-likelihood of each request's targets; the masks used are added to ``meter``."""
-    nll: list[float] = []
-    for start in tqdm(range(0, len(requests), batch_size), desc=desc, unit="batch"):
-        chunk = requests[start:start + batch_size]
-        inputs = [r.tokens[:-1] for r in chunk]
-        ids, attention = pad(inputs, pad_id)
-        masks = mask_fn(chunk)
-        with apply_masks(model, masks):
-            logits = model(input_ids=ids.to(model.device), attention_mask=attention.to(model.device)).logits
-        logprobs = logits.float().log_softmax(-1).cpu()
-        for i, r in enumerate(chunk):
-            n = len(inputs[i])
-            targets = torch.tensor(r.tokens[-r.n_targets:])
-            nll.append(-logprobs[i, n - r.n_targets:n].gather(1, targets[:, None]).sum().item())
-        if masks is not None:
-            meter.add(masks)
-    return nll
-
-
 def evaluate_perplexity(model: nn.Module, tokenizer, mask_fn: MaskFn, cfg: EvalConfig,
                         data: EvalData) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Perplexity metrics with the overall achieved sparsity, and the achieved sparsity of each layer."""
@@ -130,13 +95,13 @@ def evaluate_perplexity(model: nn.Module, tokenizer, mask_fn: MaskFn, cfg: EvalC
     meter = SparsityMeter()
     if "token" in cfg.protocols:
         requests = token_requests(data.text, tokenizer, seq_len, cfg.limit)
-        nll = score(model, requests, mask_fn, cfg.batch_size, pad_id, meter, "token perplexity")
+        nll, _ = score(model, requests, mask_fn, cfg.batch_size, pad_id, meter, "token perplexity")
         metrics["token_perplexity"] = math.exp(sum(nll) / sum(r.n_targets for r in requests))
     if "word" in cfg.protocols:
         subset = data.documents[:cfg.limit]
         per_doc = [word_requests(d, tokenizer, seq_len) for d in subset]
-        nll = score(model, [r for rs in per_doc for r in rs], mask_fn, cfg.batch_size, pad_id, meter,
-                    "word perplexity")
+        nll, _ = score(model, [r for rs in per_doc for r in rs], mask_fn, cfg.batch_size, pad_id, meter,
+                       "word perplexity")
         total = sum(nll)
         words, n_bytes = sum(d.words for d in subset), sum(d.bytes for d in subset)
         metrics.update(word_perplexity=math.exp(total / words), byte_perplexity=math.exp(total / n_bytes),

@@ -1,0 +1,57 @@
+"""Scoring requests under masks: the one loop that every evaluation runs.
+
+A request is a token sequence whose last ``n_targets`` tokens are scored, and the prompt its mask is predicted
+from. Requests are batched (right-padded), each with its own mask, and scored by log-likelihood.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from shadow.data import pad
+from shadow.masking import apply_masks
+from shadow.policy import Masks, SparsityMeter
+
+
+@dataclass
+class Request:
+    tokens: list[int]  # model input followed by the last target; at most seq_len + 1 tokens
+    n_targets: int  # the last n_targets tokens are scored
+    prompt: list[int]  # what the mask is predicted from: never a scored token
+
+
+MaskFn = Callable[[list[Request]], Masks | None]  # requests → one mask per request (None: dense)
+
+
+@torch.no_grad()
+def score(model: nn.Module, requests: list[Request], mask_fn: MaskFn, batch_size: int, pad_id: int,
+          meter: SparsityMeter, desc: str) -> tuple[list[float], list[bool]]:
+    """Each request's summed negative log-likelihood of its targets, and whether every target was the argmax.
+
+    Requests run longest first, so that batches pad little; results come back in the order given. The masks
+    used are added to ``meter``.
+    """
+    order = sorted(range(len(requests)), key=lambda i: -len(requests[i].tokens))
+    nll, greedy = [0.0] * len(requests), [False] * len(requests)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
+        chunk = [requests[i] for i in order[start:start + batch_size]]
+        inputs = [r.tokens[:-1] for r in chunk]
+        ids, attention = pad(inputs, pad_id)
+        masks = mask_fn(chunk)
+        with apply_masks(model, masks):
+            logits = model(input_ids=ids.to(model.device), attention_mask=attention.to(model.device)).logits
+        logprobs = logits.float().log_softmax(-1).cpu()
+        for i, r in zip(order[start:start + batch_size], range(len(chunk)), strict=True):
+            n, req = len(inputs[r]), chunk[r]
+            rows = logprobs[r, n - req.n_targets:n]
+            targets = torch.tensor(req.tokens[-req.n_targets:])
+            nll[i] = -rows.gather(1, targets[:, None]).sum().item()
+            greedy[i] = bool((rows.argmax(-1) == targets).all())
+        if masks is not None:
+            meter.add(masks)
+    return nll, greedy
