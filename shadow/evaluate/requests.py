@@ -30,7 +30,7 @@ MaskFn = Callable[[list[Request]], Masks | None]  # requests → one mask per re
 
 @torch.no_grad()
 def score(model: nn.Module, requests: list[Request], mask_fn: MaskFn, batch_size: int, pad_id: int,
-          meter: SparsityMeter, desc: str) -> tuple[list[float], list[bool]]:
+          meter: SparsityMeter, desc: str, progress: bool = True) -> tuple[list[float], list[bool]]:
     """Each request's summed negative log-likelihood of its targets, and whether every target was the argmax.
 
     Requests run longest first, so that batches pad little; results come back in the order given. The masks
@@ -38,7 +38,7 @@ def score(model: nn.Module, requests: list[Request], mask_fn: MaskFn, batch_size
     """
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i].tokens))
     nll, greedy = [0.0] * len(requests), [False] * len(requests)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress):
         chunk = [requests[i] for i in order[start:start + batch_size]]
         inputs = [r.tokens[:-1] for r in chunk]
         ids, attention = pad(inputs, pad_id)

@@ -32,7 +32,7 @@ class SparseHFLM(HFLM):
                 for _, context, continuation in requests]
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
         nll, greedy = score(self.model, ours, self.mask_fn, override_bs or self.batch_size, pad_id, self.meter,
-                            "lm-eval requests")
+                            "lm-eval requests", progress=not disable_tqdm)
         return [(-n, g) for n, g in zip(nll, greedy, strict=True)]
 
 
