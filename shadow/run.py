@@ -120,9 +120,7 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
                 metrics, per_layer, out = evaluate_tasks(model, tokenizer, masks, cfg.eval, eval_input, cfg.seed)
                 extra = {"lm_eval": out["results"]}
                 log.info("lm-eval results\n%s", make_table(out))
-                tracker.table("lm_eval", ["task", "metric", "value"],
-                              [[t, k, v] for t, r in out["results"].items() for k, v in r.items()
-                               if isinstance(v, float)])
+                tracker.lm_eval(out)
         metrics.update(report["metrics"])
         record = {**{k: v for k, v in flat_config(cfg).items() if k != "config"}, "metrics": metrics,
                   "sparsity_per_layer": per_layer, "predictor_per_layer": report["per_layer"], **extra,

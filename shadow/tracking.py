@@ -81,11 +81,14 @@ class Tracker:
                 logged[name] = wandb.Table(columns=["layer", *columns], data=rows)
         self.run.log({**logged, **metrics})
 
-    def table(self, name: str, columns: list[str], rows: list[list]) -> None:
+    def lm_eval(self, out: dict[str, Any]) -> None:
+        """lm-eval's own W&B logger, attached to this job's run: its results tables and per-task metrics."""
         if self.run is not None:
-            import wandb
+            from lm_eval.loggers import WandbLogger
 
-            self.run.log({name: wandb.Table(columns=columns, data=rows)})
+            logger = WandbLogger()
+            logger.post_init(out)
+            logger.log_eval_result()
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.run is not None:

@@ -92,9 +92,11 @@ def test_every_placement_runs(job, tmp_path, placement):
     assert metrics["token_perplexity"] > 1
 
 
-def test_task_evaluation_job(job, tmp_path):
-    metrics = run(job("eval=tasks", "eval.limit=8", "sparsity=0.3", "logger=none"), tmp_path / "tasks")
+def test_task_evaluation_job(job, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    metrics = run(job("eval=tasks", "eval.limit=8", "sparsity=0.3"), tmp_path / "tasks")
     assert 0 <= metrics["tasks/mean_acc"] <= 1 and "opt_mini_nextsent/acc" in metrics
     assert metrics["achieved_head_sparsity"] == pytest.approx(0.3, abs=0.05)
     saved = json.loads((tmp_path / "tasks" / "metrics.json").read_text())
     assert saved["lm_eval"]["opt_mini_lastword"]["acc,none"] == metrics["opt_mini_lastword/acc"]
+    assert len(list((tmp_path / "tasks" / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
