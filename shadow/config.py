@@ -166,6 +166,9 @@ def validate(cfg: DictConfig | Config) -> None:
     _choice("predictor.target_norm", cfg.predictor.target_norm, TARGET_NORMS)
     _choice("predictor.arch", cfg.predictor.arch, ARCHS)
     _choice("predictor.granularity", cfg.predictor.granularity, GRANULARITIES)
+    if cfg.predictor.granularity == "token" and cfg.predictor.name not in ("shadow", "dejavu"):
+        raise ConfigError(f"predictor.granularity=token needs a trained predictor, not predictor={cfg.predictor.name}; "
+                          "use predictor=shadow or dejavu, or predictor.granularity=request")
     _choice("model.dtype", cfg.model.dtype, DTYPES)
     _choice("eval", cfg.eval.name, EVALS)
     _choice("eval.dataset", cfg.eval.dataset, EVAL_DATASETS)

@@ -94,6 +94,11 @@ def load_model(cfg: ModelConfig, device: str = "cpu") -> tuple[nn.Module, object
     return _LOADED[key]
 
 
+def pad_id(tokenizer) -> int:
+    """The id to pad batches with (padding is masked out; the tokenizer's own pad token when it has one)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.model.decoder.layers
 

@@ -1,4 +1,4 @@
-"""One job: calibration → importance traces → predictor → contextual masks → perplexity → results.
+"""One job: calibration → importance traces → predictor → contextual masks → evaluation → results.
 
 Traces and the predictor are artifacts cached under ``cache_dir``, keyed by exactly what determines them, so a
 sparsity sweep scores and trains once and a rerun reuses both.
@@ -24,7 +24,7 @@ from shadow.data import fingerprint as examples_fingerprint
 from shadow.evaluate.perplexity import evaluate_perplexity, load_eval_data
 from shadow.evaluate.requests import MaskFn
 from shadow.evaluate.tasks import check_tasks, evaluate_tasks
-from shadow.models import Shape, check_opt, fingerprint, load_model, load_tokenizer
+from shadow.models import Shape, check_opt, fingerprint, load_model, load_tokenizer, pad_id
 from shadow.policy import Policy
 from shadow.predictors import (
     OracleMasks,
@@ -59,7 +59,7 @@ def make_policy(cfg: DictConfig, heads_only: bool) -> Policy:
 
 
 def mask_source(cfg: DictConfig, model, examples: list[Example], criterion: Criterion, shape: Shape,
-                policy: Policy, pad_id: int) -> tuple[MaskFn, dict]:
+                policy: Policy, padding: int) -> tuple[MaskFn, dict]:
     """The configured predictor placement as a mask source, and the predictor's held-out quality (``metrics``
     overall, ``per_layer`` lists). Traces and the trained predictor are cached artifacts; ``dense`` and
     ``oracle`` need neither."""
@@ -67,17 +67,17 @@ def mask_source(cfg: DictConfig, model, examples: list[Example], criterion: Crit
     if name == "dense":
         return (lambda requests: None), NO_REPORT
     if name == "oracle":
-        return OracleMasks(model, criterion, shape, policy, cfg.predictor.target_norm, pad_id, cfg.seed), NO_REPORT
+        return OracleMasks(model, criterion, shape, policy, cfg.predictor.target_norm, padding, cfg.seed), NO_REPORT
     trace_inputs = {"model": fingerprint(model, cfg.model), "examples": examples_fingerprint(examples),
                     "criterion": OmegaConf.to_container(cfg.criterion), "batch_size": cfg.calibration.batch_size,
                     "seed": cfg.seed}
     with stage("scoring"):
         traces_dir, _ = cached(cfg.cache_dir, "traces", trace_inputs, lambda out: {"shards": compute_traces(
-            model, examples, criterion, shape, cfg.calibration.batch_size, pad_id, out, cfg.seed)})
+            model, examples, criterion, shape, cfg.calibration.batch_size, padding, out, cfg.seed)})
     if name == "static":
         return StaticMasks(*static_importance(load_traces(traces_dir), cfg.predictor.target_norm), policy), NO_REPORT
-    predictor_inputs = {"traces": cache_key(trace_inputs), "predictor": OmegaConf.to_container(cfg.predictor),
-                        "seed": cfg.seed}
+    training = {k: v for k, v in OmegaConf.to_container(cfg.predictor).items() if k != "granularity"}
+    predictor_inputs = {"traces": cache_key(trace_inputs), "predictor": training, "seed": cfg.seed}
 
     def train(out: Path) -> dict:
         predictor, report = fit_predictor(load_traces(traces_dir), shape, cfg.predictor, cfg.seed)
@@ -86,7 +86,7 @@ def mask_source(cfg: DictConfig, model, examples: list[Example], criterion: Crit
     with stage("predictor"):
         predictor_dir, predictor_meta = cached(cfg.cache_dir, "predictor", predictor_inputs, train)
     predictor = load_predictor(predictor_dir, predictor_meta)
-    return (PredictedMasks(model, predictor, policy, pad_id, cfg.predictor.granularity),
+    return (PredictedMasks(model, predictor, policy, padding, cfg.predictor.granularity),
             {"metrics": predictor_meta["metrics"], "per_layer": predictor_meta["per_layer"]})
 
 
@@ -102,7 +102,6 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
         raise ConfigError(f"predictor.layer={cfg.predictor.layer} is not a layer of this {shape.layers}-layer "
                          f"model; set predictor.layer between 0 and {shape.layers - 1}")
     tokenizer = load_tokenizer(path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     examples = load_calibration(cfg.calibration, tokenizer, config.max_position_embeddings)
     eval_input = load_eval_data(cfg.eval) if cfg.eval.name == "perplexity" else check_tasks(cfg.eval)
     sweep_dir = sweep_dir or output_dir
@@ -111,7 +110,7 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
     with Tracker(cfg, output_dir, group=group, name=job_name or output_dir.name) as tracker:
         with stage("load"):
             model, _ = load_model(cfg.model, cfg.device)
-        masks, report = mask_source(cfg, model, examples, criterion, shape, policy, pad_id)
+        masks, report = mask_source(cfg, model, examples, criterion, shape, policy, pad_id(tokenizer))
         extra = {}
         with stage("evaluate"):
             if cfg.eval.name == "perplexity":

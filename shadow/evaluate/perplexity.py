@@ -23,6 +23,7 @@ from torch import nn
 
 from shadow.config import ConfigError, EvalConfig
 from shadow.evaluate.requests import MaskFn, Request, score
+from shadow.models import pad_id
 from shadow.opt_mini import PERPLEXITY_FILE
 from shadow.policy import SparsityMeter
 
@@ -90,17 +91,17 @@ def evaluate_perplexity(model: nn.Module, tokenizer, mask_fn: MaskFn, cfg: EvalC
                         data: EvalData) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Perplexity metrics with the overall achieved sparsity, and the achieved sparsity of each layer."""
     seq_len = cfg.seq_len or model.config.max_position_embeddings
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    padding = pad_id(tokenizer)
     metrics: dict[str, float] = {}
     meter = SparsityMeter()
     if "token" in cfg.protocols:
         requests = token_requests(data.text, tokenizer, seq_len, cfg.limit)
-        nll, _ = score(model, requests, mask_fn, cfg.batch_size, pad_id, meter, "token perplexity")
+        nll, _ = score(model, requests, mask_fn, cfg.batch_size, padding, meter, "token perplexity")
         metrics["token_perplexity"] = math.exp(sum(nll) / sum(r.n_targets for r in requests))
     if "word" in cfg.protocols:
         subset = data.documents[:cfg.limit]
         per_doc = [word_requests(d, tokenizer, seq_len) for d in subset]
-        nll, _ = score(model, [r for rs in per_doc for r in rs], mask_fn, cfg.batch_size, pad_id, meter,
+        nll, _ = score(model, [r for rs in per_doc for r in rs], mask_fn, cfg.batch_size, padding, meter,
                        "word perplexity")
         total = sum(nll)
         words, n_bytes = sum(d.words for d in subset), sum(d.bytes for d in subset)

@@ -17,6 +17,7 @@ from torch import nn
 from shadow.config import EvalConfig
 from shadow.data import load_tasks
 from shadow.evaluate.requests import MaskFn, Request, score
+from shadow.models import pad_id
 from shadow.policy import SparsityMeter
 
 
@@ -30,8 +31,8 @@ class SparseHFLM(HFLM):
         window = self.max_length
         ours = [Request((context + continuation)[-(window + 1):], len(continuation), context[-window:])
                 for _, context, continuation in requests]
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
-        nll, greedy = score(self.model, ours, self.mask_fn, override_bs or self.batch_size, pad_id, self.meter,
+        nll, greedy = score(self.model, ours, self.mask_fn, override_bs or self.batch_size, pad_id(self.tokenizer),
+                            self.meter,
                             "lm-eval requests", progress=not disable_tqdm)
         return [(-n, g) for n, g in zip(nll, greedy, strict=True)]
 
