@@ -176,9 +176,12 @@ def validate(cfg: DictConfig | Config) -> None:
         raise ConfigError(f"eval.num_fewshot={cfg.eval.num_fewshot} is negative; use 0, 3 or 5")
     for protocol in cfg.eval.protocols:
         _choice("eval.protocols", protocol, PROTOCOLS)
-    if cfg.device == "cpu" and cfg.model.dtype == "float16":
-        raise ConfigError("model.dtype='float16' is slow and inexact on device=cpu; "
-                          "use model.dtype=float32 or bfloat16")
+    import torch
+
+    on_cpu = cfg.device == "cpu" if cfg.model.device_map is None else not torch.cuda.is_available()
+    if on_cpu and cfg.model.dtype == "float16":
+        raise ConfigError("model.dtype='float16' is slow and inexact on the CPU; use model.dtype=float32 or "
+                          "bfloat16, or device=cuda")
     _choice("calibration.source", cfg.calibration.source, CALIBRATION_SOURCES)
     if cfg.calibration.num_fewshot < 0:
         raise ConfigError(f"calibration.num_fewshot={cfg.calibration.num_fewshot} is negative; use 0, 3 or 5")

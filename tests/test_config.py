@@ -47,7 +47,7 @@ def test_no_criterion_lists_the_criteria(compose_cfg):
     ("predictor.target_norm=none", "predictor.target_norm='none' is not one of"),
     ("eval.dataset=c4", "eval.dataset='c4' is not one of opt_mini, wikitext2"),
     ("eval.protocols=[token,bytes]", "eval.protocols='bytes' is not one of token, word"),
-    ("model.dtype=float16", "model.dtype='float16' is slow and inexact on device=cpu"),
+    ("model.dtype=float16", "model.dtype='float16' is slow and inexact on the CPU"),
     ("model.dtype=int8", "model.dtype='int8' is not one of"),
     ("eval.batch_size=0", "eval.batch_size=0 must be at least 1"),
     ("cache_dir=/proc/shadow-cache", "cache_dir='/proc/shadow-cache' is not writable"),
