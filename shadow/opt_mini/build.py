@@ -188,17 +188,27 @@ def calibration_examples(docs: list[Doc], n: int, rng: random.Random) -> list[di
             for doc, ctx, nxt in _passages(docs, rng, n)]
 
 
+def _shuffled(sentence: str, rng: random.Random) -> str:
+    words = sentence.split()
+    while len(words) > 1 and " ".join(words) == sentence:
+        rng.shuffle(words)
+    return " ".join(words)
+
+
 def nextsent_examples(docs: list[Doc], n: int, rng: random.Random) -> list[dict]:
-    """Hellaswag-shaped: the true next sentence among three sentences of similar length from other documents."""
+    """Hellaswag-shaped: the true next sentence among three endings of similar length: a sentence of another
+    document (discourse: which one follows?) and two word-shuffled sentences, the true one's and another's
+    (fluency). A tiny model separates the fluent endings; only a better one finds the true of those two."""
     other = [(d.id, s) for d in docs for s in sentences(d.text) if 4 <= len(s.split()) <= 60]
     out = []
     for doc, ctx, true in _passages(docs, rng, n):
         words = len(true.split())
-        endings = [true]
-        while len(endings) < 4:
+        picks: list[str] = []
+        while len(picks) < 2:
             doc_id, cand = rng.choice(other)
-            if doc_id != doc.id and 0.67 * words <= len(cand.split()) <= 1.5 * words and cand not in endings:
-                endings.append(cand)
+            if doc_id != doc.id and 0.67 * words <= len(cand.split()) <= 1.5 * words and cand not in picks:
+                picks.append(cand)
+        endings = [true, picks[0], _shuffled(true, rng), _shuffled(picks[1], rng)]
         rng.shuffle(endings)
         out.append({"ctx": " ".join(ctx), "endings": endings, "label": endings.index(true), "doc": doc.id})
     return out
@@ -357,16 +367,17 @@ def train(workdir: Path, settings: TrainSettings) -> dict:
 
 
 @torch.no_grad()
-def heldout_perplexity(model, tokenizer, pages: list[str], seq_len: int) -> dict:
+def heldout_perplexity(model, tokenizer, pages: list[str], seq_len: int, batch_size: int = 16) -> dict:
     """Token perplexity over non-overlapping windows of the joined documents, and bits per byte."""
     stream = np.concatenate([np.asarray(x) for x in tokenizer(pages)["input_ids"]])
+    full = windows(stream, seq_len)
+    tail = torch.from_numpy(stream[len(full) * seq_len:])
+    batches = list(full.split(batch_size)) + ([tail[None]] if len(tail) > 1 else [])
     nll, count = 0.0, 0
-    for w in tqdm(torch.from_numpy(stream).split(seq_len), desc="held-out perplexity"):
-        if len(w) < 2:
-            continue
-        logits = model(input_ids=w[None]).logits[0, :-1]
-        nll += torch.nn.functional.cross_entropy(logits.float(), w[1:], reduction="sum").item()
-        count += len(w) - 1
+    for batch in tqdm(batches, desc="held-out perplexity"):
+        logits = model(input_ids=batch).logits[:, :-1]
+        nll += torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), batch[:, 1:], reduction="sum").item()
+        count += batch[:, 1:].numel()
     n_bytes = sum(len(p.encode("utf-8")) for p in pages)
     return {"token_perplexity": math.exp(nll / count), "bits_per_byte": nll / math.log(2) / n_bytes,
             "tokens": count, "bytes": n_bytes}
