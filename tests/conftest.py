@@ -23,12 +23,12 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def make_tiny_opt(layers: int = 3, heads: int = 4, hidden: int = 16, ffn: int = 32, vocab: int = 8192,
-                  seed: int = 0, dtype: torch.dtype = torch.float32):
+                  seed: int = 0, dtype: torch.dtype = torch.float32, positions: int = 64):
     from transformers import OPTConfig, OPTForCausalLM
 
     torch.manual_seed(seed)
     config = OPTConfig(vocab_size=vocab, hidden_size=hidden, word_embed_proj_dim=hidden, num_hidden_layers=layers,
-                       num_attention_heads=heads, ffn_dim=ffn, max_position_embeddings=64, dropout=0.0,
+                       num_attention_heads=heads, ffn_dim=ffn, max_position_embeddings=positions, dropout=0.0,
                        attention_dropout=0.0, pad_token_id=1, bos_token_id=2, eos_token_id=2)
     model = OPTForCausalLM(config).to(dtype).eval()
     with torch.no_grad():  # larger than the default init so that every unit matters measurably

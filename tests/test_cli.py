@@ -36,7 +36,7 @@ def test_the_exact_command_runs_two_jobs(tmp_path):
     assert all(x["model"] == "opt-mini" and x["criterion"] == "plainact" for x in lines)
     low, high = sorted(lines, key=lambda x: x["sparsity"])
     assert low["metrics"]["token_perplexity"] < high["metrics"]["token_perplexity"]
-    assert result.stderr.count("traces: reusing") == 1  # the second job reuses the first job's scores
+    assert result.stdout.count("traces: reusing") == 1  # the second job reuses the first job's scores
     assert len(list(results.parent.glob("*/wandb/offline-run-*"))) == 2
     assert len(list(results.parent.glob("*/metrics.json"))) == 2
 

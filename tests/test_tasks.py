@@ -7,6 +7,7 @@ import json
 import lm_eval
 import pytest
 import torch
+from conftest import make_tiny_opt
 from lm_eval.models.huggingface import HFLM
 
 from shadow.config import ConfigError, EvalConfig
@@ -16,6 +17,12 @@ from shadow.policy import Policy, SparsityMeter
 from shadow.predictors import PredictedMasks, Predictor, placement_groups
 
 FAST = EvalConfig(name="tasks", limit=12, batch_size=8)
+
+
+@pytest.fixture
+def tiny_opt():
+    """Long enough for opt-mini's questions: no request is truncated, as lm-eval and we truncate alike."""
+    return make_tiny_opt(positions=512)
 
 
 @pytest.fixture

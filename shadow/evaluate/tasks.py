@@ -29,8 +29,10 @@ class SparseHFLM(HFLM):
     def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False,
                               override_bs: int | None = None) -> list[tuple[float, bool]]:
         window = self.max_length
-        ours = [Request((context + continuation)[-(window + 1):], len(continuation), context[-window:])
-                for _, context, continuation in requests]
+        ours = []
+        for _, context, continuation in requests:
+            tokens = (context + continuation)[-(window + 1):]  # lm-eval's truncation: drop context from the left
+            ours.append(Request(tokens, min(len(continuation), len(tokens) - 1), context[-window:]))
         nll, greedy = score(self.model, ours, self.mask_fn, override_bs or self.batch_size, pad_id(self.tokenizer),
                             self.meter,
                             "lm-eval requests", progress=not disable_tqdm)
