@@ -46,6 +46,11 @@ def minmax(x: Tensor, dims: tuple[int, ...]) -> Tensor:
     return (x - lo) / (hi - lo).clamp(min=EPS)
 
 
+def normalise_inputs(features: Tensor) -> Tensor:
+    """A predictor's input: each attention output min–max normalised over its features."""
+    return minmax(features.float(), (-1,))
+
+
 def normalise_targets(scores: Tensor, how: str) -> Tensor:
     """(N, L, U) scores → [0, 1] per example and layer (``per_layer``) or per example (``global``)."""
     return minmax(scores, (2,) if how == "per_layer" else (1, 2))
@@ -87,18 +92,25 @@ class Predictor(nn.Module):
 
     def inputs(self, features: Tensor, group: int) -> Tensor:
         """The group's normalised input from (..., len(feature_layers), E) features."""
-        x = features[..., self.feature_layers.index(self.groups[group][0]), :].float()
-        return minmax(x, (-1,))
+        return normalise_inputs(features[..., self.feature_layers.index(self.groups[group][0]), :])
+
+    def group_scores(self, group: int, feature: Tensor) -> tuple[Tensor, Tensor]:
+        """One group's (..., len(targets), H) head and (..., len(targets), F) neuron scores from its feature
+        layer's raw (..., E) attention output."""
+        x = normalise_inputs(feature).to(self.heads[group][0].weight.dtype)
+        targets = len(self.groups[group][1])
+        return (self.heads[group](x).unflatten(-1, (targets, -1)).float(),
+                self.neurons[group](x).unflatten(-1, (targets, -1)).float())
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """(..., len(feature_layers), E) raw features → predicted (..., L, H) head and (..., L, F) neuron scores."""
         lead = features.shape[:-2]
         heads = features.new_zeros(*lead, self.shape.layers, self.shape.heads, dtype=torch.float32)
         neurons = features.new_zeros(*lead, self.shape.layers, self.shape.neurons, dtype=torch.float32)
-        for g, (_, targets) in enumerate(self.groups):
-            x = self.inputs(features, g)
-            heads[..., list(targets), :] = self.heads[g](x).view(*lead, len(targets), -1)
-            neurons[..., list(targets), :] = self.neurons[g](x).view(*lead, len(targets), -1)
+        for g, (layer, targets) in enumerate(self.groups):
+            group_heads, group_neurons = self.group_scores(g, features[..., self.feature_layers.index(layer), :])
+            heads[..., list(targets), :] = group_heads
+            neurons[..., list(targets), :] = group_neurons
         return heads, neurons
 
 

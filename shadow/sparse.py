@@ -1,21 +1,31 @@
-"""Sparse execution per request: the pruned units' weights are not read at all.
+"""Sparse execution: the pruned units' weights are not read at all. Outputs equal the masked model's (tested).
 
-``pruned(model, masks)`` swaps, for the duration of a block, each layer's projections for smaller ones that hold
-only the kept units' weights, gathered once: the q, k and v rows and the out_proj columns of the kept heads
-(so the KV cache holds only those heads), and the fc1 rows and fc2 columns of the kept neurons. Prefill and
-every decoding step then run on the smaller layers. The outputs equal the masked model's (tested).
+Per request, ``pruned(model, masks)`` swaps, for the duration of a block, each layer's projections for smaller
+ones that hold only the kept units' weights, gathered once: the q, k and v rows and the out_proj columns of the
+kept heads (so the KV cache holds only those heads), and the fc1 rows and fc2 columns of the kept neurons.
+Prefill and every decoding step then run on the smaller layers.
+
+Per token, ``TokenDecoder`` decodes greedily with a fresh mask at every step, as DejaVu does, and copies no
+weights: rows (q, k, v, fc1) are read in place by ``torch.sparse.sampled_addmm``, which computes only the kept
+rows' dot products, and columns (out_proj, fc2) by ``embedding_bag`` over the transposed weight, a weighted sum
+of the kept rows. Copying the kept weights at every step would cost more than the dense product.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
 from shadow.models import decoder_layers
-from shadow.policy import Masks
+from shadow.policy import Masks, Policy
+from shadow.predictors import Predictor
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 
 def _rows(layer: nn.Linear, index: Tensor) -> nn.Linear:
@@ -64,3 +74,174 @@ def pruned(model: nn.Module, masks: Masks) -> Iterator[None]:
         for layer, attn, q, k, v, out, heads, fc1, fc2 in saved:
             attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, attn.num_heads = q, k, v, out, heads
             layer.fc1, layer.fc2 = fc1, fc2
+
+
+def gather_rows(linear: nn.Linear, index: Tensor, x: Tensor) -> Tensor:
+    """``linear(x)[index]`` for one input vector, computing (and reading) only the rows in ``index`` (sorted)."""
+    rows = linear.out_features
+    crow = torch.zeros(rows + 1, dtype=torch.long, device=x.device)
+    crow[index + 1] = 1
+    bias = linear.bias[index] if linear.bias is not None else x.new_zeros(len(index))
+    pattern = torch.sparse_csr_tensor(crow.cumsum(0), torch.zeros_like(index), bias, size=(rows, 1),
+                                      check_invariants=False)
+    return torch.sparse.sampled_addmm(pattern, linear.weight, x[:, None]).values()
+
+
+def gather_columns(weight_t: Tensor, bias: Tensor | None, index: Tensor, x: Tensor) -> Tensor:
+    """``W[:, index] @ x + b`` from ``weight_t`` = Wᵀ (in, out), reading only its rows in ``index``."""
+    offsets = torch.zeros(1, dtype=torch.long, device=index.device)
+    out = nn.functional.embedding_bag(index, weight_t, offsets, mode="sum", per_sample_weights=x)[0]
+    return out if bias is None else out + bias
+
+
+@dataclass
+class Generation:
+    tokens: Tensor  # (N,) the greedy continuation
+    logits: Tensor  # (N - 1, V) of the sparse decoding steps (the first token comes from the dense prompt pass)
+    masks: Masks  # heads (N - 1, L, H), neurons (N - 1, L, F): the mask of each decoding step
+
+
+@dataclass
+class _LayerCache:
+    keys: Tensor  # (H, positions, head_dim)
+    values: Tensor
+    inputs: Tensor  # (positions, E) attention inputs, to compute a head's skipped keys and values later
+    done: list[int]  # per head: positions [0, done) have keys and values
+
+
+class TokenDecoder:
+    """Greedy decoding at batch 1 with per-token masks, reading only the kept units' weights at each step.
+
+    The prompt runs densely. At every decoding step the predictor runs where its features appear: ShadowLLM's
+    once, on layer 0's attention output; DejaVu-style ones at every layer (with ``lookahead``, layer l's reads
+    layer l − 1's). A layer whose mask is not yet known when it starts computes all its heads. Its features
+    are its out_proj input, pruned heads zeroed. Keys and values of a head at positions where it was pruned are
+    computed when it is next kept, from the cached attention input, so each head attends to exactly the keys
+    and values of the masked model, whose pruned heads still write their cache.
+    """
+
+    def __init__(self, model: nn.Module, predictor: Predictor, policy: Policy):
+        if len(predictor.groups) > 1 and policy.name != "local":
+            raise ValueError(f"policy={policy.name}: per-token execution selects each layer's units when its own "
+                             "predictor runs, so only policy=local applies to per-layer predictors")
+        for feature_layer, targets in predictor.groups:
+            if min(targets) < feature_layer:
+                raise ValueError(f"predictor.layer={feature_layer}: per-token execution needs every layer's mask "
+                                 f"before the layer runs, and layer {min(targets)} runs first; use layer=0")
+        self.model, self.predictor, self.policy = model, predictor, policy
+        self.layers = decoder_layers(model)
+        self.groups_at = {layer: [g for g, (f, _) in enumerate(predictor.groups) if f == layer]
+                          for layer in predictor.feature_layers}
+        self.shape = predictor.shape
+
+    @contextmanager
+    def _transposed(self) -> Iterator[None]:
+        """Store out_proj and fc2 weights transposed in place (rows = input units) for ``gather_columns``."""
+        modules = [m for layer in self.layers for m in (layer.self_attn.out_proj, layer.fc2)]
+        try:
+            for m in modules:
+                m.weight.data = m.weight.data.t().contiguous().t()
+            yield
+        finally:
+            for m in modules:
+                m.weight.data = m.weight.data.contiguous()
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, new_tokens: int) -> Generation:
+        """Greedily continue one (1, T) prompt by ``new_tokens`` tokens."""
+        if input_ids.shape[0] != 1:
+            raise ValueError("TokenDecoder decodes one request at a time: input_ids must be (1, T)")
+        prompt = input_ids.shape[1]
+        out = self.model(input_ids.to(self.model.device), use_cache=True)
+        caches = self._caches(out.past_key_values, prompt + new_tokens)
+        tokens = [int(out.logits[0, -1].argmax())]
+        logits, heads, neurons = [], [], []
+        with self._transposed():
+            for position in range(prompt, prompt + new_tokens - 1):
+                step_logits, masks = self._step(tokens[-1], position, caches)
+                tokens.append(int(step_logits.argmax()))
+                logits.append(step_logits)
+                heads.append(masks.heads)
+                neurons.append(masks.neurons)
+        empty = torch.zeros(0, self.shape.layers, 0, dtype=torch.bool)
+        return Generation(torch.tensor(tokens),
+                          torch.stack(logits) if logits else torch.zeros(0, self.model.config.vocab_size),
+                          Masks(torch.stack(heads) if heads else empty, torch.stack(neurons) if neurons else empty))
+
+    def _caches(self, cache, positions: int) -> list[_LayerCache]:
+        caches = []
+        for index, layer in enumerate(self.layers):
+            keys, values = cache.layers[index].keys[0], cache.layers[index].values[0]
+            H, T, D = keys.shape
+            full_keys, full_values = keys.new_zeros(H, positions, D), values.new_zeros(H, positions, D)
+            full_keys[:, :T], full_values[:, :T] = keys, values
+            inputs = keys.new_zeros(positions, layer.self_attn.q_proj.in_features)
+            caches.append(_LayerCache(full_keys, full_values, inputs, [T] * H))
+        return caches
+
+    def _step(self, token: int, position: int, caches: list[_LayerCache]) -> tuple[Tensor, Masks]:
+        decoder = self.model.model.decoder
+        x = decoder.embed_tokens.weight[token]
+        if decoder.project_in is not None:
+            x = decoder.project_in(x)
+        x = x + decoder.embed_positions.weight[position + decoder.embed_positions.offset]
+        heads: dict[int, Tensor] = {}  # layer → kept head mask (H,), filled as predictors run
+        neurons: dict[int, Tensor] = {}
+        for index, layer in enumerate(self.layers):
+            norm_first = layer.do_layer_norm_before
+            h = layer.self_attn_layer_norm(x) if norm_first else x
+            x = x + self._attention(index, layer.self_attn, h, position, caches[index], heads, neurons)
+            if not norm_first:
+                x = layer.self_attn_layer_norm(x)
+            h = layer.final_layer_norm(x) if norm_first else x
+            kept = neurons[index].nonzero().flatten()
+            x = x + gather_columns(layer.fc2.weight.t(), layer.fc2.bias, kept,
+                                   layer.activation_fn(gather_rows(layer.fc1, kept, h)))
+            if not norm_first:
+                x = layer.final_layer_norm(x)
+        if decoder.final_layer_norm is not None:
+            x = decoder.final_layer_norm(x)
+        if decoder.project_out is not None:
+            x = decoder.project_out(x)
+        logits = self.model.lm_head(x).float()
+        return logits, Masks(torch.stack([heads[i] for i in range(len(self.layers))]).cpu(),
+                             torch.stack([neurons[i] for i in range(len(self.layers))]).cpu())
+
+    def _attention(self, index: int, attn: nn.Module, h: Tensor, position: int, cache: _LayerCache,
+                   heads: dict[int, Tensor], neurons: dict[int, Tensor]) -> Tensor:
+        """One position's attention output after out_proj, over the kept heads (all of them when the layer's
+        mask is not known yet); runs the predictors that read this layer."""
+        D = attn.head_dim
+        device = h.device
+        active = heads[index] if index in heads else torch.ones(attn.num_heads, dtype=torch.bool, device=device)
+        computed = active.nonzero().flatten()
+        dims = (computed[:, None] * D + torch.arange(D, device=device)).flatten()
+        cache.inputs[position] = h
+        for name, store in (("k_proj", cache.keys), ("v_proj", cache.values)):
+            proj = getattr(attn, name)
+            store[:, position].index_copy_(0, computed, gather_rows(proj, dims, h).view(-1, D))
+            for head in computed.tolist():  # positions where this head was pruned
+                if cache.done[head] < position:
+                    rows = slice(head * D, (head + 1) * D)
+                    bias = proj.bias[rows] if proj.bias is not None else None
+                    store[head, cache.done[head]:position] = nn.functional.linear(
+                        cache.inputs[cache.done[head]:position], proj.weight[rows], bias).view(-1, D)
+        for head in computed.tolist():
+            cache.done[head] = position + 1
+        query = (gather_rows(attn.q_proj, dims, h) * attn.scaling).view(1, -1, 1, D)
+        keys = cache.keys[:, :position + 1].index_select(0, computed)[None]
+        values = cache.values[:, :position + 1].index_select(0, computed)[None]
+        out = nn.functional.scaled_dot_product_attention(query, keys, values, scale=1.0).flatten()
+        for group in self.groups_at.get(index, []):
+            feature = h.new_zeros(attn.out_proj.in_features).index_copy_(0, dims, out)
+            self._predict(group, feature, heads, neurons)
+        kept = heads[index][computed]  # of the computed heads, those the mask keeps
+        return gather_columns(attn.out_proj.weight.t(), attn.out_proj.bias, dims.view(-1, D)[kept].flatten(),
+                              out.view(-1, D)[kept].flatten())
+
+    def _predict(self, group: int, feature: Tensor, heads: dict[int, Tensor], neurons: dict[int, Tensor]) -> None:
+        targets = self.predictor.groups[group][1]
+        policy = replace(self.policy, dense_first_layer=self.policy.dense_first_layer and targets[0] == 0)
+        masks = policy.select(*self.predictor.group_scores(group, feature[None]))
+        for i, layer in enumerate(targets):
+            heads[layer], neurons[layer] = masks.heads[0, i], masks.neurons[0, i]

@@ -1,4 +1,5 @@
-"""Sparse execution equals the masked model: one forward, and generation with its KV cache."""
+"""Sparse execution equals the masked model: per request (one forward, generation with its KV cache) and per
+token (greedy decoding with a predictor in the loop, each step's logits against the masked model's)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import torch
 from shadow.masking import apply_masks
 from shadow.models import Shape
 from shadow.policy import Masks, Policy
-from shadow.sparse import pruned
+from shadow.predictors import Predictor, placement_groups
+from shadow.sparse import TokenDecoder, gather_columns, gather_rows, pruned
+from shadow.traces import layer_features
 
 
 def request_masks(model, seed: int, sparsity: float = 0.5) -> Masks:
@@ -62,3 +65,78 @@ def test_pruned_takes_one_request():
     batch_of_two = Masks(torch.ones(2, 3, 4, dtype=torch.bool), torch.ones(2, 3, 8, dtype=torch.bool))
     with pytest.raises(ValueError, match="one request's masks"), pruned(torch.nn.Module(), batch_of_two):
         pass
+
+
+def test_gather_kernels_equal_the_dense_products():
+    gen = torch.Generator().manual_seed(5)
+    linear = torch.nn.Linear(24, 40)
+    x, y = torch.randn(24, generator=gen), torch.randn(40, generator=gen)
+    index = torch.tensor([0, 3, 4, 17, 39])
+    torch.testing.assert_close(gather_rows(linear, index, x), linear(x)[index])
+    down = torch.nn.Linear(40, 24)
+    masked = down(y * torch.zeros(40).index_fill_(0, index, 1))
+    torch.testing.assert_close(gather_columns(down.weight.t().contiguous(), down.bias, index, y[index]), masked)
+    assert torch.equal(gather_columns(down.weight.t(), down.bias, index[:0], y[:0]), down.bias)
+
+
+def token_predictor(model, name: str, lookahead: bool = False) -> Predictor:
+    torch.manual_seed(7)
+    shape = Shape.of(model.config)
+    groups = placement_groups(name, shape.layers, 0, lookahead)
+    return Predictor(shape, model.config.hidden_size, groups, head_hidden=32, neuron_hidden=32).eval()
+
+
+def decode_and_check(model, predictor: Predictor, policy: Policy, new_tokens: int = 10):
+    """Decode per token; every step's logits must equal the masked model's on the same sequence and masks."""
+    ids = torch.randint(4, 8192, (1, 9), generator=torch.Generator().manual_seed(6))
+    out = TokenDecoder(model, predictor, policy).generate(ids, new_tokens)
+    assert len(out.tokens) == new_tokens and out.logits.shape[0] == new_tokens - 1
+    sequence = torch.cat([ids[0], out.tokens[:-1]])[None]
+    prompt = ids.shape[1]
+    heads = torch.ones(1, sequence.shape[1], *out.masks.heads.shape[1:], dtype=torch.bool)
+    neurons = torch.ones(1, sequence.shape[1], *out.masks.neurons.shape[1:], dtype=torch.bool)
+    heads[0, prompt:], neurons[0, prompt:] = out.masks.heads, out.masks.neurons
+    with torch.no_grad(), apply_masks(model, Masks(heads, neurons)):
+        masked = model(sequence).logits[0]
+    assert int(masked[prompt - 1].argmax()) == out.tokens[0]
+    torch.testing.assert_close(out.logits, masked[prompt:], rtol=1e-4, atol=1e-4)
+    assert torch.equal(out.tokens[1:], masked[prompt:].argmax(-1))
+    return out, sequence
+
+
+@pytest.mark.parametrize("policy", ["global", "local"])
+def test_shadow_per_token_decoding_equals_the_masked_model(tiny_opt, policy):
+    predictor = token_predictor(tiny_opt, "shadow")
+    out, sequence = decode_and_check(tiny_opt, predictor, Policy(policy, 0.5, 0.5))
+    # the masks are the predictor's on layer 0's attention output at each position, as in the accuracy setting
+    features = layer_features(tiny_opt, sequence, torch.ones_like(sequence), None, [0])
+    expected = Policy(policy, 0.5, 0.5).select(*predictor(features))
+    prompt = sequence.shape[1] - out.masks.heads.shape[0]
+    assert torch.equal(out.masks.heads, expected.heads[0, prompt:])
+    assert torch.equal(out.masks.neurons, expected.neurons[0, prompt:])
+    # heads come back after being pruned, so keys and values skipped earlier were computed late
+    came_back = (~out.masks.heads[:-1] & out.masks.heads[1:]).any()
+    assert came_back
+
+
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_dejavu_per_token_decoding_equals_the_masked_model(tiny_opt, lookahead):
+    decode_and_check(tiny_opt, token_predictor(tiny_opt, "dejavu", lookahead), Policy("local", 0.5, 0.5))
+
+
+def test_per_token_decoding_with_an_empty_layer(tiny_opt):
+    predictor = token_predictor(tiny_opt, "shadow")
+    H = Shape.of(tiny_opt.config).heads
+    with torch.no_grad():
+        predictor.heads[0][-1].bias[H:2 * H] = -1e4  # layer 1's heads always rank last
+    out, _ = decode_and_check(tiny_opt, predictor, Policy("global", 0.6, 0.5))
+    assert not out.masks.heads[:, 1].any()
+
+
+def test_per_token_decoding_rejects_what_it_cannot_run(tiny_opt):
+    shape = Shape.of(tiny_opt.config)
+    late = Predictor(shape, 16, placement_groups("shadow", shape.layers, 1), head_hidden=8, neuron_hidden=8)
+    with pytest.raises(ValueError, match="predictor.layer=1"):
+        TokenDecoder(tiny_opt, late, Policy("global"))
+    with pytest.raises(ValueError, match="policy=global"):
+        TokenDecoder(tiny_opt, token_predictor(tiny_opt, "dejavu"), Policy("global"))
