@@ -133,36 +133,43 @@ class TokenDecoder:
         self.groups_at = {layer: [g for g, (f, _) in enumerate(predictor.groups) if f == layer]
                           for layer in predictor.feature_layers}
         self.shape = predictor.shape
+        self.active = False
 
-    @contextmanager
-    def _transposed(self) -> Iterator[None]:
-        """Store out_proj and fc2 weights transposed in place (rows = input units) for ``gather_columns``."""
-        modules = [m for layer in self.layers for m in (layer.self_attn.out_proj, layer.fc2)]
-        try:
-            for m in modules:
-                m.weight.data = m.weight.data.t().contiguous().t()
-            yield
-        finally:
-            for m in modules:
-                m.weight.data = m.weight.data.contiguous()
+    def __enter__(self) -> TokenDecoder:
+        """Store out_proj and fc2 weights transposed in place (rows = input units) for ``gather_columns``; the
+        values are untouched and the model runs as before. ``generate`` does this itself when not inside."""
+        for m in self._column_modules():
+            m.weight.data = m.weight.data.t().contiguous().t()
+        self.active = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for m in self._column_modules():
+            m.weight.data = m.weight.data.contiguous()
+        self.active = False
+
+    def _column_modules(self) -> list[nn.Linear]:
+        return [m for layer in self.layers for m in (layer.self_attn.out_proj, layer.fc2)]
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, new_tokens: int) -> Generation:
         """Greedily continue one (1, T) prompt by ``new_tokens`` tokens."""
         if input_ids.shape[0] != 1:
             raise ValueError("TokenDecoder decodes one request at a time: input_ids must be (1, T)")
+        if not self.active:
+            with self:
+                return self.generate(input_ids, new_tokens)
         prompt = input_ids.shape[1]
         out = self.model(input_ids.to(self.model.device), use_cache=True)
-        caches = self._caches(out.past_key_values, prompt + new_tokens)
+        caches = self._caches(out.cache, prompt + new_tokens)
         tokens = [int(out.logits[0, -1].argmax())]
         logits, heads, neurons = [], [], []
-        with self._transposed():
-            for position in range(prompt, prompt + new_tokens - 1):
-                step_logits, masks = self._step(tokens[-1], position, caches)
-                tokens.append(int(step_logits.argmax()))
-                logits.append(step_logits)
-                heads.append(masks.heads)
-                neurons.append(masks.neurons)
+        for position in range(prompt, prompt + new_tokens - 1):
+            step_logits, masks = self._step(tokens[-1], position, caches)
+            tokens.append(int(step_logits.argmax()))
+            logits.append(step_logits)
+            heads.append(masks.heads)
+            neurons.append(masks.neurons)
         empty = torch.zeros(0, self.shape.layers, 0, dtype=torch.bool)
         return Generation(torch.tensor(tokens),
                           torch.stack(logits) if logits else torch.zeros(0, self.model.config.vocab_size),

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import CONF_DIR
+from hydra import compose, initialize_config_dir
 
+from shadow.benchmarks.latency import COLUMNS, run
 from shadow.masking import apply_masks
 from shadow.models import Shape
 from shadow.policy import Masks, Policy
@@ -140,3 +143,20 @@ def test_per_token_decoding_rejects_what_it_cannot_run(tiny_opt):
         TokenDecoder(tiny_opt, late, Policy("global"))
     with pytest.raises(ValueError, match="policy=global"):
         TokenDecoder(tiny_opt, token_predictor(tiny_opt, "dejavu"), Policy("global"))
+
+
+def test_latency_benchmark_writes_its_table(tmp_path):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="latency", overrides=["arch=opt-125m", "prompt=6", "new_tokens=3",
+                                                        "min_run_time=0.01", "sparsity=[0.5]", "logger=none"])
+    rows = run(cfg, tmp_path)
+    assert [(r["method"], r["granularity"]) for r in rows] == [
+        ("dense", "-"), ("static", "request"), ("shadow", "request"), ("dejavu", "request"),
+        ("shadow", "token"), ("dejavu", "token")]
+    assert all(r["total_ms"] > 0 and r["first_token_ms"] > 0 for r in rows)
+    for r in rows:  # steps after the first token, timed as the difference (noisy at 3 tokens, exact at 128)
+        assert r["step_ms"] == pytest.approx((r["total_ms"] - r["first_token_ms"]) / 2)
+        assert r["decode_speedup"] == pytest.approx(rows[0]["step_ms"] / r["step_ms"])
+    assert all(r["predictor_share"] > 0 for r in rows if r["method"] in ("shadow", "dejavu"))
+    assert (tmp_path / "latency.csv").read_text().splitlines()[0] == ",".join(COLUMNS)
+    assert (tmp_path / "latency.md").read_text().count("\n| ") == len(rows) + 1
