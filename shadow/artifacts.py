@@ -47,8 +47,10 @@ def verify(directory: Path) -> dict | None:
     return meta
 
 
-def cached(cache_dir: str | Path, kind: str, inputs: dict, build: Callable[[Path], dict]) -> tuple[Path, dict]:
-    """The directory and metadata of the artifact for ``inputs``, building it with ``build(tmp_dir)`` if needed.
+def cached(cache_dir: str | Path, kind: str, inputs: dict, build: Callable[[Path], dict],
+           rebuild: bool = False) -> tuple[Path, dict]:
+    """The directory and metadata of the artifact for ``inputs``, building it with ``build(tmp_dir)`` if needed
+    (always with ``rebuild``, replacing the old one).
 
     ``build`` writes its files into the directory it is given and returns extra metadata (JSON-serialisable).
     """
@@ -56,7 +58,7 @@ def cached(cache_dir: str | Path, kind: str, inputs: dict, build: Callable[[Path
     root.mkdir(parents=True, exist_ok=True)
     final = root / cache_key(inputs)
     with FileLock(str(final) + ".lock"):
-        if final.exists():
+        if final.exists() and not rebuild:
             meta = verify(final)
             if meta is not None:
                 log.info("%s: reusing %s", kind, final)
@@ -68,6 +70,8 @@ def cached(cache_dir: str | Path, kind: str, inputs: dict, build: Callable[[Path
             meta = {"kind": kind, "inputs": inputs, **extra,
                     "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+            if final.exists():
+                shutil.rmtree(final)
             tmp.rename(final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

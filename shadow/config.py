@@ -106,6 +106,7 @@ class Config:
     seed: int = 0
     device: str = "cpu"
     cache_dir: str = "${oc.env:SHADOW_CACHE_DIR,.cache/shadow}"
+    force: bool = False  # rerun a job whose results are already in the cache
 
 
 def resolved_sparsities(cfg: DictConfig | Config) -> tuple[float, float]:

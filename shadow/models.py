@@ -103,11 +103,12 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.model.decoder.layers
 
 
-def fingerprint(model: nn.Module, cfg: ModelConfig) -> dict:
-    """What identifies the weights for caching: the config, dtype, and each weight file's name, size and mtime."""
-    path = Path(model.config._name_or_path)
+def fingerprint(path: str | Path, config, cfg: ModelConfig) -> dict:
+    """What identifies the weights for caching, read without loading them (``check_opt``'s path and config): the
+    config, dtype, and each weight file's name, size and mtime."""
+    path = Path(path)
     files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.glob("*.safetensors")) \
         if path.is_dir() else []
-    config = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
+    config = json.dumps(config.to_dict(), sort_keys=True, default=str)
     return {"path": str(path), "dtype": cfg.dtype, "files": files,
             "config_sha256": hashlib.sha256(config.encode()).hexdigest()}

@@ -6,6 +6,7 @@ sparsity sweep scores and trains once and a rerun reuses both.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import torch
 from lm_eval.utils import make_table
 from omegaconf import DictConfig, OmegaConf
 
-from shadow.artifacts import cache_key, cached
+from shadow.artifacts import cache_key, cached, verify
 from shadow.config import ConfigError, resolved_sparsities, validate
 from shadow.criteria import Criterion, get_criterion
 from shadow.data import Example, load_calibration
@@ -58,17 +59,17 @@ def make_policy(cfg: DictConfig, heads_only: bool) -> Policy:
     return Policy(cfg.policy, head, neuron, cfg.min_heads, cfg.min_neurons, cfg.dense_first_layer)
 
 
-def mask_source(cfg: DictConfig, model, examples: list[Example], criterion: Criterion, shape: Shape,
-                policy: Policy, padding: int) -> tuple[MaskFn, dict]:
+def mask_source(cfg: DictConfig, model, model_id: dict, examples: list[Example], criterion: Criterion,
+                shape: Shape, policy: Policy, padding: int) -> tuple[MaskFn, dict]:
     """The configured predictor placement as a mask source, and the predictor's held-out quality (``metrics``
     overall, ``per_layer`` lists). Traces and the trained predictor are cached artifacts; ``dense`` and
-    ``oracle`` need neither."""
+    ``oracle`` need neither. ``model_id``: the weights' ``fingerprint``."""
     name = cfg.predictor.name
     if name == "dense":
         return (lambda requests: None), NO_REPORT
     if name == "oracle":
         return OracleMasks(model, criterion, shape, policy, cfg.predictor.target_norm, padding, cfg.seed), NO_REPORT
-    trace_inputs = {"model": fingerprint(model, cfg.model), "examples": examples_fingerprint(examples),
+    trace_inputs = {"model": model_id, "examples": examples_fingerprint(examples),
                     "criterion": OmegaConf.to_container(cfg.criterion), "batch_size": cfg.calibration.batch_size,
                     "seed": cfg.seed}
     with stage("scoring"):
@@ -90,10 +91,35 @@ def mask_source(cfg: DictConfig, model, examples: list[Example], criterion: Crit
             {"metrics": predictor_meta["metrics"], "per_layer": predictor_meta["per_layer"]})
 
 
+def save_record(directory: Path, record: dict) -> dict:
+    (directory / "record.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+    return {}
+
+
+def job_inputs(cfg: DictConfig, model_id: dict) -> dict:
+    """What determines a job's results: the weights and every setting but where things go and how they are
+    logged."""
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("cache_dir", "logger", "force"):
+        settings.pop(key, None)
+    return {"model": model_id, "job": settings}
+
+
 def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_name: str = "") -> dict[str, float]:
-    """Run the job described by ``cfg``; write metrics.json to output_dir and a line to sweep_dir/results.jsonl."""
+    """Run the job described by ``cfg``; write metrics.json to output_dir and a line to sweep_dir/results.jsonl.
+
+    A job whose results are already in the cache (same settings, same weights) is not rerun: its record is
+    copied to output_dir and sweep_dir; ``force=true`` reruns it."""
     validate(cfg)
     path, config = check_opt(cfg.model)
+    model_id = fingerprint(path, config, cfg.model)
+    sweep_dir = sweep_dir or output_dir
+    done = Path(cfg.cache_dir) / "results" / cache_key(job_inputs(cfg, model_id))
+    if not cfg.force and done.exists() and verify(done) is not None:
+        record = {**json.loads((done / "record.json").read_text()), "output_dir": str(output_dir)}
+        write_results(output_dir, sweep_dir, record)
+        log.info("results exist for this config (%s): skipped; force=true reruns it", done)
+        return record["metrics"]
     shape = Shape.of(config)
     criterion = get_criterion(cfg.criterion.name, cfg.criterion.variant)
     policy = make_policy(cfg, criterion.heads_only)
@@ -104,13 +130,12 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
     tokenizer = load_tokenizer(path)
     examples = load_calibration(cfg.calibration, tokenizer, config.max_position_embeddings)
     eval_input = load_eval_data(cfg.eval) if cfg.eval.name == "perplexity" else check_tasks(cfg.eval)
-    sweep_dir = sweep_dir or output_dir
     torch.manual_seed(cfg.seed)
     group = "/".join(sweep_dir.parts[-2:])  # multirun/<date>/<time> → <date>/<time>
     with Tracker(cfg, output_dir, group=group, name=job_name or output_dir.name) as tracker:
         with stage("load"):
             model, _ = load_model(cfg.model, cfg.device)
-        masks, report = mask_source(cfg, model, examples, criterion, shape, policy, pad_id(tokenizer))
+        masks, report = mask_source(cfg, model, model_id, examples, criterion, shape, policy, pad_id(tokenizer))
         extra = {}
         with stage("evaluate"):
             if cfg.eval.name == "perplexity":
@@ -125,6 +150,8 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
                   "sparsity_per_layer": per_layer, "predictor_per_layer": report["per_layer"], **extra,
                   "output_dir": str(output_dir)}
         write_results(output_dir, sweep_dir, record)
+        cached(cfg.cache_dir, "results", job_inputs(cfg, model_id), lambda out: save_record(out, record),
+               rebuild=cfg.force)
         tracker.summary(metrics, {"sparsity_per_layer": per_layer, "predictor_per_layer": report["per_layer"]})
     log.info("%s", " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return metrics

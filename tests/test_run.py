@@ -37,9 +37,8 @@ def test_job_writes_results_and_reuses_artifacts(job, tmp_path, caplog):
     sweep = tmp_path / "sweep"
     first = run(job("sparsity=0.5", "logger=none"), tmp_path / "a", sweep)
     assert "traces: reusing" not in caplog.text
-    second = run(job("sparsity=0.5", "logger=none"), tmp_path / "b", sweep)
+    run(job("sparsity=0.3", "logger=none"), tmp_path / "b", sweep)
     assert "traces: reusing" in caplog.text and "predictor: reusing" in caplog.text
-    assert first == second  # same config and seed: identical metrics
     for key in ("token_perplexity", "word_perplexity", "bits_per_byte", "predictor/heads_val_spearman",
                 "predictor/neurons_val_spearman"):
         assert key in first
@@ -51,7 +50,24 @@ def test_job_writes_results_and_reuses_artifacts(job, tmp_path, caplog):
         assert len(saved["sparsity_per_layer"][kind]) == 3
         assert sum(saved["sparsity_per_layer"][kind]) / 3 == pytest.approx(0.5)
     lines = [json.loads(x) for x in (sweep / "results.jsonl").read_text().splitlines()]
-    assert [x["sparsity"] for x in lines] == [0.5, 0.5] and lines[0]["criterion"] == "plainact"
+    assert [x["sparsity"] for x in lines] == [0.5, 0.3] and lines[0]["criterion"] == "plainact"
+
+
+def test_a_rerun_skips_finished_jobs_unless_forced(job, tmp_path, caplog, monkeypatch):
+    caplog.set_level("INFO")
+    first = run(job("logger=none"), tmp_path / "a", tmp_path / "sweep1")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a finished job loaded its model again")
+    monkeypatch.setattr("shadow.run.load_model", no_loading)
+    assert run(job("logger=none"), tmp_path / "b", tmp_path / "sweep2") == first
+    assert "skipped; force=true reruns it" in caplog.text
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["metrics"] == first
+    assert json.loads((tmp_path / "sweep2" / "results.jsonl").read_text())["output_dir"] == str(tmp_path / "b")
+    with pytest.raises(AssertionError, match="loaded its model again"):
+        run(job("logger=none", "force=true"), tmp_path / "c", tmp_path / "sweep3")
+    monkeypatch.undo()
+    assert run(job("logger=none", "seed=1"), tmp_path / "d") != first  # another setting is another job
 
 
 def test_sparsity_zero_is_the_dense_model(job, tmp_path):
