@@ -25,6 +25,7 @@ class ModelConfig:
     path: str = MISSING  # hub id (facebook/opt-1.3b) or a local directory
     dtype: str = "float32"  # float32, float16 or bfloat16
     device_map: str | None = None  # None: one device (eval.device); "auto": spread over GPUs by accelerate
+    max_memory: dict[str, str] | None = None  # device_map=auto: per-device caps, e.g. {"0": 70GiB, cpu: 200GiB}
     revision: str | None = None
 
 

@@ -71,6 +71,45 @@ def check_opt(cfg: ModelConfig):
     return path, config
 
 
+BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+GB = 1e9
+
+
+def parameter_count(config) -> int:
+    """Parameters of an OPT model from its config (the LM head is tied to the embeddings)."""
+    h, f, e = config.hidden_size, config.ffn_dim, config.word_embed_proj_dim
+    per_layer = 4 * (h * h + h) + 2 * h * f + f + h + 4 * h  # attention, FFN, two LayerNorms
+    embeddings = config.vocab_size * e + (config.max_position_embeddings + 2) * h + (2 * e * h if e != h else 0)
+    final_norm = 2 * h if config.do_layer_norm_before and not config._remove_final_layer_norm else 0
+    return embeddings + config.num_hidden_layers * per_layer + final_norm
+
+
+def available_memory(cfg: ModelConfig, device: str) -> tuple[float, str]:
+    """Free bytes where the model will live, and a name for that place."""
+    import psutil
+
+    if cfg.device_map and torch.cuda.is_available():
+        return (sum(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())),
+                f"{torch.cuda.device_count()} visible GPUs")
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.mem_get_info(torch.device(device))[0], device
+    return psutil.virtual_memory().available, "CPU RAM"
+
+
+def check_memory(cfg: ModelConfig, config, device: str) -> float:
+    """Log the weights' size and fail before loading when they cannot fit; returns the bytes needed."""
+    params = parameter_count(config)
+    need = params * BYTES[cfg.dtype]
+    free, where = available_memory(cfg, device)
+    log.info("model %s: %.2fB parameters, %.1f GB in %s; %.1f GB free in %s", cfg.name, params / 1e9, need / GB,
+             cfg.dtype, free / GB, where)
+    if need * 1.2 > free:  # activations, masks and predictors need room beside the weights
+        raise ConfigError(f"model={cfg.name} needs ≈{need * 1.2 / GB:.1f} GB in dtype={cfg.dtype} (weights + 20%) "
+                          f"but {where} has {free / GB:.1f} GB free; use model.dtype=float16, model.device_map=auto "
+                          "over more GPUs, or a smaller model")
+    return need
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
@@ -86,7 +125,8 @@ def load_model(cfg: ModelConfig, device: str = "cpu") -> tuple[nn.Module, object
         _LOADED.clear()  # keep one model resident: big models do not fit twice
         path, _ = check_opt(cfg)
         log.info("loading %s from %s (%s)", cfg.name, path, cfg.dtype)
-        kwargs = {"device_map": cfg.device_map} if cfg.device_map else {}
+        caps = {int(k) if str(k).isdigit() else k: v for k, v in (cfg.max_memory or {}).items()} or None
+        kwargs = {"device_map": cfg.device_map, "max_memory": caps} if cfg.device_map else {}
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], **kwargs)
         if not cfg.device_map:
             model.to(device)

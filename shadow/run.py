@@ -25,7 +25,7 @@ from shadow.data import fingerprint as examples_fingerprint
 from shadow.evaluate.perplexity import evaluate_perplexity, load_eval_data
 from shadow.evaluate.requests import MaskFn
 from shadow.evaluate.tasks import check_tasks, evaluate_tasks
-from shadow.models import Shape, check_opt, fingerprint, load_model, load_tokenizer, pad_id
+from shadow.models import Shape, check_memory, check_opt, fingerprint, load_model, load_tokenizer, pad_id
 from shadow.policy import Policy
 from shadow.predictors import (
     OracleMasks,
@@ -127,6 +127,7 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
     if not 0 <= cfg.predictor.layer < shape.layers:
         raise ConfigError(f"predictor.layer={cfg.predictor.layer} is not a layer of this {shape.layers}-layer "
                          f"model; set predictor.layer between 0 and {shape.layers - 1}")
+    check_memory(cfg.model, config, cfg.device)
     tokenizer = load_tokenizer(path)
     examples = load_calibration(cfg.calibration, tokenizer, config.max_position_embeddings)
     eval_input = load_eval_data(cfg.eval) if cfg.eval.name == "perplexity" else check_tasks(cfg.eval)
