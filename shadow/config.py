@@ -6,6 +6,9 @@ cross-field rules before any model is loaded, with one-line errors that name the
 
 from __future__ import annotations
 
+import math
+import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,11 +120,24 @@ def resolved_sparsities(cfg: DictConfig | Config) -> tuple[float, float]:
     return head, neuron
 
 
+def gpus_for(model: str, dtype: str) -> int:
+    """GPUs a job needs for an ``opt-<size>`` model: its weights + 20% over GPUs of SHADOW_GPU_GB (default 80)
+    GB, rounded up to a power of two; 0 for a model without a size in its name (opt-mini runs on the CPU)."""
+    size = re.fullmatch(r"opt-(\d+(?:\.\d+)?)([mb])", model)
+    if size is None:
+        return 0
+    params = float(size[1]) * (1e6 if size[2] == "m" else 1e9)
+    need = params * (4 if dtype == "float32" else 2) * 1.2 / (float(os.environ.get("SHADOW_GPU_GB", 80)) * 1e9)
+    return 1 << max(0, math.ceil(math.log2(need))) if need > 1 else 1
+
+
 def register_configs() -> None:
-    """The schema for conf/config.yaml, and ${shadow_asset:<path>}: a path inside the installed package."""
+    """The schema for conf/config.yaml; ${shadow_asset:<path>}: a path inside the installed package;
+    ${shadow_gpus:<model>,<dtype>}: GPUs per job for the SLURM launcher preset."""
     ConfigStore.instance().store(name="shadow_schema", node=Config)
     package = Path(__file__).resolve().parent
     OmegaConf.register_new_resolver("shadow_asset", lambda rel: str(package / rel), replace=True)
+    OmegaConf.register_new_resolver("shadow_gpus", gpus_for, replace=True)
 
 
 DTYPES = ("float32", "float16", "bfloat16")

@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def write_sweep(directory, rows):
     directory.mkdir()
@@ -24,7 +26,33 @@ def test_report_writes_csv_and_markdown_of_the_varying_keys(tmp_path):
     assert "| plainact | 0.3 | 31 |" in out and "| l2_norm | 0.5 | 52 |" in out
     rows = list(csv.reader((tmp_path / "a" / "results.csv").open()))
     assert rows[0] == ["criterion", "sparsity", "token_perplexity"] and len(rows) == 4
-    assert (tmp_path / "a" / "results.md").read_text() == out
+    table = (tmp_path / "a" / "results.md").read_text()
+    assert out.startswith(table)
+    assert out[len(table):].split() == ["plot:", str(tmp_path / "a" / "token_perplexity_by_criterion.png"),
+                                        "plot:", str(tmp_path / "a" / "token_perplexity_by_predictor.png")]
+    assert (tmp_path / "a" / "token_perplexity_by_criterion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plots_average_repeats_and_split_lines_by_the_varying_keys():
+    from shadow.report import plot_layers, plot_metric
+
+    def row(criterion, predictor, sparsity, acc, seed=0):
+        return {"model": "opt-mini", "criterion": criterion, "criterion_variant": "textbook", "predictor": predictor,
+                "policy": "global", "dense_first_layer": False, "sparsity": sparsity, "head_sparsity": sparsity,
+                "neuron_sparsity": sparsity, "eval": "tasks", "seed": seed, "tasks/mean_acc": acc,
+                "layers": {"head_sparsity": [0.0, sparsity], "neuron_sparsity": [sparsity, 1.0]}}
+    rows = [row("plainact", "shadow", 0.5, 0.6), row("plainact", "shadow", 0.5, 0.4),  # the same job twice
+            row("plainact", "shadow", 0.3, 0.7), row("l2_norm", "shadow", 0.5, 0.5), row("l2_norm", "dejavu", 0.5, 0.3),
+            row("l2_norm", "dejavu", 0.5, 0.2, seed=1)]
+    fig = plot_metric(rows, "tasks/mean_acc", "criterion", "predictor")
+    panels = {ax.get_title(): {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+                               for line in ax.get_lines()} for ax in fig.axes}
+    assert panels["predictor=dejavu"] == {"criterion=l2_norm, seed=0": ([0.5], [0.3]),
+                                          "criterion=l2_norm, seed=1": ([0.5], [0.2])}
+    assert panels["predictor=shadow"]["criterion=l2_norm, seed=0"] == ([0.5], [0.5])
+    assert panels["predictor=shadow"]["criterion=plainact, seed=0"] == ([0.3, 0.5], [0.7, pytest.approx(0.5)])
+    heatmap = plot_layers(rows).axes[0].images[0].get_array()
+    assert heatmap.shape == (6, 2) and heatmap[2].tolist() == [0.0, 0.3]
 
 
 def test_report_names_a_missing_results_file(tmp_path):
