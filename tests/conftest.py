@@ -9,6 +9,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -19,7 +21,16 @@ from omegaconf import DictConfig  # noqa: E402
 from shadow.config import register_configs  # noqa: E402
 from shadow.opt_mini import MODEL_DIR  # noqa: E402
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = str(ROOT / "conf")
+FAST_CLI = ("logger=none calibration.limit=8 predictor.head_epochs=2 predictor.neuron_epochs=1 eval.limit=1 "
+            "eval.protocols=[token]")  # the opt-mini pipeline in seconds
+
+
+def run_shadow(args: str, cwd: Path, module: str = "shadow", **env: str) -> subprocess.CompletedProcess:
+    """``python -m <module> <args>`` in a subprocess, as a user types it."""
+    return subprocess.run([sys.executable, "-m", module, *args.split()], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **env}, timeout=900)
 
 
 def make_tiny_opt(layers: int = 3, heads: int = 4, hidden: int = 16, ffn: int = 32, vocab: int = 8192,

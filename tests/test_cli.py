@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+
+from conftest import FAST_CLI, run_shadow
 
 from shadow.__main__ import fix_argv
 from shadow.criteria import CRITERIA
 from shadow.opt_mini import MODEL_DIR
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def shadow(args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shadow", *args.split()], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), **env}, timeout=900)
+shadow = run_shadow
 
 
 def test_flags_move_to_the_front():
@@ -56,8 +49,7 @@ def test_cfg_job_shows_the_resolved_model_path(tmp_path):
 
 
 def test_every_criterion_runs_end_to_end(tmp_path):
-    fast = ("logger=none calibration.limit=8 predictor.head_epochs=2 predictor.neuron_epochs=1 eval.limit=1 "
-            f"eval.protocols=[token] hydra.sweep.dir={tmp_path / 'sweep'}")
+    fast = f"{FAST_CLI} hydra.sweep.dir={tmp_path / 'sweep'}"
     result = shadow(f"-m +criterion={','.join(sorted(CRITERIA))} {fast}", tmp_path,
                     SHADOW_CACHE_DIR=str(tmp_path / "cache"))
     assert result.returncode == 0, result.stderr[-3000:]
