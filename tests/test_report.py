@@ -60,3 +60,18 @@ def test_report_names_a_missing_results_file(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: {tmp_path}/results.jsonl does not exist; pass a sweep directory " \
                                     "that holds results.jsonl"
+
+
+def test_wandb_workspace_uses_the_keys_runs_log(compose_cfg):
+    from shadow.report import DEFAULT_METRICS
+    from shadow.tracking import flat_config
+    from shadow.workspace import build_workspace
+
+    config_keys = set(flat_config(compose_cfg("+criterion=plainact")))
+    workspace = build_workspace("someone", "shadow")
+    panels = [p for section in workspace.sections for p in section.panels]
+    assert len(panels) == 10
+    for panel in panels:
+        assert panel.x.name == "sparsity" and panel.groupby.name in config_keys
+        assert [y.name for y in panel.y] and all(y.name in DEFAULT_METRICS for y in panel.y)
+    assert [g.name for g in workspace.runset_settings.groupby] == ["criterion", "predictor"]
