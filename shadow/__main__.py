@@ -1,7 +1,7 @@
 """Entry point: ``python -m shadow +criterion=plainact -m sparsity=0.3,0.5``.
 
-Hydra 1.3 rejects overrides on both sides of ``-m`` (hydra issue #3053), so value-less flags move to the front
-of argv first. ``--cfg`` prints the config resolved, so the model's local path shows.
+argv is reordered and every job it describes is checked first (``shadow.cli``). ``--cfg`` prints the config
+resolved, so the model's local path shows. Errors are one line; HYDRA_FULL_ERROR=1 shows the traceback.
 """
 
 from __future__ import annotations
@@ -16,19 +16,16 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from shadow.cli import check_argv, fix_argv
 from shadow.config import ConfigError, register_configs
 
-FRONT_FLAGS = ("-m", "--multirun")
 log = logging.getLogger("shadow")
 
 
-def fix_argv(argv: list[str]) -> list[str]:
-    """Flags first, then everything else in order; ``--cfg``/``-c`` also get ``--resolve``."""
-    flags = [a for a in argv if a in FRONT_FLAGS]
-    rest = [a for a in argv if a not in FRONT_FLAGS]
-    if any(a in ("--cfg", "-c") for a in rest) and "--resolve" not in rest:
-        rest.append("--resolve")
-    return flags + rest
+def fail(err: ConfigError) -> None:
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise err
+    raise SystemExit(f"error: {err}") from None
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -41,12 +38,15 @@ def main(cfg: DictConfig) -> dict[str, float]:
     try:
         return run(cfg, output_dir, sweep_dir, job_name=hc.job.override_dirname or hc.job.name)
     except ConfigError as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        raise SystemExit(f"error: {err}") from None
+        fail(err)
 
 
 if __name__ == "__main__":
     register_configs()
     sys.argv[1:] = fix_argv(sys.argv[1:])
+    if not {"--help", "-h", "--hydra-help"} & set(sys.argv):
+        try:
+            check_argv(sys.argv[1:])
+        except ConfigError as err:
+            fail(err)
     main()

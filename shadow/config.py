@@ -30,6 +30,7 @@ class ModelConfig:
     device_map: str | None = None  # None: one device (eval.device); "auto": spread over GPUs by accelerate
     max_memory: dict[str, str] | None = None  # device_map=auto: per-device caps, e.g. {"0": 70GiB, cpu: 200GiB}
     revision: str | None = None
+    trust_remote_code: bool = False  # run Python code shipped with the checkpoint: only for sources you trust
 
 
 @dataclass
@@ -196,6 +197,11 @@ def validate(cfg: DictConfig | Config) -> None:
         _choice("eval.protocols", protocol, PROTOCOLS)
     import torch
 
+    if str(cfg.device).startswith("cuda"):
+        index = int(cfg.device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device={cfg.device} but {torch.cuda.device_count()} CUDA devices are visible; use "
+                              f"device={'cuda:0' if torch.cuda.is_available() else 'cpu'}")
     on_cpu = cfg.device == "cpu" if cfg.model.device_map is None else not torch.cuda.is_available()
     if on_cpu and cfg.model.dtype == "float16":
         raise ConfigError("model.dtype='float16' is slow and inexact on the CPU; use model.dtype=float32 or "

@@ -64,7 +64,9 @@ def check_opt(cfg: ModelConfig):
     from transformers import AutoConfig
 
     path = resolve_path(cfg)
-    config = AutoConfig.from_pretrained(path)
+    if cfg.trust_remote_code:
+        log.warning("model.trust_remote_code=true: Python code shipped with %s will run", cfg.path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     if config.model_type != "opt":
         raise ConfigError(f"model.path={cfg.path!r} is a {config.model_type!r} model; shadow needs an OPT "
                           "checkpoint (facebook/opt-* or model=opt-mini)")
@@ -110,10 +112,10 @@ def check_memory(cfg: ModelConfig, config, device: str) -> float:
     return need
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def load_model(cfg: ModelConfig, device: str = "cpu") -> tuple[nn.Module, object]:
@@ -127,10 +129,11 @@ def load_model(cfg: ModelConfig, device: str = "cpu") -> tuple[nn.Module, object
         log.info("loading %s from %s (%s)", cfg.name, path, cfg.dtype)
         caps = {int(k) if str(k).isdigit() else k: v for k, v in (cfg.max_memory or {}).items()} or None
         kwargs = {"device_map": cfg.device_map, "max_memory": caps} if cfg.device_map else {}
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype],
+                                                     trust_remote_code=cfg.trust_remote_code, **kwargs)
         if not cfg.device_map:
             model.to(device)
-        _LOADED[key] = (model.eval(), load_tokenizer(path))
+        _LOADED[key] = (model.eval(), load_tokenizer(path, cfg.trust_remote_code))
     return _LOADED[key]
 
 

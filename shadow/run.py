@@ -128,7 +128,7 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
         raise ConfigError(f"predictor.layer={cfg.predictor.layer} is not a layer of this {shape.layers}-layer "
                          f"model; set predictor.layer between 0 and {shape.layers - 1}")
     check_memory(cfg.model, config, cfg.device)
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
     examples = load_calibration(cfg.calibration, tokenizer, config.max_position_embeddings)
     eval_input = load_eval_data(cfg.eval) if cfg.eval.name == "perplexity" else check_tasks(cfg.eval)
     torch.manual_seed(cfg.seed)

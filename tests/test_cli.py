@@ -6,7 +6,7 @@ import json
 
 from conftest import FAST_CLI, run_shadow
 
-from shadow.__main__ import fix_argv
+from shadow.cli import fix_argv
 from shadow.criteria import CRITERIA
 from shadow.opt_mini import MODEL_DIR
 

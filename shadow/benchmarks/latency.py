@@ -40,7 +40,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.utils import benchmark
 
-from shadow.__main__ import fix_argv
+from shadow.cli import fix_argv
 from shadow.config import ConfigError
 from shadow.models import DTYPES, Shape
 from shadow.policy import Policy

@@ -1,0 +1,168 @@
+"""Bad input, table-driven: each case fails before any model loads, with one line naming the key, the value and
+the fix. README's "Bad input" section is generated from this table: ``python tests/test_bad_input.py``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from shadow.cli import check_argv, fix_argv, overrides_of
+from shadow.config import ConfigError, register_configs
+from shadow.run import run
+
+ROOT = Path(__file__).resolve().parent.parent
+CRITERIA = "epenas, fisher, grad_norm, grasp, jacov, l2_norm, nwot, plainact, random, snip, weight_magnitude"
+
+
+@dataclass(frozen=True)
+class Case:
+    what: str
+    args: str  # as typed after `python -m shadow`; {tmp} is a scratch directory
+    message: str  # the whole error line after "error: "
+
+
+CASES = [
+    Case("no criterion", "sparsity=0.3",
+         f"criterion is not set; add +criterion=<name> with one of: {CRITERIA}"),
+    Case("unknown criterion", "+criterion=plainact_v2",
+         f"criterion=plainact_v2 is not an option; use one of: {CRITERIA}"),
+    Case("criterion variant it does not have", "+criterion=l2_norm criterion.variant=reference",
+         "criterion.variant='reference' is not one of textbook; pick one, e.g. criterion.variant=textbook"),
+    Case("unknown predictor", "+criterion=plainact predictor=deja_vu",
+         "predictor=deja_vu is not an option; use one of: dejavu, dense, oracle, shadow, static"),
+    Case("unknown model", "+criterion=plainact model=opt-175b",
+         "model=opt-175b is not an option; use one of: opt-1.3b, opt-125m, opt-13b, opt-2.7b, opt-30b, opt-350m, "
+         "opt-6.7b, opt-66b, opt-mini"),
+    Case("unknown policy", "+criterion=plainact policy=per_layer",
+         "policy='per_layer' is not one of global, local, hybrid; pick one, e.g. policy=global"),
+    Case("sparsity of 1", "+criterion=plainact sparsity=1.0",
+         "sparsity=1.0 is outside [0, 1); set sparsity to a fraction such as 0.5"),
+    Case("negative sparsity", "+criterion=plainact head_sparsity=-0.1",
+         "head_sparsity=-0.1 is outside [0, 1); set head_sparsity to a fraction such as 0.5"),
+    Case("sparsity that is not a number", "+criterion=plainact sparsity=half",
+         "sparsity='half' is not a number; give sparsity a number"),
+    Case("one bad value in a sweep", "+criterion=plainact -m sparsity=0.3,0.5,50",
+         "sparsity=50.0 is outside [0, 1); set sparsity to a fraction such as 0.5"),
+    Case("a layer left empty by a local policy", "+criterion=plainact policy=local head_sparsity=0.99",
+         "head_sparsity=0.99 keeps no unit of the 8 per layer under policy=local; lower head_sparsity below "
+         "0.9375 or use policy=global"),
+    Case("a hybrid floor above the budget", "+criterion=plainact policy=hybrid min_heads=6 sparsity=0.5",
+         "min_heads=6 per layer needs 36 heads but head_sparsity=0.5 keeps 24; lower min_heads or head_sparsity"),
+    Case("misspelt key", "+criterion=plainact sparsty=0.5",
+         "sparsty is not a setting; check its spelling (python -m shadow --cfg job lists them all)"),
+    Case("missing local model path", "+criterion=plainact model.path=/nonexistent/opt-1.3b",
+         "model.path='/nonexistent/opt-1.3b' has no config.json; point model.path at a Hugging Face model directory "
+         "or use a hub id such as facebook/opt-1.3b"),
+    Case("hub name while offline", "+criterion=plainact model=opt-1.3b",
+         "model.path='facebook/opt-1.3b': the hub is offline (HF_HUB_OFFLINE=1) and it is not in the local cache; "
+         "download it where the hub is reachable (huggingface-cli download) or set model.path to a local directory"),
+    Case("a model that is not OPT", "+criterion=plainact model.path={tmp}/gpt2",
+         "model.path='{tmp}/gpt2' is a 'gpt2' model; shadow needs an OPT checkpoint (facebook/opt-* or "
+         "model=opt-mini)"),
+    Case("predictor after the last layer", "+criterion=plainact predictor.layer=6",
+         "predictor.layer=6 is not a layer of this 6-layer model; set predictor.layer between 0 and 5"),
+    Case("more few-shot examples than the task has", "+criterion=plainact eval=tasks eval.num_fewshot=5000",
+         "eval.num_fewshot=5000 needs more than the 200 documents of opt_mini_nextsent; lower eval.num_fewshot"),
+    Case("unknown lm-eval task", "+criterion=plainact eval=tasks eval.tasks=[hellaswagg]",
+         "eval.tasks: hellaswagg unknown to lm-eval; use an lm-eval task name (e.g. piqa) or add its directory with "
+         "eval.include_path"),
+    Case("task directory that does not exist", "+criterion=plainact eval=tasks eval.include_path=/nonexistent/tasks",
+         "eval.include_path='/nonexistent/tasks' is not a directory; point it at a folder of lm-eval task YAML files"),
+    Case("unknown launcher preset", "+criterion=plainact hydra/launcher=slurm_a100 -m sparsity=0.5",
+         "hydra/launcher=slurm_a100 is not an option; use one of: basic, joblib, parallel, slurm, submitit_local, "
+         "submitit_slurm"),
+    Case("unknown dtype", "+criterion=plainact model.dtype=float8",
+         "model.dtype='float8' is not one of float32, float16, bfloat16; pick one, e.g. model.dtype=float32"),
+    Case("float16 on the CPU", "+criterion=plainact model.dtype=float16",
+         "model.dtype='float16' is slow and inexact on the CPU; use model.dtype=float32 or bfloat16, or device=cuda"),
+    Case("a GPU that is not there", "+criterion=plainact device=cuda:64",
+         "device=cuda:64 but {gpus} CUDA devices are visible; use device={fallback}"),
+    Case("cache directory that is not writable", "+criterion=plainact cache_dir={tmp}/a-file/cache",
+         "cache_dir='{tmp}/a-file/cache' is not writable; set cache_dir or SHADOW_CACHE_DIR to a writable "
+         "directory"),
+    Case("per-token masks without a predictor", "+criterion=plainact predictor=static predictor.granularity=token",
+         "predictor.granularity=token needs a trained predictor, not predictor=static; use predictor=shadow or "
+         "dejavu, or predictor.granularity=request"),
+    Case("unknown perplexity dataset", "+criterion=plainact eval.dataset=ptb",
+         "eval.dataset='ptb' is not one of opt_mini, wikitext2; pick one, e.g. eval.dataset=opt_mini"),
+    Case("batch size of 0", "+criterion=plainact calibration.batch_size=0",
+         "calibration.batch_size=0 must be at least 1; set calibration.batch_size=8"),
+    Case("broken override syntax", "+criterion=plainact sparsity=[0.3",
+         "sparsity=[0.3 does not parse (no viable alternative at input '[0.3'); write key=value, key=a,b for a "
+         "sweep, key=[a,b] for a list"),
+]
+
+
+@pytest.fixture
+def scratch(tmp_path):
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (tmp_path / "a-file").write_text("not a directory")
+    return tmp_path
+
+
+def expected(case: Case, tmp: Path) -> str:
+    import torch
+
+    fallback = "cuda:0" if torch.cuda.is_available() else "cpu"
+    return case.message.format(tmp=tmp, gpus=torch.cuda.device_count(), fallback=fallback)
+
+
+def first_error(args: str, monkeypatch) -> str:
+    """What `python -m shadow <args>` reports: the argv check, then the job up to (not including) model loading."""
+    def loaded(*a, **k):
+        raise AssertionError("the model was loaded before the error")
+    monkeypatch.setattr("shadow.run.load_model", loaded)
+    argv = fix_argv(args.split())
+    try:
+        check_argv(argv)
+        register_configs()
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[o for o in overrides_of(argv)[0] if "hydra/" not in o])
+        run(cfg, Path(cfg.cache_dir).parent / "out")
+    except ConfigError as err:
+        return str(err)
+    raise AssertionError(f"no error for {args}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.what for c in CASES])
+def test_bad_input_fails_early_in_one_line(case, scratch, monkeypatch):
+    monkeypatch.setenv("SHADOW_CACHE_DIR", str(scratch / "cache"))
+    assert first_error(case.args.format(tmp=scratch), monkeypatch) == expected(case, scratch)
+
+
+def test_the_command_line_shows_one_line_and_no_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SHADOW_CACHE_DIR": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "shadow", "+criterion=plainact", "-m", "sparsity=0.3,0.5,50"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == "error: sparsity=50.0 is outside [0, 1); set sparsity to a fraction such as 0.5\n"
+    assert not (tmp_path / "multirun").exists()  # no job started
+    full = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env={**env, "HYDRA_FULL_ERROR": "1"})
+    assert full.returncode == 1 and "Traceback" in full.stderr and "ConfigError" in full.stderr
+
+
+def readme_section() -> str:
+    rows = [f"| {c.what} | `{c.args.format(tmp='/tmp')}` | {c.message.format(tmp='/tmp', gpus=0, fallback='cpu')} |"
+            for c in CASES]
+    return "\n".join(["| bad input | command (`python -m shadow …`) | error |", "|---|---|---|", *rows]) + "\n"
+
+
+def test_readme_lists_every_case():
+    readme = (ROOT / "README.md").read_text()
+    start, end = "<!-- bad-input:start -->\n", "<!-- bad-input:end -->"
+    assert readme.split(start)[1].split(end)[0] == readme_section(), "run: python tests/test_bad_input.py"
+
+
+if __name__ == "__main__":  # regenerate README's table
+    readme = (ROOT / "README.md").read_text()
+    head, rest = readme.split("<!-- bad-input:start -->\n")
+    tail = rest.split("<!-- bad-input:end -->")[1]
+    (ROOT / "README.md").write_text(f"{head}<!-- bad-input:start -->\n{readme_section()}<!-- bad-input:end -->{tail}")
