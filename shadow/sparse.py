@@ -26,6 +26,7 @@ from shadow.policy import Masks, Policy
 from shadow.predictors import Predictor
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+COLUMN_BAGS = 8  # one embedding_bag bag runs on one thread
 
 
 def _rows(layer: nn.Linear, index: Tensor) -> nn.Linear:
@@ -88,9 +89,10 @@ def gather_rows(linear: nn.Linear, index: Tensor, x: Tensor) -> Tensor:
 
 
 def gather_columns(weight_t: Tensor, bias: Tensor | None, index: Tensor, x: Tensor) -> Tensor:
-    """``W[:, index] @ x + b`` from ``weight_t`` = Wᵀ (in, out), reading only its rows in ``index``."""
-    offsets = torch.zeros(1, dtype=torch.long, device=index.device)
-    out = nn.functional.embedding_bag(index, weight_t, offsets, mode="sum", per_sample_weights=x)[0]
+    """``W[:, index] @ x + b`` from ``weight_t`` = Wᵀ (in, out), reading only its rows in ``index``: a weighted
+    sum of those rows by ``embedding_bag``, split into bags so that every thread takes a share."""
+    offsets = torch.arange(COLUMN_BAGS, device=index.device) * len(index) // COLUMN_BAGS
+    out = nn.functional.embedding_bag(index, weight_t, offsets, mode="sum", per_sample_weights=x).sum(0)
     return out if bias is None else out + bias
 
 
