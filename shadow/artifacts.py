@@ -18,6 +18,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from shadow.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -45,6 +47,18 @@ def verify(directory: Path) -> dict | None:
         log.warning("artifact %s is corrupt (%s fails its checksum); recomputing it", directory, ", ".join(bad))
         return None
     return meta
+
+
+def check_space(cache_dir: str | Path, need: float, what: str) -> None:
+    """Fail before any work when ``cache_dir``'s disk cannot hold ``need`` more bytes."""
+    place = Path(cache_dir).resolve()
+    while not place.exists():
+        place = place.parent
+    free = shutil.disk_usage(place).free
+    log.info("%s: ≈%.2f GB on disk; %.1f GB free under %s", what, need / 1e9, free / 1e9, cache_dir)
+    if need > free:
+        raise ConfigError(f"cache_dir={str(cache_dir)!r} has {free / 1e9:.1f} GB free but {what} need ≈"
+                          f"{need / 1e9:.1f} GB; free space or set cache_dir to a larger disk")
 
 
 def cached(cache_dir: str | Path, kind: str, inputs: dict, build: Callable[[Path], dict],

@@ -17,7 +17,7 @@ import torch
 from lm_eval.utils import make_table
 from omegaconf import DictConfig, OmegaConf
 
-from shadow.artifacts import cache_key, cached, verify
+from shadow.artifacts import cache_key, cached, check_space, verify
 from shadow.config import ConfigError, resolved_sparsities, validate
 from shadow.criteria import Criterion, get_criterion
 from shadow.data import Example, load_calibration
@@ -91,6 +91,19 @@ def mask_source(cfg: DictConfig, model, model_id: dict, examples: list[Example],
             {"metrics": predictor_meta["metrics"], "per_layer": predictor_meta["per_layer"]})
 
 
+def artifact_bytes(cfg: DictConfig, shape: Shape, hidden: int, examples: int) -> float:
+    """Disk the traces and the predictor take: float32 features and scores per example, the networks' weights."""
+    traces = examples * shape.layers * (hidden + shape.heads + shape.neurons) * 4
+    if cfg.predictor.name not in ("shadow", "dejavu"):
+        return traces if cfg.predictor.name == "static" else 0.0
+    groups = 1 if cfg.predictor.name == "shadow" else shape.layers
+    per_group = shape.layers // groups
+    p = cfg.predictor
+    params = groups * (hidden * p.head_hidden + p.head_hidden * per_group * shape.heads
+                       + hidden * p.neuron_hidden + p.neuron_hidden * per_group * shape.neurons)
+    return traces + params * 4
+
+
 def save_record(directory: Path, record: dict) -> dict:
     (directory / "record.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
     return {}
@@ -130,6 +143,7 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
     check_memory(cfg.model, config, cfg.device)
     tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
     examples = load_calibration(cfg.calibration, tokenizer, config.max_position_embeddings)
+    check_space(cfg.cache_dir, artifact_bytes(cfg, shape, config.hidden_size, len(examples)), "traces and predictor")
     eval_input = load_eval_data(cfg.eval) if cfg.eval.name == "perplexity" else check_tasks(cfg.eval)
     torch.manual_seed(cfg.seed)
     group = "/".join(sweep_dir.parts[-2:])  # multirun/<date>/<time> → <date>/<time>

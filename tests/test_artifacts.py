@@ -55,3 +55,20 @@ def test_failed_build_leaves_nothing_behind(tmp_path):
     with pytest.raises(RuntimeError):
         cached(tmp_path, "kind", {"a": 1}, broken)
     assert [p.name for p in (tmp_path / "kind").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_too_little_disk_fails_before_any_work(tmp_path, monkeypatch, caplog):
+    import shutil
+    from collections import namedtuple
+
+    from shadow.artifacts import check_space
+    from shadow.config import ConfigError
+
+    caplog.set_level("INFO")
+    check_space(tmp_path / "not" / "yet", 1e3, "traces and predictor")
+    assert "traces and predictor: ≈0.00 GB on disk" in caplog.text
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10e9, 9.5e9, 0.5e9))
+    with pytest.raises(ConfigError, match=r"cache_dir='.*' has 0.5 GB free but traces and predictor need ≈2.0 GB; "
+                                          r"free space or set cache_dir to a larger disk"):
+        check_space(tmp_path, 2e9, "traces and predictor")

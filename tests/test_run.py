@@ -116,3 +116,20 @@ def test_task_evaluation_job(job, tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "tasks" / "metrics.json").read_text())
     assert saved["lm_eval"]["opt_mini_lastword"]["acc,none"] == metrics["opt_mini_lastword/acc"]
     assert len(list((tmp_path / "tasks" / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
+
+
+def test_same_config_and_seed_give_bit_identical_metrics(job, tmp_path):
+    first = run(job("logger=none", "predictor=dejavu"), tmp_path / "a")
+    other_cache = job("logger=none", "predictor=dejavu", f"cache_dir={tmp_path / 'cache2'}")
+    assert run(other_cache, tmp_path / "b") == first  # recomputed from scratch: traces, predictor, evaluation
+
+
+def test_a_job_writes_only_inside_its_output_and_cache_directories(job, tmp_path, monkeypatch):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    before = {p for p in tmp_path.rglob("*")}
+    run(job("logger=wandb", "eval.protocols=[token,word]"), tmp_path / "out", tmp_path / "sweep")
+    written = {p for p in tmp_path.rglob("*")} - before
+    allowed = (tmp_path / "out", tmp_path / "sweep", tmp_path / "cache")
+    assert written and all(any(p == a or a in p.parents for a in allowed) for p in written)
