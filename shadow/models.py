@@ -106,9 +106,10 @@ def check_memory(cfg: ModelConfig, config, device: str) -> float:
     log.info("model %s: %.2fB parameters, %.1f GB in %s; %.1f GB free in %s", cfg.name, params / 1e9, need / GB,
              cfg.dtype, free / GB, where)
     if need * 1.2 > free:  # activations, masks and predictors need room beside the weights
+        fixes = (["model.dtype=float16"] if cfg.dtype == "float32" else []) + [
+            "model.device_map=auto over more GPUs", "a smaller model"]
         raise ConfigError(f"model={cfg.name} needs ≈{need * 1.2 / GB:.1f} GB in dtype={cfg.dtype} (weights + 20%) "
-                          f"but {where} has {free / GB:.1f} GB free; use model.dtype=float16, model.device_map=auto "
-                          "over more GPUs, or a smaller model")
+                          f"but {where} has {free / GB:.1f} GB free; use {', '.join(fixes[:-1])} or {fixes[-1]}")
     return need
 
 
