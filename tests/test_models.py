@@ -27,5 +27,6 @@ def test_a_model_that_cannot_fit_fails_before_loading(monkeypatch):
     assert check_memory(cfg, config, "cpu") == 4 * parameter_count(config)
     monkeypatch.setattr("shadow.models.available_memory", lambda cfg, device: (1000.0, "CPU RAM"))
     with pytest.raises(ConfigError, match=r"model=tiny needs ≈.* GB in dtype=float32 .* CPU RAM has 0.0 GB free; "
-                                          r"use model.dtype=float16, model.device_map=auto over more GPUs or a smaller model$"):
+                                          r"use model.dtype=float16, model.device_map=auto over more GPUs or "
+                                          r"a smaller model$"):
         check_memory(cfg, config, "cpu")
