@@ -166,7 +166,7 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
                   "output_dir": str(output_dir)}
         write_results(output_dir, sweep_dir, record)
         cached(cfg.cache_dir, "results", job_inputs(cfg, model_id), lambda out: save_record(out, record),
-               rebuild=cfg.force)
+               rebuild=True)  # it ran: any record there was missing, corrupt or forced
         tracker.summary(metrics, {"sparsity_per_layer": per_layer, "predictor_per_layer": report["per_layer"]})
     log.info("%s", " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return metrics

@@ -86,5 +86,5 @@ def test_corrupt_and_truncated_artifacts_are_detected_and_recomputed(uninterrupt
     [record] = (cache / "results").glob("*/record.json")
     record.write_text(record.read_text()[:50])
     metrics, log = complete(tmp_path / "second", cache)
-    assert log.count("fails its checksum; recomputing it") == 3  # results, traces, predictor
+    assert log.count("fails its checksum); recomputing it") == 3  # results, traces, predictor
     assert metrics == uninterrupted
