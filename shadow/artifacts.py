@@ -19,6 +19,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from shadow.config import ConfigError
+from shadow.models import readable
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def check_space(cache_dir: str | Path, need: float, what: str) -> None:
     while not place.exists():
         place = place.parent
     free = shutil.disk_usage(place).free
-    log.info("%s: ≈%.2f GB on disk; %.1f GB free under %s", what, need / 1e9, free / 1e9, cache_dir)
+    log.info("%s: ≈%s on disk; %s free under %s", what, readable(need), readable(free), cache_dir)
     if need > free:
         raise ConfigError(f"cache_dir={str(cache_dir)!r} has {free / 1e9:.1f} GB free but {what} need ≈"
                           f"{need / 1e9:.1f} GB; free space or set cache_dir to a larger disk")

@@ -77,6 +77,11 @@ BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 GB = 1e9
 
 
+def readable(size: float) -> str:
+    """Bytes as MB below a gigabyte, else GB."""
+    return f"{size / 1e6:.1f} MB" if size < GB else f"{size / GB:.1f} GB"
+
+
 def parameter_count(config) -> int:
     """Parameters of an OPT model from its config (the LM head is tied to the embeddings)."""
     h, f, e = config.hidden_size, config.ffn_dim, config.word_embed_proj_dim
@@ -103,8 +108,9 @@ def check_memory(cfg: ModelConfig, config, device: str) -> float:
     params = parameter_count(config)
     need = params * BYTES[cfg.dtype]
     free, where = available_memory(cfg, device)
-    log.info("model %s: %.2fB parameters, %.1f GB in %s; %.1f GB free in %s", cfg.name, params / 1e9, need / GB,
-             cfg.dtype, free / GB, where)
+    count = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.2f}M"
+    log.info("model %s: %s parameters, %s in %s; %s free in %s", cfg.name, count, readable(need), cfg.dtype,
+             readable(free), where)
     if need * 1.2 > free:  # activations, masks and predictors need room beside the weights
         fixes = (["model.dtype=float16"] if cfg.dtype == "float32" else []) + [
             "model.device_map=auto over more GPUs", "a smaller model"]

@@ -66,7 +66,7 @@ def test_too_little_disk_fails_before_any_work(tmp_path, monkeypatch, caplog):
 
     caplog.set_level("INFO")
     check_space(tmp_path / "not" / "yet", 1e3, "traces and predictor")
-    assert "traces and predictor: ≈0.00 GB on disk" in caplog.text
+    assert "traces and predictor: ≈0.0 MB on disk" in caplog.text
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10e9, 9.5e9, 0.5e9))
     with pytest.raises(ConfigError, match=r"cache_dir='.*' has 0.5 GB free but traces and predictor need ≈2.0 GB; "
