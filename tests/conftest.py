@@ -34,13 +34,16 @@ def run_shadow(args: str, cwd: Path, module: str = "shadow", **env: str) -> subp
 
 
 def make_tiny_opt(layers: int = 3, heads: int = 4, hidden: int = 16, ffn: int = 32, vocab: int = 8192,
-                  seed: int = 0, dtype: torch.dtype = torch.float32, positions: int = 64):
+                  seed: int = 0, dtype: torch.dtype = torch.float32, positions: int = 64, like_350m: bool = False):
+    """A random OPT; ``like_350m``: OPT-350m's shape, with LayerNorm after each block and the embeddings
+    projected in and out."""
     from transformers import OPTConfig, OPTForCausalLM
 
     torch.manual_seed(seed)
-    config = OPTConfig(vocab_size=vocab, hidden_size=hidden, word_embed_proj_dim=hidden, num_hidden_layers=layers,
-                       num_attention_heads=heads, ffn_dim=ffn, max_position_embeddings=positions, dropout=0.0,
-                       attention_dropout=0.0, pad_token_id=1, bos_token_id=2, eos_token_id=2)
+    config = OPTConfig(vocab_size=vocab, hidden_size=hidden, word_embed_proj_dim=hidden // 2 if like_350m else hidden,
+                       num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=ffn,
+                       max_position_embeddings=positions, dropout=0.0, attention_dropout=0.0, pad_token_id=1,
+                       bos_token_id=2, eos_token_id=2, do_layer_norm_before=not like_350m)
     model = OPTForCausalLM(config).to(dtype).eval()
     with torch.no_grad():  # larger than the default init so that every unit matters measurably
         for p in model.parameters():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CONF_DIR
+from conftest import CONF_DIR, make_tiny_opt
 from hydra import compose, initialize_config_dir
 
 from shadow.benchmarks.latency import COLUMNS, run
@@ -125,6 +125,11 @@ def test_shadow_per_token_decoding_equals_the_masked_model(tiny_opt, policy):
 @pytest.mark.parametrize("lookahead", [False, True])
 def test_dejavu_per_token_decoding_equals_the_masked_model(tiny_opt, lookahead):
     decode_and_check(tiny_opt, token_predictor(tiny_opt, "dejavu", lookahead), Policy("local", 0.5, 0.5))
+
+
+def test_per_token_decoding_of_an_opt_350m_shaped_model():
+    model = make_tiny_opt(like_350m=True)  # LayerNorm after each block, embeddings projected in and out
+    decode_and_check(model, token_predictor(model, "shadow"), Policy("global", 0.5, 0.5))
 
 
 def test_per_token_decoding_with_an_empty_layer(tiny_opt):
