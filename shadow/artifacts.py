@@ -73,6 +73,8 @@ def cached(cache_dir: str | Path, kind: str, inputs: dict, build: Callable[[Path
     root.mkdir(parents=True, exist_ok=True)
     final = root / cache_key(inputs)
     with FileLock(str(final) + ".lock"):
+        for stale in root.glob(f".{final.name}-*"):  # left by a killed build: the lock says none is running
+            shutil.rmtree(stale, ignore_errors=True)
         if final.exists() and not rebuild:
             meta = verify(final)
             if meta is not None:

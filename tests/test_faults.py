@@ -67,6 +67,7 @@ def test_a_job_killed_in_any_stage_reruns_to_the_same_metrics(stage, uninterrupt
                 if any(p.is_dir() and not p.name.startswith(".") for p in (cache / kind).glob("*"))}
     assert finished == {"scoring": set(), "predictor training": {"traces"}}.get(stage, {"traces", "predictor"})
     metrics, log = complete(tmp_path / "rerun", cache)
+    assert not list(cache.glob("*/.*-*"))  # what the killed job was building is gone
     if "skipped" not in log:  # killed after its results were stored: the rerun just reports them
         for kind in finished:  # finished before the kill: read again, not recomputed
             assert f"{kind}: reusing" in log
