@@ -25,7 +25,7 @@ VALUE_FLAGS = ("--config-dir", "-cd", "--config-name", "-cn", "--config-path", "
 CONF = Path(__file__).resolve().parent.parent / "conf"
 LAUNCHERS = ("basic", "joblib", "submitit_local", "submitit_slurm")  # provided by Hydra and its plugins
 TYPES = {"Float": "a number", "Integer": "a whole number", "Boolean": "true or false"}
-MAX_CHECKED = 512  # sweeps larger than this are checked on their first combinations only
+MAX_CHECKED = 256  # sweeps larger than this are checked on their first combinations only
 
 
 def fix_argv(argv: list[str]) -> list[str]:
@@ -69,13 +69,15 @@ def check_argv(argv: list[str]) -> None:
     groups = {"criterion", "predictor", "model", "eval", "logger", "hydra/launcher"}
     choices = []
     for override in parsed:
+        if override.is_delete():
+            continue
         values = list(override.sweep_string_iterator()) if override.is_sweep_override() else \
-            [override.get_value_element_as_str()] if not override.is_delete() else []
+            [override.get_value_element_as_str()]
         key = override.key_or_group
         for value in values if key in groups else []:
             if value not in options(key):
                 raise ConfigError(f"{key}={value} is not an option; use one of: {', '.join(options(key))}")
-        if not key.startswith("hydra") and not override.is_delete():
+        if not key.startswith("hydra"):
             prefix = override.input_line.split(key, 1)[0]  # + or ++ or nothing
             choices.append([f"{prefix}{key}={v}" for v in values])
     if other_config or {"--cfg", "-c", "--info", "-i"} & set(argv):
