@@ -74,6 +74,8 @@ def median_ms(fn, min_run_time: float) -> float:
 
 
 class Bench:
+    """One random-weight model, its prompt and untrained predictors of both placements; ``rows`` times them."""
+
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         torch.manual_seed(0)
