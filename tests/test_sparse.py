@@ -165,3 +165,14 @@ def test_latency_benchmark_writes_its_table(tmp_path):
     assert all(r["predictor_share"] > 0 for r in rows if r["method"] in ("shadow", "dejavu"))
     assert (tmp_path / "latency.csv").read_text().splitlines()[0] == ",".join(COLUMNS)
     assert (tmp_path / "latency.md").read_text().count("\n| ") == len(rows) + 1
+
+
+def test_per_token_decoding_leaves_the_model_as_it_found_it(tiny_opt, tmp_path):
+    from safetensors.torch import save_file
+
+    before = {k: v.clone() for k, v in tiny_opt.state_dict().items()}
+    decode_and_check(tiny_opt, token_predictor(tiny_opt, "shadow"), Policy("local", 0.5, 0.5), new_tokens=3)
+    after = tiny_opt.state_dict()
+    assert all(torch.equal(before[k], after[k]) and after[k].is_contiguous() for k in before)
+    tied = "lm_head.weight"  # shares the embeddings' storage by design
+    save_file({k: v for k, v in after.items() if k != tied}, str(tmp_path / "w.safetensors"))  # refuses shared storage
