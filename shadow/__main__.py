@@ -7,7 +7,6 @@ resolved, so the model's local path shows. Errors are one line; HYDRA_FULL_ERROR
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -16,16 +15,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from shadow.cli import check_argv, fix_argv
+from shadow.cli import check_argv, fail, fix_argv
 from shadow.config import ConfigError, register_configs
 
 log = logging.getLogger("shadow")
-
-
-def fail(err: ConfigError) -> None:
-    if os.environ.get("HYDRA_FULL_ERROR") == "1":
-        raise err
-    raise SystemExit(f"error: {err}") from None
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

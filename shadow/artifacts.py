@@ -50,6 +50,12 @@ def verify(directory: Path) -> dict | None:
     return meta
 
 
+def find(cache_dir: str | Path, kind: str, inputs: dict) -> Path | None:
+    """The artifact for ``inputs`` if it exists and passes its checksums, without building it."""
+    directory = Path(cache_dir) / kind / cache_key(inputs)
+    return directory if directory.exists() and verify(directory) is not None else None
+
+
 def check_space(cache_dir: str | Path, need: float, what: str) -> None:
     """Fail before any work when ``cache_dir``'s disk cannot hold ``need`` more bytes."""
     place = Path(cache_dir).resolve()

@@ -9,6 +9,7 @@ at once, in one line, not after the other jobs have run.
 from __future__ import annotations
 
 import itertools
+import os
 import re
 from pathlib import Path
 
@@ -35,6 +36,13 @@ def fix_argv(argv: list[str]) -> list[str]:
     if any(a in ("--cfg", "-c") for a in rest) and "--resolve" not in rest:
         rest.append("--resolve")
     return flags + rest
+
+
+def fail(err: ConfigError) -> None:
+    """Exit with the error's one line (the traceback with HYDRA_FULL_ERROR=1)."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise err
+    raise SystemExit(f"error: {err}") from None
 
 
 def overrides_of(argv: list[str]) -> tuple[list[str], bool]:
@@ -82,15 +90,16 @@ def check_argv(argv: list[str]) -> None:
             choices.append([f"{prefix}{key}={v}" for v in values])
     if other_config or {"--cfg", "-c", "--info", "-i"} & set(argv):
         return  # sweep files compose against their own directory (their jobs are checked as they start)
-    for combination in itertools.islice(itertools.product(*choices), MAX_CHECKED):
-        check_job(list(combination))
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for combination in itertools.islice(itertools.product(*choices), MAX_CHECKED):
+            check_job(list(combination))
 
 
 def check_job(overrides: list[str]) -> None:
-    register_configs()
+    """Compose one job (inside an initialised Hydra) and validate it."""
     try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=overrides)
+        cfg = compose(config_name="config", overrides=overrides)
     except HydraException as err:
         cause = err.__cause__
         if not isinstance(cause, OmegaConfBaseException):

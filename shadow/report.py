@@ -60,14 +60,20 @@ def markdown(columns: list[str], body: list[list]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_metric(rows: list[dict], metric: str, lines_by: str, panels_by: str):
-    """The metric against sparsity: a panel per value of ``panels_by``, a line per value of ``lines_by`` and of the
-    other varying keys; points at the same sparsity are averaged."""
+def pyplot():
+    """matplotlib's pyplot on the file-only backend (imported late: tables need no plotting)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_metric(rows: list[dict], metric: str, lines_by: str, panels_by: str):
+    """The metric against sparsity: a panel per value of ``panels_by``, a line per value of ``lines_by`` and of the
+    other varying keys; points at the same sparsity are averaged."""
+    plt = pyplot()
     rows = [r for r in rows if metric in r]
     split = [k for k in varying_keys(rows) if k not in (*DERIVED, panels_by)]
     split = [lines_by] + [k for k in split if k != lines_by]
@@ -91,11 +97,7 @@ def plot_metric(rows: list[dict], metric: str, lines_by: str, panels_by: str):
 
 def plot_layers(rows: list[dict]):
     """Achieved head and neuron sparsity per layer (columns) of every job (rows)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = [r for r in rows if r["layers"]]
     keys = varying_keys(rows)
     fig, axes = plt.subplots(1, 2, figsize=(12, 1 + 0.3 * len(rows)), squeeze=False)

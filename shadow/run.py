@@ -17,7 +17,7 @@ import torch
 from lm_eval.utils import make_table
 from omegaconf import DictConfig, OmegaConf
 
-from shadow.artifacts import cache_key, cached, check_space, verify
+from shadow.artifacts import cache_key, cached, check_space, find
 from shadow.config import ConfigError, resolved_sparsities, validate
 from shadow.criteria import Criterion, get_criterion
 from shadow.data import Example, load_calibration
@@ -33,6 +33,7 @@ from shadow.predictors import (
     StaticMasks,
     fit_predictor,
     load_predictor,
+    placement_groups,
     save_predictor,
     static_importance,
 )
@@ -94,13 +95,12 @@ def mask_source(cfg: DictConfig, model, model_id: dict, examples: list[Example],
 def artifact_bytes(cfg: DictConfig, shape: Shape, hidden: int, examples: int) -> float:
     """Disk the traces and the predictor take: float32 features and scores per example, the networks' weights."""
     traces = examples * shape.layers * (hidden + shape.heads + shape.neurons) * 4
-    if cfg.predictor.name not in ("shadow", "dejavu"):
-        return traces if cfg.predictor.name == "static" else 0.0
-    groups = 1 if cfg.predictor.name == "shadow" else shape.layers
-    per_group = shape.layers // groups
     p = cfg.predictor
-    params = groups * (hidden * p.head_hidden + p.head_hidden * per_group * shape.heads
-                       + hidden * p.neuron_hidden + p.neuron_hidden * per_group * shape.neurons)
+    if p.name not in ("shadow", "dejavu"):
+        return traces if p.name == "static" else 0.0
+    params = sum(hidden * p.head_hidden + p.head_hidden * len(targets) * shape.heads
+                 + hidden * p.neuron_hidden + p.neuron_hidden * len(targets) * shape.neurons
+                 for _, targets in placement_groups(p.name, shape.layers, p.layer, p.lookahead))
     return traces + params * 4
 
 
@@ -127,8 +127,9 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
     path, config = check_opt(cfg.model)
     model_id = fingerprint(path, config, cfg.model)
     sweep_dir = sweep_dir or output_dir
-    done = Path(cfg.cache_dir) / "results" / cache_key(job_inputs(cfg, model_id))
-    if not cfg.force and done.exists() and verify(done) is not None:
+    results_inputs = job_inputs(cfg, model_id)
+    done = None if cfg.force else find(cfg.cache_dir, "results", results_inputs)
+    if done is not None:
         record = {**json.loads((done / "record.json").read_text()), "output_dir": str(output_dir)}
         write_results(output_dir, sweep_dir, record)
         log.info("results exist for this config (%s): skipped; force=true reruns it", done)
@@ -165,7 +166,7 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
                   "sparsity_per_layer": per_layer, "predictor_per_layer": report["per_layer"], **extra,
                   "output_dir": str(output_dir)}
         write_results(output_dir, sweep_dir, record)
-        cached(cfg.cache_dir, "results", job_inputs(cfg, model_id), lambda out: save_record(out, record),
+        cached(cfg.cache_dir, "results", results_inputs, lambda out: save_record(out, record),
                rebuild=True)  # it ran: any record there was missing, corrupt or forced
         tracker.summary(metrics, {"sparsity_per_layer": per_layer, "predictor_per_layer": report["per_layer"]})
     log.info("%s", " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))

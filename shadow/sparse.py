@@ -174,8 +174,9 @@ class TokenDecoder:
             neurons.append(masks.neurons)
         empty = torch.zeros(0, self.shape.layers, 0, dtype=torch.bool)
         return Generation(torch.tensor(tokens),
-                          torch.stack(logits) if logits else torch.zeros(0, self.model.config.vocab_size),
-                          Masks(torch.stack(heads) if heads else empty, torch.stack(neurons) if neurons else empty))
+                          torch.stack(logits).cpu() if logits else torch.zeros(0, self.model.config.vocab_size),
+                          Masks(torch.stack(heads).cpu() if heads else empty,
+                                torch.stack(neurons).cpu() if neurons else empty))
 
     def _caches(self, cache, positions: int) -> list[_LayerCache]:
         caches = []
@@ -213,8 +214,8 @@ class TokenDecoder:
         if decoder.project_out is not None:
             x = decoder.project_out(x)
         logits = self.model.lm_head(x).float()
-        return logits, Masks(torch.stack([heads[i] for i in range(len(self.layers))]).cpu(),
-                             torch.stack([neurons[i] for i in range(len(self.layers))]).cpu())
+        return logits, Masks(torch.stack([heads[i] for i in range(len(self.layers))]),
+                             torch.stack([neurons[i] for i in range(len(self.layers))]))
 
     def _attention(self, index: int, attn: nn.Module, h: Tensor, position: int, cache: _LayerCache,
                    heads: dict[int, Tensor], neurons: dict[int, Tensor]) -> Tensor:

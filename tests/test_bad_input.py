@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 from hydra import compose, initialize_config_dir
 
 from shadow.cli import check_argv, fix_argv, overrides_of
 from shadow.config import ConfigError, register_configs
 from shadow.run import run
 
-ROOT = Path(__file__).resolve().parent.parent
 CRITERIA = "epenas, fisher, grad_norm, grasp, jacov, l2_norm, nwot, plainact, random, snip, weight_magnitude"
 
 

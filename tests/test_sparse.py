@@ -24,16 +24,23 @@ def request_masks(model, seed: int, sparsity: float = 0.5) -> Masks:
     return Policy("local", sparsity, sparsity).select(*scores)
 
 
+def masked_and_pruned_logits(model, masks: Masks, ids) -> tuple:
+    """Logits under the masking hooks, and with the pruned units' weights removed."""
+    with torch.no_grad():
+        with apply_masks(model, masks):
+            masked = model(ids).logits
+        with pruned(model, masks):
+            return masked, model(ids).logits
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_pruned_forward_equals_masked_forward(tiny_opt, seed):
     ids = torch.randint(4, 8192, (1, 20), generator=torch.Generator().manual_seed(seed))
     masks = request_masks(tiny_opt, seed)
+    masked, sparse = masked_and_pruned_logits(tiny_opt, masks, ids)
+    with torch.no_grad(), pruned(tiny_opt, masks):
+        assert tiny_opt.model.decoder.layers[0].fc1.out_features == 16  # half of the 32 neurons
     with torch.no_grad():
-        with apply_masks(tiny_opt, masks):
-            masked = tiny_opt(ids).logits
-        with pruned(tiny_opt, masks):
-            sparse = tiny_opt(ids).logits
-            assert tiny_opt.model.decoder.layers[0].fc1.out_features == 16  # half of the 32 neurons
         restored = tiny_opt(ids).logits
     torch.testing.assert_close(sparse, masked, rtol=1e-5, atol=1e-5)
     assert tiny_opt.model.decoder.layers[0].fc1.out_features == 32
@@ -44,11 +51,7 @@ def test_a_layer_without_heads_still_runs(tiny_opt):
     ids = torch.randint(4, 8192, (1, 12), generator=torch.Generator().manual_seed(3))
     masks = request_masks(tiny_opt, 3)
     masks.heads[0, 1] = False  # a global policy can empty a layer
-    with torch.no_grad():
-        with apply_masks(tiny_opt, masks):
-            masked = tiny_opt(ids).logits
-        with pruned(tiny_opt, masks):
-            sparse = tiny_opt(ids).logits
+    masked, sparse = masked_and_pruned_logits(tiny_opt, masks, ids)
     torch.testing.assert_close(sparse, masked, rtol=1e-5, atol=1e-5)
 
 

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import pytest
+from conftest import ROOT
 from hydra import compose, initialize_config_dir
 
 from shadow.benchmarks.latency import ARCHS
 from shadow.config import register_configs, validate
 
-ROOT = Path(__file__).resolve().parent.parent
 SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import platform
 import sys
 from pathlib import Path
@@ -40,7 +39,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.utils import benchmark
 
-from shadow.cli import fix_argv
+from shadow.cli import fail, fix_argv
 from shadow.config import ConfigError
 from shadow.models import DTYPES, Shape
 from shadow.policy import Policy
@@ -107,24 +106,28 @@ class Bench:
         for group in range(len(predictor.groups)):
             policy.select(*predictor.group_scores(group, feature))
 
-    def rows(self, sparsity: float, dense: dict) -> list[dict]:
+    def row(self, method: str, granularity: str, sparsity: float, run, predict=None, dense_step=None) -> dict:
+        """Time ``run(n)`` for all new tokens and for the first; ``predict``: the predictor's work per request
+        (request) or per decoding step (token); ``dense_step``: dense ms per step, None for the dense row."""
         cfg, new = self.cfg, self.cfg.new_tokens
-        policy = Policy("local", sparsity, sparsity)
         quick = max(cfg.min_run_time / 4, 1.0)
+        with torch.no_grad():
+            total, first = median_ms(lambda: run(new), cfg.min_run_time), median_ms(lambda: run(1), quick)
+            step = (total - first) / max(new - 1, 1)
+            cost = median_ms(predict, quick) if predict else None
+        share = None if cost is None else cost / (step if granularity == "token" else total)
+        result = {"method": method, "granularity": granularity, "sparsity": sparsity, "total_ms": total,
+                  "first_token_ms": first, "step_ms": step, "decode_speedup": (dense_step or step) / step,
+                  "predictor_share": share}
+        print(format_row(result), flush=True)
+        return result
+
+    def rows(self, sparsity: float, dense_step: float) -> list[dict]:
+        policy = Policy("local", sparsity, sparsity)
         rows = []
 
         def row(method: str, granularity: str, run, predict=None) -> dict:
-            """``predict``: the predictor's work per request (request) or per decoding step (token)."""
-            with torch.no_grad():
-                total, first = median_ms(lambda: run(new), cfg.min_run_time), median_ms(lambda: run(1), quick)
-                step = (total - first) / max(new - 1, 1)
-                cost = median_ms(predict, quick) if predict else None
-            share = None if cost is None else cost / (step if granularity == "token" else total)
-            result = {"method": method, "granularity": granularity, "sparsity": sparsity, "total_ms": total,
-                      "first_token_ms": first, "step_ms": step, "decode_speedup": dense["step_ms"] / step,
-                      "predictor_share": share}
-            print(format_row(result), flush=True)
-            return result
+            return self.row(method, granularity, sparsity, run, predict, dense_step)
 
         static = policy.select(torch.rand(1, self.shape.layers, self.shape.heads),
                                torch.rand(1, self.shape.layers, self.shape.neurons))
@@ -188,16 +191,10 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
     header = (f"{cfg.arch} architecture (random weights), {cfg.dtype} on {device} ({machine}), torch "
               f"{torch.__version__}, batch 1, prompt {cfg.prompt} + {cfg.new_tokens} generated")
     print(header + "\n\n" + TABLE_HEAD, flush=True)
-    with torch.no_grad():
-        dense_total = median_ms(lambda: bench.generate(cfg.new_tokens), cfg.min_run_time)
-        dense_first = median_ms(lambda: bench.generate(1), max(cfg.min_run_time / 4, 1.0))
-    dense = {"method": "dense", "granularity": "-", "sparsity": 0.0, "total_ms": dense_total,
-             "first_token_ms": dense_first, "step_ms": (dense_total - dense_first) / max(cfg.new_tokens - 1, 1),
-             "decode_speedup": 1.0, "predictor_share": None}
-    print(format_row(dense), flush=True)
+    dense = bench.row("dense", "-", 0.0, bench.generate)
     rows = [dense]
     for sparsity in cfg.sparsity:
-        rows += bench.rows(float(sparsity), dense)
+        rows += bench.rows(float(sparsity), dense["step_ms"])
     write(out, header, rows)
     if cfg.logger.name == "wandb":
         import wandb
@@ -217,9 +214,7 @@ def main(cfg: DictConfig) -> None:
     try:
         run(cfg, Path(HydraConfig.get().runtime.output_dir))
     except ConfigError as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        raise SystemExit(f"error: {err}") from None
+        fail(err)
 
 
 if __name__ == "__main__":
