@@ -6,14 +6,13 @@ kept heads (so the KV cache holds only those heads), and the fc1 rows and fc2 co
 Prefill and every decoding step then run on the smaller layers.
 
 Per token, ``TokenDecoder`` decodes greedily with a fresh mask at every step, as DejaVu does, and copies no
-weights: rows (q, k, v, fc1) are read in place by ``torch.sparse.sampled_addmm``, which computes only the kept
-rows' dot products, and columns (out_proj, fc2) by ``embedding_bag`` over the transposed weight, a weighted sum
-of the kept rows. Copying the kept weights at every step would cost more than the dense product.
+weights: the gather kernels of ``shadow.kernels`` read the kept rows (q, k, v, fc1) and the kept columns
+(out_proj, fc2, stored transposed) in place. Copying the kept weights at every step would cost more than the
+dense product.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -21,12 +20,10 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
+from shadow import kernels
 from shadow.models import decoder_layers
 from shadow.policy import Masks, Policy
 from shadow.predictors import Predictor
-
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-COLUMN_BAGS = 8  # one embedding_bag bag runs on one thread
 
 
 def _rows(layer: nn.Linear, index: Tensor) -> nn.Linear:
@@ -77,25 +74,6 @@ def pruned(model: nn.Module, masks: Masks) -> Iterator[None]:
             layer.fc1, layer.fc2 = fc1, fc2
 
 
-def gather_rows(linear: nn.Linear, index: Tensor, x: Tensor) -> Tensor:
-    """``linear(x)[index]`` for one input vector, computing (and reading) only the rows in ``index`` (sorted)."""
-    rows = linear.out_features
-    crow = torch.zeros(rows + 1, dtype=torch.long, device=x.device)
-    crow[index + 1] = 1
-    bias = linear.bias[index] if linear.bias is not None else x.new_zeros(len(index))
-    pattern = torch.sparse_csr_tensor(crow.cumsum(0), torch.zeros_like(index), bias, size=(rows, 1),
-                                      check_invariants=False)
-    return torch.sparse.sampled_addmm(pattern, linear.weight, x[:, None]).values()
-
-
-def gather_columns(weight_t: Tensor, bias: Tensor | None, index: Tensor, x: Tensor) -> Tensor:
-    """``W[:, index] @ x + b`` from ``weight_t`` = Wᵀ (in, out), reading only its rows in ``index``: a weighted
-    sum of those rows by ``embedding_bag``, split into bags so that every thread takes a share."""
-    offsets = torch.arange(COLUMN_BAGS, device=index.device) * len(index) // COLUMN_BAGS
-    out = nn.functional.embedding_bag(index, weight_t, offsets, mode="sum", per_sample_weights=x).sum(0)
-    return out if bias is None else out + bias
-
-
 @dataclass
 class Generation:
     tokens: Tensor  # (N,) the greedy continuation
@@ -105,10 +83,10 @@ class Generation:
 
 @dataclass
 class _LayerCache:
-    keys: Tensor  # (H, positions, head_dim)
+    keys: Tensor  # (H · head_dim, positions): one row per key unit, as the gather kernel writes them
     values: Tensor
     inputs: Tensor  # (positions, E) attention inputs, to compute a head's skipped keys and values later
-    done: list[int]  # per head: positions [0, done) have keys and values
+    done: Tensor  # (H,) per head: positions [0, done) have keys and values
 
 
 class TokenDecoder:
@@ -138,7 +116,7 @@ class TokenDecoder:
         self.active = False
 
     def __enter__(self) -> TokenDecoder:
-        """Store out_proj and fc2 weights transposed in place (rows = input units) for ``gather_columns``; the
+        """Store out_proj and fc2 weights transposed in place (rows = input units) for ``kernels.columns``; the
         values are untouched and the model runs as before. ``generate`` does this itself when not inside."""
         for m in self._column_modules():
             m.weight.data = m.weight.data.t().contiguous().t()
@@ -181,12 +159,14 @@ class TokenDecoder:
     def _caches(self, cache, positions: int) -> list[_LayerCache]:
         caches = []
         for index, layer in enumerate(self.layers):
-            keys, values = cache.layers[index].keys[0], cache.layers[index].values[0]
-            H, T, D = keys.shape
-            full_keys, full_values = keys.new_zeros(H, positions, D), values.new_zeros(H, positions, D)
-            full_keys[:, :T], full_values[:, :T] = keys, values
-            inputs = keys.new_zeros(positions, layer.self_attn.q_proj.in_features)
-            caches.append(_LayerCache(full_keys, full_values, inputs, [T] * H))
+            stores = []
+            for prompt in (cache.layers[index].keys[0], cache.layers[index].values[0]):  # (H, T, head_dim)
+                H, T, D = prompt.shape
+                store = prompt.new_zeros(H, D, positions)
+                store[:, :, :T] = prompt.transpose(1, 2)
+                stores.append(store.view(H * D, positions))
+            inputs = prompt.new_zeros(positions, layer.self_attn.q_proj.in_features)
+            caches.append(_LayerCache(*stores, inputs, torch.full((H,), T, device=prompt.device)))
         return caches
 
     def _step(self, token: int, position: int, caches: list[_LayerCache]) -> tuple[Tensor, Masks]:
@@ -205,8 +185,7 @@ class TokenDecoder:
                 x = layer.self_attn_layer_norm(x)
             h = layer.final_layer_norm(x) if norm_first else x
             kept = neurons[index].nonzero().flatten()
-            x = x + gather_columns(layer.fc2.weight.t(), layer.fc2.bias, kept,
-                                   layer.activation_fn(gather_rows(layer.fc1, kept, h)))
+            x = x + kernels.columns(layer.fc2, kept, layer.activation_fn(kernels.rows(layer.fc1, kept, h)))
             if not norm_first:
                 x = layer.final_layer_norm(x)
         if decoder.final_layer_norm is not None:
@@ -227,27 +206,19 @@ class TokenDecoder:
         computed = active.nonzero().flatten()
         dims = (computed[:, None] * D + torch.arange(D, device=device)).flatten()
         cache.inputs[position] = h
-        for name, store in (("k_proj", cache.keys), ("v_proj", cache.values)):
-            proj = getattr(attn, name)
-            store[:, position].index_copy_(0, computed, gather_rows(proj, dims, h).view(-1, D))
-            for head in computed.tolist():  # positions where this head was pruned
-                if cache.done[head] < position:
-                    rows = slice(head * D, (head + 1) * D)
-                    bias = proj.bias[rows] if proj.bias is not None else None
-                    store[head, cache.done[head]:position] = nn.functional.linear(
-                        cache.inputs[cache.done[head]:position], proj.weight[rows], bias).view(-1, D)
-        for head in computed.tolist():
-            cache.done[head] = position + 1
-        query = (gather_rows(attn.q_proj, dims, h) * attn.scaling).view(1, -1, 1, D)
-        keys = cache.keys[:, :position + 1].index_select(0, computed)[None]
-        values = cache.values[:, :position + 1].index_select(0, computed)[None]
+        first = cache.done[computed].repeat_interleave(D)  # a head kept again catches up on skipped positions
+        kernels.rows_into(cache.keys, attn.k_proj, dims, cache.inputs, first, position)
+        kernels.rows_into(cache.values, attn.v_proj, dims, cache.inputs, first, position)
+        cache.done[computed] = position + 1
+        query = (kernels.rows(attn.q_proj, dims, h) * attn.scaling).view(1, -1, 1, D)
+        keys, values = (store.view(attn.num_heads, D, -1)[computed, :, :position + 1].transpose(1, 2)[None]
+                        for store in (cache.keys, cache.values))
         out = nn.functional.scaled_dot_product_attention(query, keys, values, scale=1.0).flatten()
         for group in self.groups_at.get(index, []):
             feature = h.new_zeros(attn.out_proj.in_features).index_copy_(0, dims, out)
             self._predict(group, feature, heads, neurons)
         kept = heads[index][computed]  # of the computed heads, those the mask keeps
-        return gather_columns(attn.out_proj.weight.t(), attn.out_proj.bias, dims.view(-1, D)[kept].flatten(),
-                              out.view(-1, D)[kept].flatten())
+        return kernels.columns(attn.out_proj, dims.view(-1, D)[kept].flatten(), out.view(-1, D)[kept].flatten())
 
     def _predict(self, group: int, feature: Tensor, heads: dict[int, Tensor], neurons: dict[int, Tensor]) -> None:
         targets = self.predictor.groups[group][1]

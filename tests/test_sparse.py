@@ -8,12 +8,13 @@ import torch
 from conftest import CONF_DIR, make_tiny_opt
 from hydra import compose, initialize_config_dir
 
+from shadow import kernels
 from shadow.benchmarks.latency import COLUMNS, run
 from shadow.masking import apply_masks
 from shadow.models import Shape
 from shadow.policy import Masks, Policy
 from shadow.predictors import Predictor, placement_groups
-from shadow.sparse import TokenDecoder, gather_columns, gather_rows, pruned
+from shadow.sparse import TokenDecoder, pruned
 from shadow.traces import layer_features
 
 
@@ -73,16 +74,14 @@ def test_pruned_takes_one_request():
         pass
 
 
-def test_gather_kernels_equal_the_dense_products():
-    gen = torch.Generator().manual_seed(5)
-    linear = torch.nn.Linear(24, 40)
-    x, y = torch.randn(24, generator=gen), torch.randn(40, generator=gen)
-    index = torch.tensor([0, 3, 4, 17, 39])
-    torch.testing.assert_close(gather_rows(linear, index, x), linear(x)[index])
-    down = torch.nn.Linear(40, 24)
-    masked = down(y * torch.zeros(40).index_fill_(0, index, 1))
-    torch.testing.assert_close(gather_columns(down.weight.t().contiguous(), down.bias, index, y[index]), masked)
-    assert torch.equal(gather_columns(down.weight.t(), down.bias, index[:0], y[:0]), down.bias)
+@pytest.fixture(params=["native", "torch"])
+def gather(request, monkeypatch):
+    """Per-token decoding on each backend of the gather kernels."""
+    if request.param == "torch":
+        monkeypatch.setattr(kernels, "native", lambda: None)
+    else:
+        assert kernels.native() is not None, "the compiled gather kernel must build here"
+    return request.param
 
 
 def token_predictor(model, name: str, lookahead: bool = False) -> Predictor:
@@ -111,7 +110,7 @@ def decode_and_check(model, predictor: Predictor, policy: Policy, new_tokens: in
 
 
 @pytest.mark.parametrize("policy", ["global", "local"])
-def test_shadow_per_token_decoding_equals_the_masked_model(tiny_opt, policy):
+def test_shadow_per_token_decoding_equals_the_masked_model(tiny_opt, policy, gather):
     predictor = token_predictor(tiny_opt, "shadow")
     out, sequence = decode_and_check(tiny_opt, predictor, Policy(policy, 0.5, 0.5))
     # the masks are the predictor's on layer 0's attention output at each position, as in the accuracy setting
@@ -126,7 +125,7 @@ def test_shadow_per_token_decoding_equals_the_masked_model(tiny_opt, policy):
 
 
 @pytest.mark.parametrize("lookahead", [False, True])
-def test_dejavu_per_token_decoding_equals_the_masked_model(tiny_opt, lookahead):
+def test_dejavu_per_token_decoding_equals_the_masked_model(tiny_opt, lookahead, gather):
     decode_and_check(tiny_opt, token_predictor(tiny_opt, "dejavu", lookahead), Policy("local", 0.5, 0.5))
 
 
@@ -135,7 +134,7 @@ def test_per_token_decoding_of_an_opt_350m_shaped_model():
     decode_and_check(model, token_predictor(model, "shadow"), Policy("global", 0.5, 0.5))
 
 
-def test_per_token_decoding_with_an_empty_layer(tiny_opt):
+def test_per_token_decoding_with_an_empty_layer(tiny_opt, gather):
     predictor = token_predictor(tiny_opt, "shadow")
     H = Shape.of(tiny_opt.config).heads
     with torch.no_grad():

@@ -1,0 +1,104 @@
+"""Gather kernels for per-token sparse decoding: matrix-vector products that read only the kept rows of a weight,
+in place (no copy of the kept weights is made).
+
+Two backends with one meaning, checked against each other by the tests:
+- ``gather.cpp``, compiled on first use by torch's C++ extension loader (needs a C++ compiler; the build is
+  cached under ``$TORCH_EXTENSIONS_DIR``), for float32 on the CPU;
+- ``TorchGather``, torch's own sparse kernels (``sampled_addmm`` computes just the wanted entries of a product,
+  ``embedding_bag`` sums just the wanted rows), for other devices and dtypes, when the extension cannot be built
+  (a warning says why) and when ``SHADOW_GATHER=torch``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+SOURCE = Path(__file__).with_name("gather.cpp")
+COLUMN_BAGS = 8  # embedding_bag runs one bag per thread
+
+
+class TorchGather:
+    """The gather kernels in torch's sparse operations: any device and dtype torch supports."""
+
+    @staticmethod
+    def rows_into(out: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, inputs: Tensor, first: Tensor,
+                  last: int) -> None:
+        """``out[index[i], p] = weight[index[i]] · inputs[p] + bias[index[i]]`` for p in [first[i], last]; ``index``
+        sorted. Computes only those entries: a CSR pattern of them, filled by ``sampled_addmm``."""
+        counts = (last + 1 - first.clamp(min=0)).clamp(min=0)
+        crow = torch.zeros(out.shape[0] + 1, dtype=torch.long, device=out.device)
+        crow[index + 1] = counts
+        starts = counts.cumsum(0) - counts
+        total = int(counts.sum())
+        position = (torch.arange(total, device=out.device) - starts.repeat_interleave(counts, output_size=total)
+                    + first.clamp(min=0).repeat_interleave(counts, output_size=total))
+        row = index.repeat_interleave(counts, output_size=total)
+        values = bias[row] if bias is not None else out.new_zeros(total)
+        pattern = torch.sparse_csr_tensor(crow.cumsum(0), position, values, size=out.shape, check_invariants=False)
+        out[row, position] = torch.sparse.sampled_addmm(pattern, weight, inputs[:out.shape[1]].t()).values()
+
+    @staticmethod
+    def columns(weight_t: Tensor, bias: Tensor | None, index: Tensor, scale: Tensor) -> Tensor:
+        """``bias + Σ_i scale[i] · weight_t[index[i]]``: the columns ``index`` of W = weight_tᵀ times ``scale``, a
+        weighted sum of those rows by ``embedding_bag``, split into bags so that every thread takes a share."""
+        offsets = torch.arange(COLUMN_BAGS, device=index.device) * len(index) // COLUMN_BAGS
+        out = nn.functional.embedding_bag(index, weight_t, offsets, mode="sum", per_sample_weights=scale).sum(0)
+        return out if bias is None else out + bias
+
+
+@functools.cache
+def native() -> ModuleType | None:
+    """The compiled CPU kernels, built on first use; None (with a warning) where they cannot be built."""
+    if os.environ.get("SHADOW_GATHER") == "torch":
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        if shutil.which("ninja") is None:  # the ninja wheel's binary, when its venv is not on PATH
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        log.info("loading shadow's gather kernel (compiled once per machine, about 30 s)")
+        return cpp_extension.load("shadow_gather", [str(SOURCE)], extra_cflags=["-O3", "-fopenmp"], verbose=False)
+    except Exception as err:  # no compiler, no headers: the torch kernels give the same results, slower
+        warnings.warn(f"shadow's gather kernel could not be built ({str(err).splitlines()[0]}); per-token "
+                      "decoding uses torch's sparse kernels instead", stacklevel=2)
+        return None
+
+
+def backend(weight: Tensor) -> ModuleType | type[TorchGather]:
+    """The kernels for this weight: the compiled ones for float32 on the CPU when they build, else torch's."""
+    if weight.device.type == "cpu" and weight.dtype == torch.float32:
+        return native() or TorchGather
+    return TorchGather
+
+
+def rows_into(out: Tensor, linear: nn.Linear, index: Tensor, inputs: Tensor, first: Tensor, last: int) -> None:
+    """Write ``linear(inputs[p])[index[i]]`` to ``out[index[i], p]`` for p in [first[i], last], reading only the
+    rows ``index`` (sorted) of the weight. ``out``: (out_features, positions), ``inputs``: (positions, in)."""
+    backend(linear.weight).rows_into(out, linear.weight, linear.bias, index, inputs, first, last)
+
+
+def rows(linear: nn.Linear, index: Tensor, x: Tensor) -> Tensor:
+    """``linear(x)[index]`` for one input vector, reading only the rows ``index`` (sorted) of the weight."""
+    out = x.new_empty(linear.out_features, 1)
+    rows_into(out, linear, index, x.contiguous()[None], torch.zeros_like(index), 0)
+    return out[index, 0]
+
+
+def columns(linear: nn.Linear, index: Tensor, x: Tensor) -> Tensor:
+    """``W[:, index] @ x + b``, reading only the columns ``index`` of W, stored transposed (``weight.t()``
+    contiguous) so that each column is one contiguous row."""
+    weight_t = linear.weight.t()
+    return backend(weight_t).columns(weight_t, linear.bias, index, x.contiguous())

@@ -1,0 +1,81 @@
+"""The gather kernels: each backend against the dense products it replaces, and the compiled one against torch's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shadow import kernels
+from shadow.kernels import TorchGather
+
+
+def backends():
+    native = kernels.native()
+    assert native is not None, "the compiled gather kernel must build here (a C++ compiler and ninja)"
+    return {"native": native, "torch": TorchGather}
+
+
+@pytest.mark.parametrize("name", ["native", "torch"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_rows_into_writes_exactly_the_asked_entries(name, with_bias):
+    gen = torch.Generator().manual_seed(3)
+    weight, inputs = torch.randn(40, 37, generator=gen), torch.randn(9, 37, generator=gen)  # 37: not a lane multiple
+    bias = torch.randn(40, generator=gen) if with_bias else None
+    index = torch.tensor([0, 3, 4, 17, 39])
+    first = torch.tensor([0, 5, 8, 9, 2])  # row 17 starts after the last position: nothing to write
+    last = 8
+    out = torch.full((40, 9), float("nan"))
+    backends()[name].rows_into(out, weight, bias, index, inputs, first, last)
+    dense = weight @ inputs.t() + (bias[:, None] if with_bias else 0)
+    asked = torch.zeros(40, 9, dtype=torch.bool)
+    for row, start in zip(index.tolist(), first.tolist(), strict=True):
+        asked[row, start:last + 1] = True
+    torch.testing.assert_close(out[asked], dense[asked])
+    assert out[~asked].isnan().all()  # nothing else is touched
+
+
+@pytest.mark.parametrize("name", ["native", "torch"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_columns_sum_exactly_the_kept_columns(name, with_bias):
+    gen = torch.Generator().manual_seed(4)
+    down = torch.nn.Linear(40, 300, bias=with_bias)  # 300 outputs: the threads split them unevenly
+    y = torch.randn(40, generator=gen)
+    index = torch.tensor([0, 3, 4, 17, 39])
+    weight_t = down.weight.t().contiguous()
+    masked = down(y * torch.zeros(40).index_fill_(0, index, 1))
+    torch.testing.assert_close(backends()[name].columns(weight_t, down.bias, index, y[index]), masked)
+    empty = backends()[name].columns(weight_t, down.bias, index[:0], y[:0])
+    assert torch.equal(empty, down.bias if with_bias else torch.zeros(300))
+
+
+def test_compiled_and_torch_kernels_agree_at_model_size():
+    gen = torch.Generator().manual_seed(5)
+    fc1 = torch.nn.Linear(512, 2048)
+    x = torch.randn(512, generator=gen)
+    index = torch.randperm(2048, generator=gen)[:1024].sort().values
+    out = {name: torch.zeros(2048, 1) for name in ("native", "torch")}
+    for name, backend in backends().items():
+        backend.rows_into(out[name], fc1.weight, fc1.bias, index, x[None], torch.zeros_like(index), 0)
+    torch.testing.assert_close(out["native"], out["torch"])
+    torch.testing.assert_close(kernels.rows(fc1, index, x), fc1(x)[index])
+    weight_t = fc1.weight.detach().contiguous()  # (2048, 512) read as the transposed weight of a 2048 → 512 layer
+    z = torch.randn(1024, generator=gen)
+    columns = [backend.columns(weight_t, None, index, z) for backend in backends().values()]
+    torch.testing.assert_close(columns[0], columns[1], rtol=1e-5, atol=1e-5)
+
+
+def test_other_dtypes_and_the_switch_use_torch_kernels(monkeypatch):
+    assert kernels.backend(torch.zeros(2, dtype=torch.float64)) is TorchGather
+    assert kernels.backend(torch.zeros(2)) is kernels.native()
+    kernels.native.cache_clear()
+    monkeypatch.setenv("SHADOW_GATHER", "torch")
+    try:
+        assert kernels.backend(torch.zeros(2)) is TorchGather
+    finally:
+        kernels.native.cache_clear()
+
+
+def test_compiled_kernel_checks_its_inputs():
+    with pytest.raises(RuntimeError, match="weight must be a contiguous CPU tensor"):
+        kernels.native().rows_into(torch.zeros(4, 1), torch.zeros(2, 4).t(), None, torch.tensor([0]),
+                                   torch.zeros(1, 2), torch.tensor([0]), 0)
