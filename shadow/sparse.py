@@ -210,10 +210,8 @@ class TokenDecoder:
         kernels.rows_into(cache.keys, attn.k_proj, dims, cache.inputs, first, position)
         kernels.rows_into(cache.values, attn.v_proj, dims, cache.inputs, first, position)
         cache.done[computed] = position + 1
-        query = (kernels.rows(attn.q_proj, dims, h) * attn.scaling).view(1, -1, 1, D)
-        keys, values = (store.view(attn.num_heads, D, -1)[computed, :, :position + 1].transpose(1, 2)[None]
-                        for store in (cache.keys, cache.values))
-        out = nn.functional.scaled_dot_product_attention(query, keys, values, scale=1.0).flatten()
+        query = kernels.rows(attn.q_proj, dims, h) * attn.scaling
+        out = kernels.attend(query, cache.keys, cache.values, computed, D, position + 1)
         for group in self.groups_at.get(index, []):
             feature = h.new_zeros(attn.out_proj.in_features).index_copy_(0, dims, out)
             self._predict(group, feature, heads, neurons)

@@ -36,6 +36,17 @@ def test_rows_into_writes_exactly_the_asked_entries(name, with_bias):
 
 @pytest.mark.parametrize("name", ["native", "torch"])
 @pytest.mark.parametrize("with_bias", [True, False])
+def test_rows_are_the_kept_outputs(name, with_bias):
+    gen = torch.Generator().manual_seed(6)
+    linear = torch.nn.Linear(37, 42, bias=with_bias)
+    x = torch.randn(37, generator=gen)
+    for index in (torch.tensor([0, 3, 4, 17, 41]), torch.arange(42), torch.tensor([7]), torch.arange(0)):
+        got = backends()[name].rows(linear.weight.detach(), linear.bias, index, x)
+        torch.testing.assert_close(got, linear(x).detach()[index])
+
+
+@pytest.mark.parametrize("name", ["native", "torch"])
+@pytest.mark.parametrize("with_bias", [True, False])
 def test_columns_sum_exactly_the_kept_columns(name, with_bias):
     gen = torch.Generator().manual_seed(4)
     down = torch.nn.Linear(40, 300, bias=with_bias)  # 300 outputs: the threads split them unevenly
@@ -79,3 +90,17 @@ def test_compiled_kernel_checks_its_inputs():
     with pytest.raises(RuntimeError, match="weight must be a contiguous CPU tensor"):
         kernels.native().rows_into(torch.zeros(4, 1), torch.zeros(2, 4).t(), None, torch.tensor([0]),
                                    torch.zeros(1, 2), torch.tensor([0]), 0)
+
+
+@pytest.mark.parametrize("name", ["native", "torch"])
+def test_attend_is_attention_over_the_kept_heads(name):
+    gen = torch.Generator().manual_seed(8)
+    H, D, positions, length = 6, 8, 11, 7
+    keys, values = torch.randn(H * D, positions, generator=gen), torch.randn(H * D, positions, generator=gen)
+    heads = torch.tensor([1, 2, 5])
+    query = torch.randn(len(heads) * D, generator=gen)
+    got = backends()[name].attend(query, keys, values, heads, D, length)
+    for j, head in enumerate(heads.tolist()):
+        k, v = keys[head * D:(head + 1) * D, :length], values[head * D:(head + 1) * D, :length]
+        weights = torch.softmax(query[j * D:(j + 1) * D] @ k, dim=0)  # positions past length are not read
+        torch.testing.assert_close(got[j * D:(j + 1) * D], v @ weights)

@@ -49,12 +49,29 @@ class TorchGather:
         out[row, position] = torch.sparse.sampled_addmm(pattern, weight, inputs[:out.shape[1]].t()).values()
 
     @staticmethod
+    def rows(weight: Tensor, bias: Tensor | None, index: Tensor, x: Tensor) -> Tensor:
+        """``(weight @ x + bias)[index]``, computing only those rows."""
+        out = x.new_empty(weight.shape[0], 1)
+        TorchGather.rows_into(out, weight, bias, index, x[None], torch.zeros_like(index), 0)
+        return out[index, 0]
+
+    @staticmethod
     def columns(weight_t: Tensor, bias: Tensor | None, index: Tensor, scale: Tensor) -> Tensor:
         """``bias + Σ_i scale[i] · weight_t[index[i]]``: the columns ``index`` of W = weight_tᵀ times ``scale``, a
         weighted sum of those rows by ``embedding_bag``, split into bags so that every thread takes a share."""
         offsets = torch.arange(COLUMN_BAGS, device=index.device) * len(index) // COLUMN_BAGS
         out = nn.functional.embedding_bag(index, weight_t, offsets, mode="sum", per_sample_weights=scale).sum(0)
         return out if bias is None else out + bias
+
+    @staticmethod
+    def attend(query: Tensor, keys: Tensor, values: Tensor, heads: Tensor, head_dim: int, length: int) -> Tensor:
+        """One position's attention output for the kept ``heads``: ``query`` (n · head_dim,) already scaled,
+        ``keys`` and ``values`` (H · head_dim, positions) with one row per unit; positions [0, length)."""
+        total = keys.shape[0] // head_dim
+        keys, values = (store.view(total, head_dim, -1)[heads, :, :length].transpose(1, 2)[None]
+                        for store in (keys, values))
+        return nn.functional.scaled_dot_product_attention(query.view(1, -1, 1, head_dim), keys, values,
+                                                          scale=1.0).flatten()
 
 
 @functools.cache
@@ -92,9 +109,13 @@ def rows_into(out: Tensor, linear: nn.Linear, index: Tensor, inputs: Tensor, fir
 
 def rows(linear: nn.Linear, index: Tensor, x: Tensor) -> Tensor:
     """``linear(x)[index]`` for one input vector, reading only the rows ``index`` (sorted) of the weight."""
-    out = x.new_empty(linear.out_features, 1)
-    rows_into(out, linear, index, x.contiguous()[None], torch.zeros_like(index), 0)
-    return out[index, 0]
+    return backend(linear.weight).rows(linear.weight, linear.bias, index, x.contiguous())
+
+
+def attend(query: Tensor, keys: Tensor, values: Tensor, heads: Tensor, head_dim: int, length: int) -> Tensor:
+    """Attention of one position over the first ``length`` cached positions, for the kept ``heads`` only (see
+    ``TorchGather.attend``)."""
+    return backend(keys).attend(query, keys, values, heads, head_dim, length)
 
 
 def columns(linear: nn.Linear, index: Tensor, x: Tensor) -> Tensor:

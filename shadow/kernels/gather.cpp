@@ -1,6 +1,9 @@
 // Gathered matrix-vector products for per-token sparse decoding on the CPU (float32). Each reads only the
 // weight rows it is given, in place: no copy of the kept weights is made.
 #include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <vector>
 #include <torch/extension.h>
 
 // One build runs on any x86-64 CPU: the hot loops are compiled for several instruction sets and the best one
@@ -49,6 +52,36 @@ void check(const torch::Tensor& t, const char* name, int64_t dim, c10::ScalarTyp
 
 }  // namespace
 
+// For each kept row i and each position p in [first(i), last]: store(i, p, weight[index[i]] · inputs[p]).
+template <typename First, typename Store>
+void kept_dots(const torch::Tensor& weight, const torch::Tensor& index, const torch::Tensor& inputs, First first,
+               int64_t last, Store store) {
+  const int64_t kept = index.size(0), width = weight.size(1);
+  TORCH_CHECK(inputs.size(1) == width && last < inputs.size(0), "inputs do not match the weight");
+  const float* w = weight.data_ptr<float>();
+  const float* x = inputs.data_ptr<float>();
+  const int64_t* rows = index.data_ptr<int64_t>();
+  // Each block of kBlock kept rows is read once for all the positions it needs; rows of one head share them.
+  at::parallel_for(0, (kept + kBlock - 1) / kBlock, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t i = block * kBlock, count = std::min(kBlock, kept - i);
+      const float* weights[kBlock];
+      int64_t start = last + 1;
+      for (int64_t r = 0; r < kBlock; ++r) {
+        const int64_t row = i + std::min(r, count - 1);  // a short last block repeats its last row
+        weights[r] = w + rows[row] * width;
+        start = std::min(start, first(row));
+      }
+      for (int64_t p = start; p <= last; ++p) {
+        float dots[kBlock];
+        dot_block(weights, x + p * width, width, dots);
+        for (int64_t r = 0; r < count; ++r)
+          if (p >= first(i + r)) store(i + r, p, dots[r]);
+      }
+    }
+  });
+}
+
 // out[index[i], p] = weight[index[i]] · inputs[p] + bias[index[i]] for p in [first[i], last], for every i.
 void rows_into(torch::Tensor out, torch::Tensor weight, c10::optional<torch::Tensor> bias, torch::Tensor index,
                torch::Tensor inputs, torch::Tensor first, int64_t last) {
@@ -58,35 +91,30 @@ void rows_into(torch::Tensor out, torch::Tensor weight, c10::optional<torch::Ten
   check(inputs, "inputs", 2, torch::kFloat);
   check(first, "first", 1, torch::kLong);
   if (bias) check(*bias, "bias", 1, torch::kFloat);
-  const int64_t kept = index.size(0), width = weight.size(1), positions = out.size(1);
-  TORCH_CHECK(inputs.size(1) == width && out.size(0) == weight.size(0) && first.size(0) == kept &&
-              last < positions && last < inputs.size(0), "rows_into: shapes do not match");
-  const float* w = weight.data_ptr<float>();
-  const float* x = inputs.data_ptr<float>();
-  const float* b = bias ? bias->data_ptr<float>() : nullptr;
+  TORCH_CHECK(out.size(0) == weight.size(0) && first.size(0) == index.size(0) && last < out.size(1),
+              "rows_into: out, weight, index and first do not match");
+  const int64_t positions = out.size(1);
   const int64_t* rows = index.data_ptr<int64_t>();
   const int64_t* from = first.data_ptr<int64_t>();
+  const float* b = bias ? bias->data_ptr<float>() : nullptr;
   float* y = out.data_ptr<float>();
-  // Each block of kBlock kept rows is read once for all the positions it needs; rows of one head share them.
-  at::parallel_for(0, (kept + kBlock - 1) / kBlock, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t i = block * kBlock, count = std::min(kBlock, kept - i);
-      const float* weights[kBlock];
-      int64_t start = last + 1;
-      for (int64_t r = 0; r < kBlock; ++r) {
-        weights[r] = w + rows[i + std::min(r, count - 1)] * width;  // a short last block repeats its last row
-        start = std::min(start, std::max<int64_t>(from[i + std::min(r, count - 1)], 0));
-      }
-      for (int64_t p = start; p <= last; ++p) {
-        float dots[kBlock];
-        dot_block(weights, x + p * width, width, dots);
-        for (int64_t r = 0; r < count; ++r) {
-          const int64_t row = rows[i + r];
-          if (p >= from[i + r]) y[row * positions + p] = dots[r] + (b ? b[row] : 0.f);
-        }
-      }
-    }
-  });
+  kept_dots(weight, index, inputs, [&](int64_t i) { return std::max<int64_t>(from[i], 0); }, last,
+            [&](int64_t i, int64_t p, float dot) { y[rows[i] * positions + p] = dot + (b ? b[rows[i]] : 0.f); });
+}
+
+// (weight · x + bias)[index]: only the kept rows are read.
+torch::Tensor rows(torch::Tensor weight, c10::optional<torch::Tensor> bias, torch::Tensor index, torch::Tensor x) {
+  check(weight, "weight", 2, torch::kFloat);
+  check(index, "index", 1, torch::kLong);
+  check(x, "x", 1, torch::kFloat);
+  if (bias) check(*bias, "bias", 1, torch::kFloat);
+  torch::Tensor out = torch::empty({index.size(0)}, x.options());
+  const int64_t* kept = index.data_ptr<int64_t>();
+  const float* b = bias ? bias->data_ptr<float>() : nullptr;
+  float* y = out.data_ptr<float>();
+  kept_dots(weight, index, x.view({1, -1}), [](int64_t) { return int64_t{0}; }, 0,
+            [&](int64_t i, int64_t, float dot) { y[i] = dot + (b ? b[kept[i]] : 0.f); });
+  return out;
 }
 
 // bias + Σ_i scale[i] · weight_t[index[i]]: the columns index of W = weight_tᵀ times scale.
@@ -115,7 +143,52 @@ torch::Tensor columns(torch::Tensor weight_t, c10::optional<torch::Tensor> bias,
   return out;
 }
 
+// Attention of one query position over the cache, for the heads `heads` only. keys, values: (H · head_dim,
+// positions), one row per unit, so each head's block is read in place; query: the kept heads' (n · head_dim)
+// query, already scaled. Returns their (n · head_dim) attention output over positions [0, length).
+torch::Tensor attend(torch::Tensor query, torch::Tensor keys, torch::Tensor values, torch::Tensor heads,
+                     int64_t head_dim, int64_t length) {
+  check(query, "query", 1, torch::kFloat);
+  check(keys, "keys", 2, torch::kFloat);
+  check(values, "values", 2, torch::kFloat);
+  check(heads, "heads", 1, torch::kLong);
+  const int64_t kept = heads.size(0), positions = keys.size(1);
+  TORCH_CHECK(head_dim % kBlock == 0 && query.size(0) == kept * head_dim && values.sizes() == keys.sizes() &&
+              length <= positions && length > 0, "attend: query, keys, values and heads do not match");
+  torch::Tensor out = torch::empty_like(query);
+  const float* q = query.data_ptr<float>();
+  const float* k = keys.data_ptr<float>();
+  const float* v = values.data_ptr<float>();
+  const int64_t* h = heads.data_ptr<int64_t>();
+  float* y = out.data_ptr<float>();
+  at::parallel_for(0, kept, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> weights(length);
+    for (int64_t j = begin; j < end; ++j) {
+      const float* head_keys = k + h[j] * head_dim * positions;
+      const float* head_values = v + h[j] * head_dim * positions;
+      std::fill(weights.begin(), weights.end(), 0.f);
+      for (int64_t d = 0; d < head_dim; d += kBlock) {  // scores = Σ_d q[d] · keys[d, :length]
+        const float* rows[kBlock];
+        for (int64_t r = 0; r < kBlock; ++r) rows[r] = head_keys + (d + r) * positions;
+        axpy_block(q + j * head_dim + d, rows, kBlock, weights.data(), length);
+      }
+      const float top = *std::max_element(weights.begin(), weights.end());
+      float total = 0;
+      for (float& w : weights) total += (w = std::exp(w - top));
+      for (int64_t d = 0; d < head_dim; d += kBlock) {  // out[d] = softmax · values[d, :length]
+        const float* rows[kBlock];
+        for (int64_t r = 0; r < kBlock; ++r) rows[r] = head_values + (d + r) * positions;
+        dot_block(rows, weights.data(), length, y + j * head_dim + d);
+        for (int64_t r = 0; r < kBlock; ++r) y[j * head_dim + d + r] /= total;
+      }
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rows_into", &rows_into);
+  m.def("rows", &rows);
   m.def("columns", &columns);
+  m.def("attend", &attend);
 }
