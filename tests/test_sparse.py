@@ -155,7 +155,8 @@ def test_per_token_decoding_rejects_what_it_cannot_run(tiny_opt):
 def test_latency_benchmark_writes_its_table(tmp_path):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="latency", overrides=["arch=opt-125m", "prompt=6", "new_tokens=3",
-                                                        "min_run_time=0.01", "sparsity=[0.5]", "logger=none"])
+                                                        "min_run_time=0.01", "rounds=2", "sparsity=[0.5]",
+                                                        "logger=none"])
     rows = run(cfg, tmp_path)
     assert [(r["method"], r["granularity"]) for r in rows] == [
         ("dense", "-"), ("static", "request"), ("shadow", "request"), ("dejavu", "request"),

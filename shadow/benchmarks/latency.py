@@ -17,9 +17,11 @@ Random weights and untrained predictors (timing does not depend on them, as in t
   shadow  token     dense prompt, then at every step the predictor runs after layer 0 and each layer reads only
                     the kept rows in place (``shadow.sparse.TokenDecoder``);
   dejavu  token     the same with one predictor per layer, each reading the previous layer's attention output.
-Reported (medians of ``torch.utils.benchmark``): end-to-end ms, ms to the first token, ms per decoding step
-(end-to-end minus first token, over the remaining steps), decoding speed-up over dense, and the predictor's share
-of the time: of the request's time per request, of each decoding step per token. Written to the job's directory
+Every row is timed once per round, the rows interleaved so that the machine's drifts touch them alike; reported
+are the medians over ``rounds`` rounds (``torch.utils.benchmark``, after a warm-up round): end-to-end ms, ms to
+the first token, ms per decoding step (end-to-end minus first token, over the remaining steps), decoding speed-up
+over dense, and the predictor's share of the time: of the request's time per request, of each decoding step per
+token. Written to the job's directory
 as latency.csv, latency.md and latency.json, and logged to W&B as a table (offline without a key; logger=none
 turns it off).
 """
@@ -31,6 +33,9 @@ import io
 import json
 import platform
 import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -38,6 +43,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.utils import benchmark
+from tqdm import tqdm
 
 from shadow.cli import fail, fix_argv
 from shadow.config import ConfigError
@@ -72,8 +78,22 @@ def median_ms(fn, min_run_time: float) -> float:
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
+@dataclass
+class Case:
+    """One row: ``run(n)`` generates n tokens inside ``context()``; ``predict`` is the predictor's work per
+    request (request) or per decoding step (token)."""
+
+    method: str
+    granularity: str
+    sparsity: float
+    run: Callable[[int], None]
+    context: Callable[[], AbstractContextManager] = nullcontext
+    predict: Callable[[], None] | None = None
+
+
 class Bench:
-    """One random-weight model, its prompt and untrained predictors of both placements; ``rows`` times them."""
+    """One random-weight model, its prompt and untrained predictors of both placements; ``measure`` times the
+    cases round by round."""
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
@@ -106,42 +126,55 @@ class Bench:
         for group in range(len(predictor.groups)):
             policy.select(*predictor.group_scores(group, feature))
 
-    def row(self, method: str, granularity: str, sparsity: float, run, predict=None, dense_step=None) -> dict:
-        """Time ``run(n)`` for all new tokens and for the first; ``predict``: the predictor's work per request
-        (request) or per decoding step (token); ``dense_step``: dense ms per step, None for the dense row."""
+    def cases(self) -> list[Case]:
+        """Dense, then at each sparsity: static, ShadowLLM and DejaVu-style per request, both per token."""
+        cases = [Case("dense", "-", 0.0, self.generate)]
+        for sparsity in map(float, self.cfg.sparsity):
+            policy = Policy("local", sparsity, sparsity)
+            static = policy.select(torch.rand(1, self.shape.layers, self.shape.heads),
+                                   torch.rand(1, self.shape.layers, self.shape.neurons))
+            cases.append(Case("static", "request", sparsity, self.generate,
+                              lambda static=static: pruned(self.model, static)))
+            for name in ("shadow", "dejavu"):
+                def request(n: int, name=name, policy=policy) -> None:
+                    with pruned(self.model, self.predict_request(name, policy)):
+                        self.generate(n)
+                cases.append(Case(name, "request", sparsity, request,
+                                  predict=lambda name=name, policy=policy: self.predict_request(name, policy)))
+            for name in ("shadow", "dejavu"):
+                decoder = TokenDecoder(self.model, self.predictors[name], policy)
+                cases.append(Case(name, "token", sparsity, lambda n, d=decoder: d.generate(self.ids, n),
+                                  lambda d=decoder: d,
+                                  lambda name=name, policy=policy: self.predict_step(name, policy)))
+        return cases
+
+    def measure(self, cases: list[Case]) -> list[dict]:
+        """Time every case's full generation and its first token once per round, the cases interleaved so that
+        drifts in the machine's speed touch them alike; then the medians over the rounds (after a warm-up)."""
         cfg, new = self.cfg, self.cfg.new_tokens
-        quick = max(cfg.min_run_time / 4, 1.0)
+        totals, firsts = [[] for _ in cases], [[] for _ in cases]
         with torch.no_grad():
-            total, first = median_ms(lambda: run(new), cfg.min_run_time), median_ms(lambda: run(1), quick)
-            step = (total - first) / max(new - 1, 1)
-            cost = median_ms(predict, quick) if predict else None
-        share = None if cost is None else cost / (step if granularity == "token" else total)
-        result = {"method": method, "granularity": granularity, "sparsity": sparsity, "total_ms": total,
-                  "first_token_ms": first, "step_ms": step, "decode_speedup": (dense_step or step) / step,
-                  "predictor_share": share}
-        print(format_row(result), flush=True)
-        return result
-
-    def rows(self, sparsity: float, dense_step: float) -> list[dict]:
-        policy = Policy("local", sparsity, sparsity)
+            for index in tqdm(range(cfg.rounds + 1), desc="rounds (the first warms up)", disable=None):
+                for case, total, first in zip(cases, totals, firsts, strict=True):
+                    with case.context():
+                        for n, times in ((new, total), (1, first)):
+                            timer = benchmark.Timer(stmt="run(n)", globals={"run": case.run, "n": n})
+                            measurement = timer.timeit(1)
+                            if index:
+                                times.append(measurement)
+            costs = []
+            for case in cases:
+                with case.context():
+                    costs.append(median_ms(case.predict, cfg.min_run_time) if case.predict else None)
         rows = []
-
-        def row(method: str, granularity: str, run, predict=None) -> dict:
-            return self.row(method, granularity, sparsity, run, predict, dense_step)
-
-        static = policy.select(torch.rand(1, self.shape.layers, self.shape.heads),
-                               torch.rand(1, self.shape.layers, self.shape.neurons))
-        with pruned(self.model, static):
-            rows.append(row("static", "request", self.generate))
-        for name in ("shadow", "dejavu"):
-            def request(n: int, name=name) -> None:
-                with pruned(self.model, self.predict_request(name, policy)):
-                    self.generate(n)
-            rows.append(row(name, "request", request, lambda name=name: self.predict_request(name, policy)))
-        for name in ("shadow", "dejavu"):
-            with TokenDecoder(self.model, self.predictors[name], policy) as decoder:
-                rows.append(row(name, "token", lambda n, d=decoder: d.generate(self.ids, n),
-                                lambda name=name: self.predict_step(name, policy)))
+        for case, total, first, cost in zip(cases, totals, firsts, costs, strict=True):
+            total_ms, first_ms = (benchmark.Measurement.merge(m)[0].median * 1e3 for m in (total, first))
+            step = (total_ms - first_ms) / max(new - 1, 1)
+            dense_step = rows[0]["step_ms"] if rows else step
+            share = None if cost is None else cost / (step if case.granularity == "token" else total_ms)
+            rows.append({"method": case.method, "granularity": case.granularity, "sparsity": case.sparsity,
+                         "total_ms": total_ms, "first_token_ms": first_ms, "step_ms": step,
+                         "decode_speedup": dense_step / step, "predictor_share": share})
         return rows
 
 
@@ -178,6 +211,8 @@ def check(cfg: DictConfig) -> None:
     for s in cfg.sparsity:
         if not isinstance(s, (int, float)) or not 0 <= s < 1:
             raise ConfigError(f"sparsity={list(cfg.sparsity)} holds {s!r}; each sparsity must be a number in [0, 1)")
+    if not isinstance(cfg.rounds, int) or cfg.rounds < 1:
+        raise ConfigError(f"rounds={cfg.rounds} must be a whole number of rounds, at least 1")
     if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={cfg.device} but no CUDA device is visible; use device=cpu")
 
@@ -190,11 +225,9 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
                else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     header = (f"{cfg.arch} architecture (random weights), {cfg.dtype} on {device} ({machine}), torch "
               f"{torch.__version__}, batch 1, prompt {cfg.prompt} + {cfg.new_tokens} generated")
-    print(header + "\n\n" + TABLE_HEAD, flush=True)
-    dense = bench.row("dense", "-", 0.0, bench.generate)
-    rows = [dense]
-    for sparsity in cfg.sparsity:
-        rows += bench.rows(float(sparsity), dense["step_ms"])
+    print(header, flush=True)
+    rows = bench.measure(bench.cases())
+    print("\n" + TABLE_HEAD + "\n" + "\n".join(map(format_row, rows)), flush=True)
     write(out, header, rows)
     if cfg.logger.name == "wandb":
         import wandb
