@@ -104,3 +104,17 @@ def test_attend_is_attention_over_the_kept_heads(name):
         k, v = keys[head * D:(head + 1) * D, :length], values[head * D:(head + 1) * D, :length]
         weights = torch.softmax(query[j * D:(j + 1) * D] @ k, dim=0)  # positions past length are not read
         torch.testing.assert_close(got[j * D:(j + 1) * D], v @ weights)
+
+
+def test_gather_benchmark_prints_every_kernel(monkeypatch, capsys):
+    from shadow.benchmarks import gather
+
+    monkeypatch.setattr("sys.argv", ["gather", "--hidden", "64", "--copies", "2", "--rounds", "1",
+                                     "--min-run-time", "0.001"])
+    gather.main()
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines[2:]]
+    assert len(rows) == 16  # 4 products × dense, dense first, torch, compiled
+    assert {" ".join(r[:2]) for r in rows} == {"fc1 rows", "fc2 columns", "q/k/v rows", "out_proj columns"}
+    dense_rows = [r for r in rows if r[2] == "dense" and r[3] != "first,"]
+    assert len(dense_rows) == 4 and all(r[-2] == "1.00" for r in dense_rows)

@@ -49,7 +49,7 @@ def main() -> None:
         example_loss(model(input_ids=device_batch[0]).logits, device_batch[1]).sum().backward()
 
     def measure(fn) -> float:
-        timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
+        timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
         return timer.blocked_autorange(min_run_time=args.min_run_time).median * 1e3
 
     base = measure(train_step)

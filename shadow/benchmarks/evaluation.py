@@ -60,7 +60,7 @@ def main() -> None:
     times = {}
     for name, lm in rows.items():
         timer = benchmark.Timer(stmt="lm._loglikelihood_tokens(requests, disable_tqdm=True)",
-                                globals={"lm": lm, "requests": requests})
+                                globals={"lm": lm, "requests": requests}, num_threads=torch.get_num_threads())
         times[name] = timer.blocked_autorange(min_run_time=args.min_run_time).median * 1e3
     print(f"{args.task}: {len(requests)} requests, batch {args.batch_size}, {args.device}, "
           f"{torch.get_num_threads()} threads")

@@ -74,7 +74,7 @@ def build(arch: str, device: str, dtype: torch.dtype):
 
 
 def median_ms(fn, min_run_time: float) -> float:
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
@@ -158,7 +158,8 @@ class Bench:
                 for case, total, first in zip(cases, totals, firsts, strict=True):
                     with case.context():
                         for n, times in ((new, total), (1, first)):
-                            timer = benchmark.Timer(stmt="run(n)", globals={"run": case.run, "n": n})
+                            timer = benchmark.Timer(stmt="run(n)", globals={"run": case.run, "n": n},
+                                                    num_threads=torch.get_num_threads())
                             measurement = timer.timeit(1)
                             if index:
                                 times.append(measurement)
