@@ -26,22 +26,23 @@ from shadow.policy import Masks, Policy
 from shadow.predictors import Predictor
 
 
-def _rows(layer: nn.Linear, index: Tensor) -> nn.Linear:
-    out = nn.Linear(layer.in_features, len(index), bias=layer.bias is not None, device=layer.weight.device,
-                    dtype=layer.weight.dtype)
-    out.weight.data = layer.weight.data.index_select(0, index)
-    if layer.bias is not None:
-        out.bias.data = layer.bias.data.index_select(0, index)
+def _linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    """A Linear holding these tensors; built on the meta device, so no throwaway initialisation runs."""
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    out.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        out.bias = nn.Parameter(bias, requires_grad=False)
     return out
+
+
+def _rows(layer: nn.Linear, index: Tensor) -> nn.Linear:
+    bias = layer.bias.data.index_select(0, index) if layer.bias is not None else None
+    return _linear(layer.weight.data.index_select(0, index), bias)
 
 
 def _columns(layer: nn.Linear, index: Tensor) -> nn.Linear:
-    out = nn.Linear(len(index), layer.out_features, bias=layer.bias is not None, device=layer.weight.device,
-                    dtype=layer.weight.dtype)
-    out.weight.data = layer.weight.data.index_select(1, index).contiguous()
-    if layer.bias is not None:
-        out.bias.data = layer.bias.data.clone()
-    return out
+    bias = layer.bias.data.clone() if layer.bias is not None else None
+    return _linear(layer.weight.data.index_select(1, index).contiguous(), bias)
 
 
 @contextmanager
