@@ -86,7 +86,7 @@ def native() -> ModuleType | None:
             import ninja
 
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        log.info("loading shadow's gather kernel (compiled once per machine, about 30 s)")
+        log.info("loading shadow's gather kernel (the first load on a machine compiles it: about 30 s)")
         return cpp_extension.load("shadow_gather", [str(SOURCE)], extra_cflags=["-O3", "-fopenmp"], verbose=False)
     except Exception as err:  # no compiler, no headers: the torch kernels give the same results, slower
         warnings.warn(f"shadow's gather kernel could not be built ({str(err).splitlines()[0]}); per-token "
