@@ -163,10 +163,7 @@ class Bench:
                             measurement = timer.timeit(1)
                             if index:
                                 times.append(measurement)
-            costs = []
-            for case in cases:
-                with case.context():
-                    costs.append(median_ms(case.predict, cfg.min_run_time) if case.predict else None)
+            costs = [median_ms(case.predict, cfg.min_run_time) if case.predict else None for case in cases]
         rows = []
         for case, total, first, cost in zip(cases, totals, firsts, costs, strict=True):
             total_ms, first_ms = (benchmark.Measurement.merge(m)[0].median * 1e3 for m in (total, first))
