@@ -18,7 +18,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from shadow.config import ConfigError, conf_options, register_configs, validate
+from shadow.config import EVAL_SCHEMAS, ConfigError, conf_options, register_configs, validate
 
 FRONT_FLAGS = ("-m", "--multirun")
 VALUE_FLAGS = ("--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp", "--cfg", "-c", "--package",
@@ -74,7 +74,7 @@ def check_argv(argv: list[str]) -> None:
         except HydraException as err:
             raise ConfigError(f"{override} does not parse ({str(err).splitlines()[0]}); write key=value, key=a,b "
                               "for a sweep, key=[a,b] for a list") from None
-    groups = {"criterion", "predictor", "model", "eval", "logger", "hydra/launcher"}
+    groups = {"criterion", "predictor", "model", "calibration", "eval", "compat", "logger", "hydra/launcher"}
     choices = []
     for override in parsed:
         if override.is_delete():
@@ -106,6 +106,10 @@ def check_job(overrides: list[str]) -> None:
             raise ConfigError(" ".join(line.strip() for line in str(err).splitlines()[:2])) from None
         key, value = cause.full_key, getattr(cause, "value", None)
         if value is None:
+            section, _, leaf = key.partition(".")
+            kinds = [kind for kind, schema in EVAL_SCHEMAS.items() if leaf in schema.__dataclass_fields__]
+            if section == "eval" and kinds:
+                raise ConfigError(f"{key} applies only to eval={kinds[0]}; add eval={kinds[0]}, or drop {key}") from None
             raise ConfigError(f"{key} is not a setting; check its spelling (python -m shadow --cfg job lists "
                               "them all)") from None
         wanted = re.search(r"converted to (\w+)", cause.msg)

@@ -72,17 +72,31 @@ class PredictorConfig:
 
 @dataclass
 class EvalConfig:
-    name: str = "perplexity"  # perplexity, or tasks (lm-eval)
+    """What every evaluation kind has; each kind's schema adds its own keys and accepts no other kind's."""
+
+    name: str = MISSING  # perplexity, or tasks (lm-eval)
     batch_size: int = 8
     limit: int | None = None  # perplexity: first N windows (token) / documents (word); tasks: N per task
-    # perplexity
+    mask_from: str = "context"  # context: the text before the scored tokens; scored: the scored text too (a leak)
+
+
+@dataclass
+class PerplexityEvalConfig(EvalConfig):
+    name: str = "perplexity"
     dataset: str = "opt_mini"  # opt_mini (offline) or wikitext2 (needs the hub)
     protocols: list[str] = field(default_factory=lambda: ["token", "word"])
     seq_len: int | None = None  # window length; None: the model's context length
-    # tasks
+
+
+@dataclass
+class TasksEvalConfig(EvalConfig):
+    name: str = "tasks"
     tasks: list[str] = field(default_factory=lambda: ["opt_mini_nextsent", "opt_mini_lastword"])
     num_fewshot: int = 0
     include_path: str | None = None  # a directory of extra lm-eval task YAML files
+
+
+EVAL_SCHEMAS = {"perplexity": PerplexityEvalConfig, "tasks": TasksEvalConfig}
 
 
 @dataclass
@@ -99,7 +113,7 @@ class Config:
     criterion: CriterionConfig | None = None
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: EvalConfig = MISSING  # one of EVAL_SCHEMAS, chosen by the eval group
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     sparsity: float = 0.5
     head_sparsity: float | None = None  # None: sparsity
@@ -108,6 +122,7 @@ class Config:
     min_heads: int = 1  # hybrid: heads kept in every layer at least
     min_neurons: int = 256  # hybrid: neurons kept in every layer at least
     dense_first_layer: bool = False  # keep layer 0 whole, as ShadowLLM's code did
+    compat: str = "none"  # none, or reference: set by conf/compat/reference.yaml (what ShadowLLM's code measured)
     seed: int = 0
     device: str = "cpu"
     cache_dir: str = "${oc.env:SHADOW_CACHE_DIR,.cache/shadow}"
@@ -135,7 +150,10 @@ def gpus_for(model: str, dtype: str) -> int:
 def register_configs() -> None:
     """The schema for conf/config.yaml; ${shadow_asset:<path>}: a path inside the installed package;
     ${shadow_gpus:<model>,<dtype>}: GPUs per job for the SLURM launcher preset."""
-    ConfigStore.instance().store(name="shadow_schema", node=Config)
+    store = ConfigStore.instance()
+    store.store(name="shadow_schema", node=Config)
+    for kind, schema in EVAL_SCHEMAS.items():  # conf/eval/<kind>.yaml extends /schema/eval/<kind>
+        store.store(group="schema/eval", name=kind, node=schema)
     package = Path(__file__).resolve().parent
     OmegaConf.register_new_resolver("shadow_asset", lambda rel: str(package / rel), replace=True)
     OmegaConf.register_new_resolver("shadow_gpus", gpus_for, replace=True)
@@ -150,6 +168,8 @@ EVALS = ("perplexity", "tasks")
 EVAL_DATASETS = ("opt_mini", "wikitext2")
 CALIBRATION_SOURCES = ("opt_mini", "tasks")
 PROTOCOLS = ("token", "word")
+MASK_SOURCES = ("context", "scored")
+COMPAT = ("none", "reference")
 TARGET_NORMS = ("per_layer", "global")
 
 
@@ -172,7 +192,7 @@ def validate(cfg: DictConfig | Config) -> None:
     """Check values and cross-field rules; raise ConfigError before any expensive work starts."""
     from shadow.criteria import CRITERIA  # late import: criteria import torch
 
-    if cfg.criterion is None:
+    if cfg.criterion is None or OmegaConf.is_missing(cfg.criterion, "name"):
         raise ConfigError(f"criterion is not set; add +criterion=<name> with one of: {', '.join(sorted(CRITERIA))}")
     _choice("criterion", cfg.criterion.name, sorted(CRITERIA))
     _choice("criterion.variant", cfg.criterion.variant, sorted(CRITERIA[cfg.criterion.name]))
@@ -190,11 +210,14 @@ def validate(cfg: DictConfig | Config) -> None:
                           "use predictor=shadow or dejavu, or predictor.granularity=request")
     _choice("model.dtype", cfg.model.dtype, DTYPES)
     _choice("eval", cfg.eval.name, EVALS)
-    _choice("eval.dataset", cfg.eval.dataset, EVAL_DATASETS)
-    if cfg.eval.num_fewshot < 0:
+    _choice("eval.mask_from", cfg.eval.mask_from, MASK_SOURCES)
+    if cfg.eval.name == "perplexity":
+        _choice("eval.dataset", cfg.eval.dataset, EVAL_DATASETS)
+        for protocol in cfg.eval.protocols:
+            _choice("eval.protocols", protocol, PROTOCOLS)
+    elif cfg.eval.num_fewshot < 0:
         raise ConfigError(f"eval.num_fewshot={cfg.eval.num_fewshot} is negative; use 0, 3 or 5")
-    for protocol in cfg.eval.protocols:
-        _choice("eval.protocols", protocol, PROTOCOLS)
+    _choice("compat", cfg.compat, COMPAT)
     import torch
 
     if str(cfg.device).startswith("cuda"):
@@ -207,6 +230,12 @@ def validate(cfg: DictConfig | Config) -> None:
         raise ConfigError("model.dtype='float16' is slow and inexact on the CPU; use model.dtype=float32 or "
                           "bfloat16, or device=cuda")
     _choice("calibration.source", cfg.calibration.source, CALIBRATION_SOURCES)
+    if cfg.calibration.source != "tasks":
+        defaults = CalibrationConfig()
+        for key in ("tasks", "num_fewshot", "include_path"):
+            if cfg.calibration[key] != getattr(defaults, key):
+                raise ConfigError(f"calibration.{key} is read only with calibration.source=tasks; add "
+                                  f"calibration.source=tasks (or calibration=paper), or drop calibration.{key}")
     if cfg.calibration.num_fewshot < 0:
         raise ConfigError(f"calibration.num_fewshot={cfg.calibration.num_fewshot} is negative; use 0, 3 or 5")
     for key in ("calibration.batch_size", "eval.batch_size"):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from shadow.opt_mini import CALIBRATION_FILE, TASKS_DIR
 class Example:
     input_ids: tuple[int, ...]  # context (starting with the tokenizer's BOS) + continuation
     context_len: int  # the loss covers input_ids[context_len:]
+    document: str = ""  # where it comes from: examples of one document stay on one side of a held-out split
 
 
 @dataclass
@@ -39,14 +42,14 @@ def fingerprint(examples: list[Example]) -> str:
     return hashlib.sha256(json.dumps([(e.input_ids, e.context_len) for e in examples]).encode()).hexdigest()
 
 
-def encode(context: str, continuation: str, tokenizer, max_length: int) -> Example:
+def encode(context: str, continuation: str, tokenizer, max_length: int, document: str = "") -> Example:
     """Context with BOS, continuation without; contexts too long lose tokens from the left, after BOS."""
     ctx = tokenizer(context)["input_ids"]
     cont = tokenizer(continuation, add_special_tokens=False)["input_ids"][: max_length - 2]
     overflow = len(ctx) + len(cont) - max_length
     if overflow > 0:
         ctx = ctx[:1] + ctx[1 + overflow:]
-    return Example(tuple(ctx + cont), len(ctx))
+    return Example(tuple(ctx + cont), len(ctx), document)
 
 
 def load_tasks(tasks: list[str], include_path: str | None, num_fewshot: int, key: str) -> tuple[Any, dict]:
@@ -67,38 +70,75 @@ def load_tasks(tasks: list[str], include_path: str | None, num_fewshot: int, key
         raise ConfigError(f"{key}.tasks: {', '.join(unknown)} unknown to lm-eval; use an lm-eval task name "
                           f"(e.g. piqa) or add its directory with {key}.include_path")
     loaded = get_task_dict(list(tasks), manager)
-    for name in tasks:
-        task = loaded[name]
-        docs = task.training_docs() if task.has_training_docs() else task.validation_docs()
-        if num_fewshot >= len(docs):
-            raise ConfigError(f"{key}.num_fewshot={num_fewshot} needs more than the {len(docs)} documents of {name}; "
-                              f"lower {key}.num_fewshot")
+    if num_fewshot > 0:
+        for name in tasks:
+            shots = loaded[name].fewshot_docs()  # lm-eval's rule: the few-shot split, else train, validation, test
+            if shots is None:
+                raise ConfigError(f"{key}.num_fewshot={num_fewshot}: {name} has no split to draw few-shot examples "
+                                  f"from; use {key}.num_fewshot=0")
+            if num_fewshot >= len(shots):
+                raise ConfigError(f"{key}.num_fewshot={num_fewshot} needs more than the {len(shots)} documents of "
+                                  f"{name}; lower {key}.num_fewshot")
     return manager, loaded
 
 
-def task_pairs(cfg: CalibrationConfig) -> list[tuple[str, str]]:
-    """(few-shot context, delimiter + gold answer) for the first ``limit`` training documents of each task."""
+def calibration_docs(task, name: str) -> list:
+    """The documents a task calibrates on: its training split, or its validation split when evaluation scores the
+    test split. Never documents that evaluation scores."""
+    if task.has_training_docs():
+        return list(task.training_docs())
+    if task.has_validation_docs() and task.has_test_docs():
+        return list(task.validation_docs())
+    scored = "validation" if task.has_validation_docs() else "test"
+    raise ConfigError(f"calibration.tasks: {name} has no training split, and its {scored} split is what evaluation "
+                      f"scores; drop {name} from calibration.tasks or calibrate on another task")
+
+
+@contextmanager
+def shots_without(task, doc: dict) -> Iterator[None]:
+    """Inside the block, the task's few-shot examples never include ``doc`` itself (with its answer): lm-eval
+    excludes it only when shots and evaluation share a split, and calibration reads the training split."""
+    sampler = task.sampler
+    sample = sampler.sample
+    sampler.sample = lambda n, eval_doc=None, **kwargs: sample(n, eval_doc=doc, **kwargs)
+    try:
+        yield
+    finally:
+        del sampler.sample  # the class's own method again
+
+
+def gold_pair(task, doc: dict, num_fewshot: int) -> tuple[str, str]:
+    """(few-shot context, delimiter + gold answer) of one document. A task with a context per option
+    (winogrande: the options fill a blank, the answer is the shared rest) contributes its gold option's context."""
+    with shots_without(task, doc) if num_fewshot > 0 else nullcontext():
+        context = task.fewshot_context(doc, num_fewshot)
+    target = task.doc_to_target(doc)
+    if isinstance(context, list):
+        context = context[task.doc_to_text(doc)]  # lm-eval's gold index for multiple-input tasks
+    elif task.OUTPUT_TYPE == "multiple_choice" and isinstance(target, int):
+        target = task.doc_to_choice(doc)[target]
+    return context, task.config.target_delimiter + str(target)
+
+
+def task_examples(cfg: CalibrationConfig) -> list[tuple[str, str, str]]:
+    """(context, continuation, document id) for the first ``limit`` calibration documents of each task."""
     _, tasks = load_tasks(list(cfg.tasks), cfg.include_path, cfg.num_fewshot, "calibration")
-    pairs = []
-    for name in cfg.tasks:
-        task = tasks[name]
-        docs = task.training_docs() if task.has_training_docs() else task.validation_docs()
-        for doc in list(docs)[: cfg.limit]:
-            target = task.doc_to_target(doc)
-            if task.OUTPUT_TYPE == "multiple_choice" and isinstance(target, int):
-                target = task.doc_to_choice(doc)[target]
-            pairs.append((task.fewshot_context(doc, cfg.num_fewshot), task.config.target_delimiter + str(target)))
-    return pairs
+    docs = {name: calibration_docs(tasks[name], name) for name in cfg.tasks}  # every task checked before work
+    return [(*gold_pair(tasks[name], doc, cfg.num_fewshot), f"{name}/{index}")
+            for name in cfg.tasks for index, doc in enumerate(docs[name][: cfg.limit])]
 
 
 def load_calibration(cfg: CalibrationConfig, tokenizer, model_max_length: int) -> list[Example]:
+    """The calibration examples, each tagged with the document it comes from (the predictor's held-out split is
+    by document)."""
     if cfg.source == "tasks":
-        pairs = task_pairs(cfg)
+        rows = task_examples(cfg)
     else:
-        rows = [json.loads(line) for line in CALIBRATION_FILE.read_text().splitlines() if line.strip()]
-        pairs = [(r["context"], r["continuation"]) for r in rows[: cfg.limit]]
+        lines = [json.loads(line) for line in CALIBRATION_FILE.read_text().splitlines() if line.strip()]
+        rows = [(r["context"], r["continuation"], r["doc"]) for r in lines[: cfg.limit]]
     max_length = min(cfg.max_length or model_max_length, model_max_length)
-    return [encode(context, continuation, tokenizer, max_length) for context, continuation in pairs]
+    return [encode(context, continuation, tokenizer, max_length, document)
+            for context, continuation, document in rows]
 
 
 def pad(sequences: list[list[int]] | list[tuple[int, ...]], pad_id: int) -> tuple[Tensor, Tensor]:

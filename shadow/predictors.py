@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -82,13 +83,13 @@ class Predictor(nn.Module):
     """One head network and one neuron network per group; together they cover every layer once."""
 
     def __init__(self, shape: Shape, hidden_size: int, groups: Groups, arch: str = "mlp", head_hidden: int = 2048,
-                 neuron_hidden: int = 1024):
+                 neuron_hidden: int = 1024, heads_only: bool = False):
         super().__init__()
-        self.shape, self.groups, self.arch = shape, groups, arch
+        self.shape, self.groups, self.arch, self.heads_only = shape, groups, arch, heads_only
         self.feature_layers = sorted({layer for layer, _ in groups})
         self.heads = nn.ModuleList(network(arch, hidden_size, head_hidden, len(t) * shape.heads) for _, t in groups)
-        self.neurons = nn.ModuleList(network(arch, hidden_size, neuron_hidden, len(t) * shape.neurons)
-                                     for _, t in groups)
+        self.neurons = nn.ModuleList() if heads_only else nn.ModuleList(  # head-only criteria score no neuron
+            network(arch, hidden_size, neuron_hidden, len(t) * shape.neurons) for _, t in groups)
 
     def inputs(self, features: Tensor, group: int) -> Tensor:
         """The group's normalised input from (..., len(feature_layers), E) features."""
@@ -99,8 +100,10 @@ class Predictor(nn.Module):
         layer's raw (..., E) attention output."""
         x = normalise_inputs(feature).to(self.heads[group][0].weight.dtype)
         targets = len(self.groups[group][1])
+        neurons = x.new_zeros(*x.shape[:-1], targets * self.shape.neurons) if self.heads_only else \
+            self.neurons[group](x)
         return (self.heads[group](x).unflatten(-1, (targets, -1)).float(),
-                self.neurons[group](x).unflatten(-1, (targets, -1)).float())
+                neurons.unflatten(-1, (targets, -1)).float())
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """(..., len(feature_layers), E) raw features → predicted (..., L, H) head and (..., L, F) neuron scores."""
@@ -114,12 +117,20 @@ class Predictor(nn.Module):
         return heads, neurons
 
 
+def average_ranks(x: Tensor) -> Tensor:
+    """Per-row ranks of (N, K) values, ties given their average rank (as scipy.stats.rankdata)."""
+    ordered = x.sort(dim=1).values.contiguous()
+    below = torch.searchsorted(ordered, x.contiguous(), side="left")
+    through = torch.searchsorted(ordered, x.contiguous(), side="right")
+    return (below + through - 1).float() / 2
+
+
 def spearman(pred: Tensor, target: Tensor) -> Tensor:
-    """Per-row Spearman rank correlation of (N, K) predictions and targets (ties broken by position)."""
-    def ranks(x: Tensor) -> Tensor:
-        r = x.argsort(dim=1).argsort(dim=1).float()
+    """Per-row Spearman rank correlation of (N, K) predictions and targets: Pearson's on average ranks."""
+    def centred(x: Tensor) -> Tensor:
+        r = average_ranks(x)
         return r - r.mean(dim=1, keepdim=True)
-    rp, rt = ranks(pred), ranks(target)
+    rp, rt = centred(pred), centred(target)
     return (rp * rt).sum(1) / (rp.norm(dim=1) * rt.norm(dim=1)).clamp(min=EPS)
 
 
@@ -142,10 +153,25 @@ def quality(pred: Tensor, target: Tensor) -> tuple[dict[str, float], dict[str, l
     return overall, layers
 
 
-def split_indices(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_val = max(1, round(n * val_fraction))
-    return order[n_val:], order[:n_val]
+def split_by_document(documents: Sequence[str], val_fraction: float, seed: int) -> tuple[Tensor, Tensor, int]:
+    """(train, held-out) example indices and the number of held-out documents: whole documents, in a seeded
+    order, are held out until they hold ``val_fraction`` of the examples, so that no held-out example shares a
+    document with a training one."""
+    names = sorted(set(documents))
+    if len(names) < 2:
+        raise ValueError(f"the calibration examples come from {len(names)} document(s); a held-out split needs two")
+    order = [names[i] for i in torch.randperm(len(names), generator=torch.Generator().manual_seed(seed))]
+    sizes = Counter(documents)
+    want = max(1, round(len(documents) * val_fraction))
+    held, count = set(), 0
+    for name in order[:-1]:  # at least one document is left to train on
+        if count >= want:
+            break
+        held.add(name)
+        count += sizes[name]
+    val = torch.tensor([i for i, d in enumerate(documents) if d in held])
+    train = torch.tensor([i for i, d in enumerate(documents) if d not in held])
+    return train, val, len(held)
 
 
 def train_network(net: nn.Module, x: Tensor, y: Tensor, epochs: int, batch_size: int, lr: float,
@@ -166,20 +192,23 @@ def train_network(net: nn.Module, x: Tensor, y: Tensor, epochs: int, batch_size:
     net.eval()
 
 
-def fit_predictor(traces: dict[str, Tensor], shape: Shape, cfg: PredictorConfig, seed: int) -> tuple[Predictor,
-                                                                                                     dict]:
-    """Train the configured placement on the traces; report held-out quality overall and per layer."""
+def fit_predictor(traces: dict[str, Tensor], documents: Sequence[str], shape: Shape, cfg: PredictorConfig,
+                  seed: int, heads_only: bool = False) -> tuple[Predictor, dict]:
+    """Train the configured placement on the traces; report held-out quality overall and per layer. Examples
+    are held out by ``documents`` (one per example); ``heads_only``: no neuron networks (nothing to predict)."""
     torch.manual_seed(seed)
     features = traces["features"]  # (N, L, E): every layer's attention output at the last context token
     groups = placement_groups(cfg.name, shape.layers, cfg.layer, cfg.lookahead)
-    predictor = Predictor(shape, features.shape[-1], groups, cfg.arch, cfg.head_hidden, cfg.neuron_hidden)
+    predictor = Predictor(shape, features.shape[-1], groups, cfg.arch, cfg.head_hidden, cfg.neuron_hidden,
+                          heads_only)
     inputs = features[:, predictor.feature_layers]
+    kinds = [("heads", predictor.heads, cfg.head_epochs, cfg.head_batch_size, cfg.head_val_fraction)]
+    if not heads_only:
+        kinds.append(("neurons", predictor.neurons, cfg.neuron_epochs, cfg.neuron_batch_size, cfg.neuron_val_fraction))
     metrics, per_layer = {}, {}
-    for kind, nets, epochs, batch_size, val_fraction in (
-            ("heads", predictor.heads, cfg.head_epochs, cfg.head_batch_size, cfg.head_val_fraction),
-            ("neurons", predictor.neurons, cfg.neuron_epochs, cfg.neuron_batch_size, cfg.neuron_val_fraction)):
+    for kind, nets, epochs, batch_size, val_fraction in kinds:
         y = normalise_targets(traces[kind].float(), cfg.target_norm)
-        train, val = split_indices(len(y), val_fraction, seed)
+        train, val, held_documents = split_by_document(documents, val_fraction, seed)
         pred = torch.zeros_like(y[val])
         for g, (_, targets) in enumerate(groups):
             x = predictor.inputs(inputs, g)
@@ -191,10 +220,11 @@ def fit_predictor(traces: dict[str, Tensor], shape: Shape, cfg: PredictorConfig,
         overall, layers = quality(pred, y[val])
         metrics.update({f"predictor/{kind}_val_mse": nn.functional.mse_loss(pred, y[val]).item(),
                         **{f"predictor/{kind}_{k}": v for k, v in overall.items()},
-                        f"predictor/{kind}_val_examples": len(val)})
+                        f"predictor/{kind}_val_examples": len(val),
+                        f"predictor/{kind}_val_documents": held_documents})
         per_layer.update({f"{kind}_{k}": v for k, v in layers.items()})
-    log.info("predictor: held-out Spearman ρ heads %.3f, neurons %.3f",
-             metrics["predictor/heads_val_spearman"], metrics["predictor/neurons_val_spearman"])
+    log.info("predictor: held-out Spearman ρ (%d unseen documents) %s", metrics["predictor/heads_val_documents"],
+             ", ".join(f"{kind} {metrics[f'predictor/{kind}_val_spearman']:.3f}" for kind, *_ in kinds))
     return predictor.eval(), {"metrics": metrics, "per_layer": per_layer}
 
 
@@ -234,8 +264,8 @@ class StaticMasks:
 
 
 class OracleMasks:
-    """The upper bound of any predictor: the criterion's own scores, computed on each request's full text,
-    scored tokens included, normalised as the predictor's targets are."""
+    """The upper bound of any predictor: the criterion's own scores on each request's text, its loss on the
+    tokens that are scored (so the mask has seen them), normalised as the predictor's targets are."""
 
     def __init__(self, model: nn.Module, criterion: Criterion, shape: Shape, policy: Policy, target_norm: str,
                  pad_id: int, seed: int):
@@ -243,7 +273,10 @@ class OracleMasks:
         self.target_norm, self.pad_id, self.seed = target_norm, pad_id, seed
 
     def __call__(self, requests: Sequence) -> Masks:
-        batch = collate([Example(tuple(r.tokens), 1) for r in requests], self.pad_id)
+        limit = self.model.config.max_position_embeddings  # a rolling window holds one token more than the input
+        windows = [r.tokens[-limit:] for r in requests]
+        batch = collate([Example(tuple(w), max(1, len(w) - r.n_targets)) for w, r in zip(windows, requests,
+                                                                                          strict=True)], self.pad_id)
         generator = torch.Generator().manual_seed(self.seed)
         _, heads, neurons = score_batch(self.model, batch, self.criterion, self.shape, generator)
         return self.policy.select(normalise_targets(heads, self.target_norm),
@@ -254,15 +287,16 @@ def save_predictor(predictor: Predictor, directory: Path) -> dict:
     """Write the weights as safetensors; returns what ``load_predictor`` needs to rebuild it."""
     save_file({k: v.contiguous() for k, v in predictor.state_dict().items()},
               str(directory / "predictor.safetensors"))
-    first_heads, first_neurons = predictor.heads[0][0], predictor.neurons[0][0]
+    first_heads = predictor.heads[0][0]
     return {"shape": asdict(predictor.shape), "groups": predictor.groups, "arch": predictor.arch,
             "hidden_size": first_heads.in_features, "head_hidden": first_heads.out_features,
-            "neuron_hidden": first_neurons.out_features}
+            "neuron_hidden": None if predictor.heads_only else predictor.neurons[0][0].out_features,
+            "heads_only": predictor.heads_only}
 
 
 def load_predictor(directory: Path, meta: dict) -> Predictor:
     groups = tuple((layer, tuple(targets)) for layer, targets in meta["groups"])
     predictor = Predictor(Shape(**meta["shape"]), meta["hidden_size"], groups, meta["arch"], meta["head_hidden"],
-                          meta["neuron_hidden"])
+                          meta["neuron_hidden"], meta["heads_only"])
     predictor.load_state_dict(load_file(str(directory / "predictor.safetensors")))
     return predictor.eval()

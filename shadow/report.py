@@ -17,8 +17,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-CONFIG_KEYS = ("model", "criterion", "criterion_variant", "predictor", "policy", "dense_first_layer", "sparsity",
-               "head_sparsity", "neuron_sparsity", "eval", "seed")
+CONFIG_KEYS = ("model", "criterion", "criterion_variant", "predictor", "policy", "dense_first_layer", "compat",
+               "calibration", "dtype", "sparsity", "head_sparsity", "neuron_sparsity", "eval", "mask_from", "seed")
 DEFAULT_METRICS = ("tasks/mean_acc", "token_perplexity", "word_perplexity", "achieved_head_sparsity",
                    "achieved_neuron_sparsity", "predictor/heads_val_spearman", "predictor/neurons_val_spearman")
 PLOTTED = ("tasks/mean_acc", "token_perplexity", "word_perplexity")

@@ -79,10 +79,13 @@ def mask_source(cfg: DictConfig, model, model_id: dict, examples: list[Example],
     if name == "static":
         return StaticMasks(*static_importance(load_traces(traces_dir), cfg.predictor.target_norm), policy), NO_REPORT
     training = {k: v for k, v in OmegaConf.to_container(cfg.predictor).items() if k != "granularity"}
-    predictor_inputs = {"traces": cache_key(trace_inputs), "predictor": training, "seed": cfg.seed}
+    documents = [e.document for e in examples]
+    predictor_inputs = {"traces": cache_key(trace_inputs), "predictor": training, "seed": cfg.seed,
+                        "documents": cache_key({"documents": documents})}
 
     def train(out: Path) -> dict:
-        predictor, report = fit_predictor(load_traces(traces_dir), shape, cfg.predictor, cfg.seed)
+        predictor, report = fit_predictor(load_traces(traces_dir), documents, shape, cfg.predictor, cfg.seed,
+                                          criterion.heads_only)
         return {**save_predictor(predictor, out), **report}
 
     with stage("predictor"):
@@ -92,14 +95,15 @@ def mask_source(cfg: DictConfig, model, model_id: dict, examples: list[Example],
             {"metrics": predictor_meta["metrics"], "per_layer": predictor_meta["per_layer"]})
 
 
-def artifact_bytes(cfg: DictConfig, shape: Shape, hidden: int, examples: int) -> float:
+def artifact_bytes(cfg: DictConfig, shape: Shape, hidden: int, examples: int, heads_only: bool) -> float:
     """Disk the traces and the predictor take: float32 features and scores per example, the networks' weights."""
     traces = examples * shape.layers * (hidden + shape.heads + shape.neurons) * 4
     p = cfg.predictor
     if p.name not in ("shadow", "dejavu"):
         return traces if p.name == "static" else 0.0
+    neuron_hidden = 0 if heads_only else p.neuron_hidden
     params = sum(hidden * p.head_hidden + p.head_hidden * len(targets) * shape.heads
-                 + hidden * p.neuron_hidden + p.neuron_hidden * len(targets) * shape.neurons
+                 + hidden * neuron_hidden + neuron_hidden * len(targets) * shape.neurons
                  for _, targets in placement_groups(p.name, shape.layers, p.layer, p.lookahead))
     return traces + params * 4
 
@@ -144,7 +148,8 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
     check_memory(cfg.model, config, cfg.device)
     tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
     examples = load_calibration(cfg.calibration, tokenizer, config.max_position_embeddings)
-    check_space(cfg.cache_dir, artifact_bytes(cfg, shape, config.hidden_size, len(examples)), "traces and predictor")
+    check_space(cfg.cache_dir, artifact_bytes(cfg, shape, config.hidden_size, len(examples), criterion.heads_only),
+                "traces and predictor")
     eval_input = load_eval_data(cfg.eval) if cfg.eval.name == "perplexity" else check_tasks(cfg.eval)
     torch.manual_seed(cfg.seed)
     group = "/".join(sweep_dir.parts[-2:])  # multirun/<date>/<time> → <date>/<time>

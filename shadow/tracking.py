@@ -23,8 +23,9 @@ def flat_config(cfg: DictConfig) -> dict[str, Any]:
         "model": cfg.model.name, "criterion": cfg.criterion.name, "criterion_variant": cfg.criterion.variant,
         "predictor": cfg.predictor.name,
         "sparsity": cfg.sparsity, "head_sparsity": head_sparsity, "neuron_sparsity": neuron_sparsity,
-        "policy": cfg.policy, "dense_first_layer": cfg.dense_first_layer,
-        "eval": cfg.eval.dataset, "seed": cfg.seed,
+        "policy": cfg.policy, "dense_first_layer": cfg.dense_first_layer, "compat": cfg.compat,
+        "calibration": cfg.calibration.source, "dtype": cfg.model.dtype,
+        "eval": cfg.eval.get("dataset", cfg.eval.name), "mask_from": cfg.eval.mask_from, "seed": cfg.seed,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from shadow.config import EvalConfig
+from shadow.config import PerplexityEvalConfig
 from shadow.evaluate.perplexity import (
     EvalData,
     document,
@@ -62,7 +62,7 @@ def test_dense_word_perplexity_equals_lm_eval(tiny_opt, tokenizer):
 
     from shadow.opt_mini import PERPLEXITY_TASK, TASKS_DIR
 
-    cfg = EvalConfig(protocols=["word"], limit=2, batch_size=4)
+    cfg = PerplexityEvalConfig(protocols=["word"], limit=2, batch_size=4)
     ours, _ = evaluate_perplexity(tiny_opt, tokenizer, lambda prompts: None, cfg, load_eval_data(cfg))
     lm = HFLM(pretrained=tiny_opt, tokenizer=tokenizer, batch_size=4)
     theirs = lm_eval.simple_evaluate(model=lm, tasks=[PERPLEXITY_TASK], limit=2,
@@ -73,7 +73,7 @@ def test_dense_word_perplexity_equals_lm_eval(tiny_opt, tokenizer):
 
 
 def test_dense_token_perplexity_matches_a_direct_computation(tiny_opt, tokenizer):
-    cfg = EvalConfig(protocols=["token"], batch_size=3)
+    cfg = PerplexityEvalConfig(protocols=["token"], batch_size=3)
     metrics, _ = evaluate_perplexity(tiny_opt, tokenizer, lambda prompts: None, cfg, data(TEXT, TEXT))
     ids = torch.tensor(tokenizer("\n\n".join([TEXT, TEXT]))["input_ids"])
     windows = ids[: len(ids) // 64 * 64].view(-1, 64)
@@ -93,7 +93,7 @@ def test_masks_are_applied_per_request_and_reported(tiny_opt, tokenizer):
         neurons = torch.rand(len(prompts), shape.layers, shape.neurons, generator=gen).argsort(-1) < 8
         return Masks(heads, neurons)
 
-    cfg = EvalConfig(protocols=["token", "word"], seq_len=16, batch_size=2)
+    cfg = PerplexityEvalConfig(protocols=["token", "word"], seq_len=16, batch_size=2)
     dense, dense_layers = evaluate_perplexity(tiny_opt, tokenizer, lambda prompts: None, cfg, data(TEXT))
     sparse, sparse_layers = evaluate_perplexity(tiny_opt, tokenizer, half_masks, cfg, data(TEXT))
     assert sparse["token_perplexity"] != pytest.approx(dense["token_perplexity"], rel=1e-3)

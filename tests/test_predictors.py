@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import make_tiny_opt
 from scipy.stats import spearmanr
 
 from shadow.config import PredictorConfig
@@ -18,6 +19,7 @@ from shadow.predictors import (
     PredictedMasks,
     Predictor,
     StaticMasks,
+    average_ranks,
     fit_predictor,
     load_predictor,
     normalise_targets,
@@ -25,6 +27,7 @@ from shadow.predictors import (
     quality,
     save_predictor,
     spearman,
+    split_by_document,
     static_importance,
     top_recall,
 )
@@ -38,6 +41,31 @@ def test_spearman_matches_scipy():
     a, b = torch.rand(5, 40, generator=gen), torch.rand(5, 40, generator=gen)
     expected = [spearmanr(a[i], b[i]).statistic for i in range(5)]
     torch.testing.assert_close(spearman(a, b), torch.tensor(expected, dtype=torch.float32), rtol=1e-5, atol=1e-6)
+
+
+def test_spearman_gives_ties_their_average_rank_as_scipy_does():
+    """Dead neurons all score 0: ranking them by position would invent an order that is not in the data."""
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randint(0, 4, (6, 30), generator=gen).float()  # many ties
+    b = torch.rand(6, 30, generator=gen).round(decimals=1)
+    b[:, :10] = 0
+    expected = [spearmanr(a[i], b[i]).statistic for i in range(6)]
+    torch.testing.assert_close(spearman(a, b), torch.tensor(expected, dtype=torch.float32), rtol=1e-5, atol=1e-6)
+    assert spearman(torch.tensor([[0.0, 0, 0, 1]]), torch.tensor([[0.0, 0, 0, 1]])).item() == pytest.approx(1.0)
+    torch.testing.assert_close(average_ranks(torch.tensor([[3.0, 1, 3, 2, 1]])), torch.tensor([[3.5, 0.5, 3.5, 2, 0.5]]))
+
+
+def test_held_out_split_keeps_each_document_on_one_side():
+    documents = [f"speech{i // 7}" for i in range(200)] + ["short"] * 3
+    train, val, held = split_by_document(documents, 0.2, seed=0)
+    assert sorted(train.tolist() + val.tolist()) == list(range(len(documents)))
+    assert not {documents[i] for i in train} & {documents[i] for i in val}
+    assert held == len({documents[i] for i in val}) and 0.2 <= len(val) / len(documents) < 0.25
+    again = split_by_document(documents, 0.2, seed=0)
+    assert torch.equal(again[1], val) and not torch.equal(split_by_document(documents, 0.2, seed=1)[1], val)
+    assert len(split_by_document(["a"] * 9 + ["b"], 0.9, seed=0)[0]) > 0  # one document always trains
+    with pytest.raises(ValueError, match="1 document"):
+        split_by_document(["a"] * 10, 0.2, seed=0)
 
 
 def test_target_normalisation_per_layer_and_global():
@@ -60,6 +88,10 @@ def test_static_importance_weighs_every_example_equally():
     torch.testing.assert_close(heads, expected)
 
 
+def documents(n: int = 512) -> list[str]:
+    return [f"doc{i // 4}" for i in range(n)]
+
+
 def synthetic_traces(n: int = 512, hidden: int = 16) -> dict:
     """Scores that are a fixed nonlinear function of the features: a predictor can learn them."""
     gen = torch.Generator().manual_seed(0)
@@ -75,7 +107,7 @@ def synthetic_traces(n: int = 512, hidden: int = 16) -> dict:
 @pytest.fixture(scope="module")
 def fitted():
     cfg = PredictorConfig(head_hidden=64, neuron_hidden=64, head_epochs=100, neuron_epochs=40)
-    return fit_predictor(synthetic_traces(), SHAPE, cfg, seed=0)
+    return fit_predictor(synthetic_traces(), documents(), SHAPE, cfg, seed=0)
 
 
 def test_predictor_learns_held_out_rankings(fitted):
@@ -85,6 +117,20 @@ def test_predictor_learns_held_out_rankings(fitted):
     assert metrics["predictor/neurons_val_spearman"] > 0.8
     assert metrics["predictor/neurons_val_recall50"] > 0.7
     assert len(layers["neurons_val_spearman"]) == SHAPE.layers and min(layers["neurons_val_spearman"]) > 0.5
+    assert metrics["predictor/heads_val_documents"] == round(512 * 0.2 / 4)
+
+
+def test_head_only_criteria_train_no_neuron_predictor(tmp_path):
+    cfg = PredictorConfig(head_hidden=32, neuron_hidden=32, head_epochs=5, neuron_epochs=5)
+    predictor, report = fit_predictor(synthetic_traces(64), documents(64), SHAPE, cfg, seed=0, heads_only=True)
+    assert len(predictor.neurons) == 0 and not any("neurons" in k for k in report["metrics"])
+    assert not any(k.startswith("neurons") for k in report["per_layer"])
+    loaded = load_predictor(tmp_path, save_predictor(predictor, tmp_path))
+    x = torch.randn(2, 1, 16)
+    heads, neurons = loaded(x)
+    assert torch.equal(heads, predictor(x)[0])
+    assert neurons.shape == (2, SHAPE.layers, SHAPE.neurons) and not neurons.any()
+    assert Policy("global", 0.5, 0.0).select(heads, neurons).neurons.all()  # every neuron kept
 
 
 def test_quality_metrics_on_known_rankings():
@@ -142,11 +188,26 @@ def test_oracle_masks_keep_the_criterions_own_top_units(tiny_opt, tokenizer):
     policy = Policy("local", 0.5, 0.5)
     tokens = tokenizer("Four score and seven years ago our fathers brought forth")["input_ids"]
     oracle = OracleMasks(tiny_opt, get_criterion("plainact"), shape, policy, "per_layer", pad_id=1, seed=0)
-    masks = oracle([SimpleNamespace(prompt=tokens[:1], tokens=tokens)])
+    masks = oracle([SimpleNamespace(prompt=tokens[:1], tokens=tokens, n_targets=len(tokens) - 1)])
     _, heads, neurons = score_batch(tiny_opt, collate([Example(tuple(tokens), 1)], 1), get_criterion("plainact"),
                                     shape)
     assert torch.equal(masks.heads, policy.select(heads, neurons).heads)
     assert torch.equal(masks.neurons, policy.select(heads, neurons).neurons)
+
+
+def test_oracle_reads_a_rolling_window_one_token_longer_than_the_model(tokenizer):
+    """A word-perplexity window holds the model's whole context plus the last target: the oracle scores what the
+    model reads, its loss on the scored tokens."""
+    model = make_tiny_opt(positions=16)
+    shape = Shape.of(model.config)
+    policy = Policy("global", 0.5, 0.5)
+    tokens = tokenizer(" ".join(["the cat sat on the mat and then it ran away"] * 2))["input_ids"][:17]
+    oracle = OracleMasks(model, get_criterion("plainact"), shape, policy, "per_layer", pad_id=1, seed=0)
+    masks = oracle([SimpleNamespace(prompt=tokens[:1], tokens=tokens, n_targets=12)])
+    _, heads, neurons = score_batch(model, collate([Example(tuple(tokens[1:]), 4)], 1), get_criterion("plainact"),
+                                    shape)
+    want = policy.select(normalise_targets(heads, "per_layer"), normalise_targets(neurons, "per_layer"))
+    assert torch.equal(masks.heads, want.heads) and torch.equal(masks.neurons, want.neurons)
 
 
 def test_placements():
@@ -160,7 +221,7 @@ def test_placements():
 def test_other_placements_and_architectures_learn(name, arch, lookahead):
     cfg = PredictorConfig(name=name, arch=arch, lookahead=lookahead, head_hidden=64, neuron_hidden=64,
                           head_epochs=60, neuron_epochs=20)
-    predictor, report = fit_predictor(synthetic_traces(), SHAPE, cfg, seed=0)
+    predictor, report = fit_predictor(synthetic_traces(), documents(), SHAPE, cfg, seed=0)
     assert len(predictor.heads) == (SHAPE.layers if name == "dejavu" else 1)
     assert report["metrics"]["predictor/neurons_val_spearman"] > 0.6
     assert len(report["per_layer"]["heads_val_recall50"]) == SHAPE.layers

@@ -10,13 +10,13 @@ import torch
 from conftest import make_tiny_opt
 from lm_eval.models.huggingface import HFLM
 
-from shadow.config import ConfigError, EvalConfig
+from shadow.config import ConfigError, TasksEvalConfig
 from shadow.evaluate.tasks import SparseHFLM, check_tasks, evaluate_tasks
 from shadow.models import Shape
 from shadow.policy import Policy, SparsityMeter
 from shadow.predictors import PredictedMasks, Predictor, placement_groups
 
-FAST = EvalConfig(name="tasks", limit=12, batch_size=8)
+FAST = TasksEvalConfig(limit=12, batch_size=8)
 
 
 @pytest.fixture
@@ -97,7 +97,7 @@ doc_to_choice: "{{{{choices}}}}"
 metric_list:
   - metric: acc
 """)
-    cfg = EvalConfig(name="tasks", tasks=["capitals"], include_path=str(tmp_path))
+    cfg = TasksEvalConfig(tasks=["capitals"], include_path=str(tmp_path))
     metrics, layers, _ = evaluate_tasks(tiny_opt, tokenizer, masker(0.5), cfg, check_tasks(cfg), seed=0)
     assert 0.0 <= metrics["capitals/acc"] <= 1.0 and metrics["achieved_head_sparsity"] == pytest.approx(0.5)
     assert len(layers["head_sparsity"]) == tiny_opt.config.num_hidden_layers
@@ -110,4 +110,4 @@ metric_list:
 ])
 def test_bad_task_settings_fail_before_any_model_work(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        check_tasks(EvalConfig(name="tasks", **overrides))
+        check_tasks(TasksEvalConfig(**overrides))

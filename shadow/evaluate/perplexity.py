@@ -18,11 +18,10 @@ import math
 import re
 from dataclasses import dataclass
 
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from torch import nn
 
-from shadow.config import ConfigError, EvalConfig
-from shadow.evaluate.requests import MaskFn, Request, score
+from shadow.config import ConfigError, PerplexityEvalConfig
+from shadow.evaluate.requests import MaskFn, Request, prompt_before, rolling_requests, score
 from shadow.models import pad_id
 from shadow.opt_mini import PERPLEXITY_FILE
 from shadow.policy import SparsityMeter
@@ -46,7 +45,7 @@ def document(page: str, text: str | None = None) -> Document:
     return Document(page if text is None else text, len(re.split(r"\s+", page)), len(page.encode()))
 
 
-def load_eval_data(cfg: EvalConfig) -> EvalData:
+def load_eval_data(cfg: PerplexityEvalConfig) -> EvalData:
     """The evaluation text; fails with a clear error before any model work if it is unreachable."""
     if cfg.dataset == "opt_mini":
         pages = [json.loads(line)["page"] for line in PERPLEXITY_FILE.read_text().splitlines()]
@@ -63,31 +62,19 @@ def load_eval_data(cfg: EvalConfig) -> EvalData:
     return EvalData("\n\n".join(lines), [document(d["page"], wikitext_detokenizer(d)) for d in pages])
 
 
-def _prompt(stream: list[int], first_target: int, seq_len: int) -> list[int]:
-    """Up to seq_len tokens of stream ending just before index first_target."""
-    return stream[max(0, first_target - seq_len):first_target]
-
-
 def token_requests(text: str, tokenizer, seq_len: int, limit: int | None) -> list[Request]:
     stream = tokenizer(text, verbose=False)["input_ids"]  # starts with BOS
     starts = range(0, len(stream) - seq_len + 1, seq_len)
-    return [Request(stream[s:s + seq_len], seq_len - 1, _prompt(stream, s + 1, seq_len))
+    return [Request(stream[s:s + seq_len], seq_len - 1, prompt_before(stream, s + 1, seq_len))
             for s in list(starts)[:limit]]
 
 
 def word_requests(doc: Document, tokenizer, seq_len: int) -> list[Request]:
     tokens = tokenizer(doc.text, verbose=False)["input_ids"]  # as lm-eval's HFLM encodes it: with BOS
-    stream = [tokenizer.bos_token_id] + tokens  # stream[i + 1] is tokens[i]
-    out, first = [], 0
-    for context, continuation in map(make_disjoint_window, get_rolling_token_windows(
-            token_list=tokens, prefix_token=tokenizer.bos_token_id, max_seq_len=seq_len, context_len=1)):
-        out.append(Request((context + continuation)[-(seq_len + 1):], len(continuation),
-                           _prompt(stream, first + 1, seq_len)))
-        first += len(continuation)
-    return out
+    return rolling_requests(tokens, tokenizer.bos_token_id, seq_len)
 
 
-def evaluate_perplexity(model: nn.Module, tokenizer, mask_fn: MaskFn, cfg: EvalConfig,
+def evaluate_perplexity(model: nn.Module, tokenizer, mask_fn: MaskFn, cfg: PerplexityEvalConfig,
                         data: EvalData) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Perplexity metrics with the overall achieved sparsity, and the achieved sparsity of each layer."""
     seq_len = cfg.seq_len or model.config.max_position_embeddings
@@ -96,13 +83,14 @@ def evaluate_perplexity(model: nn.Module, tokenizer, mask_fn: MaskFn, cfg: EvalC
     meter = SparsityMeter()
     if "token" in cfg.protocols:
         requests = token_requests(data.text, tokenizer, seq_len, cfg.limit)
-        nll, _ = score(model, requests, mask_fn, cfg.batch_size, padding, meter, "token perplexity")
+        nll, _ = score(model, requests, mask_fn, cfg.batch_size, padding, meter, "token perplexity",
+                       mask_from=cfg.mask_from)
         metrics["token_perplexity"] = math.exp(sum(nll) / sum(r.n_targets for r in requests))
     if "word" in cfg.protocols:
         subset = data.documents[:cfg.limit]
         per_doc = [word_requests(d, tokenizer, seq_len) for d in subset]
         nll, _ = score(model, [r for rs in per_doc for r in rs], mask_fn, cfg.batch_size, padding, meter,
-                       "word perplexity")
+                       "word perplexity", mask_from=cfg.mask_from)
         total = sum(nll)
         words, n_bytes = sum(d.words for d in subset), sum(d.bytes for d in subset)
         metrics.update(word_perplexity=math.exp(total / words), byte_perplexity=math.exp(total / n_bytes),

@@ -7,9 +7,10 @@ from. Requests are batched (right-padded), each with its own mask, and scored by
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from torch import nn
 from tqdm import tqdm
 
@@ -28,14 +29,37 @@ class Request:
 MaskFn = Callable[[list[Request]], Masks | None]  # requests → one mask per request (None: dense)
 
 
+def prompt_before(stream: list[int], first_target: int, seq_len: int) -> list[int]:
+    """Up to seq_len tokens of stream ending just before index first_target."""
+    return stream[max(0, first_target - seq_len):first_target]
+
+
+def rolling_requests(tokens: list[int], prefix: int, seq_len: int) -> list[Request]:
+    """lm-eval's disjoint rolling windows over one document's tokens (its ``loglikelihood_rolling``), each
+    masked from the document's text before the window's first scored token (starting with ``prefix``)."""
+    stream = [prefix] + tokens  # stream[i + 1] is tokens[i]
+    out, first = [], 0
+    for context, continuation in map(make_disjoint_window, get_rolling_token_windows(
+            token_list=tokens, prefix_token=prefix, max_seq_len=seq_len, context_len=1)):
+        out.append(Request((context + continuation)[-(seq_len + 1):], len(continuation),
+                           prompt_before(stream, first + 1, seq_len)))
+        first += len(continuation)
+    return out
+
+
 @torch.no_grad()
 def score(model: nn.Module, requests: list[Request], mask_fn: MaskFn, batch_size: int, pad_id: int,
-          meter: SparsityMeter, desc: str, progress: bool = True) -> tuple[list[float], list[bool]]:
+          meter: SparsityMeter, desc: str, progress: bool = True,
+          mask_from: str = "context") -> tuple[list[float], list[bool]]:
     """Each request's summed negative log-likelihood of its targets, and whether every target was the argmax.
 
     Requests run longest first, so that batches pad little; results come back in the order given. The masks
-    used are added to ``meter``.
+    used are added to ``meter``. ``mask_from="scored"`` predicts each mask from the request's whole text, scored
+    tokens included, as ShadowLLM's reference code did (a leak, for comparison only).
     """
+    if mask_from == "scored":
+        limit = model.config.max_position_embeddings
+        requests = [replace(r, prompt=r.tokens[-limit:]) for r in requests]
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i].tokens))
     nll, greedy = [0.0] * len(requests), [False] * len(requests)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress):
