@@ -12,8 +12,8 @@ from shadow.models import load_model
 from shadow.run import run
 
 FAST = ["calibration.limit=24", "calibration.batch_size=8", "predictor.head_epochs=3", "predictor.neuron_epochs=2",
-        "predictor.head_hidden=32", "predictor.neuron_hidden=32", "eval.limit=2", "eval.seq_len=32",
-        "eval.batch_size=16"]
+        "predictor.head_hidden=32", "predictor.neuron_hidden=32", "eval.limit=2", "eval.batch_size=16"]
+FAST_PERPLEXITY = ["eval.seq_len=32"]
 
 
 @pytest.fixture
@@ -27,8 +27,9 @@ def tiny_dir(tmp_path, tokenizer):
 @pytest.fixture
 def job(compose_cfg, tiny_dir, tmp_path):
     def _job(*overrides: str):
+        fast = FAST if "eval=tasks" in overrides else FAST + FAST_PERPLEXITY
         return compose_cfg("+criterion=plainact", f"model.path={tiny_dir}", f"cache_dir={tmp_path / 'cache'}",
-                           *FAST, *overrides)
+                           *fast, *overrides)
     return _job
 
 
@@ -99,13 +100,27 @@ def test_dense_predictor_is_the_dense_model(job, tmp_path):
     assert metrics["achieved_head_sparsity"] == 0.0 and "predictor/heads_val_spearman" not in metrics
 
 
-@pytest.mark.parametrize("placement", ["predictor=static", "predictor=oracle", "predictor=dejavu",
-                                       "predictor.granularity=token"])
-def test_every_placement_runs(job, tmp_path, placement):
-    metrics = run(job(placement, "sparsity=0.5", "logger=none"), tmp_path / "job")
-    assert metrics["achieved_head_sparsity"] == pytest.approx(0.5)
-    assert metrics["achieved_neuron_sparsity"] == pytest.approx(0.5)
-    assert metrics["token_perplexity"] > 1
+PLACEMENTS = [["predictor=dense"], ["predictor=static"], ["predictor=oracle"], ["predictor=shadow"],
+              ["predictor=dejavu"], ["predictor=shadow", "predictor.granularity=token"],
+              ["predictor=dejavu", "predictor.granularity=token"]]
+PROTOCOLS = [["eval.protocols=[token,word]", "eval.seq_len=null"],  # windows of the model's whole context
+             ["eval=tasks", "eval.limit=4"]]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS, ids=["perplexity", "tasks"])
+@pytest.mark.parametrize("placement", PLACEMENTS, ids=lambda p: ",".join(x.split("=")[1] for x in p))
+def test_every_placement_runs_under_every_protocol(job, tmp_path, placement, protocol):
+    """Word-perplexity windows hold the model's whole context plus one target: every mask source must read
+    only what the model reads."""
+    cfg = job(*placement, *protocol, "sparsity=0.5", "logger=none")
+    metrics = run(cfg, tmp_path / "job")
+    sparse = placement != ["predictor=dense"]
+    assert metrics["achieved_head_sparsity"] == pytest.approx(0.5 if sparse else 0.0)
+    assert metrics["achieved_neuron_sparsity"] == pytest.approx(0.5 if sparse else 0.0)
+    if cfg.eval.name == "tasks":
+        assert 0 <= metrics["tasks/mean_acc"] <= 1
+    else:
+        assert metrics["token_perplexity"] > 1 and metrics["word_perplexity"] > 1
 
 
 def test_task_evaluation_job(job, tmp_path, monkeypatch):

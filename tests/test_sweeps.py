@@ -37,3 +37,31 @@ def test_sweep_file_describes_valid_jobs(name, monkeypatch):
             assert cfg.arch in ARCHS and all(0 <= s < 1 for s in cfg.sparsity)
         else:
             validate(cfg)
+
+
+PAPER_TASKS = ["piqa", "copa", "openbookqa", "winogrande", "rte", "hellaswag", "arc_easy"]
+
+
+@pytest.mark.parametrize("name", [n for n in SWEEPS if n.startswith("paper_") and n != "paper_latency"])
+def test_paper_sweeps_calibrate_as_the_paper_did(name):
+    """Every trace, predictor and static mask at paper size comes from the seven tasks' training documents,
+    5-shot, up to 500 per task, in half precision: not from opt-mini's speeches."""
+    for cfg in jobs(name):
+        assert cfg.calibration.source == "tasks" and list(cfg.calibration.tasks) == PAPER_TASKS
+        assert cfg.calibration.num_fewshot == 5 and cfg.calibration.limit == 500
+        assert cfg.model.dtype == "float16" and cfg.device == "cuda"
+
+
+def test_reference_sweeps_run_both_protocols_of_the_same_grid():
+    for name in ("paper_reference", "mini_reference"):
+        configs = jobs(name)
+        ours = [c for c in configs if c.compat == "none"]
+        theirs = [c for c in configs if c.compat == "reference"]
+        assert len(ours) == len(theirs) == 5
+        assert [c.sparsity for c in ours] == [c.sparsity for c in theirs]
+        for cfg in theirs:
+            assert cfg.criterion.variant == "reference" and cfg.neuron_sparsity == 0.0
+            assert cfg.dense_first_layer and cfg.eval.mask_from == "scored"
+        for cfg in ours:
+            assert cfg.criterion.variant == "textbook" and cfg.neuron_sparsity is None
+            assert not cfg.dense_first_layer and cfg.eval.mask_from == "context"
