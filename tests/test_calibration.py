@@ -59,7 +59,9 @@ def fill_ins(n: int) -> list[dict]:
 
 @pytest.fixture
 def task_dir(tmp_path):
-    write_task(tmp_path, "quiz", {"train": questions(6, "t"), "validation": questions(4, "v")}, CHOICE)
+    # fewshot_split named, as many lm-eval tasks do: lm-eval then keeps a document among its own shots
+    write_task(tmp_path, "quiz", {"train": questions(6, "t"), "validation": questions(4, "v")},
+               CHOICE + "fewshot_split: train\n")
     write_task(tmp_path, "fillin", {"train": fill_ins(8), "validation": fill_ins(3)}, FILL_IN)
     write_task(tmp_path, "testonly", {"test": questions(5, "x")}, CHOICE)
     write_task(tmp_path, "valonly", {"validation": questions(5, "w")}, CHOICE)
