@@ -81,6 +81,7 @@ def score_batch(model: nn.Module, batch: Batch, criterion: Criterion, shape: Sha
     valid = batch.attention_mask.float()
     targets = torch.cat([batch.input_ids[:, 1:].masked_fill(batch.attention_mask[:, 1:] == 0, -100),
                          torch.full((B, 1), -100)], dim=1)
+    labels = torch.cat([batch.labels[:, 1:], torch.full((B, 1), -100)], dim=1)  # the loss's target at each token
     needs, captured, handles = criterion.needs, {}, []
 
     def units(act: Tensor, grad: Tensor | None, index: int, kind: str) -> Units:
@@ -90,8 +91,9 @@ def score_batch(model: nn.Module, batch: Batch, criterion: Criterion, shape: Sha
         return Units(act=upcast(act), grad=None if grad is None else upcast(grad).reshape(act.shape),
                      valid=valid.to(act.device), weights={k: upcast(m.weight.detach()) for k, m in modules.items()},
                      fc1_input=captured.pop(("fc1", index), None) if kind == "neurons" else None,
+                     fc1_output=captured.pop(("fc1_output", index), None) if kind == "neurons" else None,
                      out_grad=captured.pop(("out", index), None) if kind == "heads" else None,
-                     targets=targets.to(act.device), generator=generator)
+                     targets=targets.to(act.device), labels=labels.to(act.device), generator=generator)
 
     def score(out: Tensor, index: int, kind: str, scorer, act: Tensor, tensor: Tensor) -> None:
         """Score now, or when the gradient of ``tensor`` arrives in the backward pass."""
@@ -123,6 +125,11 @@ def score_batch(model: nn.Module, batch: Batch, criterion: Criterion, shape: Sha
             captured[("fc1", index)] = upcast(args[0].detach()).view(B, -1, args[0].shape[-1])
         return hook
 
+    def on_fc1_output(index: int):
+        def hook(module, args, output):
+            captured[("fc1_output", index)] = upcast(output.detach()).view(B, -1, output.shape[-1], 1)
+        return hook
+
     def on_ffn(index: int):
         def hook(module, args):
             z = args[0]
@@ -135,6 +142,8 @@ def score_batch(model: nn.Module, batch: Batch, criterion: Criterion, shape: Sha
             handles.append(layer.self_attn.out_proj.register_forward_hook(on_attention_output(index)))
         if "fc1_input" in needs:
             handles.append(layer.fc1.register_forward_pre_hook(on_fc1(index)))
+        if "fc1_output" in needs:
+            handles.append(layer.fc1.register_forward_hook(on_fc1_output(index)))
         if criterion.neurons is not None:
             handles.append(layer.fc2.register_forward_pre_hook(on_ffn(index)))
     try:
@@ -155,7 +164,8 @@ def score_batch(model: nn.Module, batch: Batch, criterion: Criterion, shape: Sha
 
 
 def gate_hessian_scores(model: nn.Module, batch: Batch, shape: Shape) -> tuple[Tensor, Tensor]:
-    """GraSP on multiplicative gates: −(H g) at gate = 1, per example (the Hessian is block-diagonal over examples).
+    """GraSP on multiplicative gates θ: +H g at θ = 1, per example (the Hessian is block-diagonal over examples).
+    GraSP removes the units with the largest −θ ⊙ Hg; the policy keeps the highest scores, so the score is +Hg.
 
     Needs double backward, which only the eager attention supports; the model's own choice is restored after.
     """
@@ -173,7 +183,7 @@ def gate_hessian_scores(model: nn.Module, batch: Batch, shape: Shape) -> tuple[T
             hvp = torch.autograd.grad(sum((g * g.detach()).sum() for g in grads), [gates.heads, gates.neurons])
     finally:
         model.set_attn_implementation(attention)
-    return -hvp[0].float().cpu(), -hvp[1].float().cpu()
+    return hvp[0].float().cpu(), hvp[1].float().cpu()
 
 
 def upcast(x: Tensor) -> Tensor:

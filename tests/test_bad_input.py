@@ -33,7 +33,7 @@ CASES = [
          f"criterion is not set; add +criterion=<name> with one of: {CRITERIA}"),
     Case("unknown criterion", "+criterion=plainact_v2",
          f"criterion=plainact_v2 is not an option; use one of: {CRITERIA}"),
-    Case("criterion variant it does not have", "+criterion=l2_norm criterion.variant=reference",
+    Case("criterion variant it does not have", "+criterion=jacov criterion.variant=reference",
          "criterion.variant='reference' is not one of textbook; pick one, e.g. criterion.variant=textbook"),
     Case("unknown predictor", "+criterion=plainact predictor=deja_vu",
          "predictor=deja_vu is not an option; use one of: dejavu, dense, oracle, shadow, static"),
@@ -90,6 +90,11 @@ CASES = [
     Case("per-token masks without a predictor", "+criterion=plainact predictor=static predictor.granularity=token",
          "predictor.granularity=token needs a trained predictor, not predictor=static; use predictor=shadow or "
          "dejavu, or predictor.granularity=request"),
+    Case("a task setting under a perplexity evaluation", "+criterion=plainact eval.tasks=[piqa]",
+         "eval.tasks applies only to eval=tasks; add eval=tasks, or drop eval.tasks"),
+    Case("a calibration setting its source ignores", "+criterion=plainact calibration.num_fewshot=5",
+         "calibration.num_fewshot is read only with calibration.source=tasks; add calibration.source=tasks (or "
+         "calibration=paper), or drop calibration.num_fewshot"),
     Case("unknown perplexity dataset", "+criterion=plainact eval.dataset=ptb",
          "eval.dataset='ptb' is not one of opt_mini, wikitext2; pick one, e.g. eval.dataset=opt_mini"),
     Case("batch size of 0", "+criterion=plainact calibration.batch_size=0",

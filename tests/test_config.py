@@ -60,7 +60,45 @@ def test_bad_values_fail_with_key_value_and_fix(compose_cfg, override, message):
 def test_variant_must_exist_for_the_criterion(compose_cfg):
     validate(compose_cfg("+criterion=plainact", "criterion.variant=reference"))
     with pytest.raises(ConfigError, match="criterion.variant='reference' is not one of textbook"):
-        validate(compose_cfg("+criterion=fisher", "criterion.variant=reference"))
+        validate(compose_cfg("+criterion=jacov", "criterion.variant=reference"))
+
+
+def test_each_eval_kind_accepts_only_its_own_keys(compose_cfg):
+    """One schema per kind: a setting the chosen evaluation would ignore is an error, not silence."""
+    for overrides, key in ((["eval.tasks=[piqa]"], "tasks"), (["eval.num_fewshot=5"], "num_fewshot"),
+                           (["eval=tasks", "eval.protocols=[token]"], "protocols"),
+                           (["eval=tasks", "eval.dataset=wikitext2"], "dataset"),
+                           (["eval=paper", "eval.seq_len=128"], "seq_len")):
+        with pytest.raises(ConfigCompositionException) as err:
+            compose_cfg("+criterion=plainact", *overrides)
+        assert f"Key '{key}' not in" in str(err.value.__cause__)
+    for kind in ("perplexity", "tasks"):  # the keys every kind has
+        cfg = compose_cfg("+criterion=plainact", f"eval={kind}", "eval.limit=3", "eval.batch_size=2",
+                          "eval.mask_from=scored")
+        validate(cfg)
+        assert (cfg.eval.name, cfg.eval.limit, cfg.eval.mask_from) == (kind, 3, "scored")
+
+
+def test_calibration_presets_and_ignored_keys(compose_cfg):
+    paper = compose_cfg("+criterion=plainact", "calibration=paper")
+    assert (paper.calibration.source, paper.calibration.num_fewshot, paper.calibration.limit) == ("tasks", 5, 500)
+    assert compose_cfg("+criterion=plainact").calibration.source == "opt_mini"
+    with pytest.raises(ConfigError, match="calibration.tasks is read only with calibration.source=tasks"):
+        validate(compose_cfg("+criterion=plainact", "calibration.tasks=[piqa]"))
+    validate(compose_cfg("+criterion=plainact", "calibration.source=tasks", "calibration.tasks=[piqa]"))
+
+
+def test_reference_compat_sets_each_of_its_settings_and_yields_to_the_command_line(compose_cfg):
+    ours = compose_cfg("+criterion=plainact")
+    cfg = compose_cfg("compat=reference", "+criterion=snip")  # group order on the command line does not matter
+    assert (cfg.compat, cfg.criterion.name, cfg.criterion.variant) == ("reference", "snip", "reference")
+    assert cfg.neuron_sparsity == 0.0 and cfg.dense_first_layer and cfg.eval.mask_from == "scored"
+    assert cfg.model.dtype == "float16" and ours.compat == "none" and ours.eval.mask_from == "context"
+    mine = compose_cfg("+criterion=plainact", "compat=reference", "model.dtype=float32", "dense_first_layer=false")
+    assert mine.model.dtype == "float32" and not mine.dense_first_layer and mine.criterion.variant == "reference"
+    validate(mine)
+    with pytest.raises(ConfigError, match="criterion.variant='reference' is not one of textbook"):
+        validate(compose_cfg("+criterion=jacov", "compat=reference", "model.dtype=float32"))
 
 
 def test_unknown_criterion(compose_cfg):

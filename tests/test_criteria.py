@@ -1,7 +1,9 @@
 """Every criterion against a direct computation on a tiny OPT, one unpadded example at a time.
 
-The batched scores come from padded batches of three examples; the reference values from each example alone,
-with autograd's own weight gradients, explicit loops, numpy and finite differences where they apply.
+The batched scores come from padded batches of the examples; the reference values from each example alone,
+with autograd's own weight gradients, explicit loops, numpy and finite differences where they apply. EPE-NAS and
+ShadowLLM's reference forms are ported line by line in numpy from their authors' code (``epe_nas_code``,
+``shadow_llm_epenas``, ``shadow_llm_nwot_*``).
 """
 
 from __future__ import annotations
@@ -11,16 +13,19 @@ import pytest
 import torch
 from conftest import make_tiny_opt
 
-from shadow.criteria import CRITERIA, EPS, get_criterion
-from shadow.data import collate, encode
+from shadow.criteria import CRITERIA, EPS, Units, get_criterion
+from shadow.data import Example, collate, encode
 from shadow.masking import apply_masks
 from shadow.models import Shape, decoder_layers
-from shadow.policy import Masks
+from shadow.policy import Masks, Policy
 from shadow.traces import example_loss, score_batch
 
 PAIRS = [("The the cat and the dog and the cat", " sat on the mat."),
          ("To be, or not to be, that is", " the question, to be sure."),
-         ("We the people of the United States, in order to form a more perfect", " union, the people")]
+         ("We the people of the United States, in order to form a more perfect", " union, the people"),
+         # " the" and "," are the targets of six and five continuation tokens: classes of ShadowLLM's epenas
+         ("One morning the old man walked down to the river with his dog", " the sky, the sea, the sun, the cat, "
+                                                                          "the dog, the end")]
 
 
 @pytest.fixture(scope="module")
@@ -33,47 +38,109 @@ def examples(tokenizer):
     return [encode(c, x, tokenizer, 64) for c, x in PAIRS]
 
 
-@pytest.fixture(scope="module")
-def alone(model, examples):
-    """Per example: activations, their gradients and fc1's weight gradient, from plain autograd."""
-    out = []
-    for ex in examples:
-        batch = collate([ex], 1)
-        acts, handles = {}, []
+def autograd_record(model, ex: Example) -> dict:
+    """One example alone: activations, their gradients and fc1's weight gradient, from plain autograd."""
+    batch = collate([ex], 1)
+    acts, handles = {}, []
 
-        def keep(name, output=False, acts=acts):
-            def hook(module, *args):
-                tensor = args[-1] if output else args[0][0]
-                tensor.retain_grad()
-                acts[name] = tensor
-            return hook
+    def keep(name, output=False):
+        def hook(module, *args):
+            tensor = args[-1] if output else args[0][0]
+            tensor.retain_grad()
+            acts[name] = tensor
+        return hook
 
-        for i, layer in enumerate(decoder_layers(model)):
-            handles += [layer.self_attn.out_proj.register_forward_pre_hook(keep(("a", i))),
-                        layer.self_attn.out_proj.register_forward_hook(keep(("o", i), output=True)),
-                        layer.fc1.register_forward_hook(keep(("u", i), output=True)),
-                        layer.fc2.register_forward_pre_hook(keep(("z", i)))]
-        model.zero_grad()
-        loss = example_loss(model(input_ids=batch.input_ids).logits, batch.labels)[0]
-        loss.backward()
+    for i, layer in enumerate(decoder_layers(model)):
+        handles += [layer.self_attn.out_proj.register_forward_pre_hook(keep(("a", i))),
+                    layer.self_attn.out_proj.register_forward_hook(keep(("o", i), output=True)),
+                    layer.fc1.register_forward_hook(keep(("u", i), output=True)),
+                    layer.fc2.register_forward_pre_hook(keep(("z", i)))]
+    model.zero_grad()
+    try:
+        example_loss(model(input_ids=batch.input_ids).logits, batch.labels)[0].backward()
+    finally:
         for h in handles:
             h.remove()
-        w1_grads = [layer.fc1.weight.grad.clone() for layer in decoder_layers(model)]
-        out.append({"acts": acts, "w1_grad": w1_grads, "ids": batch.input_ids[0]})
+    w1_grads = [layer.fc1.weight.grad.clone() for layer in decoder_layers(model)]
     model.zero_grad()
-    return out
+    return {"acts": acts, "w1_grad": w1_grads, "ids": batch.input_ids[0], "labels": batch.labels[0]}
+
+
+@pytest.fixture(scope="module")
+def alone(model, examples):
+    return [autograd_record(model, ex) for ex in examples]
 
 
 def heads_of(t: torch.Tensor, shape: Shape) -> torch.Tensor:
     return t.detach()[0].view(-1, shape.heads, shape.head_dim)  # (T, H, d)
 
 
-def nwot_direct(codes: np.ndarray, with_codes: bool) -> float:
-    """log det(I_T + K) with the kernel over tokens, K = C Cᵀ + (1 − C)(1 − C)ᵀ (without C Cᵀ: reference)."""
-    kernel = (1 - codes) @ (1 - codes).T
-    if with_codes:
-        kernel += codes @ codes.T
+def nwot_direct(codes: np.ndarray) -> float:
+    """log det(I_T + K) with the kernel over tokens, K = C Cᵀ + (1 − C)(1 − C)ᵀ."""
+    kernel = codes @ codes.T + (1 - codes) @ (1 - codes).T
     return np.linalg.slogdet(np.eye(len(codes)) + kernel)[1]
+
+
+def shadow_llm_nwot_head(act: np.ndarray) -> float:
+    """ShadowLLM's calculate_nwot for one head at batch size 1: x the (1, T·d) flattened pattern."""
+    x = (act > 0).astype(float).reshape(1, -1)
+    return np.linalg.slogdet((1 - x) @ (1 - x).T)[1]
+
+
+def shadow_llm_nwot_neuron(fc1_out: np.ndarray) -> float:
+    """ShadowLLM's calculate_nwot for one fc1 neuron at batch size 1 (its per-example trace, which skips log 0)."""
+    x = (fc1_out > 0).astype(float)  # (T, 1)
+    value = np.diag((1 - x).T @ (1 - x))[0] / len(x)
+    return np.log(value) if value > 0 else 0.0
+
+
+def epe_nas_code(jacobs: np.ndarray, labels: list[int], n_classes: int) -> float:
+    """EPE-NAS's eval_score_perclass (VascoLopes/EPE-NAS, search.py), in the same steps."""
+    per_class: dict[int, np.ndarray] = {}
+    for row, label in zip(jacobs, labels, strict=True):
+        per_class[label] = np.vstack((per_class[label], row)) if label in per_class else row
+    scores = {}
+    for label, rows in per_class.items():
+        try:
+            corrs = np.array(np.corrcoef(rows))
+            s = np.sum(np.log(np.abs(corrs) + EPS))
+            if n_classes > 100:
+                s /= len(corrs)  # a single member's 0-d correlation has no len: skipped, as in the original
+        except TypeError:
+            continue
+        scores[label] = s
+    if n_classes <= 100:
+        return float(sum(abs(s) for s in scores.values()))
+    spread = sum(abs(scores[c] - scores[cj]) for c in scores for cj in scores)
+    return float(spread / len(scores)) if scores else 0.0
+
+
+def shadow_llm_epenas(grad: np.ndarray, labels: list[int]) -> float:
+    """ShadowLLM's calculate_epenas for one head on one example: labels[i] is the loss's target of position i − 1."""
+    per_class: dict[int, list[np.ndarray]] = {}
+    for index, label in enumerate(labels):
+        if label != -100:
+            per_class.setdefault(label, []).append(grad[index - 1])
+    scores = {}
+    for label, rows in per_class.items():
+        if len(rows) > 4:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                s = np.sum(np.log(np.abs(np.corrcoef(np.array(rows))) + 1e-5))
+            if not np.isnan(s):
+                scores[label] = s
+    return float(sum(abs(scores[c] - scores[cj]) for c in scores for cj in scores))
+
+
+def jacov_direct(grads: np.ndarray) -> float:
+    """−mean [log(λ + k) + 1/(λ + k)] over the eigenvalues of np.corrcoef above matrix_rank's tolerance."""
+    eig = np.linalg.eigvalsh(np.atleast_2d(np.corrcoef(grads)))
+    kept = eig[eig > eig.max() * max(grads.shape) * np.finfo(eig.dtype).eps]
+    return float(-np.mean(np.log(kept + EPS) + 1 / (kept + EPS))) if len(kept) else 0.0
+
+
+def reached_tokens(a_grad: torch.Tensor, shape: Shape) -> list[int]:
+    grad = heads_of(a_grad, shape)
+    return [t for t in range(len(grad)) if grad[t].abs().sum() > 0]
 
 
 def expected(name: str, variant: str, kind: str, layer: int, unit: int, rec: dict, model, shape: Shape) -> float:
@@ -88,10 +155,14 @@ def expected(name: str, variant: str, kind: str, layer: int, unit: int, rec: dic
         return (w1[unit] * w1_grad[unit]).abs().sum().item()
     if name == "plainact":
         return sum(abs((act[t] * grad[t]).sum().item()) for t in range(len(act)))
-    if name == "fisher":
+    if name == "fisher" and variant == "reference":
         return ((act * grad) ** 2).mean(0).sum().item()
+    if name == "fisher":
+        return 0.5 * sum((act[t] * grad[t]).sum().item() for t in range(len(act))) ** 2
     if name == "grad_norm":
         return (w1_grad[unit] if kind == "neurons" else grad).norm().item()
+    if name == "l2_norm" and variant == "reference" and kind == "neurons":
+        return u.detach()[:, unit].norm().item()
     if name == "l2_norm":
         return act.norm().item()
     if name == "snip" and variant == "reference":
@@ -100,20 +171,20 @@ def expected(name: str, variant: str, kind: str, layer: int, unit: int, rec: dic
         return u.grad[:, unit].abs().sum().item()
     if name == "snip":
         return abs((act * grad).sum().item())
+    if name == "nwot" and variant == "reference":
+        if kind == "heads":
+            return shadow_llm_nwot_head(act.numpy())
+        return shadow_llm_nwot_neuron(u.detach()[:, unit:unit + 1].numpy())
     if name == "nwot":
-        return nwot_direct((act > 0).double().numpy(), with_codes=variant != "reference")
-    reached = [t for t in range(len(grad)) if heads_of(a.grad, shape)[t].abs().sum() > 0]
+        return nwot_direct((act > 0).double().numpy())
     if name == "jacov":
-        eig = np.abs(np.linalg.eigvalsh(np.corrcoef(grad[reached].numpy()))) + EPS
-        return float(-(np.log(eig) + 1 / eig).sum())
+        return jacov_direct(grad[reached_tokens(a.grad, shape)].numpy())
+    if name == "epenas" and variant == "reference":
+        return shadow_llm_epenas(grad.numpy(), rec["labels"].tolist())
     if name == "epenas":
-        targets = rec["ids"][1:].tolist() + [-100]
-        total = 0.0
-        for token in set(targets) - {-100}:
-            rows = [t for t, x in enumerate(targets) if x == token and t in reached]
-            if len(rows) > 1:
-                total += np.log(np.abs(np.corrcoef(grad[rows].numpy())) + EPS).mean()
-        return total
+        reached = reached_tokens(a.grad, shape)
+        rows = [t for t in reached if t + 1 < len(rec["ids"])]  # a target exists: every token but the last
+        return epe_nas_code(grad[rows].numpy(), rec["ids"][[t + 1 for t in rows]].tolist(), model.config.vocab_size)
     if name == "weight_magnitude":
         if kind == "neurons":
             return (block.fc1.weight[unit].norm() * block.fc2.weight[:, unit].norm()).item()
@@ -132,6 +203,7 @@ def test_criterion_matches_direct_computation(model, examples, alone, name, vari
     shape = Shape.of(model.config)
     criterion = get_criterion(name, variant)
     _, heads, neurons = score_batch(model, collate(examples, 1), criterion, shape)
+    assert heads.abs().sum() > 0  # not vacuous: every criterion scores some head of these examples
     for i, rec in enumerate(alone):
         for layer in range(shape.layers):
             for unit in range(shape.heads):
@@ -145,12 +217,36 @@ def test_criterion_matches_direct_computation(model, examples, alone, name, vari
                 assert neurons[i, layer, unit].item() == pytest.approx(want, rel=1e-4, abs=1e-6), (i, layer, unit)
 
 
-def test_grasp_matches_finite_differences_of_the_gate_gradient(model, examples):
-    """−(H g) with g the gate gradient at 1: H g ≈ (∇L(1 + εg) − ∇L(1 − εg)) / 2ε, per example."""
+def test_every_reference_criterion_has_a_reference_variant():
+    """criterion.variant=reference exists for every criterion ShadowLLM's code had, and only for those."""
+    assert {name for name in CRITERIA if "reference" in CRITERIA[name]} == {
+        "plainact", "fisher", "grad_norm", "l2_norm", "snip", "nwot", "epenas"}
+    assert get_criterion("grad_norm", "reference") is get_criterion("grad_norm")  # the reference's own form
+
+
+def test_reference_epenas_skips_a_class_with_a_constant_gradient():
+    """ShadowLLM's epenas drops a class whose numpy correlation is NaN: here class 7 holds a zero gradient vector."""
+    targets = torch.tensor([7, 7, 7, 7, 7, 9, 9, 9, 9, 9, 9, 3, 3, 3, 3, 3, -100], dtype=torch.long)
+    labels = [-100] + targets[:-1].tolist()  # the reference's layout: the label of position t sits at t + 1
+    grad = torch.randn(1, len(targets), 1, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    scores = []
+    for row in (torch.zeros(4, dtype=torch.float64), grad[0, 2, 0].clone()):
+        grad[0, 2, 0] = row
+        units = Units(act=torch.zeros_like(grad), grad=grad, valid=torch.ones(1, len(targets)), labels=targets[None])
+        scores.append(get_criterion("epenas", "reference").heads(units)[0, 0].item())
+        assert scores[-1] == pytest.approx(shadow_llm_epenas(grad[0, :, 0].numpy(), labels), rel=1e-6)
+    assert 0 < scores[0] != pytest.approx(scores[1])  # two classes left, then all three
+
+
+@pytest.fixture(scope="module")
+def grasp_fd(model, examples):
+    """Per example: GraSP's scores from score_batch and H g by finite differences of the gate gradient g at 1,
+    H g ≈ (∇L(1 + εg) − ∇L(1 − εg)) / 2ε."""
     shape = Shape.of(model.config)
     batch = collate(examples, 1)
     _, heads, neurons = score_batch(model, batch, get_criterion("grasp"), shape)
     assert model.config._attn_implementation == "sdpa"  # restored after the double backward
+    out = []
     for i, ex in enumerate(examples):
         ids, labels = batch.input_ids[i:i + 1, :len(ex.input_ids)], batch.labels[i:i + 1, :len(ex.input_ids)]
 
@@ -167,8 +263,63 @@ def test_grasp_matches_finite_differences_of_the_gate_gradient(model, examples):
         plus = gate_grad(ones_h + eps * gh, ones_n + eps * gn)
         minus = gate_grad(ones_h - eps * gh, ones_n - eps * gn)
         hvp_h, hvp_n = ((p - m) / (2 * eps) for p, m in zip(plus, minus, strict=True))
-        torch.testing.assert_close(heads[i:i + 1], -hvp_h.float(), rtol=1e-3, atol=1e-6)
-        torch.testing.assert_close(neurons[i:i + 1], -hvp_n.float(), rtol=1e-3, atol=1e-6)
+        out.append({"heads": heads[i:i + 1], "neurons": neurons[i:i + 1], "hvp_h": hvp_h, "hvp_n": hvp_n})
+    return out
+
+
+def test_grasp_matches_finite_differences_of_the_gate_gradient(grasp_fd):
+    """The score is +θ ⊙ Hg = +Hg at θ = 1."""
+    for rec in grasp_fd:
+        torch.testing.assert_close(rec["heads"], rec["hvp_h"].float(), rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(rec["neurons"], rec["hvp_n"].float(), rtol=1e-3, atol=1e-6)
+
+
+def test_grasp_policy_drops_what_grasp_removes_first(model, grasp_fd):
+    """GraSP removes the unit with the largest −θ ⊙ Hg (finite differences); dropping one unit per layer, the policy
+    drops exactly that one. The former score −Hg would have dropped the unit with the smallest −θ ⊙ Hg."""
+    shape = Shape.of(model.config)
+    policy = Policy("local", head_sparsity=1 / shape.heads, neuron_sparsity=1 / shape.neurons)
+    for rec in grasp_fd:
+        masks = policy.select(rec["heads"], rec["neurons"])
+        for kept, hvp in ((masks.heads, rec["hvp_h"]), (masks.neurons, rec["hvp_n"])):
+            removal = -hvp[0]  # (L, U): GraSP's removal priority
+            first = removal.argmax(-1)
+            assert (first != removal.argmin(-1)).all()  # the direction decides which unit goes
+            assert (~kept[0]).sum(-1).tolist() == [1] * shape.layers
+            assert (~kept[0][torch.arange(shape.layers), first]).all()
+
+
+JACOV_PAIRS = [("One morning the old man walked down to the river with his dog and sat by the water", " to fish."),
+               ("We the people of the United States, in order to form a more perfect union, establish", " justice."),
+               ("To be, or not to be, that is the question: whether it is nobler in the mind to", " suffer")]
+
+
+def test_jacov_is_comparable_across_layers(model, tokenizer):
+    """Examples of ~20 tokens whose continuation has at most d − 1 = 3 tokens, on heads of d = 4 dims: the last layer
+    reaches only the continuation's tokens (no null eigenvalue), the others ~20 (~17 null eigenvalues). The former
+    sum over all eigenvalues scored ≈ −1e5 per null eigenvalue, so the layers differed by ~1e5× (checked below with
+    numpy); the mean over the non-null spectrum keeps the per-layer median |score| within 10×."""
+    shape = Shape.of(model.config)
+    assert shape.head_dim == 4
+    examples = [encode(c, x, tokenizer, 64) for c, x in JACOV_PAIRS]
+    assert all(len(ex.input_ids) >= 18 and len(ex.input_ids) - ex.context_len <= 3 for ex in examples)
+    _, heads, _ = score_batch(model, collate(examples, 1), get_criterion("jacov"), shape)
+    medians = heads.abs().transpose(0, 1).reshape(shape.layers, -1).median(-1).values  # over examples and heads
+    assert medians.min() > 0 and medians.max() / medians.min() < 10
+
+    def summed(grads: np.ndarray) -> float:
+        eig = np.abs(np.linalg.eigvalsh(np.atleast_2d(np.corrcoef(grads)))) + EPS
+        return float(-(np.log(eig) + 1 / eig).sum())
+
+    old = np.zeros((len(examples), shape.layers, shape.heads))
+    for i, ex in enumerate(examples):
+        rec = autograd_record(model, ex)
+        for layer in range(shape.layers):
+            a_grad = rec["acts"][("a", layer)].grad
+            grads = heads_of(a_grad, shape)[reached_tokens(a_grad, shape)]
+            old[i, layer] = [summed(grads[:, h].numpy()) for h in range(shape.heads)]
+    old_medians = np.median(np.abs(old).transpose(1, 0, 2).reshape(shape.layers, -1), axis=-1)
+    assert old_medians.max() / old_medians.min() > 1e3
 
 
 @pytest.mark.parametrize("name", sorted(CRITERIA))
