@@ -104,3 +104,45 @@ def test_masks_are_applied_per_request_and_reported(tiny_opt, tokenizer):
     assert sparse_layers["head_sparsity"] == pytest.approx([0.5] * shape.layers)
     assert sparse_layers["neuron_sparsity"] == pytest.approx([1 - 8 / shape.neurons] * shape.layers)
     assert len(seen) == len(token_requests(TEXT, tokenizer, 16, None)) + len(word_requests(doc(), tokenizer, 16))
+
+
+def test_the_reference_leak_predicts_each_mask_from_the_scored_window(tiny_opt, tokenizer):
+    """eval.mask_from=scored (compat=reference) hands the mask source each window's whole text, scored tokens
+    included, truncated to what the model reads; the default hands it only the text before the window."""
+    prompts = {}
+
+    def recording(requests):
+        prompts.setdefault("seen", []).extend(r.prompt for r in requests)
+
+    for mask_from in ("context", "scored"):
+        prompts.clear()
+        cfg = PerplexityEvalConfig(protocols=["word"], seq_len=16, batch_size=2, mask_from=mask_from)
+        evaluate_perplexity(tiny_opt, tokenizer, recording, cfg, data(TEXT))
+        requests = word_requests(doc(), tokenizer, 16)
+        want = [r.prompt for r in requests] if mask_from == "context" else [r.tokens[-64:] for r in requests]
+        assert sorted(prompts["seen"]) == sorted(want)
+    assert any(len(r.tokens) == 17 for r in requests)  # windows longer than 16: the leak reads scored tokens
+
+
+def test_a_rolling_lm_eval_task_masks_each_window_from_the_text_before_it(tiny_opt, tokenizer):
+    """eval=tasks with a perplexity task (opt_mini_ppl, lm-eval's wikitext shape): each window's mask comes from
+    the document before it, as the word protocol's does, and dense scores equal plain HFLM's."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    from shadow.config import TasksEvalConfig
+    from shadow.evaluate.tasks import check_tasks, evaluate_tasks
+    from shadow.opt_mini import PERPLEXITY_TASK
+
+    cfg = TasksEvalConfig(tasks=[PERPLEXITY_TASK], limit=2, batch_size=4)
+    prompts = []
+    ours, _, _ = evaluate_tasks(tiny_opt, tokenizer, lambda rs: prompts.extend(r.prompt for r in rs), cfg,
+                                check_tasks(cfg), seed=0)
+    theirs = lm_eval.simple_evaluate(model=HFLM(pretrained=tiny_opt, tokenizer=tokenizer, batch_size=4),
+                                     tasks=[PERPLEXITY_TASK], limit=2, task_manager=check_tasks(cfg))
+    assert ours[f"{PERPLEXITY_TASK}/word_perplexity"] == pytest.approx(
+        theirs["results"][PERPLEXITY_TASK]["word_perplexity,none"], rel=1e-5)
+    seq_len = tiny_opt.config.max_position_embeddings
+    documents = load_eval_data(PerplexityEvalConfig()).documents[:2]
+    want = [r.prompt for d in documents for r in word_requests(d, tokenizer, seq_len)]
+    assert sorted(prompts) == sorted(want) and max(map(len, prompts)) == seq_len  # not a one-token context
