@@ -109,7 +109,8 @@ def check_job(overrides: list[str]) -> None:
             section, _, leaf = key.partition(".")
             kinds = [kind for kind, schema in EVAL_SCHEMAS.items() if leaf in schema.__dataclass_fields__]
             if section == "eval" and kinds:
-                raise ConfigError(f"{key} applies only to eval={kinds[0]}; add eval={kinds[0]}, or drop {key}") from None
+                kind = kinds[0]
+                raise ConfigError(f"{key} applies only to eval={kind}; add eval={kind}, or drop {key}") from None
             raise ConfigError(f"{key} is not a setting; check its spelling (python -m shadow --cfg job lists "
                               "them all)") from None
         wanted = re.search(r"converted to (\w+)", cause.msg)

@@ -52,7 +52,8 @@ def test_spearman_gives_ties_their_average_rank_as_scipy_does():
     expected = [spearmanr(a[i], b[i]).statistic for i in range(6)]
     torch.testing.assert_close(spearman(a, b), torch.tensor(expected, dtype=torch.float32), rtol=1e-5, atol=1e-6)
     assert spearman(torch.tensor([[0.0, 0, 0, 1]]), torch.tensor([[0.0, 0, 0, 1]])).item() == pytest.approx(1.0)
-    torch.testing.assert_close(average_ranks(torch.tensor([[3.0, 1, 3, 2, 1]])), torch.tensor([[3.5, 0.5, 3.5, 2, 0.5]]))
+    ranks = average_ranks(torch.tensor([[3.0, 1, 3, 2, 1]]))
+    torch.testing.assert_close(ranks, torch.tensor([[3.5, 0.5, 3.5, 2, 0.5]]))
 
 
 def test_held_out_split_keeps_each_document_on_one_side():
