@@ -39,7 +39,7 @@ def load_rows(dirs: list[Path]) -> list[dict]:
 
 
 def varying_keys(rows: list[dict]) -> list[str]:
-    return [k for k in CONFIG_KEYS if len({json.dumps(r[k]) for r in rows}) > 1]
+    return [k for k in CONFIG_KEYS if len({json.dumps(r.get(k)) for r in rows}) > 1]  # older records lack some
 
 
 def label(row: dict, keys: list[str]) -> str:
