@@ -152,8 +152,8 @@ def register_configs() -> None:
     ${shadow_gpus:<model>,<dtype>}: GPUs per job for the SLURM launcher preset."""
     store = ConfigStore.instance()
     store.store(name="shadow_schema", node=Config)
-    for kind, schema in EVAL_SCHEMAS.items():  # conf/eval/<kind>.yaml extends /schema/eval/<kind>
-        store.store(group="schema/eval", name=kind, node=schema)
+    for kind, schema in EVAL_SCHEMAS.items():  # conf/eval/<kind>.yaml extends /<kind>_eval_schema
+        store.store(name=f"{kind}_eval_schema", node=schema)
     package = Path(__file__).resolve().parent
     OmegaConf.register_new_resolver("shadow_asset", lambda rel: str(package / rel), replace=True)
     OmegaConf.register_new_resolver("shadow_gpus", gpus_for, replace=True)
