@@ -28,7 +28,8 @@ class ModelConfig:
     path: str = MISSING  # hub id (facebook/opt-1.3b) or a local directory
     dtype: str = "float32"  # float32, float16 or bfloat16
     device_map: str | None = None  # None: one device (eval.device); "auto": spread over GPUs by accelerate
-    max_memory: dict[str, str] | None = None  # device_map=auto: per-device caps, e.g. {"0": 70GiB, cpu: 200GiB}
+    max_memory: Any = None  # device_map=auto: caps as accelerate takes them, e.g. {0: 70GiB, 1: 70GiB, cpu: 200GiB}
+    offload_folder: str | None = None  # device_map=auto: where weights beyond max_memory go (disk offload)
     revision: str | None = None
     trust_remote_code: bool = False  # run Python code shipped with the checkpoint: only for sources you trust
 
@@ -188,6 +189,19 @@ def _fraction(key: str, value: Any) -> None:
         raise ConfigError(f"{key}={value!r} is outside [0, 1); set {key} to a fraction such as 0.5")
 
 
+def _placement(model: DictConfig | ModelConfig) -> None:
+    """max_memory and offload_folder: accelerate's placement settings, read only with a device_map."""
+    caps = model.max_memory
+    for key in ("max_memory", "offload_folder"):
+        if model[key] is not None and model.device_map is None:
+            raise ConfigError(f"model.{key} is read only with model.device_map=auto; add model.device_map=auto, or "
+                              f"drop model.{key}")
+    if caps is not None and (not isinstance(caps, (dict, DictConfig)) or not all(
+            isinstance(k, int) or k in ("cpu", "mps", "disk") for k in caps)):
+        raise ConfigError(f"model.max_memory={caps!r} is not a map from devices to sizes; write it as accelerate "
+                          "takes it, e.g. model.max_memory={0: 70GiB, 1: 70GiB, cpu: 200GiB}")
+
+
 def validate(cfg: DictConfig | Config) -> None:
     """Check values and cross-field rules; raise ConfigError before any expensive work starts."""
     from shadow.criteria import CRITERIA  # late import: criteria import torch
@@ -209,6 +223,7 @@ def validate(cfg: DictConfig | Config) -> None:
         raise ConfigError(f"predictor.granularity=token needs a trained predictor, not predictor={cfg.predictor.name}; "
                           "use predictor=shadow or dejavu, or predictor.granularity=request")
     _choice("model.dtype", cfg.model.dtype, DTYPES)
+    _placement(cfg.model)
     _choice("eval", cfg.eval.name, EVALS)
     _choice("eval.mask_from", cfg.eval.mask_from, MASK_SOURCES)
     if cfg.eval.name == "perplexity":

@@ -22,7 +22,7 @@ def _head_hook(keep: Tensor):
     def hook(module: nn.Module, args: tuple) -> tuple:
         x = args[0]
         B, T, E = x.shape
-        return ((x.view(B, T, keep.shape[-1], -1) * keep[..., None]).view(B, T, E),)
+        return ((x.view(B, T, keep.shape[-1], -1) * _like(keep, x)[..., None]).view(B, T, E),)
     return hook
 
 
@@ -30,8 +30,14 @@ def _neuron_hook(keep: Tensor):
     """keep: (B, 1, F) per request or (B, T, F) per token. fc2's input is flattened to (B·T, F)."""
     def hook(module: nn.Module, args: tuple) -> tuple:
         x = args[0]
-        return ((x.view(keep.shape[0], -1, x.shape[-1]) * keep).view(x.shape),)
+        return ((x.view(keep.shape[0], -1, x.shape[-1]) * _like(keep, x)).view(x.shape),)
     return hook
+
+
+def _like(keep: Tensor, x: Tensor) -> Tensor:
+    """The mask on the activation's device and in its dtype: a layer's weights may be elsewhere (offloaded to the
+    CPU or disk by accelerate, on ``meta`` until its forward), its activations never are."""
+    return keep.to(device=x.device, dtype=x.dtype)
 
 
 @contextmanager
@@ -45,8 +51,6 @@ def apply_masks(model: nn.Module, masks: Masks | None) -> Iterator[None]:
                 heads, neurons = masks.heads[..., index, :], masks.neurons[..., index, :]
                 if heads.dim() == 2:  # per request: the same mask at every position
                     heads, neurons = heads[:, None], neurons[:, None]
-                heads = heads.to(device=attn.weight.device, dtype=attn.weight.dtype)
-                neurons = neurons.to(device=fc2.weight.device, dtype=fc2.weight.dtype)
                 handles.append(attn.register_forward_pre_hook(_head_hook(heads)))
                 handles.append(fc2.register_forward_pre_hook(_neuron_hook(neurons)))
         yield

@@ -129,13 +129,14 @@ def load_model(cfg: ModelConfig, device: str = "cpu") -> tuple[nn.Module, object
     """The model (in eval mode) and tokenizer; a sweep in one process loads each model once."""
     from transformers import AutoModelForCausalLM
 
-    key = (cfg.path, cfg.revision, cfg.dtype, cfg.device_map, device)
+    placement = (cfg.device_map, str(sorted((cfg.max_memory or {}).items(), key=str)), cfg.offload_folder, device)
+    key = (cfg.path, cfg.revision, cfg.dtype, *placement)
     if key not in _LOADED:
         _LOADED.clear()  # keep one model resident: big models do not fit twice
         path, _ = check_opt(cfg)
         log.info("loading %s from %s (%s)", cfg.name, path, cfg.dtype)
-        caps = {int(k) if str(k).isdigit() else k: v for k, v in (cfg.max_memory or {}).items()} or None
-        kwargs = {"device_map": cfg.device_map, "max_memory": caps} if cfg.device_map else {}
+        kwargs = {"device_map": cfg.device_map, "max_memory": dict(cfg.max_memory or {}) or None,
+                  "offload_folder": cfg.offload_folder} if cfg.device_map else {}
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype],
                                                      trust_remote_code=cfg.trust_remote_code, **kwargs)
         if not cfg.device_map:
@@ -147,6 +148,12 @@ def load_model(cfg: ModelConfig, device: str = "cpu") -> tuple[nn.Module, object
 def pad_id(tokenizer) -> int:
     """The id to pad batches with (padding is masked out; the tokenizer's own pad token when it has one)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where to put the model's inputs: its device, or the CPU when accelerate offloaded it (the weights then sit
+    on ``meta`` between forwards, and accelerate's hooks move inputs to each layer's execution device)."""
+    return model.device if model.device.type != "meta" else torch.device("cpu")
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

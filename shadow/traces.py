@@ -20,7 +20,7 @@ from tqdm import tqdm
 from shadow.criteria import Criterion, Units
 from shadow.data import Batch, Example, collate
 from shadow.masking import apply_masks
-from shadow.models import Shape, decoder_layers
+from shadow.models import Shape, decoder_layers, input_device
 from shadow.policy import Masks
 
 SHARD_SIZE = 512  # examples per safetensors file: traces stream to disk, not into RAM
@@ -33,15 +33,16 @@ class _Stop(Exception):
 @contextmanager
 def frozen(model: nn.Module):
     """Weights need no gradient; the embeddings' output does, so activations get theirs."""
-    flags = [p.requires_grad for p in model.parameters()]
+    flags = {name: p.requires_grad for name, p in model.named_parameters(remove_duplicate=False)}
     model.requires_grad_(False)
     handle = model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.detach().requires_grad_())
     try:
         yield
     finally:
         handle.remove()
-        for p, flag in zip(model.parameters(), flags, strict=True):
-            p.requires_grad_(flag)
+        # by name: accelerate's offload hooks replace parameter objects (and may untie shared ones) per forward
+        for name, p in model.named_parameters(remove_duplicate=False):
+            p.requires_grad_(flags.get(name, False))
 
 
 @torch.no_grad()
@@ -62,7 +63,8 @@ def layer_features(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
 
     handles = [decoder_layers(model)[i].self_attn.out_proj.register_forward_pre_hook(grab(i)) for i in set(layers)]
     try:
-        model.model.decoder(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device))
+        device = input_device(model)
+        model.model.decoder(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
     except _Stop:
         pass
     finally:
@@ -151,11 +153,11 @@ def score_batch(model: nn.Module, batch: Batch, criterion: Criterion, shape: Sha
             heads[:], neurons[:] = gate_hessian_scores(model, batch, shape)
         else:
             with frozen(model), torch.set_grad_enabled("grad" in needs):
-                device = model.device
+                device = input_device(model)
                 logits = model(input_ids=batch.input_ids.to(device),
                                attention_mask=batch.attention_mask.to(device)).logits
                 if "grad" in needs:
-                    example_loss(logits, batch.labels.to(device)).sum().backward()
+                    example_loss(logits, batch.labels.to(logits.device)).sum().backward()
     finally:
         for h in handles:
             h.remove()
@@ -169,7 +171,7 @@ def gate_hessian_scores(model: nn.Module, batch: Batch, shape: Shape) -> tuple[T
 
     Needs double backward, which only the eager attention supports; the model's own choice is restored after.
     """
-    device, dtype = model.device, model.dtype
+    device, dtype = input_device(model), model.dtype
     B = batch.input_ids.shape[0]
     gates = Masks(torch.ones(B, shape.layers, shape.heads, device=device, dtype=dtype, requires_grad=True),
                   torch.ones(B, shape.layers, shape.neurons, device=device, dtype=dtype, requires_grad=True))
@@ -178,7 +180,7 @@ def gate_hessian_scores(model: nn.Module, batch: Batch, shape: Shape) -> tuple[T
     try:
         with frozen(model), torch.enable_grad(), apply_masks(model, gates):
             logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
-            loss = example_loss(logits, batch.labels.to(device)).sum()
+            loss = example_loss(logits, batch.labels.to(logits.device)).sum()
             grads = torch.autograd.grad(loss, [gates.heads, gates.neurons], create_graph=True)
             hvp = torch.autograd.grad(sum((g * g.detach()).sum() for g in grads), [gates.heads, gates.neurons])
     finally:

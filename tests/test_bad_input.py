@@ -82,6 +82,12 @@ CASES = [
          "model.dtype='float8' is not one of float32, float16, bfloat16; pick one, e.g. model.dtype=float32"),
     Case("float16 on the CPU", "+criterion=plainact model.dtype=float16",
          "model.dtype='float16' is slow and inexact on the CPU; use model.dtype=float32 or bfloat16, or device=cuda"),
+    Case("device caps that are not a map", "+criterion=plainact model.device_map=auto model.max_memory=[70GiB]",
+         "model.max_memory=['70GiB'] is not a map from devices to sizes; write it as accelerate takes it, e.g. "
+         "model.max_memory={{0: 70GiB, 1: 70GiB, cpu: 200GiB}}"),
+    Case("device caps without a device map", "+criterion=plainact model.max_memory={{cpu:8MB}}",
+         "model.max_memory is read only with model.device_map=auto; add model.device_map=auto, or drop "
+         "model.max_memory"),
     Case("a GPU that is not there", "+criterion=plainact device=cuda:64",
          "device=cuda:64 but {gpus} CUDA devices are visible; use device={fallback}"),
     Case("cache directory that is not writable", "+criterion=plainact cache_dir={tmp}/a-file/cache",

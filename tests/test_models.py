@@ -1,9 +1,10 @@
-"""Model loading helpers: the parameter count behind the memory estimate, and the early out-of-memory error."""
+"""Model loading: the parameter count behind the memory estimate, the early out-of-memory error, accelerate's
+placement settings and an offloaded model."""
 
 from __future__ import annotations
 
 import pytest
-from conftest import make_tiny_opt
+from conftest import make_tiny_opt, run_shadow
 
 from shadow.config import ConfigError, ModelConfig
 from shadow.models import check_memory, parameter_count
@@ -30,3 +31,36 @@ def test_a_model_that_cannot_fit_fails_before_loading(monkeypatch):
                                           r"use model.dtype=float16, model.device_map=auto over more GPUs or "
                                           r"a smaller model$"):
         check_memory(cfg, config, "cpu")
+
+
+def test_max_memory_takes_gpu_indices_and_cpu_from_the_command_line(tmp_path):
+    """As accelerate writes it: integer GPU keys and ``cpu``, also under --cfg job (the node defaults to {})."""
+    for caps, shown in (("{0: 70GiB, 1: 70GiB}", ["0: 70GiB", "1: 70GiB"]), ("{cpu: 8MB}", ["cpu: 8MB"])):
+        result = run_shadow(f"+criterion=plainact model.device_map=auto model.max_memory={caps.replace(' ', '')} "
+                            "--cfg job", tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert all(line in result.stdout for line in shown)
+    assert "max_memory: null" in run_shadow("+criterion=plainact --cfg job", tmp_path).stdout
+
+
+
+def test_a_disk_offloaded_model_gives_the_resident_models_results(compose_cfg, tmp_path):
+    """accelerate keeps offloaded layers' weights on ``meta`` outside their forward: scoring, predicted masks and
+    evaluation must follow the activations, not the weights."""
+    from shadow.models import load_model
+    from shadow.run import run
+
+    fast = ["logger=none", "calibration.limit=16", "predictor.head_epochs=2",
+            "predictor.neuron_epochs=1", "eval.limit=2", "eval.protocols=[token]", "sparsity=0.5"]
+    resident = run(compose_cfg("+criterion=plainact", *fast, f"cache_dir={tmp_path / 'a'}"), tmp_path / "resident")
+    offload = [f"cache_dir={tmp_path / 'b'}", "model.device_map=auto", "model.max_memory={cpu: 8MB}",
+               f"model.offload_folder={tmp_path / 'offload'}"]
+    cfg = compose_cfg("+criterion=plainact", *fast, *offload)
+    offloaded = run(cfg, tmp_path / "offloaded")
+    model, _ = load_model(cfg.model, cfg.device)
+    assert "disk" in set(model.hf_device_map.values())  # most of opt-mini's 28 MB is on disk
+    assert offloaded["token_perplexity"] == pytest.approx(resident["token_perplexity"], rel=1e-5)
+    assert offloaded["achieved_neuron_sparsity"] == pytest.approx(0.5)
+    weights = compose_cfg("+criterion=weight_magnitude", *fast, *offload)
+    with pytest.raises(ConfigError, match="criterion=weight_magnitude .* reads layer weights, which accelerate keeps"):
+        run(weights, tmp_path / "weights")

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from shadow.data import pad
 from shadow.masking import apply_masks
+from shadow.models import input_device
 from shadow.policy import Masks, SparsityMeter
 
 
@@ -68,7 +69,8 @@ def score(model: nn.Module, requests: list[Request], mask_fn: MaskFn, batch_size
         ids, attention = pad(inputs, pad_id)
         masks = mask_fn(chunk)
         with apply_masks(model, masks):
-            logits = model(input_ids=ids.to(model.device), attention_mask=attention.to(model.device)).logits
+            device = input_device(model)
+            logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
         logprobs = logits.float().log_softmax(-1).cpu()
         for i, r in zip(order[start:start + batch_size], range(len(chunk)), strict=True):
             n, req = len(inputs[r]), chunk[r]
