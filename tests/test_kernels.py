@@ -75,6 +75,36 @@ def test_compiled_and_torch_kernels_agree_at_model_size():
     torch.testing.assert_close(columns[0], columns[1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_torch_kernels_in_half_precision_equal_the_dense_products(dtype):
+    """sampled_addmm has no half kernel: the half path must give the dense half products, entry for entry,
+    touching nothing else, with ragged catch-up ranges and an empty index."""
+    gen = torch.Generator().manual_seed(9)
+    weight, bias = torch.randn(40, 37, generator=gen).to(dtype), torch.randn(40, generator=gen).to(dtype)
+    inputs = torch.randn(9, 37, generator=gen).to(dtype)
+    index, first, last = torch.tensor([0, 3, 4, 17, 39]), torch.tensor([0, 5, 8, 9, 2]), 8
+    out = torch.full((40, 9), float("nan"), dtype=dtype)
+    TorchGather.rows_into(out, weight, bias, index, inputs, first, last)
+    dense = torch.nn.functional.linear(inputs, weight, bias).t()
+    asked = torch.zeros(40, 9, dtype=torch.bool)
+    for row, start in zip(index.tolist(), first.tolist(), strict=True):
+        asked[row, start:last + 1] = True
+    torch.testing.assert_close(out[asked], dense[asked])
+    assert out[~asked].isnan().all()
+    TorchGather.rows_into(out, weight, bias, index[:0], inputs, first[:0], last)  # nothing kept: nothing written
+    assert out[~asked].isnan().all()
+    torch.testing.assert_close(TorchGather.rows(weight, bias, index, inputs[0]), dense[index, 0])
+    y = torch.randn(40, generator=gen).to(dtype)
+    masked = torch.nn.functional.linear(y * torch.zeros(40, dtype=dtype).index_fill_(0, index, 1), weight.t())
+    torch.testing.assert_close(TorchGather.columns(weight, None, index, y[index]), masked, rtol=2e-2, atol=2e-2)
+    keys, values = torch.randn(6 * 8, 11, generator=gen).to(dtype), torch.randn(6 * 8, 11, generator=gen).to(dtype)
+    query = torch.randn(2 * 8, generator=gen).to(dtype)
+    want = TorchGather.attend(query.float(), keys.float(), values.float(), torch.tensor([1, 5]), 8, 7)
+    got = TorchGather.attend(query, keys, values, torch.tensor([1, 5]), 8, 7)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
 def test_other_dtypes_and_the_switch_use_torch_kernels(monkeypatch):
     assert kernels.backend(torch.zeros(2, dtype=torch.float64)) is TorchGather
     assert kernels.backend(torch.zeros(2)) is kernels.native()

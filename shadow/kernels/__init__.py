@@ -6,7 +6,8 @@ Two backends with one meaning, checked against each other by the tests:
   cached under ``$TORCH_EXTENSIONS_DIR``), for float32 on the CPU;
 - ``TorchGather``, torch's own sparse kernels (``sampled_addmm`` computes just the wanted entries of a product,
   ``embedding_bag`` sums just the wanted rows), for other devices and dtypes, when the extension cannot be built
-  (a warning says why) and when ``SHADOW_GATHER=torch``.
+  (a warning says why) and when ``SHADOW_GATHER=torch``. ``sampled_addmm`` has no float16/bfloat16 kernel, so in
+  half precision the kept rows are gathered and multiplied (correct, not yet fast).
 """
 
 from __future__ import annotations
@@ -35,7 +36,11 @@ class TorchGather:
     def rows_into(out: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, inputs: Tensor, first: Tensor,
                   last: int) -> None:
         """``out[index[i], p] = weight[index[i]] · inputs[p] + bias[index[i]]`` for p in [first[i], last]; ``index``
-        sorted. Computes only those entries: a CSR pattern of them, filled by ``sampled_addmm``."""
+        sorted. Computes only those entries: a CSR pattern of them, filled by ``sampled_addmm``; in half precision,
+        which ``sampled_addmm`` lacks, the kept rows' products over the positions from the earliest first."""
+        if weight.dtype in (torch.float16, torch.bfloat16):
+            TorchGather._rows_into_span(out, weight, bias, index, inputs, first, last)
+            return
         counts = (last + 1 - first.clamp(min=0)).clamp(min=0)
         crow = torch.zeros(out.shape[0] + 1, dtype=torch.long, device=out.device)
         crow[index + 1] = counts
@@ -47,6 +52,18 @@ class TorchGather:
         values = bias[row] if bias is not None else out.new_zeros(total)
         pattern = torch.sparse_csr_tensor(crow.cumsum(0), position, values, size=out.shape, check_invariants=False)
         out[row, position] = torch.sparse.sampled_addmm(pattern, weight, inputs[:out.shape[1]].t()).values()
+
+    @staticmethod
+    def _rows_into_span(out: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, inputs: Tensor,
+                        first: Tensor, last: int) -> None:
+        first = first.clamp(min=0)
+        start = int(first.min()) if len(index) else last + 1
+        if start > last:
+            return
+        products = nn.functional.linear(inputs[start:last + 1], weight[index],
+                                        None if bias is None else bias[index]).t()  # (kept, span)
+        wanted = torch.arange(start, last + 1, device=out.device)[None] >= first[:, None]
+        out[index, start:last + 1] = torch.where(wanted, products, out[index, start:last + 1])
 
     @staticmethod
     def rows(weight: Tensor, bias: Tensor | None, index: Tensor, x: Tensor) -> Tensor:
