@@ -3,9 +3,13 @@ token (greedy decoding with a predictor in the loop, each step's logits against 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
-from conftest import CONF_DIR, make_tiny_opt
+from conftest import CONF_DIR, ROOT, make_tiny_opt
 from hydra import compose, initialize_config_dir
 
 from shadow import kernels
@@ -181,6 +185,26 @@ def test_latency_benchmark_writes_its_table(tmp_path):
     assert all(r["predictor_share"] > 0 for r in rows if r["method"] in ("shadow", "dejavu"))
     assert (tmp_path / "latency.csv").read_text().splitlines()[0] == ",".join(COLUMNS)
     assert (tmp_path / "latency.md").read_text().count("\n| ") == len(rows) + 1
+
+
+BUILD_PEAK = """
+import resource, torch, transformers
+from shadow.benchmarks.latency import build
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+model = build("opt-350m", "cpu", torch.bfloat16)
+peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+print(peak, {p.dtype for p in model.parameters()}, sum(p.numel() for p in model.parameters()))
+"""
+
+
+def test_latency_benchmark_builds_in_the_target_dtype_without_a_float32_copy():
+    """Its peak memory stays below what the weights take in float32 (OPT-30B in fp16 fits an 80 GB card)."""
+    result = subprocess.run([sys.executable, "-c", BUILD_PEAK], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    peak, rest = result.stdout.split(maxsplit=1)
+    dtypes, params = rest.rsplit(maxsplit=1)
+    assert dtypes == "{torch.bfloat16}"
+    assert int(peak) < 4 * int(params)  # a float32 build, even freed at once, would peak above this
 
 
 def test_per_token_decoding_leaves_the_model_as_it_found_it(tiny_opt, tmp_path):
