@@ -71,11 +71,10 @@ def score(model: nn.Module, requests: list[Request], mask_fn: MaskFn, batch_size
         with apply_masks(model, masks):
             device = input_device(model)
             logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
-        logprobs = logits.float().log_softmax(-1).cpu()
         for i, r in zip(order[start:start + batch_size], range(len(chunk)), strict=True):
             n, req = len(inputs[r]), chunk[r]
-            rows = logprobs[r, n - req.n_targets:n]
-            targets = torch.tensor(req.tokens[-req.n_targets:])
+            rows = logits[r, n - req.n_targets:n].float().log_softmax(-1)  # on the device: only two numbers leave it
+            targets = torch.tensor(req.tokens[-req.n_targets:], device=rows.device)
             nll[i] = -rows.gather(1, targets[:, None]).sum().item()
             greedy[i] = bool((rows.argmax(-1) == targets).all())
         if masks is not None:
