@@ -8,7 +8,7 @@
 
 Each window is one request with one mask. The mask is predicted from the text up to and including the token
 that precedes the window's first scored token, at most one window of it: the predictor never sees a token it
-is scored on.
+is scored on (``eval.mask_from=scored`` reproduces the reference code's leak instead, for comparison).
 """
 
 from __future__ import annotations
