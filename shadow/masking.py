@@ -35,9 +35,9 @@ def _neuron_hook(keep: Tensor):
 
 
 def _like(keep: Tensor, x: Tensor) -> Tensor:
-    """The mask on the activation's device and in its dtype: a layer's weights may be elsewhere (offloaded to the
-    CPU or disk by accelerate, on ``meta`` until its forward), its activations never are."""
-    return keep.to(device=x.device, dtype=x.dtype)
+    """The mask on the activation's device (a no-op once there): a layer's weights may be elsewhere (offloaded to
+    the CPU or disk by accelerate, on ``meta`` until its forward), its activations never are."""
+    return keep.to(x.device)
 
 
 @contextmanager
@@ -51,6 +51,7 @@ def apply_masks(model: nn.Module, masks: Masks | None) -> Iterator[None]:
                 heads, neurons = masks.heads[..., index, :], masks.neurons[..., index, :]
                 if heads.dim() == 2:  # per request: the same mask at every position
                     heads, neurons = heads[:, None], neurons[:, None]
+                heads, neurons = heads.to(model.dtype), neurons.to(model.dtype)  # once, not at every forward
                 handles.append(attn.register_forward_pre_hook(_head_hook(heads)))
                 handles.append(fc2.register_forward_pre_hook(_neuron_hook(neurons)))
         yield
