@@ -3,7 +3,8 @@
 A masked head's slice of the attention output is zeroed before ``out_proj``, which is exactly what deleting
 that head's ``out_proj`` columns does; a masked neuron's ReLU output is zeroed before ``fc2``, exactly what
 deleting its ``fc2`` column does. Both reach the output. Each example of a batch has its own mask, for all its
-positions (per request) or one per position (per token).
+positions (per request) or one per position (per token). Float masks are gates (GraSP differentiates through
+them): they keep their dtype, and their product is cast back to the activation's.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def _head_hook(keep: Tensor):
     def hook(module: nn.Module, args: tuple) -> tuple:
         x = args[0]
         B, T, E = x.shape
-        return ((x.view(B, T, keep.shape[-1], -1) * _like(keep, x)[..., None]).view(B, T, E),)
+        return ((x.view(B, T, keep.shape[-1], -1) * _like(keep, x)[..., None]).view(B, T, E).to(x.dtype),)
     return hook
 
 
@@ -30,7 +31,7 @@ def _neuron_hook(keep: Tensor):
     """keep: (B, 1, F) per request or (B, T, F) per token. fc2's input is flattened to (B·T, F)."""
     def hook(module: nn.Module, args: tuple) -> tuple:
         x = args[0]
-        return ((x.view(keep.shape[0], -1, x.shape[-1]) * _like(keep, x)).view(x.shape),)
+        return ((x.view(keep.shape[0], -1, x.shape[-1]) * _like(keep, x)).view(x.shape).to(x.dtype),)
     return hook
 
 
@@ -51,7 +52,8 @@ def apply_masks(model: nn.Module, masks: Masks | None) -> Iterator[None]:
                 heads, neurons = masks.heads[..., index, :], masks.neurons[..., index, :]
                 if heads.dim() == 2:  # per request: the same mask at every position
                     heads, neurons = heads[:, None], neurons[:, None]
-                heads, neurons = heads.to(model.dtype), neurons.to(model.dtype)  # once, not at every forward
+                if not heads.is_floating_point():  # boolean masks: cast once, not at every forward; float
+                    heads, neurons = heads.to(model.dtype), neurons.to(model.dtype)  # gates keep their dtype
                 handles.append(attn.register_forward_pre_hook(_head_hook(heads)))
                 handles.append(fc2.register_forward_pre_hook(_neuron_hook(neurons)))
         yield

@@ -6,6 +6,8 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,6 +156,19 @@ def input_device(model: nn.Module) -> torch.device:
     """Where to put the model's inputs: its device, or the CPU when accelerate offloaded it (the weights then sit
     on ``meta`` between forwards, and accelerate's hooks move inputs to each layer's execution device)."""
     return model.device if model.device.type != "meta" else torch.device("cpu")
+
+
+@contextmanager
+def resident(module: nn.Module) -> Iterator[None]:
+    """The module's weights on its execution device inside the block, those accelerate offloaded to the CPU or disk
+    included (on ``meta`` outside their forward): for code that reads weights rather than calling the module."""
+    from accelerate.utils import align_module_device, has_offloaded_params
+
+    with ExitStack() as stack:
+        for part in module.modules():
+            if has_offloaded_params(part):
+                stack.enter_context(align_module_device(part))
+        yield
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -156,10 +156,6 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
     with Tracker(cfg, output_dir, group=group, name=job_name or output_dir.name) as tracker:
         with stage("load"):
             model, _ = load_model(cfg.model, cfg.device)
-        if "weights" in criterion.needs and any(p.device.type == "meta" for p in model.parameters()):
-            raise ConfigError(f"criterion={cfg.criterion.name} (variant {cfg.criterion.variant}) reads layer weights, "
-                              "which accelerate keeps on meta for offloaded layers; raise model.max_memory so the "
-                              "model stays resident, or use another criterion")
         masks, report = mask_source(cfg, model, model_id, examples, criterion, shape, policy, pad_id(tokenizer))
         extra = {}
         with stage("evaluate"):

@@ -338,3 +338,74 @@ def test_random_control_follows_the_seed(model, examples):
     one = score_batch(model, batch, get_criterion("random"), shape, torch.Generator().manual_seed(1))[1]
     two = score_batch(model, batch, get_criterion("random"), shape, torch.Generator().manual_seed(2))[1]
     assert not torch.equal(one, two) and one.min() >= 0 and one.max() < 1
+
+
+ALL_CASES = [(name, variant) for name in sorted(CRITERIA) for variant in CRITERIA[name] if name != "random"]
+HALF_AGREEMENT = {"epenas": 0.85}  # log(|corr| + 1e-5) is ruled by near-zero correlations: rounding opt-mini's
+# weights to bfloat16 alone, computing in float32, moves its per-layer ranking to ρ = 0.92
+
+
+@pytest.fixture(scope="module")
+def opt_mini_batch(tokenizer):
+    from shadow.config import CalibrationConfig
+    from shadow.data import load_calibration
+
+    return collate(load_calibration(CalibrationConfig(limit=4), tokenizer, 512)[:4], 1)
+
+
+@pytest.fixture(scope="module")
+def opt_mini_in():
+    from transformers import AutoModelForCausalLM
+
+    from shadow.opt_mini import MODEL_DIR
+
+    return {dtype: AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=dtype).eval()
+            for dtype in (torch.float32, torch.bfloat16, torch.float16)}
+
+
+def per_layer_agreement(half: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """(L,) Spearman ρ of each layer's units, averaged over examples; a layer whose float32 scores are all equal
+    (nothing to rank) agrees when the half scores are equal too."""
+    from shadow.predictors import spearman
+
+    B, L, U = full.shape
+    rho = spearman(half.reshape(B * L, U), full.reshape(B * L, U)).view(B, L)
+    flat = (full == full[..., :1]).all(-1)
+    rho = torch.where(flat, (half == half[..., :1]).all(-1).float(), rho)
+    return rho.mean(0)
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bfloat16"),
+                                   pytest.param(torch.float16, id="float16", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name,variant", ALL_CASES)
+def test_half_precision_ranks_units_as_float32(opt_mini_in, opt_mini_batch, name, variant, dtype):
+    """Every criterion on opt-mini in bfloat16 and float16 ranks each layer's units as float32 does (scores are
+    accumulated in float32; float16 gradients are loss-scaled, GraSP's gates are float32)."""
+    criterion = get_criterion(name, variant)
+    shape = Shape.of(opt_mini_in[torch.float32].config)
+    _, full_heads, full_neurons = score_batch(opt_mini_in[torch.float32], opt_mini_batch, criterion, shape)
+    _, heads, neurons = score_batch(opt_mini_in[dtype], opt_mini_batch, criterion, shape)
+    assert heads.dtype == neurons.dtype == torch.float32 and heads.isfinite().all()
+    floor = HALF_AGREEMENT.get(name, 0.95)
+    assert per_layer_agreement(heads, full_heads).mean() >= floor
+    if not criterion.heads_only:
+        assert per_layer_agreement(neurons, full_neurons).mean() >= floor
+
+
+def test_float16_loss_scaling_recovers_underflowing_gradients():
+    """Gradients below float16's smallest subnormal (6e-8) are lost without loss scaling, kept with it; an overflow
+    reruns the pass at a smaller scale."""
+    from shadow.traces import LossScaling
+
+    grad = torch.full((4,), 1e-8)
+    assert LossScaling(torch.float32).unscale(grad.half()).eq(0).all()  # an unscaled float16 backward's gradient
+    scaling = LossScaling(torch.float16)
+    for scale in scaling:
+        kept = scaling.unscale((grad * scale).half())
+    assert scale == 2.0 ** 16 and kept.dtype == torch.float32
+    assert kept == pytest.approx(grad, rel=1e-3)
+    scales = []
+    for scale in scaling:  # the first pass overflows
+        scales.append(scale)
+        scaling.unscale(torch.full((4,), float("inf") if len(scales) == 1 else 1.0).half())
+    assert scales == [2.0 ** 16, 2.0 ** 8]
