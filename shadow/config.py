@@ -69,6 +69,7 @@ class PredictorConfig:
     lr: float = 1e-3
     weight_decay: float = 0.01
     target_norm: str = "per_layer"  # per_layer (the paper's b1eL) or global (b1e)
+    device: str | None = None  # where predictors train and run; None: the model's (its first layer's) device
 
 
 @dataclass
@@ -235,11 +236,10 @@ def validate(cfg: DictConfig | Config) -> None:
     _choice("compat", cfg.compat, COMPAT)
     import torch
 
-    if str(cfg.device).startswith("cuda"):
-        index = int(cfg.device.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise ConfigError(f"device={cfg.device} but {torch.cuda.device_count()} CUDA devices are visible; use "
-                              f"device={'cuda:0' if torch.cuda.is_available() else 'cpu'}")
+    for key, device in (("device", cfg.device), ("predictor.device", cfg.predictor.get("device"))):
+        if str(device).startswith("cuda") and int(device.partition(":")[2] or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"{key}={device} but {torch.cuda.device_count()} CUDA devices are visible; use "
+                              f"{key}={'cuda:0' if torch.cuda.is_available() else 'cpu'}")
     on_cpu = cfg.device == "cpu" if cfg.model.device_map is None else not torch.cuda.is_available()
     if on_cpu and cfg.model.dtype == "float16":
         raise ConfigError("model.dtype='float16' is slow and inexact on the CPU; use model.dtype=float32 or "

@@ -158,6 +158,13 @@ def input_device(model: nn.Module) -> torch.device:
     return model.device if model.device.type != "meta" else torch.device("cpu")
 
 
+def offloaded(module: nn.Module) -> bool:
+    """Whether accelerate offloaded some of the module's weights (they sit on ``meta`` outside its forward)."""
+    from accelerate.utils import has_offloaded_params
+
+    return any(has_offloaded_params(part) for part in module.modules())
+
+
 @contextmanager
 def resident(module: nn.Module) -> Iterator[None]:
     """The module's weights on its execution device inside the block, those accelerate offloaded to the CPU or disk

@@ -35,7 +35,7 @@ from shadow.criteria import Criterion
 from shadow.data import Example, collate, pad
 from shadow.models import Shape
 from shadow.policy import Masks, Policy
-from shadow.traces import layer_features, score_batch
+from shadow.traces import TraceShards, layer_features, score_batch
 
 log = logging.getLogger(__name__)
 EPS = 1e-12
@@ -57,11 +57,16 @@ def normalise_targets(scores: Tensor, how: str) -> Tensor:
     return minmax(scores, (2,) if how == "per_layer" else (1, 2))
 
 
-def static_importance(traces: dict[str, Tensor], how: str = "per_layer") -> tuple[Tensor, Tensor]:
+def static_importance(traces: TraceShards, how: str = "per_layer") -> tuple[Tensor, Tensor]:
     """One (L, H) head and (L, F) neuron importance for every input: the mean over calibration examples of each
-    example's normalised scores, so that no example (a long one, a task with long answers) outweighs another."""
-    return (normalise_targets(traces["heads"].float(), how).mean(0),
-            normalise_targets(traces["neurons"].float(), how).mean(0))
+    example's normalised scores, so that no example (a long one, a task with long answers) outweighs another.
+    Read one shard at a time."""
+    sums = [torch.zeros(traces.shape(kind)) for kind in ("heads", "neurons")]
+    for index in range(len(traces.sizes)):
+        shard = traces.read(index, ["heads", "neurons"])
+        for total, kind in zip(sums, ("heads", "neurons"), strict=True):
+            total += normalise_targets(shard[kind].float(), how).sum(0)
+    return sums[0] / len(traces), sums[1] / len(traces)
 
 
 Groups = tuple[tuple[int, tuple[int, ...]], ...]  # (feature layer, the layers it predicts), one per network
@@ -90,6 +95,10 @@ class Predictor(nn.Module):
         self.heads = nn.ModuleList(network(arch, hidden_size, head_hidden, len(t) * shape.heads) for _, t in groups)
         self.neurons = nn.ModuleList() if heads_only else nn.ModuleList(  # head-only criteria score no neuron
             network(arch, hidden_size, neuron_hidden, len(t) * shape.neurons) for _, t in groups)
+
+    @property
+    def device(self) -> torch.device:
+        return self.heads[0][0].weight.device
 
     def inputs(self, features: Tensor, group: int) -> Tensor:
         """The group's normalised input from (..., len(feature_layers), E) features."""
@@ -141,16 +150,22 @@ def top_recall(pred: Tensor, target: Tensor, keep: float = 0.5) -> Tensor:
     return hit.gather(1, target.topk(k, dim=1).indices).float().mean(1)
 
 
-def quality(pred: Tensor, target: Tensor) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """Held-out quality of (N, L, U) predictions: Spearman ρ and top-50% recall over all units (the global
-    ranking) and within each layer (the local ranking), averaged over examples."""
+def per_example_quality(pred: Tensor, target: Tensor) -> dict[str, Tensor]:
+    """Spearman ρ and top-50% recall of (N, L, U) predictions per example: over all units (the global ranking,
+    (N,)) and within each layer (the local ranking, (N, L)), and the squared error summed per example."""
     N, L, U = pred.shape
     per_layer = pred.reshape(N * L, U), target.reshape(N * L, U)
-    overall = {"val_spearman": spearman(pred.flatten(1), target.flatten(1)).mean().item(),
-               "val_recall50": top_recall(pred.flatten(1), target.flatten(1)).mean().item()}
-    layers = {"val_spearman": spearman(*per_layer).view(N, L).mean(0).tolist(),
-              "val_recall50": top_recall(*per_layer).view(N, L).mean(0).tolist()}
-    return overall, layers
+    return {"val_spearman": spearman(pred.flatten(1), target.flatten(1)),
+            "val_recall50": top_recall(pred.flatten(1), target.flatten(1)),
+            "layer_val_spearman": spearman(*per_layer).view(N, L), "layer_val_recall50": top_recall(*per_layer).view(N, L),
+            "squared_error": (pred - target).pow(2).flatten(1).sum(1)}
+
+
+def quality(pred: Tensor, target: Tensor) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Held-out quality of (N, L, U) predictions, averaged over examples (see ``per_example_quality``)."""
+    values = per_example_quality(pred, target)
+    return ({k: values[k].mean().item() for k in ("val_spearman", "val_recall50")},
+            {k: values[f"layer_{k}"].mean(0).tolist() for k in ("val_spearman", "val_recall50")})
 
 
 def split_by_document(documents: Sequence[str], val_fraction: float, seed: int) -> tuple[Tensor, Tensor, int]:
@@ -174,55 +189,104 @@ def split_by_document(documents: Sequence[str], val_fraction: float, seed: int) 
     return train, val, len(held)
 
 
-def train_network(net: nn.Module, x: Tensor, y: Tensor, epochs: int, batch_size: int, lr: float,
-                  weight_decay: float, seed: int, desc: str) -> None:
-    """MSE regression of targets y (N, K) on inputs x (N, E): AdamW, cosine schedule, seeded shuffles."""
-    steps = epochs * math.ceil(len(x) / batch_size)
+class _Shards:
+    """One kind's training data, a shard at a time on the training device: the raw features of the predictor's
+    feature layers (n, len(feature_layers), E) and the normalised targets (n, L, U). The last shard read is kept, so
+    a calibration set of one shard is read once."""
+
+    def __init__(self, traces: TraceShards, kind: str, feature_layers: list[int], target_norm: str,
+                 device: torch.device):
+        self.traces, self.kind, self.layers, self.norm, self.device = traces, kind, feature_layers, target_norm, device
+        self.last: tuple[int, Tensor, Tensor] | None = None
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        if self.last is None or self.last[0] != index:
+            self.last = None  # free the previous shard before reading the next
+            shard = self.traces.read(index, ["features", self.kind])
+            self.last = (index, shard["features"][:, self.layers].to(self.device),
+                         normalise_targets(shard[self.kind].to(self.device).float(), self.norm))
+        return self.last[1], self.last[2]
+
+    def rows(self, index: int, examples: Tensor) -> Tensor:
+        """Of the global example indices ``examples``, those in shard ``index``, as rows of it."""
+        start = self.traces.offsets[index]
+        inside = examples[(examples >= start) & (examples < start + self.traces.sizes[index])]
+        return inside - start
+
+
+def train_network(net: nn.Module, data: _Shards, group: int, predictor: Predictor, train: Tensor, epochs: int,
+                  batch_size: int, lr: float, weight_decay: float, seed: int, desc: str) -> None:
+    """MSE regression of a group's targets on its inputs over the ``train`` examples: AdamW, cosine schedule,
+    seeded shuffles of the shards' order and of each shard's rows."""
+    shards = range(len(data.traces.sizes))
+    rows = [data.rows(i, train) for i in shards]
+    targets = list(predictor.groups[group][1])
+    steps = epochs * sum(math.ceil(len(r) / batch_size) for r in rows)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
     gen = torch.Generator().manual_seed(seed)
     net.train()
     for _ in tqdm(range(epochs), desc=desc, unit="epoch"):
-        for idx in torch.randperm(len(x), generator=gen).split(batch_size):
-            loss = nn.functional.mse_loss(net(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            schedule.step()
+        order = torch.randperm(len(shards), generator=gen).tolist() if len(shards) > 1 else [0]
+        for index in order:
+            features, y = data[index]
+            for idx in rows[index][torch.randperm(len(rows[index]), generator=gen)].split(batch_size):
+                idx = idx.to(data.device)
+                loss = nn.functional.mse_loss(net(predictor.inputs(features[idx], group)), y[idx][:, targets].flatten(1))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                schedule.step()
     net.eval()
 
 
-def fit_predictor(traces: dict[str, Tensor], documents: Sequence[str], shape: Shape, cfg: PredictorConfig,
-                  seed: int, heads_only: bool = False) -> tuple[Predictor, dict]:
-    """Train the configured placement on the traces; report held-out quality overall and per layer. Examples
-    are held out by ``documents`` (one per example); ``heads_only``: no neuron networks (nothing to predict)."""
+@torch.no_grad()
+def evaluate_held_out(data: _Shards, nets: nn.ModuleList, predictor: Predictor, val: Tensor) -> dict[str, Tensor]:
+    """``per_example_quality`` summed over the held-out examples, a shard at a time."""
+    sums: dict[str, Tensor] = {}
+    for index in range(len(data.traces.sizes)):
+        rows = data.rows(index, val).to(data.device)
+        if not len(rows):
+            continue
+        features, y = data[index]
+        pred = torch.zeros_like(y[rows])
+        for g, (_, targets) in enumerate(predictor.groups):
+            pred[:, list(targets)] = nets[g](predictor.inputs(features[rows], g)).view(len(rows), len(targets), -1)
+        for key, value in per_example_quality(pred, y[rows]).items():
+            sums[key] = sums.get(key, 0) + value.sum(0)
+    return sums
+
+
+def fit_predictor(traces: TraceShards, documents: Sequence[str], shape: Shape, cfg: PredictorConfig,
+                  seed: int, heads_only: bool = False, device: torch.device | str = "cpu") -> tuple[Predictor, dict]:
+    """Train the configured placement on ``device``, streaming the traces a shard at a time; report held-out
+    quality overall and per layer. Examples are held out by ``documents`` (one per example); ``heads_only``: no
+    neuron networks (nothing to predict)."""
     torch.manual_seed(seed)
-    features = traces["features"]  # (N, L, E): every layer's attention output at the last context token
+    device = torch.device(device)
     groups = placement_groups(cfg.name, shape.layers, cfg.layer, cfg.lookahead)
-    predictor = Predictor(shape, features.shape[-1], groups, cfg.arch, cfg.head_hidden, cfg.neuron_hidden,
-                          heads_only)
-    inputs = features[:, predictor.feature_layers]
+    predictor = Predictor(shape, traces.shape("features")[-1], groups, cfg.arch, cfg.head_hidden, cfg.neuron_hidden,
+                          heads_only).to(device)
     kinds = [("heads", predictor.heads, cfg.head_epochs, cfg.head_batch_size, cfg.head_val_fraction)]
     if not heads_only:
         kinds.append(("neurons", predictor.neurons, cfg.neuron_epochs, cfg.neuron_batch_size, cfg.neuron_val_fraction))
     metrics, per_layer = {}, {}
     for kind, nets, epochs, batch_size, val_fraction in kinds:
-        y = normalise_targets(traces[kind].float(), cfg.target_norm)
+        data = _Shards(traces, kind, predictor.feature_layers, cfg.target_norm, device)
         train, val, held_documents = split_by_document(documents, val_fraction, seed)
-        pred = torch.zeros_like(y[val])
         for g, (_, targets) in enumerate(groups):
-            x = predictor.inputs(inputs, g)
             where = f" layer {targets[0]}" if len(groups) > 1 else ""
-            train_network(nets[g], x[train], y[train][:, list(targets)].flatten(1), epochs, batch_size, cfg.lr,
-                          cfg.weight_decay, seed, f"predictor ({kind}{where})")
-            with torch.no_grad():
-                pred[:, list(targets)] = nets[g](x[val]).view(len(val), len(targets), -1)
-        overall, layers = quality(pred, y[val])
-        metrics.update({f"predictor/{kind}_val_mse": nn.functional.mse_loss(pred, y[val]).item(),
-                        **{f"predictor/{kind}_{k}": v for k, v in overall.items()},
+            train_network(nets[g], data, g, predictor, train, epochs, batch_size, cfg.lr, cfg.weight_decay, seed,
+                          f"predictor ({kind}{where})")
+        sums = evaluate_held_out(data, nets, predictor, val)
+        units = shape.layers * (shape.heads if kind == "heads" else shape.neurons)
+        metrics.update({f"predictor/{kind}_val_mse": sums["squared_error"].item() / (len(val) * units),
+                        **{f"predictor/{kind}_{k}": sums[k].item() / len(val) for k in ("val_spearman",
+                                                                                         "val_recall50")},
                         f"predictor/{kind}_val_examples": len(val),
                         f"predictor/{kind}_val_documents": held_documents})
-        per_layer.update({f"{kind}_{k}": v for k, v in layers.items()})
+        per_layer.update({f"{kind}_{k}": (sums[f"layer_{k}"] / len(val)).tolist()
+                          for k in ("val_spearman", "val_recall50")})
     log.info("predictor: held-out Spearman ρ (%d unseen documents) %s", metrics["predictor/heads_val_documents"],
              ", ".join(f"{kind} {metrics[f'predictor/{kind}_val_spearman']:.3f}" for kind, *_ in kinds))
     return predictor.eval(), {"metrics": metrics, "per_layer": per_layer}
@@ -249,7 +313,7 @@ class PredictedMasks:
             ids, attention = pad([r.prompt for r in requests], self.pad_id)
             positions = attention.sum(1) - 1
         features = layer_features(self.model, ids, attention, positions, self.predictor.feature_layers)
-        return self.policy.select(*self.predictor(features))
+        return self.policy.select(*self.predictor(features.to(self.predictor.device)))
 
 
 class StaticMasks:

@@ -25,7 +25,16 @@ from shadow.data import fingerprint as examples_fingerprint
 from shadow.evaluate.perplexity import evaluate_perplexity, load_eval_data
 from shadow.evaluate.requests import MaskFn
 from shadow.evaluate.tasks import check_tasks, evaluate_tasks
-from shadow.models import Shape, check_memory, check_opt, fingerprint, load_model, load_tokenizer, pad_id
+from shadow.models import (
+    Shape,
+    check_memory,
+    check_opt,
+    fingerprint,
+    input_device,
+    load_model,
+    load_tokenizer,
+    pad_id,
+)
 from shadow.policy import Policy
 from shadow.predictors import (
     OracleMasks,
@@ -37,7 +46,7 @@ from shadow.predictors import (
     save_predictor,
     static_importance,
 )
-from shadow.traces import compute_traces, load_traces
+from shadow.traces import TraceShards, compute_traces
 from shadow.tracking import Tracker, flat_config, write_results
 
 log = logging.getLogger(__name__)
@@ -77,20 +86,23 @@ def mask_source(cfg: DictConfig, model, model_id: dict, examples: list[Example],
         traces_dir, _ = cached(cfg.cache_dir, "traces", trace_inputs, lambda out: {"shards": compute_traces(
             model, examples, criterion, shape, cfg.calibration.batch_size, padding, out, cfg.seed)})
     if name == "static":
-        return StaticMasks(*static_importance(load_traces(traces_dir), cfg.predictor.target_norm), policy), NO_REPORT
-    training = {k: v for k, v in OmegaConf.to_container(cfg.predictor).items() if k != "granularity"}
+        return StaticMasks(*static_importance(TraceShards.load(traces_dir), cfg.predictor.target_norm),
+                           policy), NO_REPORT
+    device = torch.device(cfg.predictor.device) if cfg.predictor.device else input_device(model)
+    training = {**{k: v for k, v in OmegaConf.to_container(cfg.predictor).items() if k != "granularity"},
+                "device": device.type}  # training on another kind of device gives other weights
     documents = [e.document for e in examples]
     predictor_inputs = {"traces": cache_key(trace_inputs), "predictor": training, "seed": cfg.seed,
                         "documents": cache_key({"documents": documents})}
 
     def train(out: Path) -> dict:
-        predictor, report = fit_predictor(load_traces(traces_dir), documents, shape, cfg.predictor, cfg.seed,
-                                          criterion.heads_only)
+        predictor, report = fit_predictor(TraceShards.load(traces_dir), documents, shape, cfg.predictor, cfg.seed,
+                                          criterion.heads_only, device)
         return {**save_predictor(predictor, out), **report}
 
     with stage("predictor"):
         predictor_dir, predictor_meta = cached(cfg.cache_dir, "predictor", predictor_inputs, train)
-    predictor = load_predictor(predictor_dir, predictor_meta)
+    predictor = load_predictor(predictor_dir, predictor_meta).to(device)
     return (PredictedMasks(model, predictor, policy, padding, cfg.predictor.granularity),
             {"metrics": predictor_meta["metrics"], "per_layer": predictor_meta["per_layer"]})
 

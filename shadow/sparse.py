@@ -14,14 +14,14 @@ dense product.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
 from shadow import kernels
-from shadow.models import decoder_layers
+from shadow.models import decoder_layers, input_device, offloaded, resident
 from shadow.policy import Masks, Policy
 from shadow.predictors import Predictor
 
@@ -56,18 +56,20 @@ def pruned(model: nn.Module, masks: Masks) -> Iterator[None]:
             attn = layer.self_attn
             saved.append((layer, attn, attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, attn.num_heads,
                           layer.fc1, layer.fc2))
-            device = attn.q_proj.weight.device
-            heads = masks.heads[0, index].nonzero().flatten().to(device)
-            empty = len(heads) == 0  # keep one head whose output is zeroed: the KV cache keeps its layout
-            heads = heads if not empty else torch.zeros(1, dtype=torch.long, device=device)
-            dims = (heads[:, None] * attn.head_dim + torch.arange(attn.head_dim, device=device)).flatten()
-            attn.q_proj, attn.k_proj, attn.v_proj = (_rows(m, dims) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
-            attn.out_proj = _columns(attn.out_proj, dims)
-            if empty:
-                attn.out_proj.weight.data.zero_()
-            attn.num_heads = len(heads)
-            neurons = masks.neurons[0, index].nonzero().flatten().to(layer.fc1.weight.device)
-            layer.fc1, layer.fc2 = _rows(layer.fc1, neurons), _columns(layer.fc2, neurons)
+            with resident(layer):  # the copies live on the layer's execution device, offloaded or not
+                device = attn.q_proj.weight.device
+                heads = masks.heads[0, index].nonzero().flatten().to(device)
+                empty = len(heads) == 0  # keep one head whose output is zeroed: the KV cache keeps its layout
+                heads = heads if not empty else torch.zeros(1, dtype=torch.long, device=device)
+                dims = (heads[:, None] * attn.head_dim + torch.arange(attn.head_dim, device=device)).flatten()
+                attn.q_proj, attn.k_proj, attn.v_proj = (_rows(m, dims) for m in (attn.q_proj, attn.k_proj,
+                                                                                  attn.v_proj))
+                attn.out_proj = _columns(attn.out_proj, dims)
+                if empty:
+                    attn.out_proj.weight.data.zero_()
+                attn.num_heads = len(heads)
+                neurons = masks.neurons[0, index].nonzero().flatten().to(device)
+                layer.fc1, layer.fc2 = _rows(layer.fc1, neurons), _columns(layer.fc2, neurons)
         yield
     finally:
         for layer, attn, q, k, v, out, heads, fc1, fc2 in saved:
@@ -115,6 +117,7 @@ class TokenDecoder:
                           for layer in predictor.feature_layers}
         self.shape = predictor.shape
         self.active = False
+        self.fetch = [resident if offloaded(layer) else nullcontext for layer in self.layers]  # once, not per step
 
     def __enter__(self) -> TokenDecoder:
         """Store out_proj and fc2 weights transposed in place (rows = input units) for ``kernels.columns``; the
@@ -141,7 +144,7 @@ class TokenDecoder:
             with self:
                 return self.generate(input_ids, new_tokens)
         prompt = input_ids.shape[1]
-        out = self.model(input_ids.to(self.model.device), use_cache=True)
+        out = self.model(input_ids.to(input_device(self.model)), use_cache=True)
         caches = self._caches(out.cache, prompt + new_tokens)
         tokens = [int(out.logits[0, -1].argmax())]
         logits, heads, neurons = [], [], []
@@ -171,31 +174,37 @@ class TokenDecoder:
         return caches
 
     def _step(self, token: int, position: int, caches: list[_LayerCache]) -> tuple[Tensor, Masks]:
+        """One token through OPT's decoder. Each layer runs on its own device, with its weights fetched when
+        accelerate offloaded them; the modules called whole (norms, projections, lm_head) move data themselves."""
         decoder = self.model.model.decoder
-        x = decoder.embed_tokens.weight[token]
+        with resident(decoder.embed_tokens), resident(decoder.embed_positions):
+            x = decoder.embed_tokens.weight[token]
+            positions = decoder.embed_positions.weight[position + decoder.embed_positions.offset]
         if decoder.project_in is not None:
             x = decoder.project_in(x)
-        x = x + decoder.embed_positions.weight[position + decoder.embed_positions.offset]
+        x = x + positions.to(x.device)
         heads: dict[int, Tensor] = {}  # layer → kept head mask (H,), filled as predictors run
         neurons: dict[int, Tensor] = {}
         for index, layer in enumerate(self.layers):
-            norm_first = layer.do_layer_norm_before
-            h = layer.self_attn_layer_norm(x) if norm_first else x
-            x = x + self._attention(index, layer.self_attn, h, position, caches[index], heads, neurons)
-            if not norm_first:
-                x = layer.self_attn_layer_norm(x)
-            h = layer.final_layer_norm(x) if norm_first else x
-            kept = neurons[index].nonzero().flatten()
-            x = x + kernels.columns(layer.fc2, kept, layer.activation_fn(kernels.rows(layer.fc1, kept, h)))
-            if not norm_first:
-                x = layer.final_layer_norm(x)
+            with self.fetch[index](layer):
+                x = x.to(layer.fc1.weight.device)
+                norm_first = layer.do_layer_norm_before
+                h = layer.self_attn_layer_norm(x) if norm_first else x
+                x = x + self._attention(index, layer.self_attn, h, position, caches[index], heads, neurons)
+                if not norm_first:
+                    x = layer.self_attn_layer_norm(x)
+                h = layer.final_layer_norm(x) if norm_first else x
+                kept = neurons[index].to(x.device).nonzero().flatten()
+                x = x + kernels.columns(layer.fc2, kept, layer.activation_fn(kernels.rows(layer.fc1, kept, h)))
+                if not norm_first:
+                    x = layer.final_layer_norm(x)
         if decoder.final_layer_norm is not None:
             x = decoder.final_layer_norm(x)
         if decoder.project_out is not None:
             x = decoder.project_out(x)
         logits = self.model.lm_head(x).float()
-        return logits, Masks(torch.stack([heads[i] for i in range(len(self.layers))]),
-                             torch.stack([neurons[i] for i in range(len(self.layers))]))
+        return logits, Masks(torch.stack([heads[i].to(logits.device) for i in range(len(self.layers))]),
+                             torch.stack([neurons[i].to(logits.device) for i in range(len(self.layers))]))
 
     def _attention(self, index: int, attn: nn.Module, h: Tensor, position: int, cache: _LayerCache,
                    heads: dict[int, Tensor], neurons: dict[int, Tensor]) -> Tensor:
@@ -203,7 +212,8 @@ class TokenDecoder:
         mask is not known yet); runs the predictors that read this layer."""
         D = attn.head_dim
         device = h.device
-        active = heads[index] if index in heads else torch.ones(attn.num_heads, dtype=torch.bool, device=device)
+        active = heads[index].to(device) if index in heads else torch.ones(attn.num_heads, dtype=torch.bool,
+                                                                              device=device)
         computed = active.nonzero().flatten()
         dims = (computed[:, None] * D + torch.arange(D, device=device)).flatten()
         cache.inputs[position] = h
@@ -216,12 +226,12 @@ class TokenDecoder:
         for group in self.groups_at.get(index, []):
             feature = h.new_zeros(attn.out_proj.in_features).index_copy_(0, dims, out)
             self._predict(group, feature, heads, neurons)
-        kept = heads[index][computed]  # of the computed heads, those the mask keeps
+        kept = heads[index].to(device)[computed]  # of the computed heads, those the mask keeps
         return kernels.columns(attn.out_proj, dims.view(-1, D)[kept].flatten(), out.view(-1, D)[kept].flatten())
 
     def _predict(self, group: int, feature: Tensor, heads: dict[int, Tensor], neurons: dict[int, Tensor]) -> None:
         targets = self.predictor.groups[group][1]
         policy = replace(self.policy, dense_first_layer=self.policy.dense_first_layer and targets[0] == 0)
-        masks = policy.select(*self.predictor.group_scores(group, feature[None]))
+        masks = policy.select(*self.predictor.group_scores(group, feature[None].to(self.predictor.device)))
         for i, layer in enumerate(targets):
             heads[layer], neurons[layer] = masks.heads[0, i], masks.neurons[0, i]

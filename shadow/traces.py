@@ -13,7 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -49,7 +50,8 @@ def frozen(model: nn.Module):
 def layer_features(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, positions: Tensor | None,
                    layers: Sequence[int]) -> Tensor:
     """The attention outputs (inputs of out_proj) of ``layers`` in a dense pass that stops after the last of them:
-    (B, len(layers), E) at one position per row, or (B, T, len(layers), E) at every position (``positions=None``)."""
+    (B, len(layers), E) at one position per row, or (B, T, len(layers), E) at every position (``positions=None``),
+    in float32 on the model's input device."""
     captured: dict[int, Tensor] = {}
     last = max(layers)
 
@@ -70,7 +72,7 @@ def layer_features(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
     finally:
         for handle in handles:
             handle.remove()
-    return torch.stack([captured[i].cpu() for i in layers], dim=-2)
+    return torch.stack([captured[i].to(device) for i in layers], dim=-2)
 
 
 def score_batch(model: nn.Module, batch: Batch, criterion: Criterion, shape: Shape,
@@ -270,6 +272,42 @@ def compute_traces(model: nn.Module, examples: list[Example], criterion: Criteri
     return n_shards
 
 
-def load_traces(directory: Path) -> dict[str, Tensor]:
-    shards = [load_file(str(p)) for p in sorted(directory.glob("traces-*.safetensors"))]
-    return {k: torch.cat([s[k] for s in shards]) for k in ("features", "heads", "neurons")}
+class TraceShards:
+    """Traces as the shards they were written in, read one at a time: what reads them (predictor training, static
+    importance) holds one shard, not the whole set. A shard is a ``traces-*.safetensors`` file or, in memory, a
+    dict of its tensors."""
+
+    def __init__(self, shards: Sequence[Path | dict[str, Tensor]]):
+        self.shards = list(shards)
+        self.sizes = [self._rows(s) for s in self.shards]
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+
+    @classmethod
+    def load(cls, directory: Path) -> TraceShards:
+        return cls(sorted(directory.glob("traces-*.safetensors")))
+
+    @staticmethod
+    def _rows(shard: Path | dict[str, Tensor]) -> int:
+        if isinstance(shard, dict):
+            return len(shard["features"])
+        with safe_open(str(shard), framework="pt") as f:
+            return f.get_slice("features").get_shape()[0]
+
+    def __len__(self) -> int:
+        return sum(self.sizes)
+
+    def read(self, index: int, keys: Sequence[str]) -> dict[str, Tensor]:
+        """The tensors ``keys`` of shard ``index``."""
+        shard = self.shards[index]
+        if isinstance(shard, dict):
+            return {k: shard[k] for k in keys}
+        with safe_open(str(shard), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in keys}
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """One example's shape of ``key``."""
+        shard = self.shards[0]
+        if isinstance(shard, dict):
+            return tuple(shard[key].shape[1:])
+        with safe_open(str(shard), framework="pt") as f:
+            return tuple(f.get_slice(key).get_shape()[1:])

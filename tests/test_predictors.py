@@ -31,7 +31,7 @@ from shadow.predictors import (
     static_importance,
     top_recall,
 )
-from shadow.traces import score_batch
+from shadow.traces import TraceShards, score_batch
 
 SHAPE = Shape(layers=3, heads=4, head_dim=4, neurons=32)
 
@@ -78,13 +78,13 @@ def test_target_normalisation_per_layer_and_global():
 
 def test_static_importance_weighs_every_example_equally():
     traces = synthetic_traces(8)
-    heads, neurons = static_importance(traces)
+    heads, neurons = static_importance(TraceShards([traces]))
     assert heads.shape == (SHAPE.layers, SHAPE.heads) and neurons.shape == (SHAPE.layers, SHAPE.neurons)
     louder = {k: v.clone() for k, v in traces.items()}
     louder["heads"][0] *= 1000  # a long example's raw sums are larger; it must not dominate
     louder["neurons"][0] *= 1000
-    torch.testing.assert_close(static_importance(louder)[0], heads)
-    torch.testing.assert_close(static_importance(louder)[1], neurons)
+    torch.testing.assert_close(static_importance(TraceShards([louder]))[0], heads)
+    torch.testing.assert_close(static_importance(TraceShards([louder]))[1], neurons)
     expected = normalise_targets(traces["heads"], "per_layer").mean(0)
     torch.testing.assert_close(heads, expected)
 
@@ -108,7 +108,7 @@ def synthetic_traces(n: int = 512, hidden: int = 16) -> dict:
 @pytest.fixture(scope="module")
 def fitted():
     cfg = PredictorConfig(head_hidden=64, neuron_hidden=64, head_epochs=100, neuron_epochs=40)
-    return fit_predictor(synthetic_traces(), documents(), SHAPE, cfg, seed=0)
+    return fit_predictor(TraceShards([synthetic_traces()]), documents(), SHAPE, cfg, seed=0)
 
 
 def test_predictor_learns_held_out_rankings(fitted):
@@ -123,7 +123,7 @@ def test_predictor_learns_held_out_rankings(fitted):
 
 def test_head_only_criteria_train_no_neuron_predictor(tmp_path):
     cfg = PredictorConfig(head_hidden=32, neuron_hidden=32, head_epochs=5, neuron_epochs=5)
-    predictor, report = fit_predictor(synthetic_traces(64), documents(64), SHAPE, cfg, seed=0, heads_only=True)
+    predictor, report = fit_predictor(TraceShards([synthetic_traces(64)]), documents(64), SHAPE, cfg, seed=0, heads_only=True)
     assert len(predictor.neurons) == 0 and not any("neurons" in k for k in report["metrics"])
     assert not any(k.startswith("neurons") for k in report["per_layer"])
     loaded = load_predictor(tmp_path, save_predictor(predictor, tmp_path))
@@ -176,7 +176,7 @@ def test_masks_follow_the_prompt_only(tiny_opt, tokenizer):
 
 
 def test_static_masks_are_the_same_for_every_request():
-    heads, neurons = static_importance(synthetic_traces(16))
+    heads, neurons = static_importance(TraceShards([synthetic_traces(16)]))
     masker = StaticMasks(heads, neurons, Policy("global", 0.5, 0.75))
     masks = masker([SimpleNamespace(prompt=[2, 5]), SimpleNamespace(prompt=[2, 9, 9])])
     assert torch.equal(masks.heads[0], masks.heads[1]) and torch.equal(masks.neurons[0], masks.neurons[1])
@@ -222,7 +222,7 @@ def test_placements():
 def test_other_placements_and_architectures_learn(name, arch, lookahead):
     cfg = PredictorConfig(name=name, arch=arch, lookahead=lookahead, head_hidden=64, neuron_hidden=64,
                           head_epochs=60, neuron_epochs=20)
-    predictor, report = fit_predictor(synthetic_traces(), documents(), SHAPE, cfg, seed=0)
+    predictor, report = fit_predictor(TraceShards([synthetic_traces()]), documents(), SHAPE, cfg, seed=0)
     assert len(predictor.heads) == (SHAPE.layers if name == "dejavu" else 1)
     assert report["metrics"]["predictor/neurons_val_spearman"] > 0.6
     assert len(report["per_layer"]["heads_val_recall50"]) == SHAPE.layers
@@ -239,3 +239,26 @@ def test_per_token_masks_depend_only_on_the_tokens_so_far(tiny_opt, tokenizer):
     assert masks.heads.shape == (2, max(len(a), len(b)) - 1, shape.layers, shape.heads)
     assert torch.equal(masks.neurons[0, :5], masks.neurons[1, :5])  # same tokens so far, same masks
     assert not torch.equal(masks.neurons[0, 5:len(b) - 1], masks.neurons[1, 5:len(b) - 1])
+
+
+def test_training_streams_the_traces_a_shard_at_a_time(tmp_path):
+    """Traces in four shards (files, or dicts in memory) give the one-shard static importance and a predictor of
+    the same quality; files and dicts give the same weights."""
+    from safetensors.torch import save_file
+
+    traces = synthetic_traces()
+    pieces = [{k: v[i:i + 128] for k, v in traces.items()} for i in range(0, 512, 128)]
+    for i, piece in enumerate(pieces):
+        save_file(piece, str(tmp_path / f"traces-{i:05d}.safetensors"))
+    files, memory = TraceShards.load(tmp_path), TraceShards(pieces)
+    assert files.sizes == [128] * 4 and files.offsets == [0, 128, 256, 384] and len(files) == 512
+    for one, many in zip(static_importance(TraceShards([traces])), static_importance(files), strict=True):
+        torch.testing.assert_close(one, many)
+    cfg = PredictorConfig(head_hidden=64, neuron_hidden=64, head_epochs=30, neuron_epochs=10)
+    from_files, report = fit_predictor(files, documents(), SHAPE, cfg, seed=0)
+    from_memory, again = fit_predictor(memory, documents(), SHAPE, cfg, seed=0)
+    assert report == again
+    for a, b in zip(from_files.state_dict().values(), from_memory.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert report["metrics"]["predictor/heads_val_spearman"] > 0.8
+    assert report["metrics"]["predictor/neurons_val_spearman"] > 0.7

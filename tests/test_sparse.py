@@ -216,3 +216,27 @@ def test_per_token_decoding_leaves_the_model_as_it_found_it(tiny_opt, tmp_path):
     assert all(torch.equal(before[k], after[k]) and after[k].is_contiguous() for k in before)
     tied = "lm_head.weight"  # shares the embeddings' storage by design
     save_file({k: v for k, v in after.items() if k != tied}, str(tmp_path / "w.safetensors"))  # refuses shared storage
+
+
+def test_sparse_execution_on_a_disk_offloaded_model_equals_the_resident_one(tiny_opt, tmp_path):
+    """accelerate keeps offloaded weights on ``meta`` outside their module's forward: per-request pruning gathers,
+    and per-token decoding reads, the weights it fetches for each layer."""
+    from transformers import AutoModelForCausalLM
+
+    from shadow.models import offloaded
+
+    tiny_opt.save_pretrained(tmp_path / "model")
+    away = AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map="auto", max_memory={"cpu": "64KB"},
+                                                offload_folder=str(tmp_path / "offload")).eval()
+    assert "disk" in set(away.hf_device_map.values()) and all(map(offloaded, away.model.decoder.layers))
+    ids = torch.randint(4, 8192, (1, 12), generator=torch.Generator().manual_seed(5))
+    masks = request_masks(tiny_opt, 5)
+    masked, _ = masked_and_pruned_logits(tiny_opt, masks, ids)
+    with torch.no_grad(), pruned(away, masks):
+        sparse = away(ids).logits
+    torch.testing.assert_close(sparse, masked, rtol=1e-5, atol=1e-5)
+    predictor = token_predictor(tiny_opt, "shadow")
+    here = TokenDecoder(tiny_opt, predictor, Policy("global", 0.5, 0.5)).generate(ids, 6)
+    there = TokenDecoder(away, predictor, Policy("global", 0.5, 0.5)).generate(ids, 6)
+    assert torch.equal(there.tokens, here.tokens) and torch.equal(there.masks.heads, here.masks.heads)
+    torch.testing.assert_close(there.logits, here.logits, rtol=1e-5, atol=1e-5)

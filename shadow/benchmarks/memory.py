@@ -1,11 +1,14 @@
-"""Peak memory of scoring: traces stream to disk in shards, so memory is bounded by the batch, not the set size.
+"""Peak memory of scoring and of predictor training: traces stream to disk in shards, and training streams them
+back a shard at a time, so memory is bounded by the batch and the shard, not by the set size.
 
     python -m shadow.benchmarks.memory                       # opt-mini, plainact, 500 and 5000 examples
     python -m shadow.benchmarks.memory --examples 1000 20000 --max-length 64
+    python -m shadow.benchmarks.memory --stage predictor     # OPT-125m-shaped traces, 1024 and 8192 examples
 
-Each size is scored in a fresh process (opt-mini's calibration examples repeated to the size, truncated to
-``--max-length`` tokens so that the large set runs in minutes); the table gives that process's peak resident set
-size, what it was before scoring, and the traces written.
+Each size runs in a fresh process. Scoring: opt-mini's calibration examples repeated to the size, truncated to
+``--max-length`` tokens so that the large set runs in minutes. Predictor: random traces of OPT-125m's shape (12
+layers, 768 features, 12 heads, 3072 neurons) written shard by shard, then one epoch of the ShadowLLM predictor.
+The table gives that process's peak resident set size, what it was before the stage, and the traces' size.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import torch
 
 
 def child(examples: int, max_length: int, batch_size: int) -> None:
@@ -40,20 +45,53 @@ def child(examples: int, max_length: int, batch_size: int) -> None:
                       "traces_mb": size / 2**20}))
 
 
+def predictor_child(examples: int) -> None:
+    from safetensors.torch import save_file
+
+    from shadow.config import PredictorConfig
+    from shadow.models import Shape
+    from shadow.predictors import fit_predictor
+    from shadow.traces import SHARD_SIZE, TraceShards
+
+    shape, hidden = Shape(layers=12, heads=12, head_dim=64, neurons=3072), 768
+    gen = torch.Generator().manual_seed(0)
+    with tempfile.TemporaryDirectory() as out:
+        for index, start in enumerate(range(0, examples, SHARD_SIZE)):
+            n = min(SHARD_SIZE, examples - start)
+            save_file({"features": torch.randn(n, shape.layers, hidden, generator=gen),
+                       "heads": torch.rand(n, shape.layers, shape.heads, generator=gen),
+                       "neurons": torch.rand(n, shape.layers, shape.neurons, generator=gen)},
+                      str(Path(out) / f"traces-{index:05d}.safetensors"))
+        size = sum(f.stat().st_size for f in Path(out).iterdir())
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        cfg = PredictorConfig(head_epochs=1, neuron_epochs=1, neuron_batch_size=64, head_batch_size=64)
+        fit_predictor(TraceShards.load(Path(out)), [f"doc{i // 8}" for i in range(examples)], shape, cfg, seed=0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"examples": examples, "before_mb": before / 1024, "peak_mb": peak / 1024,
+                      "traces_mb": size / 2**20}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--examples", type=int, nargs="+", default=[500, 5000])
+    parser.add_argument("--stage", choices=["scoring", "predictor"], default="scoring")
+    parser.add_argument("--examples", type=int, nargs="+")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.max_length, args.batch_size)
+        if args.stage == "predictor":
+            predictor_child(args.child)
+        else:
+            child(args.child, args.max_length, args.batch_size)
         return
-    print(f"opt-mini, plainact, batch {args.batch_size}, examples of at most {args.max_length} tokens")
+    sizes = args.examples or ([1024, 8192] if args.stage == "predictor" else [500, 5000])
+    print(f"opt-mini, plainact, batch {args.batch_size}, examples of at most {args.max_length} tokens"
+          if args.stage == "scoring" else "predictor training (one epoch) on OPT-125m-shaped random traces")
     print(f"{'examples':>10}{'RSS before MB':>15}{'peak RSS MB':>13}{'traces MB':>11}")
-    for n in args.examples:
-        out = subprocess.run([sys.executable, "-m", "shadow.benchmarks.memory", "--child", str(n), "--max-length",
+    for n in sizes:
+        out = subprocess.run([sys.executable, "-m", "shadow.benchmarks.memory", "--stage", args.stage, "--child",
+                              str(n), "--max-length",
                               str(args.max_length), "--batch-size", str(args.batch_size)],
                              capture_output=True, text=True, check=True).stdout
         r = json.loads(out.strip().splitlines()[-1])

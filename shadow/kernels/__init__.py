@@ -139,4 +139,6 @@ def columns(linear: nn.Linear, index: Tensor, x: Tensor) -> Tensor:
     """``W[:, index] @ x + b``, reading only the columns ``index`` of W, stored transposed (``weight.t()``
     contiguous) so that each column is one contiguous row."""
     weight_t = linear.weight.t()
+    if not weight_t.is_contiguous():  # a weight fetched from an offload, not stored transposed: one copy
+        weight_t = weight_t.contiguous()
     return backend(weight_t).columns(weight_t, linear.bias, index, x.contiguous())
