@@ -60,3 +60,14 @@ def test_every_criterion_runs_end_to_end(tmp_path):
         assert line["metrics"]["achieved_head_sparsity"] == 0.5
         heads_only = line["criterion"] in ("jacov", "epenas")
         assert line["metrics"]["achieved_neuron_sparsity"] == (0.0 if heads_only else 0.5)
+
+
+def test_the_gpu_check_says_in_one_line_that_it_needs_cuda(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        return  # on a GPU machine the check runs for real (python -m shadow.benchmarks.gpu)
+    result = run_shadow("--out report.md", tmp_path, module="shadow.benchmarks.gpu")
+    assert result.returncode == 1 and not (tmp_path / "report.md").exists()
+    assert result.stdout.strip().splitlines() == [
+        "no CUDA device is visible (torch.cuda.is_available() is False): the GPU check needs one"]

@@ -108,7 +108,7 @@ def decode_and_check(model, predictor: Predictor, policy: Policy, new_tokens: in
     neurons = torch.ones(1, sequence.shape[1], *out.masks.neurons.shape[1:], dtype=torch.bool)
     heads[0, prompt:], neurons[0, prompt:] = out.masks.heads, out.masks.neurons
     with torch.no_grad(), apply_masks(model, Masks(heads, neurons)):
-        masked = model(sequence).logits[0]
+        masked = model(sequence.to(model.device)).logits[0].cpu()
     assert int(masked[prompt - 1].argmax()) == out.tokens[0]
     half = model.dtype != torch.float32
     tolerance = 4 * torch.finfo(model.dtype).eps * masked.abs().max().item() if half else 1e-4

@@ -1,0 +1,103 @@
+"""The GPU check: what the CPU tests cannot show, in one command on a CUDA machine (about 5 minutes on one GPU).
+
+    python -m shadow.benchmarks.gpu                       # writes gpu-check.md in the current directory
+    python -m shadow.benchmarks.gpu --out report.md --archs opt-1.3b opt-6.7b
+
+1. the main job on opt-mini (plainact, sparsity 0.5) with device=cuda in float32, float16 and bfloat16: token
+   perplexity of each and the half-precision gap to float32;
+2. the tests marked ``gpu`` (``pytest -m gpu``): per-token decoding and pruning on CUDA against the masked model
+   in three dtypes, criteria in half precision against float32, CPU offload with CUDA execution, two GPUs;
+3. the latency table in float16 for the OPT-1.3B and 6.7B architectures (random weights, 3 rounds).
+Each step runs in its own process with a time limit; the report gives the machine, each step's outcome and
+output. Exit status 0 when every step passed. Without CUDA it says so in one line and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def step(command: list[str], timeout: int) -> tuple[bool, str, float]:
+    """Run ``python -m <command>``: (passed, its output's last lines, seconds)."""
+    start = time.perf_counter()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
+    try:
+        done = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True, timeout=timeout,
+                              env=env, cwd=ROOT)
+        passed, output = done.returncode == 0, done.stdout + done.stderr
+    except subprocess.TimeoutExpired as err:
+        passed, output = False, f"{err.stdout or ''}\ntimed out after {timeout} s"
+    tail = "\n".join(line for line in str(output).splitlines() if line.strip())[-3000:]
+    return passed, tail, time.perf_counter() - start
+
+
+def main_jobs(work: Path) -> tuple[list[str], bool]:
+    lines = ["## Main job on opt-mini, device=cuda", "", "| dtype | token perplexity | vs float32 | seconds |",
+             "|---|---|---|---|"]
+    perplexity, ok, failures = {}, True, []
+    for dtype in DTYPES:
+        out = work / f"job-{dtype}"
+        passed, tail, seconds = step(["shadow", "+criterion=plainact", "device=cuda", f"model.dtype={dtype}",
+                                      "sparsity=0.5", "logger=none", f"cache_dir={work / 'cache'}",
+                                      f"hydra.run.dir={out}"], 600)
+        if passed:
+            perplexity[dtype] = json.loads((out / "metrics.json").read_text())["token_perplexity"]
+            gap = perplexity[dtype] / perplexity["float32"] - 1 if "float32" in perplexity else 0.0
+            lines.append(f"| {dtype} | {perplexity[dtype]:.2f} | {gap:+.2%} | {seconds:.0f} |")
+        else:
+            ok = False
+            lines.append(f"| {dtype} | failed | | {seconds:.0f} |")
+            failures += ["", f"{dtype} output:", "```", tail, "```"]
+    return lines + failures, ok
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("gpu-check.md"))
+    parser.add_argument("--archs", nargs="+", default=["opt-1.3b", "opt-6.7b"])
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device is visible (torch.cuda.is_available() is False): the GPU check needs one")
+        sys.exit(1)
+    names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    report = ["# GPU check", "", f"{torch.cuda.device_count()} GPU(s): {names}; torch {torch.__version__}, CUDA "
+              f"{torch.version.cuda}", ""]
+    ok = True
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        lines, passed = main_jobs(work)
+        report += lines
+        ok &= passed
+        print("\n".join(lines), flush=True)
+        passed, tail, seconds = step(["pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"], 600)
+        ok &= passed
+        report += ["", f"## Tests marked gpu: {'passed' if passed else 'FAILED'} ({seconds:.0f} s)", "", "```",
+                   tail.splitlines()[-1] if passed else tail, "```"]
+        print(report[-4], flush=True)
+        for arch in args.archs:
+            out = work / f"latency-{arch}"
+            passed, tail, seconds = step(["shadow.benchmarks.latency", f"arch={arch}", "device=cuda",
+                                          "dtype=float16", "rounds=3", "logger=none", f"hydra.run.dir={out}"], 600)
+            ok &= passed
+            report += ["", f"## Latency, {arch} ({seconds:.0f} s)", ""]
+            report += [(out / "latency.md").read_text()] if passed else ["FAILED", "```", tail, "```"]
+            print(report[-1], flush=True)
+    args.out.write_text("\n".join(report) + "\n")
+    print(f"{'passed' if ok else 'FAILED'}: report written to {args.out}")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

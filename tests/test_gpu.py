@@ -1,0 +1,100 @@
+"""What only a GPU shows: sparse execution, criteria and masks on CUDA, and models spread over devices or
+offloaded to the CPU with CUDA execution. Marked ``gpu``; skipped without CUDA. ``python -m shadow.benchmarks.gpu``
+runs them with the rest of the GPU check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_opt
+from test_criteria import per_layer_agreement
+from test_sparse import decode_and_check, masked_and_pruned_logits, request_masks, token_predictor
+
+from shadow.criteria import CRITERIA, get_criterion
+from shadow.data import collate
+from shadow.models import Shape
+from shadow.policy import Policy
+from shadow.sparse import TokenDecoder
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", ["shadow", "dejavu"])
+def test_per_token_decoding_on_cuda_equals_the_masked_model(dtype, name):
+    model = make_tiny_opt(dtype=dtype).cuda()
+    predictor = token_predictor(model, name, lookahead=name == "dejavu").cuda()
+    decode_and_check(model, predictor, Policy("local" if name == "dejavu" else "global", 0.5, 0.5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_pruned_forward_on_cuda_equals_the_masked_forward(dtype):
+    model = make_tiny_opt(dtype=dtype).cuda()
+    ids = torch.randint(4, 8192, (1, 20), generator=torch.Generator().manual_seed(0)).cuda()
+    masked, sparse = masked_and_pruned_logits(model, request_masks(model, 0), ids)
+    tolerance = 4 * torch.finfo(dtype).eps * masked.abs().max().item() if dtype != torch.float32 else 1e-4
+    torch.testing.assert_close(sparse.float(), masked.float(), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", sorted(set(CRITERIA) - {"random", "epenas"}))
+def test_criteria_in_half_precision_on_cuda_rank_units_as_float32(opt_mini_batch, name, dtype):
+    from transformers import AutoModelForCausalLM
+
+    from shadow.opt_mini import MODEL_DIR
+    from shadow.traces import score_batch
+
+    full = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval().cuda()
+    half = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=dtype).eval().cuda()
+    shape, criterion = Shape.of(full.config), get_criterion(name)
+    _, heads, neurons = score_batch(half, opt_mini_batch, criterion, shape)
+    _, full_heads, full_neurons = score_batch(full, opt_mini_batch, criterion, shape)
+    assert heads.device.type == "cuda" and heads.isfinite().all()
+    assert per_layer_agreement(heads.cpu(), full_heads.cpu()).mean() >= 0.95
+    if not criterion.heads_only:
+        assert per_layer_agreement(neurons.cpu(), full_neurons.cpu()).mean() >= 0.95
+
+
+@pytest.fixture(scope="module")
+def opt_mini_batch(tokenizer):
+    from shadow.config import CalibrationConfig
+    from shadow.data import load_calibration
+
+    return collate(load_calibration(CalibrationConfig(limit=4), tokenizer, 512)[:4], 1)
+
+
+def spread(tmp_path, max_memory: dict):
+    """tiny OPT saved and loaded back by accelerate under ``max_memory``."""
+    from transformers import AutoModelForCausalLM
+
+    model = make_tiny_opt()
+    model.save_pretrained(tmp_path / "model")
+    return model.cuda(), AutoModelForCausalLM.from_pretrained(
+        tmp_path / "model", device_map="auto", max_memory=max_memory, offload_folder=str(tmp_path / "offload")).eval()
+
+
+def same_decoding(resident, placed) -> None:
+    predictor = token_predictor(resident, "shadow").cuda()
+    ids = torch.randint(4, 8192, (1, 12), generator=torch.Generator().manual_seed(5))
+    here = TokenDecoder(resident, predictor, Policy("global", 0.5, 0.5)).generate(ids, 6)
+    there = TokenDecoder(placed, predictor, Policy("global", 0.5, 0.5)).generate(ids, 6)
+    assert torch.equal(there.tokens, here.tokens) and torch.equal(there.masks.heads, here.masks.heads)
+    torch.testing.assert_close(there.logits, here.logits, rtol=1e-4, atol=1e-4)
+    masks = request_masks(resident, 5)
+    masked, _ = masked_and_pruned_logits(resident, masks, ids.cuda())
+    _, sparse = masked_and_pruned_logits(placed, masks, ids.cuda())
+    torch.testing.assert_close(sparse.cpu(), masked.cpu(), rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_offload_with_cuda_execution(tmp_path):
+    resident, placed = spread(tmp_path, {0: "200KB", "cpu": "1GB"})
+    assert "cpu" in set(placed.hf_device_map.values())
+    same_decoding(resident, placed)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_layers_on_two_gpus(tmp_path):
+    resident, placed = spread(tmp_path, {0: "600KB", 1: "1GB"})
+    assert {0, 1} <= set(placed.hf_device_map.values())
+    same_decoding(resident, placed)
