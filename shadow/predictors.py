@@ -157,7 +157,8 @@ def per_example_quality(pred: Tensor, target: Tensor) -> dict[str, Tensor]:
     per_layer = pred.reshape(N * L, U), target.reshape(N * L, U)
     return {"val_spearman": spearman(pred.flatten(1), target.flatten(1)),
             "val_recall50": top_recall(pred.flatten(1), target.flatten(1)),
-            "layer_val_spearman": spearman(*per_layer).view(N, L), "layer_val_recall50": top_recall(*per_layer).view(N, L),
+            "layer_val_spearman": spearman(*per_layer).view(N, L),
+            "layer_val_recall50": top_recall(*per_layer).view(N, L),
             "squared_error": (pred - target).pow(2).flatten(1).sum(1)}
 
 
@@ -232,7 +233,8 @@ def train_network(net: nn.Module, data: _Shards, group: int, predictor: Predicto
             features, y = data[index]
             for idx in rows[index][torch.randperm(len(rows[index]), generator=gen)].split(batch_size):
                 idx = idx.to(data.device)
-                loss = nn.functional.mse_loss(net(predictor.inputs(features[idx], group)), y[idx][:, targets].flatten(1))
+                pred = net(predictor.inputs(features[idx], group))
+                loss = nn.functional.mse_loss(pred, y[idx][:, targets].flatten(1))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -123,7 +123,8 @@ def test_predictor_learns_held_out_rankings(fitted):
 
 def test_head_only_criteria_train_no_neuron_predictor(tmp_path):
     cfg = PredictorConfig(head_hidden=32, neuron_hidden=32, head_epochs=5, neuron_epochs=5)
-    predictor, report = fit_predictor(TraceShards([synthetic_traces(64)]), documents(64), SHAPE, cfg, seed=0, heads_only=True)
+    predictor, report = fit_predictor(TraceShards([synthetic_traces(64)]), documents(64), SHAPE, cfg, seed=0,
+                                      heads_only=True)
     assert len(predictor.neurons) == 0 and not any("neurons" in k for k in report["metrics"])
     assert not any(k.startswith("neurons") for k in report["per_layer"])
     loaded = load_predictor(tmp_path, save_predictor(predictor, tmp_path))

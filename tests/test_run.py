@@ -148,3 +148,20 @@ def test_a_job_writes_only_inside_its_output_and_cache_directories(job, tmp_path
     written = {p for p in tmp_path.rglob("*")} - before
     allowed = (tmp_path / "out", tmp_path / "sweep", tmp_path / "cache")
     assert written and all(any(p == a or a in p.parents for a in allowed) for p in written)
+
+
+@pytest.mark.parametrize("setting", [["eval.protocols=[token,word]"], ["predictor.granularity=token"],
+                                     ["eval=tasks", "eval.limit=16"]], ids=["perplexity", "per-token", "tasks"])
+def test_a_bfloat16_job_lands_near_float32(compose_cfg, tmp_path, setting):
+    """Every stage in bfloat16 on opt-mini (scoring, predictor, masks, both perplexity protocols, per-token masks,
+    lm-eval tasks) lands near the float32 job."""
+    common = ["+criterion=plainact", "logger=none", "calibration.limit=32", "predictor.head_epochs=10",
+              "predictor.neuron_epochs=3", "eval.limit=2", "sparsity=0.5", f"cache_dir={tmp_path / 'cache'}", *setting]
+    full = run(compose_cfg(*common), tmp_path / "float32")
+    half = run(compose_cfg(*common, "model.dtype=bfloat16"), tmp_path / "bfloat16")
+    assert half["achieved_neuron_sparsity"] == pytest.approx(0.5)
+    if "eval=tasks" in setting:
+        assert half["tasks/mean_acc"] == pytest.approx(full["tasks/mean_acc"], abs=0.1)
+        return
+    for key in [k for k in full if k.endswith("_perplexity")]:
+        assert half[key] == pytest.approx(full[key], rel=0.03), key

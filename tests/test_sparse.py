@@ -187,6 +187,27 @@ def test_latency_benchmark_writes_its_table(tmp_path):
     assert (tmp_path / "latency.md").read_text().count("\n| ") == len(rows) + 1
 
 
+def test_latency_benchmark_places_layers_with_accelerate(tmp_path):
+    """device_map=auto: the model is built on meta, placed by accelerate under memory caps and each weight created
+    on its device; here every device is the CPU, so the table must come out as without it."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="latency", overrides=["arch=opt-125m", "prompt=6", "new_tokens=3", "rounds=1",
+                                                        "min_run_time=0.01", "device_map=auto", "logger=none"])
+    rows = run(cfg, tmp_path)
+    assert len(rows) == 6 and all(r["total_ms"] > 0 for r in rows)
+
+
+def test_latency_benchmark_says_what_it_needs_when_it_cannot_fit(tmp_path):
+    """Counted on meta before anything is built: OPT-66B in float32 does not fit this machine's RAM."""
+    from shadow.config import ConfigError
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="latency", overrides=["arch=opt-66b", "logger=none"])
+    with pytest.raises(ConfigError, match=r"arch=opt-66b in dtype=float32 needs ≈\d+\.\d GB \(weights 26\d\.\d GB, "
+                                          r"gathered 1\d\d\.\d GB, predictors \d+\.\d GB\) but cpu has"):
+        run(cfg, tmp_path)
+
+
 BUILD_PEAK = """
 import resource, torch, transformers
 from shadow.benchmarks.latency import build

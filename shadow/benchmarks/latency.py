@@ -62,17 +62,93 @@ COLUMNS = ["method", "granularity", "sparsity", "total_ms", "first_token_ms", "s
            "predictor_share"]
 
 
-def build(arch: str, device: str, dtype: torch.dtype):
-    """A random-weight model of the architecture, created on ``device`` in ``dtype``: no float32 copy is ever
-    made (OPT-30B in fp16 needs 60 GB, in fp32 120 GB)."""
-    from transformers import AutoModelForCausalLM, OPTConfig
+def opt_config(arch: str):
+    from transformers import OPTConfig
 
     hidden, layers, heads = ARCHS[arch]
-    config = OPTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                       ffn_dim=4 * hidden, word_embed_proj_dim=hidden, vocab_size=50272,
-                       max_position_embeddings=2048, do_layer_norm_before=arch != "opt-350m")
-    with torch.device(device):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    return OPTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=4 * hidden,
+                     word_embed_proj_dim=hidden, vocab_size=50272, max_position_embeddings=2048,
+                     do_layer_norm_before=arch != "opt-350m")
+
+
+def footprint(arch: str, dtype: torch.dtype, sparsities: list[float]) -> dict[str, float]:
+    """Bytes the bench holds: the weights, the kept units' weights that per-request rows gather (at the lowest
+    sparsity), and both placements' predictors; counted on models built on ``meta``."""
+    from transformers import AutoModelForCausalLM
+
+    config = opt_config(arch)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+        shape = Shape.of(config)
+        predictors = [Predictor(shape, config.hidden_size, placement_groups(name, shape.layers, lookahead=True))
+                      for name in ("shadow", "dejavu")]
+    size = torch.finfo(dtype).bits // 8
+    layers = sum(p.numel() for name, p in model.named_parameters() if ".layers." in name and p.dim() == 2)
+    return {"weights": sum(p.numel() for p in model.parameters()) * size,
+            "gathered": (1 - min(sparsities, default=0.0)) * layers * size,
+            "predictors": sum(p.numel() for predictor in predictors for p in predictor.parameters()) * size}
+
+
+def free_memory(device: str, device_map: str | None) -> dict[int | str, float]:
+    """Free bytes per place the bench may use: the device, or every visible GPU with ``device_map=auto``."""
+    import psutil
+
+    if not device.startswith("cuda"):
+        return {"cpu": psutil.virtual_memory().available}
+    if device_map == "auto":
+        return {i: torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())}
+    index = torch.device(device).index or 0
+    return {index: torch.cuda.mem_get_info(index)[0]}
+
+
+def placement(cfg: DictConfig, free: dict[int | str, float]) -> dict[int | str, int] | None:
+    """Fail in one line when the bench cannot fit; with ``device_map=auto``, accelerate's memory caps per device:
+    each keeps room, in proportion, for its layers' gathered copies; the first also for the predictors."""
+    need = footprint(cfg.arch, DTYPES[cfg.dtype], list(cfg.sparsity))
+    total = sum(need.values()) * 1.1  # activations, KV cache, allocator slack
+    if total > sum(free.values()):
+        parts = ", ".join(f"{k} {v / 1e9:.1f} GB" for k, v in need.items())
+        where = f"the {len(free)} visible GPUs have" if cfg.device_map == "auto" else f"{cfg.device} has"
+        fix = "" if cfg.device_map == "auto" or not str(cfg.device).startswith("cuda") else \
+            "device_map=auto to spread the layers over more GPUs, or "
+        raise ConfigError(f"arch={cfg.arch} in dtype={cfg.dtype} needs ≈{total / 1e9:.1f} GB ({parts}) but {where} "
+                          f"{sum(free.values()) / 1e9:.1f} GB free; use {fix}a smaller arch or sparsity")
+    if cfg.device_map != "auto":
+        return None
+    share = need["weights"] / (need["weights"] + need["gathered"])
+    caps = {k: int(v / 1.1 * share) for k, v in free.items()}
+    first = next(iter(caps))
+    caps[first] = max(0, caps[first] - int(need["predictors"] * 1.1))
+    return caps
+
+
+def build(arch: str, device: str, dtype: torch.dtype, max_memory: dict[int | str, int] | None = None):
+    """A random-weight model of the architecture, created in ``dtype`` where it will run: no float32 copy is
+    ever made (OPT-30B in fp16 needs 60 GB, in fp32 120 GB). With ``max_memory``, accelerate places whole layers
+    under those caps (layers over several GPUs) and each weight is created on its device."""
+    from transformers import AutoModelForCausalLM
+
+    config = opt_config(arch)
+    if max_memory is None:
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import set_module_tensor_to_device
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    device_map = infer_auto_device_map(model, max_memory=max_memory, dtype=dtype,
+                                       no_split_module_classes=model._no_split_modules)
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        owner = max((p for p in device_map if p == "" or name == p or name.startswith(p + ".")), key=len)
+        value = torch.empty(tensor.shape, dtype=tensor.dtype, device=device_map[owner])
+        if tensor.dim() > 1:
+            value.normal_(0, 0.02)
+        else:  # LayerNorm scales 1, biases 0
+            value.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
+        set_module_tensor_to_device(model, name, device_map[owner], value=value)
+    model.tie_weights()
+    return dispatch_model(model, device_map).eval()
 
 
 def median_ms(fn, min_run_time: float) -> float:
@@ -100,7 +176,8 @@ class Bench:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         torch.manual_seed(0)
-        self.model = build(cfg.arch, str(cfg.device), DTYPES[cfg.dtype])
+        self.model = build(cfg.arch, str(cfg.device), DTYPES[cfg.dtype],
+                           placement(cfg, free_memory(str(cfg.device), cfg.device_map)))
         self.shape = Shape.of(self.model.config)
         hidden = self.model.config.hidden_size
         self.ids = torch.randint(4, 50000, (1, cfg.prompt), device=cfg.device)
@@ -215,6 +292,9 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"rounds={cfg.rounds} must be a whole number of rounds, at least 1")
     if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={cfg.device} but no CUDA device is visible; use device=cpu")
+    if cfg.device_map not in (None, "auto"):
+        raise ConfigError(f"device_map={cfg.device_map} is not a placement here; use device_map=auto (layers over "
+                          "the visible GPUs) or leave it unset (one device)")
 
 
 def run(cfg: DictConfig, out: Path) -> list[dict]:
