@@ -203,9 +203,10 @@ class _Shards:
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         if self.last is None or self.last[0] != index:
             self.last = None  # free the previous shard before reading the next
-            shard = self.traces.read(index, ["features", self.kind])
-            self.last = (index, shard["features"][:, self.layers].to(self.device),
-                         normalise_targets(shard[self.kind].to(self.device).float(), self.norm))
+            features = self.traces.read(index, ["features"], self.layers)["features"]
+            targets = self.traces.read(index, [self.kind])[self.kind]
+            self.last = (index, features.to(self.device), normalise_targets(targets.to(self.device).float(),
+                                                                            self.norm))
         return self.last[1], self.last[2]
 
     def rows(self, index: int, examples: Tensor) -> Tensor:

@@ -296,13 +296,16 @@ class TraceShards:
     def __len__(self) -> int:
         return sum(self.sizes)
 
-    def read(self, index: int, keys: Sequence[str]) -> dict[str, Tensor]:
-        """The tensors ``keys`` of shard ``index``."""
+    def read(self, index: int, keys: Sequence[str], layers: Sequence[int] | None = None) -> dict[str, Tensor]:
+        """The tensors ``keys`` of shard ``index``, only at ``layers`` (dimension 1) when given: a file is read
+        only for the span from the first to the last of them (the predictor's feature layer, not all 40)."""
         shard = self.shards[index]
+        span = slice(None) if layers is None else slice(min(layers), max(layers) + 1)
+        pick = slice(None) if layers is None else [i - span.start for i in layers]
         if isinstance(shard, dict):
-            return {k: shard[k] for k in keys}
+            return {k: shard[k][:, span][:, pick] for k in keys}
         with safe_open(str(shard), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in keys}
+            return {k: f.get_slice(k)[:, span][:, pick] for k in keys}
 
     def shape(self, key: str) -> tuple[int, ...]:
         """One example's shape of ``key``."""
