@@ -146,6 +146,20 @@ def test_per_token_decoding_in_half_precision_equals_the_masked_model(dtype):
     decode_and_check(model, token_predictor(model, "dejavu", lookahead=True), Policy("local", 0.5, 0.5))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_masked_and_pruned_outputs_follow_float32(dtype):
+    """The same weights in half precision: masked and pruned logits stay within a few units in the last place
+    (8 eps of the largest logit) of the float32 masked model's."""
+    ids = torch.randint(4, 8192, (1, 20), generator=torch.Generator().manual_seed(2))
+    masks = request_masks(make_tiny_opt(), 2)
+    full, _ = masked_and_pruned_logits(make_tiny_opt(), masks, ids)
+    masked, sparse = masked_and_pruned_logits(make_tiny_opt(dtype=dtype), masks, ids)
+    tolerance = 8 * torch.finfo(dtype).eps * full.abs().max().item()
+    for half in (masked, sparse):
+        assert half.dtype == dtype
+        torch.testing.assert_close(half.float(), full, rtol=0, atol=tolerance)
+
+
 def test_per_token_decoding_of_an_opt_350m_shaped_model():
     model = make_tiny_opt(like_350m=True)  # LayerNorm after each block, embeddings projected in and out
     decode_and_check(model, token_predictor(model, "shadow"), Policy("global", 0.5, 0.5))
