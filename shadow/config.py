@@ -70,6 +70,7 @@ class PredictorConfig:
     weight_decay: float = 0.01
     target_norm: str = "per_layer"  # per_layer (the paper's b1eL) or global (b1e)
     device: str | None = None  # where predictors train and run; None: the model's (its first layer's) device
+    block_gb: float = 2.0  # traces held at once in training; a set that fits is shuffled whole, more streams in blocks
 
 
 @dataclass

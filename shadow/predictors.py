@@ -190,38 +190,50 @@ def split_by_document(documents: Sequence[str], val_fraction: float, seed: int) 
     return train, val, len(held)
 
 
-class _Shards:
-    """One kind's training data, a shard at a time on the training device: the raw features of the predictor's
-    feature layers (n, len(feature_layers), E) and the normalised targets (n, L, U). The last shard read is kept, so
-    a calibration set of one shard is read once."""
+class _Blocks:
+    """One kind's training data in blocks of consecutive trace shards, each holding at most ``block_bytes`` (and at
+    least one shard), read a block at a time onto the training device: the raw features of the predictor's
+    feature layers (n, len(feature_layers), E) and the normalised targets (n, L, U). Training shuffles the rows
+    within a block and the order of the blocks, so a set that fits one block is shuffled as a whole; the last
+    block read is kept."""
 
     def __init__(self, traces: TraceShards, kind: str, feature_layers: list[int], target_norm: str,
-                 device: torch.device):
+                 device: torch.device, block_bytes: float):
         self.traces, self.kind, self.layers, self.norm, self.device = traces, kind, feature_layers, target_norm, device
+        example = 4 * (len(feature_layers) * traces.shape("features")[-1] + math.prod(traces.shape(kind)))
+        self.blocks: list[list[int]] = [[]]
+        for index, size in enumerate(traces.sizes):
+            if self.blocks[-1] and (sum(traces.sizes[i] for i in self.blocks[-1]) + size) * example > block_bytes:
+                self.blocks.append([])
+            self.blocks[-1].append(index)
         self.last: tuple[int, Tensor, Tensor] | None = None
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        if self.last is None or self.last[0] != index:
-            self.last = None  # free the previous shard before reading the next
-            features = self.traces.read(index, ["features"], self.layers)["features"]
-            targets = self.traces.read(index, [self.kind])[self.kind]
-            self.last = (index, features.to(self.device), normalise_targets(targets.to(self.device).float(),
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, block: int) -> tuple[Tensor, Tensor]:
+        if self.last is None or self.last[0] != block:
+            self.last = None  # free the previous block before reading the next
+            shards = self.blocks[block]
+            features = torch.cat([self.traces.read(i, ["features"], self.layers)["features"] for i in shards])
+            targets = torch.cat([self.traces.read(i, [self.kind])[self.kind] for i in shards])
+            self.last = (block, features.to(self.device), normalise_targets(targets.to(self.device).float(),
                                                                             self.norm))
         return self.last[1], self.last[2]
 
-    def rows(self, index: int, examples: Tensor) -> Tensor:
-        """Of the global example indices ``examples``, those in shard ``index``, as rows of it."""
-        start = self.traces.offsets[index]
-        inside = examples[(examples >= start) & (examples < start + self.traces.sizes[index])]
-        return inside - start
+    def rows(self, block: int, examples: Tensor) -> Tensor:
+        """Of the global example indices ``examples``, those in ``block``, as rows of it."""
+        start = self.traces.offsets[self.blocks[block][0]]
+        end = start + sum(self.traces.sizes[i] for i in self.blocks[block])
+        return examples[(examples >= start) & (examples < end)] - start
 
 
-def train_network(net: nn.Module, data: _Shards, group: int, predictor: Predictor, train: Tensor, epochs: int,
+def train_network(net: nn.Module, data: _Blocks, group: int, predictor: Predictor, train: Tensor, epochs: int,
                   batch_size: int, lr: float, weight_decay: float, seed: int, desc: str) -> None:
     """MSE regression of a group's targets on its inputs over the ``train`` examples: AdamW, cosine schedule,
-    seeded shuffles of the shards' order and of each shard's rows."""
-    shards = range(len(data.traces.sizes))
-    rows = [data.rows(i, train) for i in shards]
+    seeded shuffles of the blocks' order and of each block's rows."""
+    blocks = range(len(data))
+    rows = [data.rows(i, train) for i in blocks]
     targets = list(predictor.groups[group][1])
     steps = epochs * sum(math.ceil(len(r) / batch_size) for r in rows)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
@@ -229,7 +241,7 @@ def train_network(net: nn.Module, data: _Shards, group: int, predictor: Predicto
     gen = torch.Generator().manual_seed(seed)
     net.train()
     for _ in tqdm(range(epochs), desc=desc, unit="epoch"):
-        order = torch.randperm(len(shards), generator=gen).tolist() if len(shards) > 1 else [0]
+        order = torch.randperm(len(blocks), generator=gen).tolist() if len(blocks) > 1 else [0]
         for index in order:
             features, y = data[index]
             for idx in rows[index][torch.randperm(len(rows[index]), generator=gen)].split(batch_size):
@@ -244,10 +256,10 @@ def train_network(net: nn.Module, data: _Shards, group: int, predictor: Predicto
 
 
 @torch.no_grad()
-def evaluate_held_out(data: _Shards, nets: nn.ModuleList, predictor: Predictor, val: Tensor) -> dict[str, Tensor]:
-    """``per_example_quality`` summed over the held-out examples, a shard at a time."""
+def evaluate_held_out(data: _Blocks, nets: nn.ModuleList, predictor: Predictor, val: Tensor) -> dict[str, Tensor]:
+    """``per_example_quality`` summed over the held-out examples, a block at a time."""
     sums: dict[str, Tensor] = {}
-    for index in range(len(data.traces.sizes)):
+    for index in range(len(data)):
         rows = data.rows(index, val).to(data.device)
         if not len(rows):
             continue
@@ -262,9 +274,9 @@ def evaluate_held_out(data: _Shards, nets: nn.ModuleList, predictor: Predictor, 
 
 def fit_predictor(traces: TraceShards, documents: Sequence[str], shape: Shape, cfg: PredictorConfig,
                   seed: int, heads_only: bool = False, device: torch.device | str = "cpu") -> tuple[Predictor, dict]:
-    """Train the configured placement on ``device``, streaming the traces a shard at a time; report held-out
-    quality overall and per layer. Examples are held out by ``documents`` (one per example); ``heads_only``: no
-    neuron networks (nothing to predict)."""
+    """Train the configured placement on ``device``, streaming the traces in blocks of at most ``cfg.block_gb``;
+    report held-out quality overall and per layer. Examples are held out by ``documents`` (one per example);
+    ``heads_only``: no neuron networks (nothing to predict)."""
     torch.manual_seed(seed)
     device = torch.device(device)
     groups = placement_groups(cfg.name, shape.layers, cfg.layer, cfg.lookahead)
@@ -275,7 +287,7 @@ def fit_predictor(traces: TraceShards, documents: Sequence[str], shape: Shape, c
         kinds.append(("neurons", predictor.neurons, cfg.neuron_epochs, cfg.neuron_batch_size, cfg.neuron_val_fraction))
     metrics, per_layer = {}, {}
     for kind, nets, epochs, batch_size, val_fraction in kinds:
-        data = _Shards(traces, kind, predictor.feature_layers, cfg.target_norm, device)
+        data = _Blocks(traces, kind, predictor.feature_layers, cfg.target_norm, device, cfg.block_gb * 1e9)
         train, val, held_documents = split_by_document(documents, val_fraction, seed)
         for g, (_, targets) in enumerate(groups):
             where = f" layer {targets[0]}" if len(groups) > 1 else ""

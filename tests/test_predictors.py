@@ -242,20 +242,23 @@ def test_per_token_masks_depend_only_on_the_tokens_so_far(tiny_opt, tokenizer):
     assert not torch.equal(masks.neurons[0, 5:len(b) - 1], masks.neurons[1, 5:len(b) - 1])
 
 
-def test_training_streams_the_traces_a_shard_at_a_time(tmp_path):
-    """Traces in four shards (files, or dicts in memory) give the one-shard static importance and a predictor of
-    the same quality; files and dicts give the same weights."""
+def test_training_streams_the_traces_in_blocks(tmp_path):
+    """Traces in four shards: within the block budget they are shuffled as one block, exactly as one shard; beyond
+    it, one block per shard, files or dicts alike, with the same quality."""
     from safetensors.torch import save_file
 
     traces = synthetic_traces()
     pieces = [{k: v[i:i + 128] for k, v in traces.items()} for i in range(0, 512, 128)]
     for i, piece in enumerate(pieces):
         save_file(piece, str(tmp_path / f"traces-{i:05d}.safetensors"))
-    files, memory = TraceShards.load(tmp_path), TraceShards(pieces)
+    files, memory, whole = TraceShards.load(tmp_path), TraceShards(pieces), TraceShards([traces])
     assert files.sizes == [128] * 4 and files.offsets == [0, 128, 256, 384] and len(files) == 512
-    for one, many in zip(static_importance(TraceShards([traces])), static_importance(files), strict=True):
+    for one, many in zip(static_importance(whole), static_importance(files), strict=True):
         torch.testing.assert_close(one, many)
     cfg = PredictorConfig(head_hidden=64, neuron_hidden=64, head_epochs=30, neuron_epochs=10)
+    assert fit_predictor(files, documents(), SHAPE, cfg, seed=0)[1] == fit_predictor(whole, documents(), SHAPE, cfg,
+                                                                                       seed=0)[1]
+    cfg.block_gb = 1e-9  # every shard its own block
     from_files, report = fit_predictor(files, documents(), SHAPE, cfg, seed=0)
     from_memory, again = fit_predictor(memory, documents(), SHAPE, cfg, seed=0)
     assert report == again

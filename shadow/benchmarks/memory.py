@@ -7,7 +7,8 @@ back a shard at a time, so memory is bounded by the batch and the shard, not by 
 
 Each size runs in a fresh process. Scoring: opt-mini's calibration examples repeated to the size, truncated to
 ``--max-length`` tokens so that the large set runs in minutes. Predictor: random traces of OPT-125m's shape (12
-layers, 768 features, 12 heads, 3072 neurons) written shard by shard, then one epoch of the ShadowLLM predictor.
+layers, 768 features, 12 heads, 3072 neurons) written shard by shard, then one epoch of the ShadowLLM predictor
+streaming them in blocks of at most 0.25 GB (``predictor.block_gb``; the default 2 GB holds these sets whole).
 The table gives that process's peak resident set size, what it was before the stage, and the traces' size.
 """
 
@@ -64,7 +65,8 @@ def predictor_child(examples: int) -> None:
                       str(Path(out) / f"traces-{index:05d}.safetensors"))
         size = sum(f.stat().st_size for f in Path(out).iterdir())
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        cfg = PredictorConfig(head_epochs=1, neuron_epochs=1, neuron_batch_size=64, head_batch_size=64)
+        cfg = PredictorConfig(head_epochs=1, neuron_epochs=1, neuron_batch_size=64, head_batch_size=64,
+                              block_gb=0.25)
         fit_predictor(TraceShards.load(Path(out)), [f"doc{i // 8}" for i in range(examples)], shape, cfg, seed=0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"examples": examples, "before_mb": before / 1024, "peak_mb": peak / 1024,
