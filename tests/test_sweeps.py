@@ -8,7 +8,8 @@ import pytest
 from conftest import ROOT
 from hydra import compose, initialize_config_dir
 
-from shadow.benchmarks.latency import ARCHS
+from shadow.benchmarks.latency import check as check_latency
+from shadow.benchmarks.latency import placement
 from shadow.config import register_configs, validate
 
 SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))
@@ -34,7 +35,7 @@ def test_sweep_file_describes_valid_jobs(name, monkeypatch):
     assert len(configs) > 1 or name == "mini_scaling"
     for cfg in configs:
         if "arch" in cfg:  # a latency sweep
-            assert cfg.arch in ARCHS and all(0 <= s < 1 for s in cfg.sparsity)
+            check_latency(cfg)
         else:
             validate(cfg)
 
@@ -65,3 +66,19 @@ def test_reference_sweeps_run_both_protocols_of_the_same_grid():
         for cfg in ours:
             assert cfg.criterion.variant == "textbook" and cfg.neuron_sparsity is None
             assert not cfg.dense_first_layer and cfg.eval.mask_from == "context"
+
+
+def test_paper_latency_fits_80_gb_cards():
+    """Counted on meta: OPT-1.3B to 13B (fp16, with gathered copies and predictors) fit one 80 GB card, OPT-30B
+    does not and spreads over two under device_map=auto."""
+    from shadow.config import ConfigError
+
+    for cfg in jobs("paper_latency"):
+        assert cfg.device_map == "auto" and cfg.dtype == "float16"
+        if cfg.arch == "opt-30b":
+            with pytest.raises(ConfigError, match="needs ≈107.1 GB"):
+                placement(cfg, {0: 80e9})
+            caps = placement(cfg, {0: 80e9, 1: 80e9})
+        else:
+            caps = placement(cfg, {0: 80e9})
+        assert all(cap <= 80e9 for cap in caps.values())
