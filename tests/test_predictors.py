@@ -266,3 +266,17 @@ def test_training_streams_the_traces_in_blocks(tmp_path):
         assert torch.equal(a, b)
     assert report["metrics"]["predictor/heads_val_spearman"] > 0.8
     assert report["metrics"]["predictor/neurons_val_spearman"] > 0.7
+
+
+def test_per_token_masks_are_the_same_in_chunks_of_positions(tiny_opt, tokenizer, monkeypatch):
+    shape = Shape.of(tiny_opt.config)
+    torch.manual_seed(0)
+    predictor = Predictor(shape, 16, placement_groups("shadow", shape.layers), "mlp", 32, 32)
+    masker = PredictedMasks(tiny_opt, predictor, Policy("global", 0.5, 0.5), pad_id=1, granularity="token")
+    requests = [SimpleNamespace(tokens=tokenizer(text)["input_ids"]) for text in
+                ("The army marched north at dawn and rested by the river", "Rain fell")]
+    whole = masker(requests)
+    monkeypatch.setattr("shadow.predictors.TOKEN_CHUNK", 3)
+    chunked = masker(requests)
+    assert torch.equal(chunked.heads, whole.heads) and torch.equal(chunked.neurons, whole.neurons)
+    assert whole.heads.shape[1] > 3

@@ -3,7 +3,7 @@ back a shard at a time, so memory is bounded by the batch and the shard, not by 
 
     python -m shadow.benchmarks.memory                       # opt-mini, plainact, 500 and 5000 examples
     python -m shadow.benchmarks.memory --examples 1000 20000 --max-length 64
-    python -m shadow.benchmarks.memory --stage predictor     # OPT-125m-shaped traces, 1024 and 8192 examples
+    python -m shadow.benchmarks.memory --stage predictor     # OPT-125m-shaped traces, 2048 to 16384 examples
 
 Each size runs in a fresh process. Scoring: opt-mini's calibration examples repeated to the size, truncated to
 ``--max-length`` tokens so that the large set runs in minutes. Predictor: random traces of OPT-125m's shape (12
@@ -87,7 +87,7 @@ def main() -> None:
         else:
             child(args.child, args.max_length, args.batch_size)
         return
-    sizes = args.examples or ([1024, 8192] if args.stage == "predictor" else [500, 5000])
+    sizes = args.examples or ([2048, 8192, 16384] if args.stage == "predictor" else [500, 5000])
     print(f"opt-mini, plainact, batch {args.batch_size}, examples of at most {args.max_length} tokens"
           if args.stage == "scoring" else "predictor training (one epoch) on OPT-125m-shaped random traces")
     print(f"{'examples':>10}{'RSS before MB':>15}{'peak RSS MB':>13}{'traces MB':>11}")
