@@ -52,8 +52,9 @@ def apply_masks(model: nn.Module, masks: Masks | None) -> Iterator[None]:
                 heads, neurons = masks.heads[..., index, :], masks.neurons[..., index, :]
                 if heads.dim() == 2:  # per request: the same mask at every position
                     heads, neurons = heads[:, None], neurons[:, None]
-                if not heads.is_floating_point():  # boolean masks: cast once, not at every forward; float
-                    heads, neurons = heads.to(model.dtype), neurons.to(model.dtype)  # gates keep their dtype
+                    if not heads.is_floating_point():  # small: cast once, not at every forward (float gates
+                        heads, neurons = heads.to(model.dtype), neurons.to(model.dtype)  # keep their dtype)
+                # per-token masks stay boolean: cast per layer as it runs, never (B, T, L, F) in the model's dtype
                 handles.append(attn.register_forward_pre_hook(_head_hook(heads)))
                 handles.append(fc2.register_forward_pre_hook(_neuron_hook(neurons)))
         yield
