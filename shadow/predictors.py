@@ -240,36 +240,39 @@ def train_network(net: nn.Module, data: _Blocks, group: int, predictor: Predicto
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
     gen = torch.Generator().manual_seed(seed)
+
+    def train_block(features: Tensor, y: Tensor, rows: Tensor) -> None:  # holds the block only while it trains
+        for idx in rows[torch.randperm(len(rows), generator=gen)].split(batch_size):
+            idx = idx.to(data.device)
+            loss = nn.functional.mse_loss(net(predictor.inputs(features[idx], group)), y[idx][:, targets].flatten(1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            schedule.step()
+
     net.train()
     for _ in tqdm(range(epochs), desc=desc, unit="epoch"):
         order = torch.randperm(len(blocks), generator=gen).tolist() if len(blocks) > 1 else [0]
         for index in order:
-            features, y = data[index]
-            for idx in rows[index][torch.randperm(len(rows[index]), generator=gen)].split(batch_size):
-                idx = idx.to(data.device)
-                pred = net(predictor.inputs(features[idx], group))
-                loss = nn.functional.mse_loss(pred, y[idx][:, targets].flatten(1))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                schedule.step()
+            train_block(*data[index], rows[index])
     net.eval()
 
 
 @torch.no_grad()
 def evaluate_held_out(data: _Blocks, nets: nn.ModuleList, predictor: Predictor, val: Tensor) -> dict[str, Tensor]:
     """``per_example_quality`` summed over the held-out examples, a block at a time."""
-    sums: dict[str, Tensor] = {}
-    for index in range(len(data)):
-        rows = data.rows(index, val).to(data.device)
-        if not len(rows):
-            continue
-        features, y = data[index]
+    def block_quality(features: Tensor, y: Tensor, rows: Tensor) -> dict[str, Tensor]:
         pred = torch.zeros_like(y[rows])
         for g, (_, targets) in enumerate(predictor.groups):
             pred[:, list(targets)] = nets[g](predictor.inputs(features[rows], g)).view(len(rows), len(targets), -1)
-        for key, value in per_example_quality(pred, y[rows]).items():
-            sums[key] = sums.get(key, 0) + value.sum(0)
+        return per_example_quality(pred, y[rows])
+
+    sums: dict[str, Tensor] = {}
+    for index in range(len(data)):
+        rows = data.rows(index, val).to(data.device)
+        if len(rows):
+            for key, value in block_quality(*data[index], rows).items():
+                sums[key] = sums.get(key, 0) + value.sum(0)
     return sums
 
 
