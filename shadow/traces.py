@@ -273,9 +273,9 @@ def compute_traces(model: nn.Module, examples: list[Example], criterion: Criteri
 
 
 class TraceShards:
-    """Traces as the shards they were written in, read one at a time: what reads them (predictor training, static
-    importance) holds one shard, not the whole set. A shard is a ``traces-*.safetensors`` file or, in memory, a
-    dict of its tensors."""
+    """Traces as the shards they were written in, each read when asked for: what reads them (predictor training,
+    static importance) holds a shard or a block of them, never necessarily the whole set. A shard is a
+    ``traces-*.safetensors`` file or, in memory, a dict of its tensors."""
 
     def __init__(self, shards: Sequence[Path | dict[str, Tensor]]):
         self.shards = list(shards)
