@@ -105,19 +105,23 @@ def available_memory(cfg: ModelConfig, device: str) -> tuple[float, str]:
     return psutil.virtual_memory().available, "CPU RAM"
 
 
-def check_memory(cfg: ModelConfig, config, device: str) -> float:
-    """Log the weights' size and fail before loading when they cannot fit; returns the bytes needed."""
+def check_memory(cfg: ModelConfig, config, device: str, beside: float = 0.0) -> float:
+    """Log the weights' size and fail before loading when they cannot fit, with ``beside`` bytes of other work
+    (a predictor trained on the same device) next to them; returns the bytes the weights need."""
     params = parameter_count(config)
     need = params * BYTES[cfg.dtype]
     free, where = available_memory(cfg, device)
     count = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.2f}M"
     log.info("model %s: %s parameters, %s in %s; %s free in %s", cfg.name, count, readable(need), cfg.dtype,
              readable(free), where)
-    if need * 1.2 > free:  # activations, masks and predictors need room beside the weights
-        fixes = (["model.dtype=float16"] if cfg.dtype == "float32" else []) + [
+    if need * 1.2 + beside > free:  # activations, masks and predictors need room beside the weights
+        fixes = (["model.dtype=float16"] if cfg.dtype == "float32" else []) + (
+            ["predictor.device=cpu (or another GPU)"] if beside else []) + [
             "model.device_map=auto over more GPUs", "a smaller model"]
-        raise ConfigError(f"model={cfg.name} needs ≈{need * 1.2 / GB:.1f} GB in dtype={cfg.dtype} (weights + 20%) "
-                          f"but {where} has {free / GB:.1f} GB free; use {', '.join(fixes[:-1])} or {fixes[-1]}")
+        training = f" and {beside / GB:.1f} GB to train the predictor beside them" if beside else ""
+        raise ConfigError(f"model={cfg.name} needs ≈{(need * 1.2 + beside) / GB:.1f} GB in dtype={cfg.dtype} "
+                          f"(weights + 20%{training}) but {where} has {free / GB:.1f} GB free; use "
+                          f"{', '.join(fixes[:-1])} or {fixes[-1]}")
     return need
 
 

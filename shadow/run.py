@@ -107,17 +107,32 @@ def mask_source(cfg: DictConfig, model, model_id: dict, examples: list[Example],
             {"metrics": predictor_meta["metrics"], "per_layer": predictor_meta["per_layer"]})
 
 
+def predictor_parameters(cfg: DictConfig, shape: Shape, hidden: int, heads_only: bool) -> int:
+    """Parameters of the configured placement's networks (0 for those without one)."""
+    p = cfg.predictor
+    if p.name not in ("shadow", "dejavu"):
+        return 0
+    neuron_hidden = 0 if heads_only else p.neuron_hidden
+    return sum(hidden * p.head_hidden + p.head_hidden * len(targets) * shape.heads
+               + hidden * neuron_hidden + neuron_hidden * len(targets) * shape.neurons
+               for _, targets in placement_groups(p.name, shape.layers, p.layer, p.lookahead))
+
+
 def artifact_bytes(cfg: DictConfig, shape: Shape, hidden: int, examples: int, heads_only: bool) -> float:
     """Disk the traces and the predictor take: float32 features and scores per example, the networks' weights."""
     traces = examples * shape.layers * (hidden + shape.heads + shape.neurons) * 4
-    p = cfg.predictor
-    if p.name not in ("shadow", "dejavu"):
-        return traces if p.name == "static" else 0.0
-    neuron_hidden = 0 if heads_only else p.neuron_hidden
-    params = sum(hidden * p.head_hidden + p.head_hidden * len(targets) * shape.heads
-                 + hidden * neuron_hidden + neuron_hidden * len(targets) * shape.neurons
-                 for _, targets in placement_groups(p.name, shape.layers, p.layer, p.lookahead))
-    return traces + params * 4
+    if cfg.predictor.name == "static":
+        return traces
+    params = predictor_parameters(cfg, shape, hidden, heads_only)
+    return traces + params * 4 if params else 0.0
+
+
+def training_bytes(cfg: DictConfig, shape: Shape, hidden: int, examples: int, heads_only: bool) -> float:
+    """Memory predictor training takes where it runs: float32 weights, gradients and AdamW's two moments, and one
+    block of traces."""
+    params = predictor_parameters(cfg, shape, hidden, heads_only)
+    traces = examples * shape.layers * (hidden + shape.heads + shape.neurons) * 4
+    return params * 16 + min(traces, cfg.predictor.block_gb * 1e9) if params else 0.0
 
 
 def save_record(directory: Path, record: dict) -> dict:
@@ -157,9 +172,11 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
     if not 0 <= cfg.predictor.layer < shape.layers:
         raise ConfigError(f"predictor.layer={cfg.predictor.layer} is not a layer of this {shape.layers}-layer "
                          f"model; set predictor.layer between 0 and {shape.layers - 1}")
-    check_memory(cfg.model, config, cfg.device)
     tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
     examples = load_calibration(cfg.calibration, tokenizer, config.max_position_embeddings)
+    beside = 0.0 if cfg.predictor.device else training_bytes(cfg, shape, config.hidden_size, len(examples),
+                                                             criterion.heads_only)
+    check_memory(cfg.model, config, cfg.device, beside)
     check_space(cfg.cache_dir, artifact_bytes(cfg, shape, config.hidden_size, len(examples), criterion.heads_only),
                 "traces and predictor")
     eval_input = load_eval_data(cfg.eval) if cfg.eval.name == "perplexity" else check_tasks(cfg.eval)

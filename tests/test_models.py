@@ -33,6 +33,30 @@ def test_a_model_that_cannot_fit_fails_before_loading(monkeypatch):
         check_memory(cfg, config, "cpu")
 
 
+def test_the_memory_check_counts_the_predictor_trained_beside_the_model(compose_cfg, monkeypatch):
+    """OPT-66B's ShadowLLM predictor trains with 2.45B float32 parameters, gradients and AdamW moments (39 GB) plus
+    a block of traces; on the model's device that must fit too."""
+    from transformers import OPTConfig
+
+    from shadow.models import Shape
+    from shadow.run import predictor_parameters, training_bytes
+
+    cfg = compose_cfg("+criterion=plainact")
+    config = OPTConfig(hidden_size=9216, num_hidden_layers=64, num_attention_heads=72, ffn_dim=36864)
+    shape = Shape.of(config)
+    assert predictor_parameters(cfg, shape, 9216, heads_only=False) == pytest.approx(2.45e9, rel=0.01)
+    beside = training_bytes(cfg, shape, 9216, examples=5000, heads_only=False)
+    assert beside == 16 * predictor_parameters(cfg, shape, 9216, False) + 2e9  # a 2 GB block of the 94 GB traces
+    tiny = make_tiny_opt().config
+    monkeypatch.setattr("shadow.models.available_memory", lambda cfg, device: (45e9, "cuda:0"))
+    model = ModelConfig(name="tiny", path="unused", dtype="float16")
+    check_memory(model, tiny, "cuda:0")
+    with pytest.raises(ConfigError, match=r"model=tiny needs ≈46.\d GB in dtype=float16 \(weights \+ 20% and 46.\d GB "
+                                          r"to train the predictor beside them\) but cuda:0 has 45.0 GB free; use "
+                                          r"predictor.device=cpu \(or another GPU\), model.device_map=auto"):
+        check_memory(model, tiny, "cuda:0", beside + 5e9)
+
+
 def test_max_memory_takes_gpu_indices_and_cpu_from_the_command_line(tmp_path):
     """As accelerate writes it: integer GPU keys and ``cpu``, also under --cfg job (the node defaults to {})."""
     for caps, shown in (("{0: 70GiB, 1: 70GiB}", ["0: 70GiB", "1: 70GiB"]), ("{cpu: 8MB}", ["cpu: 8MB"])):
