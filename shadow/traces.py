@@ -92,10 +92,12 @@ def score_batch(model: nn.Module, batch: Batch, criterion: Criterion, shape: Sha
 
     def units(act: Tensor, grad: Tensor | None, index: int, kind: str) -> Units:
         layer = decoder_layers(model)[index]
-        modules = {"fc1": layer.fc1, "fc2": layer.fc2, "v_proj": layer.self_attn.v_proj,
-                   "out_proj": layer.self_attn.out_proj} if "weights" in needs else {}
-        with resident(layer):  # offloaded weights come back for the read
-            weights = {k: upcast(m.weight.detach()).to(act.device) for k, m in modules.items()}
+        weights = {}
+        if "weights" in needs:
+            with resident(layer):  # offloaded weights come back for the read
+                weights = {k: upcast(m.weight.detach()).to(act.device) for k, m in (
+                    ("fc1", layer.fc1), ("fc2", layer.fc2), ("v_proj", layer.self_attn.v_proj),
+                    ("out_proj", layer.self_attn.out_proj))}
         return Units(act=upcast(act), grad=None if grad is None else scaling.unscale(grad).reshape(act.shape),
                      valid=valid.to(act.device), weights=weights,
                      fc1_input=captured.pop(("fc1", index), None) if kind == "neurons" else None,

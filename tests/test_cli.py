@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
 from conftest import FAST_CLI, run_shadow
 
 from shadow.cli import fix_argv
@@ -62,11 +64,8 @@ def test_every_criterion_runs_end_to_end(tmp_path):
         assert line["metrics"]["achieved_neuron_sparsity"] == (0.0 if heads_only else 0.5)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the check runs for real")
 def test_the_gpu_check_says_in_one_line_that_it_needs_cuda(tmp_path):
-    import torch
-
-    if torch.cuda.is_available():
-        return  # on a GPU machine the check runs for real (python -m shadow.benchmarks.gpu)
     result = run_shadow("--out report.md", tmp_path, module="shadow.benchmarks.gpu")
     assert result.returncode == 1 and not (tmp_path / "report.md").exists()
     assert result.stdout.strip().splitlines() == [
