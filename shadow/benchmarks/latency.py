@@ -37,6 +37,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 import torch
@@ -53,6 +54,9 @@ from shadow.predictors import Predictor, placement_groups
 from shadow.sparse import TokenDecoder, pruned
 from shadow.traces import layer_features
 
+if TYPE_CHECKING:
+    from transformers import OPTConfig
+
 ARCHS = {  # hidden, layers, heads (FFN = 4 × hidden)
     "opt-125m": (768, 12, 12), "opt-350m": (1024, 24, 16), "opt-1.3b": (2048, 24, 32),
     "opt-2.7b": (2560, 32, 32), "opt-6.7b": (4096, 32, 32), "opt-13b": (5120, 40, 40), "opt-30b": (7168, 48, 56),
@@ -62,7 +66,8 @@ COLUMNS = ["method", "granularity", "sparsity", "total_ms", "first_token_ms", "s
            "predictor_share"]
 
 
-def opt_config(arch: str):
+def opt_config(arch: str) -> OPTConfig:
+    """The architecture's OPT config (vocabulary and context of the released models)."""
     from transformers import OPTConfig
 
     hidden, layers, heads = ARCHS[arch]
