@@ -163,13 +163,6 @@ def per_example_quality(pred: Tensor, target: Tensor) -> dict[str, Tensor]:
             "squared_error": (pred - target).pow(2).flatten(1).sum(1)}
 
 
-def quality(pred: Tensor, target: Tensor) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """Held-out quality of (N, L, U) predictions, averaged over examples (see ``per_example_quality``)."""
-    values = per_example_quality(pred, target)
-    return ({k: values[k].mean().item() for k in ("val_spearman", "val_recall50")},
-            {k: values[f"layer_{k}"].mean(0).tolist() for k in ("val_spearman", "val_recall50")})
-
-
 def split_by_document(documents: Sequence[str], val_fraction: float, seed: int) -> tuple[Tensor, Tensor, int]:
     """(train, held-out) example indices and the number of held-out documents: whole documents, in a seeded
     order, are held out until they hold ``val_fraction`` of the examples, so that no held-out example shares a

@@ -118,9 +118,14 @@ def predictor_parameters(cfg: DictConfig, shape: Shape, hidden: int, heads_only:
                for _, targets in placement_groups(p.name, shape.layers, p.layer, p.lookahead))
 
 
+def traces_bytes(shape: Shape, hidden: int, examples: int) -> float:
+    """float32 features and head and neuron scores of every layer, per example."""
+    return examples * shape.layers * (hidden + shape.heads + shape.neurons) * 4
+
+
 def artifact_bytes(cfg: DictConfig, shape: Shape, hidden: int, examples: int, heads_only: bool) -> float:
-    """Disk the traces and the predictor take: float32 features and scores per example, the networks' weights."""
-    traces = examples * shape.layers * (hidden + shape.heads + shape.neurons) * 4
+    """Disk the traces and the predictor take: the traces, the networks' float32 weights."""
+    traces = traces_bytes(shape, hidden, examples)
     if cfg.predictor.name == "static":
         return traces
     params = predictor_parameters(cfg, shape, hidden, heads_only)
@@ -131,8 +136,7 @@ def training_bytes(cfg: DictConfig, shape: Shape, hidden: int, examples: int, he
     """Memory predictor training takes where it runs: float32 weights, gradients and AdamW's two moments, and one
     block of traces."""
     params = predictor_parameters(cfg, shape, hidden, heads_only)
-    traces = examples * shape.layers * (hidden + shape.heads + shape.neurons) * 4
-    return params * 16 + min(traces, cfg.predictor.block_gb * 1e9) if params else 0.0
+    return params * 16 + min(traces_bytes(shape, hidden, examples), cfg.predictor.block_gb * 1e9) if params else 0.0
 
 
 def save_record(directory: Path, record: dict) -> dict:

@@ -23,8 +23,8 @@ from shadow.predictors import (
     fit_predictor,
     load_predictor,
     normalise_targets,
+    per_example_quality,
     placement_groups,
-    quality,
     save_predictor,
     spearman,
     split_by_document,
@@ -133,6 +133,13 @@ def test_head_only_criteria_train_no_neuron_predictor(tmp_path):
     assert torch.equal(heads, predictor(x)[0])
     assert neurons.shape == (2, SHAPE.layers, SHAPE.neurons) and not neurons.any()
     assert Policy("global", 0.5, 0.0).select(heads, neurons).neurons.all()  # every neuron kept
+
+
+def quality(pred: torch.Tensor, target: torch.Tensor) -> tuple[dict, dict]:
+    """Per-example quality averaged over examples, as fit_predictor reports it."""
+    values = per_example_quality(pred, target)
+    return ({k: values[k].mean().item() for k in ("val_spearman", "val_recall50")},
+            {k: values[f"layer_{k}"].mean(0).tolist() for k in ("val_spearman", "val_recall50")})
 
 
 def test_quality_metrics_on_known_rankings():

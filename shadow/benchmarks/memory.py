@@ -1,5 +1,5 @@
-"""Peak memory of scoring and of predictor training: traces stream to disk in shards, and training streams them
-back a shard at a time, so memory is bounded by the batch and the shard, not by the set size.
+"""Peak memory of scoring and of predictor training: traces stream to disk in shards, and training reads them
+back in blocks of shards, so memory is bounded by the batch and the block, not by the set size.
 
     python -m shadow.benchmarks.memory                       # opt-mini, plainact, 500 and 5000 examples
     python -m shadow.benchmarks.memory --examples 1000 20000 --max-length 64
