@@ -1,5 +1,7 @@
 """Bad input, table-driven: each case fails before any model loads, with one line naming the key, the value and
-the fix. README's "Bad input" section is generated from this table: ``python tests/test_bad_input.py``."""
+the fix. The "Bad input" table of docs/reliability.md (between its bad-input markers) is generated from this table
+and checked against it: ``python tests/test_bad_input.py`` regenerates it. The lists of options in the messages
+come from the code's registries (criteria, predictors, policies, dtypes, datasets, launchers) and conf/'s groups."""
 
 from __future__ import annotations
 
@@ -14,11 +16,24 @@ import pytest
 from conftest import ROOT
 from hydra import compose, initialize_config_dir
 
-from shadow.cli import check_argv, fix_argv, overrides_of
-from shadow.config import ConfigError, register_configs
+from shadow.cli import LAUNCHERS, check_argv, fix_argv, overrides_of
+from shadow.config import DTYPES, EVAL_DATASETS, POLICIES, PREDICTORS, ConfigError, register_configs
+from shadow.criteria import CRITERIA
 from shadow.run import run
 
-CRITERIA = "epenas, fisher, grad_norm, grasp, jacov, l2_norm, nwot, plainact, random, snip, weight_magnitude"
+DOC = ROOT / "docs" / "reliability.md"
+
+
+def listed(names) -> str:
+    return ", ".join(names)
+
+
+def conf_group(group: str) -> list[str]:
+    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+
+
+CRITERION_NAMES = listed(sorted(CRITERIA))
+JACOV_VARIANTS = sorted(CRITERIA["jacov"])  # jacov has no reference form
 
 
 @dataclass(frozen=True)
@@ -30,18 +45,18 @@ class Case:
 
 CASES = [
     Case("no criterion", "sparsity=0.3",
-         f"criterion is not set; add +criterion=<name> with one of: {CRITERIA}"),
+         f"criterion is not set; add +criterion=<name> with one of: {CRITERION_NAMES}"),
     Case("unknown criterion", "+criterion=plainact_v2",
-         f"criterion=plainact_v2 is not an option; use one of: {CRITERIA}"),
+         f"criterion=plainact_v2 is not an option; use one of: {CRITERION_NAMES}"),
     Case("criterion variant it does not have", "+criterion=jacov criterion.variant=reference",
-         "criterion.variant='reference' is not one of textbook; pick one, e.g. criterion.variant=textbook"),
+         f"criterion.variant='reference' is not one of {listed(JACOV_VARIANTS)}; pick one, e.g. "
+         f"criterion.variant={JACOV_VARIANTS[0]}"),
     Case("unknown predictor", "+criterion=plainact predictor=deja_vu",
-         "predictor=deja_vu is not an option; use one of: dejavu, dense, oracle, shadow, static"),
+         f"predictor=deja_vu is not an option; use one of: {listed(sorted(PREDICTORS))}"),
     Case("unknown model", "+criterion=plainact model=opt-175b",
-         "model=opt-175b is not an option; use one of: opt-1.3b, opt-125m, opt-13b, opt-2.7b, opt-30b, opt-350m, "
-         "opt-6.7b, opt-66b, opt-mini"),
+         f"model=opt-175b is not an option; use one of: {listed(conf_group('model'))}"),
     Case("unknown policy", "+criterion=plainact policy=per_layer",
-         "policy='per_layer' is not one of global, local, hybrid; pick one, e.g. policy=global"),
+         f"policy='per_layer' is not one of {listed(POLICIES)}; pick one, e.g. policy={POLICIES[0]}"),
     Case("sparsity of 1", "+criterion=plainact sparsity=1.0",
          "sparsity=1.0 is outside [0, 1); set sparsity to a fraction such as 0.5"),
     Case("negative sparsity", "+criterion=plainact head_sparsity=-0.1",
@@ -76,10 +91,10 @@ CASES = [
     Case("task directory that does not exist", "+criterion=plainact eval=tasks eval.include_path=/nonexistent/tasks",
          "eval.include_path='/nonexistent/tasks' is not a directory; point it at a folder of lm-eval task YAML files"),
     Case("unknown launcher preset", "+criterion=plainact hydra/launcher=slurm_a100 -m sparsity=0.5",
-         "hydra/launcher=slurm_a100 is not an option; use one of: basic, joblib, parallel, slurm, submitit_local, "
-         "submitit_slurm"),
+         "hydra/launcher=slurm_a100 is not an option; use one of: "
+         f"{listed(sorted({*conf_group('hydra/launcher'), *LAUNCHERS}))}"),
     Case("unknown dtype", "+criterion=plainact model.dtype=float8",
-         "model.dtype='float8' is not one of float32, float16, bfloat16; pick one, e.g. model.dtype=float32"),
+         f"model.dtype='float8' is not one of {listed(DTYPES)}; pick one, e.g. model.dtype={DTYPES[0]}"),
     Case("float16 on the CPU", "+criterion=plainact model.dtype=float16",
          "model.dtype='float16' is slow and inexact on the CPU; use model.dtype=float32 or bfloat16, or device=cuda"),
     Case("device caps that are not a map", "+criterion=plainact model.device_map=auto model.max_memory=[70GiB]",
@@ -102,7 +117,7 @@ CASES = [
          "calibration.num_fewshot is read only with calibration.source=tasks; add calibration.source=tasks (or "
          "calibration=paper), or drop calibration.num_fewshot"),
     Case("unknown perplexity dataset", "+criterion=plainact eval.dataset=ptb",
-         "eval.dataset='ptb' is not one of opt_mini, wikitext2; pick one, e.g. eval.dataset=opt_mini"),
+         f"eval.dataset='ptb' is not one of {listed(EVAL_DATASETS)}; pick one, e.g. eval.dataset={EVAL_DATASETS[0]}"),
     Case("batch size of 0", "+criterion=plainact calibration.batch_size=0",
          "calibration.batch_size=0 must be at least 1; set calibration.batch_size=8"),
     Case("broken override syntax", "+criterion=plainact sparsity=[0.3",
@@ -160,20 +175,20 @@ def test_the_command_line_shows_one_line_and_no_traceback(tmp_path):
     assert full.returncode == 1 and "Traceback" in full.stderr and "ConfigError" in full.stderr
 
 
-def readme_section() -> str:
+def doc_section() -> str:
     rows = [f"| {c.what} | `{c.args.format(tmp='/tmp')}` | {c.message.format(tmp='/tmp', gpus=0, fallback='cpu')} |"
             for c in CASES]
     return "\n".join(["| bad input | command (`python -m shadow …`) | error |", "|---|---|---|", *rows]) + "\n"
 
 
-def test_readme_lists_every_case():
-    readme = (ROOT / "README.md").read_text()
+def test_reliability_doc_lists_every_case():
+    doc = DOC.read_text()
     start, end = "<!-- bad-input:start -->\n", "<!-- bad-input:end -->"
-    assert readme.split(start)[1].split(end)[0] == readme_section(), "run: python tests/test_bad_input.py"
+    assert doc.split(start)[1].split(end)[0] == doc_section(), "run: python tests/test_bad_input.py"
 
 
-if __name__ == "__main__":  # regenerate README's table
-    readme = (ROOT / "README.md").read_text()
-    head, rest = readme.split("<!-- bad-input:start -->\n")
+if __name__ == "__main__":  # regenerate the table in docs/reliability.md
+    doc = DOC.read_text()
+    head, rest = doc.split("<!-- bad-input:start -->\n")
     tail = rest.split("<!-- bad-input:end -->")[1]
-    (ROOT / "README.md").write_text(f"{head}<!-- bad-input:start -->\n{readme_section()}<!-- bad-input:end -->{tail}")
+    DOC.write_text(f"{head}<!-- bad-input:start -->\n{doc_section()}<!-- bad-input:end -->{tail}")
