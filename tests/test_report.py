@@ -1,4 +1,4 @@
-"""The results table from sweep directories."""
+"""The results table and plots from sweep directories."""
 
 from __future__ import annotations
 
@@ -33,26 +33,136 @@ def test_report_writes_csv_and_markdown_of_the_varying_keys(tmp_path):
     assert (tmp_path / "a" / "token_perplexity_by_criterion.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_plots_average_repeats_and_split_lines_by_the_varying_keys():
-    from shadow.report import plot_layers, plot_metric
+def job(criterion="plainact", predictor="shadow", sparsity=0.5, seed=0, head=None, policy="global", layers=2,
+        **metrics):
+    """A row as load_rows reads it: the config keys, the metrics and the achieved sparsity per layer."""
+    head = sparsity if head is None else head
+    return {"model": "opt-mini", "criterion": criterion, "criterion_variant": "textbook", "predictor": predictor,
+            "policy": policy, "dense_first_layer": False, "sparsity": sparsity, "head_sparsity": head,
+            "neuron_sparsity": sparsity, "eval": "tasks", "seed": seed, **metrics,
+            "layers": {"head_sparsity": [head] * layers, "neuron_sparsity": [sparsity + seed / 10] * layers}}
 
-    def row(criterion, predictor, sparsity, acc, seed=0):
-        return {"model": "opt-mini", "criterion": criterion, "criterion_variant": "textbook", "predictor": predictor,
-                "policy": "global", "dense_first_layer": False, "sparsity": sparsity, "head_sparsity": sparsity,
-                "neuron_sparsity": sparsity, "eval": "tasks", "seed": seed, "tasks/mean_acc": acc,
-                "layers": {"head_sparsity": [0.0, sparsity], "neuron_sparsity": [sparsity, 1.0]}}
-    rows = [row("plainact", "shadow", 0.5, 0.6), row("plainact", "shadow", 0.5, 0.4),  # the same job twice
-            row("plainact", "shadow", 0.3, 0.7), row("l2_norm", "shadow", 0.5, 0.5), row("l2_norm", "dejavu", 0.5, 0.3),
-            row("l2_norm", "dejavu", 0.5, 0.2, seed=1)]
-    fig = plot_metric(rows, "tasks/mean_acc", "criterion", "predictor")
-    panels = {ax.get_title(): {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
-                               for line in ax.get_lines()} for ax in fig.axes}
-    assert panels["predictor=dejavu"] == {"criterion=l2_norm, seed=0": ([0.5], [0.3]),
-                                          "criterion=l2_norm, seed=1": ([0.5], [0.2])}
-    assert panels["predictor=shadow"]["criterion=l2_norm, seed=0"] == ([0.5], [0.5])
-    assert panels["predictor=shadow"]["criterion=plainact, seed=0"] == ([0.3, 0.5], [0.7, pytest.approx(0.5)])
-    heatmap = plot_layers(rows).axes[0].images[0].get_array()
-    assert heatmap.shape == (6, 2) and heatmap[2].tolist() == [0.0, 0.3]
+
+def lines_of(ax) -> dict[str, tuple[list, list]]:
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+
+
+def test_labels_name_only_the_keys_that_vary():
+    from shadow.report import label, varying_keys
+
+    rows = [job(sparsity=0.3), job(sparsity=0.5, head=0.3), job("l2_norm", "static", 0.5, seed=1)]
+    keys = varying_keys(rows)
+    assert keys == ["criterion", "predictor", "sparsity", "head_sparsity", "neuron_sparsity", "seed"]
+    assert [label(r, keys) for r in rows] == ["plainact, shadow, s=0.3, seed=0",
+                                              "plainact, shadow, s=0.5, heads=0.3, seed=0",
+                                              "l2_norm, static, s=0.5, seed=1"]
+    assert label({"compat": "reference", "policy": "local", "model": "opt-mini"},
+                 ["model", "policy", "compat"]) == "opt-mini, policy=local, compat=reference"
+    assert label(job(), []) == "all"
+
+
+def test_seeds_are_one_line_at_their_mean_in_a_min_max_band():
+    from matplotlib.colors import to_rgb
+
+    from shadow.report import Point, plot_metric, series
+
+    rows = [job(sparsity=0.3, seed=0, acc=0.7), job(sparsity=0.3, seed=1, acc=0.6), job(sparsity=0.3, seed=2, acc=0.8),
+            job(sparsity=0.5, seed=0, acc=0.5), job(sparsity=0.5, seed=1, acc=0.4), job(sparsity=0.5, seed=2, acc=0.45),
+            job("l2_norm", sparsity=0.5, acc=0.3)]
+    assert series(rows, "acc", ["criterion"]) == {
+        "plainact": [Point(0.3, pytest.approx(0.7), 0.6, 0.8), Point(0.5, pytest.approx(0.45), 0.4, 0.5)],
+        "l2_norm": [Point(0.5, 0.3, 0.3, 0.3)]}
+    ax = plot_metric(rows, "acc", "criterion", "predictor").axes[0]
+    assert lines_of(ax) == {"plainact": ([0.3, 0.5], [pytest.approx(0.7), pytest.approx(0.45)]),
+                            "l2_norm": ([0.5], [0.3])}
+    band, = ax.collections  # l2_norm ran once: no band
+    assert {tuple(v) for v in band.get_paths()[0].vertices} == {(0.3, 0.6), (0.3, 0.8), (0.5, 0.4), (0.5, 0.5)}
+    plainact, = (line for line in ax.get_lines() if line.get_label() == "plainact")
+    assert tuple(band.get_facecolor()[0][:3]) == pytest.approx(to_rgb(plainact.get_color()))
+
+
+def test_lines_split_by_the_other_varying_keys_in_one_colour_across_panels():
+    from shadow.report import plot_metric
+
+    rows = [job("plainact", "shadow", policy="global", acc=0.6), job("plainact", "shadow", policy="local", acc=0.5),
+            job("l2_norm", "shadow", acc=0.4), job("l2_norm", "shadow", head=0.3, acc=0.2),
+            job("plainact", "dejavu", policy="local", acc=0.3)]
+    fig = plot_metric(rows, "acc", "criterion", "predictor")
+    panels = {ax.get_title(): ax for ax in fig.axes}
+    assert list(panels) == ["predictor: dejavu", "predictor: shadow"]
+    assert lines_of(panels["predictor: shadow"]) == {"l2_norm, policy=global": ([0.5], [0.4]),
+                                                     "l2_norm, policy=global, heads=0.3": ([0.5], [0.2]),
+                                                     "plainact, policy=global": ([0.5], [0.6]),
+                                                     "plainact, policy=local": ([0.5], [0.5])}
+    colour = {ax.get_title(): {line.get_label(): line.get_color() for line in ax.get_lines()} for ax in fig.axes}
+    dejavu, shadow = colour["predictor: dejavu"], colour["predictor: shadow"]
+    assert dejavu["plainact, policy=local"] == shadow["plainact, policy=local"]
+    assert len(set(shadow.values())) == 4
+    legend, = fig.legends
+    assert legend.get_title().get_text() == "criterion"  # the other keys are written key=value
+    assert [t.get_text() for t in legend.get_texts()] == ["l2_norm, policy=global", "l2_norm, policy=global, heads=0.3",
+                                                         "plainact, policy=global", "plainact, policy=local"]
+
+
+def test_dense_is_a_horizontal_reference_and_the_oracle_a_dashed_line():
+    from shadow.report import plot_metric
+
+    rows = [job(c, "dense", s, seed, ppl=30.0 + seed) for c in ("plainact", "l2_norm") for s in (0.3, 0.5)
+            for seed in (0, 1)]
+    rows += [job(c, p, s, ppl=v * s * 100) for c, v in (("plainact", 1), ("l2_norm", 2))
+             for p in ("shadow", "static", "oracle") for s in (0.3, 0.5)]
+    by_criterion = plot_metric(rows, "ppl", "criterion", "predictor")
+    assert [ax.get_title() for ax in by_criterion.axes] == ["predictor: shadow", "predictor: static"]
+    for ax in by_criterion.axes:
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        assert set(lines) == {"plainact", "l2_norm", "plainact (oracle)", "l2_norm (oracle)", "dense"}
+        assert list(lines["dense"].get_ydata()) == [30.5, 30.5]  # the mean of the dense runs, across the panel
+        assert list(lines["dense"].get_xdata()) == [0, 1] and lines["dense"].get_linestyle() == ":"
+        assert list(lines["plainact (oracle)"].get_ydata()) == [pytest.approx(30), pytest.approx(50)]
+        assert lines["plainact (oracle)"].get_linestyle() == "--" and lines["plainact"].get_linestyle() == "-"
+        assert lines["plainact (oracle)"].get_color() == lines["plainact"].get_color()
+    assert [t.get_text() for t in by_criterion.legends[0].get_texts()] == ["l2_norm", "plainact", "oracle", "dense"]
+    by_predictor = plot_metric(rows, "ppl", "predictor", "criterion")
+    assert [ax.get_title() for ax in by_predictor.axes] == ["criterion: l2_norm", "criterion: plainact"]
+    styles = {line.get_label(): line.get_linestyle() for line in by_predictor.axes[1].get_lines()}
+    assert styles == {"shadow": "-", "static": "-", "oracle": "--", "dense": ":"}
+    assert [t.get_text() for t in by_predictor.legends[0].get_texts()] == ["shadow", "static", "oracle", "dense"]
+
+
+def test_perplexity_ticks_read_as_plain_numbers():
+    from shadow.report import log_ticks, plot_metric
+
+    assert log_ticks(27, 650) == [30, 50, 100, 200, 300, 500]
+    wide = [job(sparsity=s, token_perplexity=p) for s, p in ((0.3, 31.0), (0.5, 117.5), (0.7, 612.0))]
+    narrow = [job(sparsity=s, token_perplexity=p) for s, p in ((0.3, 101.0), (0.5, 117.5), (0.7, 131.0))]
+    for rows, scale in ((wide, "log"), (narrow, "linear")):
+        fig = plot_metric(rows, "token_perplexity", "criterion", "predictor")
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+        assert ax.get_yscale() == scale and len(labels) >= 4
+        assert all(label.isdigit() for label in labels), labels  # 100, not 1×10² nor $\mathdefault{10^{2}}$
+        assert not any(t.get_text() for t in ax.get_yticklabels(minor=True))
+        assert ax.yaxis.get_offset_text().get_text() == ""
+
+
+def test_heatmap_grows_with_layers_and_jobs_and_annotates_only_small_ones():
+    from shadow.report import plot_layers
+
+    small = [job(sparsity=s, seed=seed, layers=4) for s in (0.3, 0.5) for seed in (0, 1)] + [job(predictor="dense")]
+    fig = plot_layers(small)
+    heads, neurons, colorbar = fig.axes
+    assert [t.get_text() for t in heads.get_yticklabels()] == ["s=0.3", "s=0.5"]  # seeds averaged, dense left out
+    assert neurons.images[0].get_array().tolist() == [[pytest.approx(0.35)] * 4, [pytest.approx(0.55)] * 4]
+    assert len(heads.texts) == len(neurons.texts) == 2 * 4 and heads.texts[0].get_text() == "0.30"
+    assert colorbar.get_ylabel() == "achieved sparsity"
+    big = [job(c, p, s, layers=64) for c in ("plainact", "l2_norm", "snip") for p in ("shadow", "static", "oracle")
+           for s in (0.3, 0.5, 0.7)]
+    large = plot_layers(big)
+    assert not large.axes[0].texts and large.axes[0].images[0].get_array().shape == (27, 64)
+    assert large.get_figwidth() > fig.get_figwidth() and large.get_figheight() > 3 * fig.get_figheight()
+    assert len([t for t in large.axes[0].get_xticks() if 0 <= t < 64]) <= 17
+    assert large.axes[0].get_yticklabels()[0].get_text() == "l2_norm, oracle, s=0.3"
 
 
 def test_report_names_a_missing_results_file(tmp_path):
