@@ -26,8 +26,8 @@ class ConfigError(ValueError):
 class ModelConfig:
     name: str = MISSING
     path: str = MISSING  # hub id (facebook/opt-1.3b) or a local directory
-    dtype: str = "float32"  # float32, float16 or bfloat16
-    device_map: str | None = None  # None: one device (eval.device); "auto": spread over GPUs by accelerate
+    dtype: str = MISSING  # float32, float16 or bfloat16
+    device_map: str | None = MISSING  # None: one device (cfg.device); "auto": spread over GPUs by accelerate
     max_memory: Any = None  # device_map=auto: caps as accelerate takes them, e.g. {0: 70GiB, 1: 70GiB, cpu: 200GiB}
     offload_folder: str | None = None  # device_map=auto: where weights beyond max_memory go (disk offload)
     revision: str | None = None
@@ -42,61 +42,62 @@ class CriterionConfig:
 
 @dataclass
 class CalibrationConfig:
-    source: str = "opt_mini"  # opt_mini (the embedded calibration split) or tasks (lm-eval tasks' training docs)
-    tasks: list[str] = field(default_factory=lambda: ["opt_mini_nextsent", "opt_mini_lastword"])  # source=tasks
+    source: str = MISSING  # opt_mini (the embedded calibration split) or tasks (lm-eval tasks' training docs)
+    limit: int | None = MISSING  # examples per task (or of the split); None: all
+    batch_size: int = MISSING
+    max_length: int | None = MISSING  # truncate contexts from the left to this many tokens; None: model limit
+    tasks: list[str] | None = None  # source=tasks: lm-eval task names
     num_fewshot: int = 0  # source=tasks: 0, 3 or 5 in ShadowLLM
     include_path: str | None = None  # source=tasks: a directory of extra lm-eval task YAML
-    limit: int | None = None  # examples per task (or of the split); None: all
-    batch_size: int = 8
-    max_length: int | None = None  # truncate contexts from the left to this many tokens; None: model limit
 
 
 @dataclass
 class PredictorConfig:
-    name: str = "shadow"
-    layer: int = 0  # shadow: which layer's attention output feeds the predictor
-    lookahead: bool = False  # dejavu: layer l's predictor reads layer l − 1's attention output
-    arch: str = "mlp"  # mlp (Linear-ReLU-Linear, the paper's) or lowrank (DejaVu's linear map; hidden = rank)
-    granularity: str = "request"  # request (one mask from the prompt) or token (a mask at every position)
-    head_hidden: int = 2048
-    neuron_hidden: int = 1024
-    head_epochs: int = 100
-    neuron_epochs: int = 20
-    head_batch_size: int = 32
-    neuron_batch_size: int = 16
-    head_val_fraction: float = 0.2
-    neuron_val_fraction: float = 0.1
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    target_norm: str = "per_layer"  # per_layer (the paper's b1eL) or global (b1e)
-    device: str | None = None  # where predictors train and run; None: the model's (its first layer's) device
-    block_gb: float = 2.0  # traces held at once in training; a set that fits is shuffled whole, more streams in blocks
+    """Values: conf/predictor/shadow.yaml, which every option extends."""
+
+    name: str = MISSING  # a placement (shadow.placements)
+    layer: int = MISSING  # shadow: which layer's attention output feeds the predictor
+    lookahead: bool = MISSING  # dejavu: layer l's predictor reads layer l − 1's attention output
+    arch: str = MISSING  # mlp (Linear-ReLU-Linear, the paper's) or lowrank (DejaVu's linear map; hidden = rank)
+    granularity: str = MISSING  # request (one mask from the prompt) or token (a mask at every position)
+    head_hidden: int = MISSING
+    neuron_hidden: int = MISSING
+    head_epochs: int = MISSING
+    neuron_epochs: int = MISSING
+    head_batch_size: int = MISSING
+    neuron_batch_size: int = MISSING
+    head_val_fraction: float = MISSING
+    neuron_val_fraction: float = MISSING
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    target_norm: str = MISSING  # per_layer (the paper's b1eL) or global (b1e)
+    device: str | None = MISSING  # where predictors train and run; None: the model's (its first layer's) device
+    block_gb: float = MISSING  # traces held at once in training; a set that fits is shuffled whole
 
 
 @dataclass
 class EvalConfig:
-    """What every evaluation kind has; each kind's schema adds its own keys and accepts no other kind's."""
+    """What every evaluation kind has; each kind's schema adds its own keys and accepts no other kind's. Values:
+    conf/eval/<kind>.yaml."""
 
     name: str = MISSING  # perplexity, or tasks (lm-eval)
-    batch_size: int = 8
-    limit: int | None = None  # perplexity: first N windows (token) / documents (word); tasks: N per task
-    mask_from: str = "context"  # context: the text before the scored tokens; scored: the scored text too (a leak)
+    batch_size: int = MISSING
+    limit: int | None = MISSING  # perplexity: first N windows (token) / documents (word); tasks: N per task
+    mask_from: str = MISSING  # context: the text before the scored tokens; scored: the scored text too (a leak)
 
 
 @dataclass
 class PerplexityEvalConfig(EvalConfig):
-    name: str = "perplexity"
-    dataset: str = "opt_mini"  # opt_mini (offline) or wikitext2 (needs the hub)
-    protocols: list[str] = field(default_factory=lambda: ["token", "word"])
-    seq_len: int | None = None  # window length; None: the model's context length
+    dataset: str = MISSING  # opt_mini (offline) or wikitext2 (needs the hub)
+    protocols: list[str] = MISSING  # token, word
+    seq_len: int | None = MISSING  # window length; None: the model's context length
 
 
 @dataclass
 class TasksEvalConfig(EvalConfig):
-    name: str = "tasks"
-    tasks: list[str] = field(default_factory=lambda: ["opt_mini_nextsent", "opt_mini_lastword"])
-    num_fewshot: int = 0
-    include_path: str | None = None  # a directory of extra lm-eval task YAML files
+    tasks: list[str] = MISSING
+    num_fewshot: int = MISSING
+    include_path: str | None = MISSING  # a directory of extra lm-eval task YAML files
 
 
 EVAL_SCHEMAS = {"perplexity": PerplexityEvalConfig, "tasks": TasksEvalConfig}
@@ -104,32 +105,34 @@ EVAL_SCHEMAS = {"perplexity": PerplexityEvalConfig, "tasks": TasksEvalConfig}
 
 @dataclass
 class LoggerConfig:
-    name: str = "wandb"
-    project: str = "shadow"
-    entity: str | None = None
-    tags: list[str] = field(default_factory=list)
+    name: str = MISSING  # wandb or none
+    project: str = MISSING
+    entity: str | None = MISSING
+    tags: list[str] = MISSING
 
 
 @dataclass
 class Config:
+    """The job. Values: conf/config.yaml and its groups."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     criterion: CriterionConfig | None = None
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     eval: EvalConfig = MISSING  # one of EVAL_SCHEMAS, chosen by the eval group
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    sparsity: float = 0.5
-    head_sparsity: float | None = None  # None: sparsity
-    neuron_sparsity: float | None = None  # None: sparsity
-    policy: str = "global"  # global, local (per layer) or hybrid (global with a per-layer floor)
-    min_heads: int = 1  # hybrid: heads kept in every layer at least
-    min_neurons: int = 256  # hybrid: neurons kept in every layer at least
-    dense_first_layer: bool = False  # keep layer 0 whole, as ShadowLLM's code did
-    compat: str = "none"  # none, or reference: set by conf/compat/reference.yaml (what ShadowLLM's code measured)
-    seed: int = 0
-    device: str = "cpu"
-    cache_dir: str = "${oc.env:SHADOW_CACHE_DIR,.cache/shadow}"
-    force: bool = False  # rerun a job whose results are already in the cache
+    sparsity: float = MISSING
+    head_sparsity: float | None = MISSING  # None: sparsity
+    neuron_sparsity: float | None = MISSING  # None: sparsity
+    policy: str = MISSING  # global, local (per layer) or hybrid (global with a per-layer floor)
+    min_heads: int = MISSING  # hybrid: heads kept in every layer at least
+    min_neurons: int = MISSING  # hybrid: neurons kept in every layer at least
+    dense_first_layer: bool = MISSING  # keep layer 0 whole, as ShadowLLM's code did
+    compat: str = MISSING  # none, or reference: set by the compat group (what ShadowLLM's code measured)
+    seed: int = MISSING
+    device: str = MISSING
+    cache_dir: str = MISSING
+    force: bool = MISSING  # rerun a job whose results are already in the cache
 
 
 def resolved_sparsities(cfg: DictConfig | Config) -> tuple[float, float]:
@@ -140,9 +143,10 @@ def resolved_sparsities(cfg: DictConfig | Config) -> tuple[float, float]:
 
 
 def gpus_for(model: str, dtype: str) -> int:
-    """GPUs a job needs for an ``opt-<size>`` model: its weights + 20% over GPUs of SHADOW_GPU_GB (default 80)
-    GB, rounded up to a power of two; 0 for a model without a size in its name (opt-mini runs on the CPU)."""
-    size = re.fullmatch(r"opt-(\d+(?:\.\d+)?)([mb])", model)
+    """GPUs a job needs for a model whose config name ends in its parameter count (``opt-1.3b``, ``opt-125m``):
+    its weights + 20% over GPUs of SHADOW_GPU_GB (default 80) GB, rounded up to a power of two; 0 for a model
+    without a size in its name (opt-mini runs on the CPU)."""
+    size = re.fullmatch(r".*-(\d+(?:\.\d+)?)([mb])", model)
     if size is None:
         return 0
     params = float(size[1]) * (1e6 if size[2] == "m" else 1e9)
@@ -164,8 +168,7 @@ def register_configs() -> None:
 
 DTYPES = ("float32", "float16", "bfloat16")
 POLICIES = ("global", "local", "hybrid")
-PREDICTORS = ("dense", "static", "oracle", "shadow", "dejavu")
-ARCHS = ("mlp", "lowrank")
+PREDICTOR_ARCHS = ("mlp", "lowrank")
 GRANULARITIES = ("request", "token")
 EVALS = ("perplexity", "tasks")
 EVAL_DATASETS = ("opt_mini", "wikitext2")
@@ -176,9 +179,22 @@ COMPAT = ("none", "reference")
 TARGET_NORMS = ("per_layer", "global")
 
 
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
 def conf_options(group: str) -> list[str]:
     """The options of a conf/ group: the names of its YAML files."""
-    return sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf" / group).glob("*.yaml"))
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    """The job config exactly as ``python -m shadow <overrides>`` composes it: conf/'s values over the schema.
+    For code that needs settings outside a job (benchmarks, tests); inside one, Hydra has composed it."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
 
 
 def _choice(key: str, value: Any, allowed: tuple[str, ...] | list[str]) -> None:
@@ -206,7 +222,8 @@ def _placement(model: DictConfig | ModelConfig) -> None:
 
 def validate(cfg: DictConfig | Config) -> None:
     """Check values and cross-field rules; raise ConfigError before any expensive work starts."""
-    from shadow.criteria import CRITERIA  # late import: criteria import torch
+    from shadow.criteria import CRITERIA  # late imports: the registries import torch
+    from shadow.placements import PLACEMENTS
 
     if cfg.criterion is None or OmegaConf.is_missing(cfg.criterion, "name"):
         raise ConfigError(f"criterion is not set; add +criterion=<name> with one of: {', '.join(sorted(CRITERIA))}")
@@ -217,13 +234,14 @@ def validate(cfg: DictConfig | Config) -> None:
         if cfg[key] is not None:
             _fraction(key, cfg[key])
     _choice("policy", cfg.policy, POLICIES)
-    _choice("predictor", cfg.predictor.name, PREDICTORS)
+    _choice("predictor", cfg.predictor.name, sorted(PLACEMENTS))
     _choice("predictor.target_norm", cfg.predictor.target_norm, TARGET_NORMS)
-    _choice("predictor.arch", cfg.predictor.arch, ARCHS)
+    _choice("predictor.arch", cfg.predictor.arch, PREDICTOR_ARCHS)
     _choice("predictor.granularity", cfg.predictor.granularity, GRANULARITIES)
-    if cfg.predictor.granularity == "token" and cfg.predictor.name not in ("shadow", "dejavu"):
+    if cfg.predictor.granularity == "token" and not PLACEMENTS[cfg.predictor.name].trains:
+        trained = " or ".join(name for name, placement in PLACEMENTS.items() if placement.trains)
         raise ConfigError(f"predictor.granularity=token needs a trained predictor, not predictor={cfg.predictor.name}; "
-                          "use predictor=shadow or dejavu, or predictor.granularity=request")
+                          f"use predictor={trained}, or predictor.granularity=request")
     _choice("model.dtype", cfg.model.dtype, DTYPES)
     _placement(cfg.model)
     _choice("eval", cfg.eval.name, EVALS)
@@ -247,11 +265,14 @@ def validate(cfg: DictConfig | Config) -> None:
                           "bfloat16, or device=cuda")
     _choice("calibration.source", cfg.calibration.source, CALIBRATION_SOURCES)
     if cfg.calibration.source != "tasks":
-        defaults = CalibrationConfig()
-        for key in ("tasks", "num_fewshot", "include_path"):
-            if cfg.calibration[key] != getattr(defaults, key):
+        unset = {"tasks": None, "num_fewshot": 0, "include_path": None}
+        for key, value in unset.items():
+            if cfg.calibration[key] != value:
                 raise ConfigError(f"calibration.{key} is read only with calibration.source=tasks; add "
                                   f"calibration.source=tasks (or calibration=paper), or drop calibration.{key}")
+    elif not cfg.calibration.tasks:
+        raise ConfigError("calibration.tasks is empty with calibration.source=tasks; name lm-eval tasks, e.g. "
+                          "calibration.tasks=[piqa,copa], or use calibration=paper")
     if cfg.calibration.num_fewshot < 0:
         raise ConfigError(f"calibration.num_fewshot={cfg.calibration.num_fewshot} is negative; use 0, 3 or 5")
     for key in ("calibration.batch_size", "eval.batch_size"):

@@ -37,7 +37,7 @@ class Batch:
     last_context: Tensor  # (B,) index of each example's last context token: the predictor reads it
 
 
-def fingerprint(examples: list[Example]) -> str:
+def examples_fingerprint(examples: list[Example]) -> str:
     """What the traces depend on: exactly these token sequences and loss masks."""
     return hashlib.sha256(json.dumps([(e.input_ids, e.context_len) for e in examples]).encode()).hexdigest()
 

@@ -1,8 +1,9 @@
-"""The one place where masks meet the model: forward pre-hooks on ``out_proj`` and ``fc2``.
+"""The one place where masks meet the model: forward pre-hooks on each layer's attention output projection and
+FFN down projection (the family's ``head_output`` and ``ffn_output``).
 
-A masked head's slice of the attention output is zeroed before ``out_proj``, which is exactly what deleting
-that head's ``out_proj`` columns does; a masked neuron's ReLU output is zeroed before ``fc2``, exactly what
-deleting its ``fc2`` column does. Both reach the output. Each example of a batch has its own mask, for all its
+A masked head's slice of the attention output is zeroed before the output projection, which is exactly what
+deleting that head's columns of it does; a masked FFN unit's activation is zeroed before the down projection,
+exactly what deleting its column does. Both reach the output. Each example of a batch has its own mask, for all its
 positions (per request) or one per position (per token). Float masks are gates (GraSP differentiates through
 them): they keep their dtype, and their product is cast back to the activation's.
 """
@@ -14,12 +15,12 @@ from contextlib import contextmanager
 
 from torch import Tensor, nn
 
-from shadow.models import decoder_layers
+from shadow.arch import family_of
 from shadow.policy import Masks
 
 
 def _head_hook(keep: Tensor):
-    """keep: (B, 1, H) per request or (B, T, H) per token. out_proj's input is (B, T, H·d)."""
+    """keep: (B, 1, H) per request or (B, T, H) per token. The output projection's input is (B, T, H·d)."""
     def hook(module: nn.Module, args: tuple) -> tuple:
         x = args[0]
         B, T, E = x.shape
@@ -28,7 +29,8 @@ def _head_hook(keep: Tensor):
 
 
 def _neuron_hook(keep: Tensor):
-    """keep: (B, 1, F) per request or (B, T, F) per token. fc2's input is flattened to (B·T, F)."""
+    """keep: (B, 1, F) per request or (B, T, F) per token. The down projection's input may be flattened to
+    (B·T, F)."""
     def hook(module: nn.Module, args: tuple) -> tuple:
         x = args[0]
         return ((x.view(keep.shape[0], -1, x.shape[-1]) * _like(keep, x)).view(x.shape).to(x.dtype),)
@@ -47,16 +49,16 @@ def apply_masks(model: nn.Module, masks: Masks | None) -> Iterator[None]:
     handles = []
     try:
         if masks is not None:
-            for index, layer in enumerate(decoder_layers(model)):
-                attn, fc2 = layer.self_attn.out_proj, layer.fc2
+            family = family_of(model.config)
+            for index, layer in enumerate(family.layers(model)):
                 heads, neurons = masks.heads[..., index, :], masks.neurons[..., index, :]
                 if heads.dim() == 2:  # per request: the same mask at every position
                     heads, neurons = heads[:, None], neurons[:, None]
                     if not heads.is_floating_point():  # small: cast once, not at every forward (float gates
                         heads, neurons = heads.to(model.dtype), neurons.to(model.dtype)  # keep their dtype)
                 # per-token masks stay boolean: cast per layer as it runs, never (B, T, L, F) in the model's dtype
-                handles.append(attn.register_forward_pre_hook(_head_hook(heads)))
-                handles.append(fc2.register_forward_pre_hook(_neuron_hook(neurons)))
+                handles.append(family.head_output(layer).register_forward_pre_hook(_head_hook(heads)))
+                handles.append(family.ffn_output(layer).register_forward_pre_hook(_neuron_hook(neurons)))
         yield
     finally:
         for handle in handles:

@@ -86,11 +86,11 @@ def _top(scores: Tensor, k: int) -> Tensor:
 
 @dataclass(frozen=True)
 class Policy:
-    name: str = "global"
-    head_sparsity: float = 0.5
-    neuron_sparsity: float = 0.5
-    min_heads: int = 1  # hybrid only
-    min_neurons: int = 256  # hybrid only
+    name: str
+    head_sparsity: float
+    neuron_sparsity: float
+    min_heads: int = 0  # hybrid only: the floor per layer (a job's comes from conf/config.yaml)
+    min_neurons: int = 0
     dense_first_layer: bool = False
 
     def select(self, heads: Tensor, neurons: Tensor) -> Masks:

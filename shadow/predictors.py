@@ -1,14 +1,7 @@
-"""Predictors and the mask sources built on them (the ``predictor`` config group).
+"""Predictors and the mask sources built on them (``shadow.placements`` says which placement uses which).
 
-- ``shadow`` (ShadowLLM): one predictor reads the attention output (before out_proj) of ``predictor.layer``
-  (0 by default) at the last context token and predicts every layer's head and neuron importance.
-- ``dejavu`` (DejaVu-style, as ShadowLLM ran it): one predictor per layer, reading that layer's own attention
-  output from a dense pass, or the previous layer's with ``predictor.lookahead=true``.
-- ``static``: one mask for every input, from importance averaged over the calibration set.
-- ``oracle``: the criterion's own scores on each request, the upper bound of any predictor.
-- ``dense``: no mask.
-
-A predictor is an MLP (Linear → ReLU → Linear, hidden 2048 for heads and 1024 for neurons, the paper's) or
+A predictor is one network per group (a feature layer and the layers it predicts) for heads and one for FFN
+units. Each is an MLP (Linear → ReLU → Linear, the paper's, hidden sizes from conf/predictor/shadow.yaml) or
 DejaVu's low-rank linear map (``predictor.arch=lowrank``, rank = the hidden size). Inputs are min–max normalised
 per example; targets are the criterion's per-example scores, min–max normalised per layer (the paper's better
 variant) or over all layers; training is MSE with AdamW and a cosine schedule, on a held-out split per kind.
@@ -30,10 +23,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from shadow.arch import Shape
 from shadow.config import PredictorConfig
 from shadow.criteria import Criterion
 from shadow.data import Example, collate, pad
-from shadow.models import Shape
 from shadow.policy import Masks, Policy
 from shadow.traces import TraceShards, layer_features, score_batch
 
@@ -58,7 +51,7 @@ def normalise_targets(scores: Tensor, how: str) -> Tensor:
     return minmax(scores, (2,) if how == "per_layer" else (1, 2))
 
 
-def static_importance(traces: TraceShards, how: str = "per_layer") -> tuple[Tensor, Tensor]:
+def static_importance(traces: TraceShards, how: str) -> tuple[Tensor, Tensor]:
     """One (L, H) head and (L, F) neuron importance for every input: the mean over calibration examples of each
     example's normalised scores, so that no example (a long one, a task with long answers) outweighs another.
     Read one shard at a time."""
@@ -73,12 +66,6 @@ def static_importance(traces: TraceShards, how: str = "per_layer") -> tuple[Tens
 Groups = tuple[tuple[int, tuple[int, ...]], ...]  # (feature layer, the layers it predicts), one per network
 
 
-def placement_groups(name: str, layers: int, layer: int = 0, lookahead: bool = False) -> Groups:
-    if name == "shadow":
-        return ((layer, tuple(range(layers))),)
-    return tuple((max(target - 1, 0) if lookahead else target, (target,)) for target in range(layers))
-
-
 def network(arch: str, inputs: int, hidden: int, outputs: int) -> nn.Sequential:
     if arch == "lowrank":
         return nn.Sequential(nn.Linear(inputs, hidden, bias=False), nn.Linear(hidden, outputs))
@@ -88,14 +75,20 @@ def network(arch: str, inputs: int, hidden: int, outputs: int) -> nn.Sequential:
 class Predictor(nn.Module):
     """One head network and one neuron network per group; together they cover every layer once."""
 
-    def __init__(self, shape: Shape, hidden_size: int, groups: Groups, arch: str = "mlp", head_hidden: int = 2048,
-                 neuron_hidden: int = 1024, heads_only: bool = False):
+    def __init__(self, shape: Shape, hidden_size: int, groups: Groups, arch: str, head_hidden: int,
+                 neuron_hidden: int | None, heads_only: bool):
         super().__init__()
         self.shape, self.groups, self.arch, self.heads_only = shape, groups, arch, heads_only
         self.feature_layers = sorted({layer for layer, _ in groups})
         self.heads = nn.ModuleList(network(arch, hidden_size, head_hidden, len(t) * shape.heads) for _, t in groups)
         self.neurons = nn.ModuleList() if heads_only else nn.ModuleList(  # head-only criteria score no neuron
             network(arch, hidden_size, neuron_hidden, len(t) * shape.neurons) for _, t in groups)
+
+    @classmethod
+    def configured(cls, shape: Shape, hidden_size: int, groups: Groups, cfg: PredictorConfig,
+                   heads_only: bool) -> Predictor:
+        """Untrained networks for ``groups`` as the ``predictor`` config sets them."""
+        return cls(shape, hidden_size, groups, cfg.arch, cfg.head_hidden, cfg.neuron_hidden, heads_only)
 
     @property
     def device(self) -> torch.device:
@@ -269,16 +262,14 @@ def evaluate_held_out(data: _Blocks, nets: nn.ModuleList, predictor: Predictor, 
     return sums
 
 
-def fit_predictor(traces: TraceShards, documents: Sequence[str], shape: Shape, cfg: PredictorConfig,
-                  seed: int, heads_only: bool = False, device: torch.device | str = "cpu") -> tuple[Predictor, dict]:
-    """Train the configured placement on ``device``, streaming the traces in blocks of at most ``cfg.block_gb``;
+def fit_predictor(traces: TraceShards, documents: Sequence[str], shape: Shape, groups: Groups, cfg: PredictorConfig,
+                  seed: int, heads_only: bool, device: torch.device | str) -> tuple[Predictor, dict]:
+    """Train networks for ``groups`` on ``device``, streaming the traces in blocks of at most ``cfg.block_gb``;
     report held-out quality overall and per layer. Examples are held out by ``documents`` (one per example);
-    ``heads_only``: no neuron networks (nothing to predict)."""
+    ``heads_only``: no FFN-unit networks (nothing to predict)."""
     torch.manual_seed(seed)
     device = torch.device(device)
-    groups = placement_groups(cfg.name, shape.layers, cfg.layer, cfg.lookahead)
-    predictor = Predictor(shape, traces.shape("features")[-1], groups, cfg.arch, cfg.head_hidden, cfg.neuron_hidden,
-                          heads_only).to(device)
+    predictor = Predictor.configured(shape, traces.shape("features")[-1], groups, cfg, heads_only).to(device)
     kinds = [("heads", predictor.heads, cfg.head_epochs, cfg.head_batch_size, cfg.head_val_fraction)]
     if not heads_only:
         kinds.append(("neurons", predictor.neurons, cfg.neuron_epochs, cfg.neuron_batch_size, cfg.neuron_val_fraction))
@@ -312,7 +303,7 @@ class PredictedMasks:
     """
 
     def __init__(self, model: nn.Module, predictor: Predictor, policy: Policy, pad_id: int,
-                 granularity: str = "request"):
+                 granularity: str):
         self.model, self.predictor, self.policy, self.pad_id = model, predictor, policy, pad_id
         self.granularity = granularity
 

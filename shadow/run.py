@@ -17,35 +17,19 @@ import torch
 from lm_eval.utils import make_table
 from omegaconf import DictConfig, OmegaConf
 
+from shadow.arch import Shape, family_of
 from shadow.artifacts import cache_key, cached, check_space, find
 from shadow.config import ConfigError, resolved_sparsities, validate
-from shadow.criteria import Criterion, get_criterion
-from shadow.data import Example, load_calibration
-from shadow.data import fingerprint as examples_fingerprint
+from shadow.criteria import Criterion, Needs, get_criterion
+from shadow.data import Example, examples_fingerprint, load_calibration
 from shadow.evaluate.perplexity import evaluate_perplexity, load_eval_data
 from shadow.evaluate.requests import MaskFn
 from shadow.evaluate.tasks import check_tasks, evaluate_tasks
-from shadow.models import (
-    Shape,
-    check_memory,
-    check_opt,
-    fingerprint,
-    input_device,
-    load_model,
-    load_tokenizer,
-    pad_id,
-)
+from shadow.models import check_memory, check_model, load_model, load_tokenizer, model_fingerprint, pad_id
+from shadow.offload import input_device
+from shadow.placements import PLACEMENTS, MaskJob
 from shadow.policy import Policy
-from shadow.predictors import (
-    OracleMasks,
-    PredictedMasks,
-    StaticMasks,
-    fit_predictor,
-    load_predictor,
-    placement_groups,
-    save_predictor,
-    static_importance,
-)
+from shadow.predictors import fit_predictor, load_predictor, save_predictor
 from shadow.traces import TraceShards, compute_traces
 from shadow.tracking import Tracker, flat_config, write_results
 
@@ -72,50 +56,47 @@ def make_policy(cfg: DictConfig, heads_only: bool) -> Policy:
 def mask_source(cfg: DictConfig, model, model_id: dict, examples: list[Example], criterion: Criterion,
                 shape: Shape, policy: Policy, padding: int) -> tuple[MaskFn, dict]:
     """The configured predictor placement as a mask source, and the predictor's held-out quality (``metrics``
-    overall, ``per_layer`` lists). Traces and the trained predictor are cached artifacts; ``dense`` and
-    ``oracle`` need neither. ``model_id``: the weights' ``fingerprint``."""
-    name = cfg.predictor.name
-    if name == "dense":
-        return (lambda requests: None), NO_REPORT
-    if name == "oracle":
-        return OracleMasks(model, criterion, shape, policy, cfg.predictor.target_norm, padding, cfg.seed), NO_REPORT
+    overall, ``per_layer`` lists). Traces and the trained predictor are cached artifacts, made only for the
+    placements that use them. ``model_id``: the weights' ``model_fingerprint``."""
+    placement = PLACEMENTS[cfg.predictor.name]
+    job = MaskJob(model, criterion, shape, policy, cfg.predictor, padding, cfg.seed)
+    if not placement.uses_traces:
+        return placement.masks(job), NO_REPORT
     trace_inputs = {"model": model_id, "examples": examples_fingerprint(examples),
                     "criterion": OmegaConf.to_container(cfg.criterion), "batch_size": cfg.calibration.batch_size,
                     "seed": cfg.seed}
     with stage("scoring"):
         traces_dir, _ = cached(cfg.cache_dir, "traces", trace_inputs, lambda out: {"shards": compute_traces(
             model, examples, criterion, shape, cfg.calibration.batch_size, padding, out, cfg.seed)})
-    if name == "static":
-        return StaticMasks(*static_importance(TraceShards.load(traces_dir), cfg.predictor.target_norm),
-                           policy), NO_REPORT
+    job.traces = TraceShards.load(traces_dir)
+    if not placement.trains:
+        return placement.masks(job), NO_REPORT
     device = torch.device(cfg.predictor.device) if cfg.predictor.device else input_device(model)
     training = {**{k: v for k, v in OmegaConf.to_container(cfg.predictor).items() if k != "granularity"},
                 "device": device.type}  # training on another kind of device gives other weights
     documents = [e.document for e in examples]
     predictor_inputs = {"traces": cache_key(trace_inputs), "predictor": training, "seed": cfg.seed,
                         "documents": cache_key({"documents": documents})}
+    groups = placement.groups(shape.layers, cfg.predictor.layer, cfg.predictor.lookahead)
 
     def train(out: Path) -> dict:
-        predictor, report = fit_predictor(TraceShards.load(traces_dir), documents, shape, cfg.predictor, cfg.seed,
+        predictor, report = fit_predictor(job.traces, documents, shape, groups, cfg.predictor, cfg.seed,
                                           criterion.heads_only, device)
         return {**save_predictor(predictor, out), **report}
 
     with stage("predictor"):
         predictor_dir, predictor_meta = cached(cfg.cache_dir, "predictor", predictor_inputs, train)
-    predictor = load_predictor(predictor_dir, predictor_meta).to(device)
-    return (PredictedMasks(model, predictor, policy, padding, cfg.predictor.granularity),
-            {"metrics": predictor_meta["metrics"], "per_layer": predictor_meta["per_layer"]})
+    job.predictor = load_predictor(predictor_dir, predictor_meta).to(device)
+    return placement.masks(job), {"metrics": predictor_meta["metrics"], "per_layer": predictor_meta["per_layer"]}
 
 
 def predictor_parameters(cfg: DictConfig, shape: Shape, hidden: int, heads_only: bool) -> int:
     """Parameters of the configured placement's networks (0 for those without one)."""
     p = cfg.predictor
-    if p.name not in ("shadow", "dejavu"):
-        return 0
     neuron_hidden = 0 if heads_only else p.neuron_hidden
     return sum(hidden * p.head_hidden + p.head_hidden * len(targets) * shape.heads
                + hidden * neuron_hidden + neuron_hidden * len(targets) * shape.neurons
-               for _, targets in placement_groups(p.name, shape.layers, p.layer, p.lookahead))
+               for _, targets in PLACEMENTS[p.name].groups(shape.layers, p.layer, p.lookahead))
 
 
 def traces_bytes(shape: Shape, hidden: int, examples: int) -> float:
@@ -125,11 +106,8 @@ def traces_bytes(shape: Shape, hidden: int, examples: int) -> float:
 
 def artifact_bytes(cfg: DictConfig, shape: Shape, hidden: int, examples: int, heads_only: bool) -> float:
     """Disk the traces and the predictor take: the traces, the networks' float32 weights."""
-    traces = traces_bytes(shape, hidden, examples)
-    if cfg.predictor.name == "static":
-        return traces
-    params = predictor_parameters(cfg, shape, hidden, heads_only)
-    return traces + params * 4 if params else 0.0
+    traces = traces_bytes(shape, hidden, examples) if PLACEMENTS[cfg.predictor.name].uses_traces else 0.0
+    return traces + predictor_parameters(cfg, shape, hidden, heads_only) * 4
 
 
 def training_bytes(cfg: DictConfig, shape: Shape, hidden: int, examples: int, heads_only: bool) -> float:
@@ -159,8 +137,8 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
     A job whose results are already in the cache (same settings, same weights) is not rerun: its record is
     copied to output_dir and sweep_dir; ``force=true`` reruns it."""
     validate(cfg)
-    path, config = check_opt(cfg.model)
-    model_id = fingerprint(path, config, cfg.model)
+    path, config = check_model(cfg.model)
+    model_id = model_fingerprint(path, config, cfg.model)
     sweep_dir = sweep_dir or output_dir
     results_inputs = job_inputs(cfg, model_id)
     done = None if cfg.force else find(cfg.cache_dir, "results", results_inputs)
@@ -169,8 +147,13 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
         write_results(output_dir, sweep_dir, record)
         log.info("results exist for this config (%s): skipped; force=true reruns it", done)
         return record["metrics"]
-    shape = Shape.of(config)
+    family = family_of(config)
+    shape = family.shape(config)
     criterion = get_criterion(cfg.criterion.name, cfg.criterion.variant)
+    if Needs.SLOPE in criterion.needs and not family.activation.zero_below:
+        raise ConfigError(f"criterion={criterion.name} variant={cfg.criterion.variant} needs an activation whose "
+                          f"output gives its derivative (ReLU), and {config.model_type}'s is "
+                          f"{family.activation.name}; use criterion.variant=textbook or another criterion")
     policy = make_policy(cfg, criterion.heads_only)
     policy.check(shape.layers, shape.heads, shape.neurons)
     if not 0 <= cfg.predictor.layer < shape.layers:

@@ -1,14 +1,15 @@
 """Sparse execution: the pruned units' weights are not read at all. Outputs equal the masked model's (tested).
 
 Per request, ``pruned(model, masks)`` swaps, for the duration of a block, each layer's projections for smaller
-ones that hold only the kept units' weights, gathered once: the q, k and v rows and the out_proj columns of the
-kept heads (so the KV cache holds only those heads), and the fc1 rows and fc2 columns of the kept neurons.
-Prefill and every decoding step then run on the smaller layers.
+ones that hold only the kept units' weights, gathered once: the query, key and value rows and the output
+projection's columns of the kept heads (so the KV cache holds only those heads), and the rows (up) and columns
+(down) of the kept FFN units; the model family names the projections of each role. Prefill and every decoding
+step then run on the smaller layers.
 
-Per token, ``TokenDecoder`` decodes greedily with a fresh mask at every step, as DejaVu does, and copies no
-weights: the gather kernels of ``shadow.kernels`` read the kept rows (q, k, v, fc1) and the kept columns
-(out_proj, fc2, stored transposed) in place. Copying the kept weights at every step would cost more than the
-dense product.
+Per token, ``TokenDecoder`` decodes greedily with a fresh mask at every step, as DejaVu does, and copies no weights:
+the gather kernels of ``shadow.kernels`` read the kept rows (query, key, value, up) and the kept columns (output,
+down: stored transposed) in place; the family's ``decode_step`` is the model's forward for one token. Copying the
+kept weights at every step would cost more than the dense product.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from shadow import kernels
-from shadow.models import decoder_layers, input_device, offloaded, resident
+from shadow.arch import family_of
+from shadow.offload import input_device, offloaded, resident
 from shadow.policy import Masks, Policy
 from shadow.predictors import Predictor
 
@@ -50,31 +52,34 @@ def pruned(model: nn.Module, masks: Masks) -> Iterator[None]:
     """Run the model with only the units kept by a single request's masks ((1, L, H) and (1, L, F))."""
     if masks.heads.dim() != 3 or masks.heads.shape[0] != 1:
         raise ValueError("pruned() takes one request's masks: heads (1, L, H), neurons (1, L, F)")
+    family = family_of(model.config)
     saved = []
     try:
-        for index, layer in enumerate(decoder_layers(model)):
-            attn = layer.self_attn
-            saved.append((layer, attn, attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, attn.num_heads,
-                          layer.fc1, layer.fc2))
+        for index, layer in enumerate(family.layers(model)):
+            saved.append((layer, family.head_count(layer), {role: family.module(layer, role) for role in family.paths}))
             with resident(layer):  # the copies live on the layer's execution device, offloaded or not
-                device = attn.q_proj.weight.device
+                output = family.head_output(layer)
+                device = output.weight.device
+                head_dim = output.in_features // family.head_count(layer)
                 heads = masks.heads[0, index].nonzero().flatten().to(device)
                 empty = len(heads) == 0  # keep one head whose output is zeroed: the KV cache keeps its layout
                 heads = heads if not empty else torch.zeros(1, dtype=torch.long, device=device)
-                dims = (heads[:, None] * attn.head_dim + torch.arange(attn.head_dim, device=device)).flatten()
-                attn.q_proj, attn.k_proj, attn.v_proj = (_rows(m, dims) for m in (attn.q_proj, attn.k_proj,
-                                                                                  attn.v_proj))
-                attn.out_proj = _columns(attn.out_proj, dims)
-                if empty:
-                    attn.out_proj.weight.data.zero_()
-                attn.num_heads = len(heads)
+                dims = (heads[:, None] * head_dim + torch.arange(head_dim, device=device)).flatten()
                 neurons = masks.neurons[0, index].nonzero().flatten().to(device)
-                layer.fc1, layer.fc2 = _rows(layer.fc1, neurons), _columns(layer.fc2, neurons)
+                gathers = ((family.head_rows, _rows, dims), (family.head_columns, _columns, dims),
+                           (family.neuron_rows, _rows, neurons), (family.neuron_columns, _columns, neurons))
+                for roles, gather, kept in gathers:
+                    for role in roles:
+                        family.replace(layer, role, gather(family.module(layer, role), kept))
+                if empty:
+                    family.head_output(layer).weight.data.zero_()
+                family.set_head_count(layer, len(heads))
         yield
     finally:
-        for layer, attn, q, k, v, out, heads, fc1, fc2 in saved:
-            attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, attn.num_heads = q, k, v, out, heads
-            layer.fc1, layer.fc2 = fc1, fc2
+        for layer, heads, modules in saved:
+            for role, module in modules.items():
+                family.replace(layer, role, module)
+            family.set_head_count(layer, heads)
 
 
 @dataclass
@@ -95,12 +100,12 @@ class _LayerCache:
 class TokenDecoder:
     """Greedy decoding at batch 1 with per-token masks, reading only the kept units' weights at each step.
 
-    The prompt runs densely. At every decoding step the predictor runs where its features appear: ShadowLLM's
-    once, on layer 0's attention output; DejaVu-style ones at every layer (with ``lookahead``, layer l's reads
-    layer l − 1's). A layer whose mask is not yet known when it starts computes all its heads. Its features
-    are its out_proj input, pruned heads zeroed. Keys and values of a head at positions where it was pruned are
-    computed when it is next kept, from the cached attention input, so each head attends to exactly the keys
-    and values of the masked model, whose pruned heads still write their cache.
+    The prompt runs densely. At every decoding step the predictor runs where its features appear: ShadowLLM's once,
+    on layer 0's attention output; DejaVu-style ones at every layer (with ``lookahead``, layer l's reads layer l −
+    1's). A layer whose mask is not yet known when it starts computes all its heads. Its features are its output
+    projection's input, pruned heads zeroed. Keys and values of a head at positions where it was pruned are computed
+    when it is next kept, from the cached attention input, so each head attends to exactly the keys and values of
+    the masked model, whose pruned heads still write their cache.
     """
 
     def __init__(self, model: nn.Module, predictor: Predictor, policy: Policy):
@@ -112,7 +117,8 @@ class TokenDecoder:
                 raise ValueError(f"predictor.layer={feature_layer}: per-token execution needs every layer's mask "
                                  f"before the layer runs, and layer {min(targets)} runs first; use layer=0")
         self.model, self.predictor, self.policy = model, predictor, policy
-        self.layers = decoder_layers(model)
+        self.family = family_of(model.config)
+        self.layers = self.family.layers(model)
         self.groups_at = {layer: [g for g, (f, _) in enumerate(predictor.groups) if f == layer]
                           for layer in predictor.feature_layers}
         self.shape = predictor.shape
@@ -120,8 +126,9 @@ class TokenDecoder:
         self.fetch = [resident if offloaded(layer) else nullcontext for layer in self.layers]  # once, not per step
 
     def __enter__(self) -> TokenDecoder:
-        """Store out_proj and fc2 weights transposed in place (rows = input units) for ``kernels.columns``; the
-        values are untouched and the model runs as before. ``generate`` does this itself when not inside."""
+        """Store the column-read weights (output and down projections) transposed in place (rows = input units) for
+        ``kernels.columns``; the values are untouched and the model runs as before. ``generate`` does this itself
+        when not inside."""
         for m in self._column_modules():
             m.weight.data = m.weight.data.t().contiguous().t()
         self.active = True
@@ -133,7 +140,8 @@ class TokenDecoder:
         self.active = False
 
     def _column_modules(self) -> list[nn.Linear]:
-        return [m for layer in self.layers for m in (layer.self_attn.out_proj, layer.fc2)]
+        roles = self.family.head_columns + self.family.neuron_columns
+        return [self.family.module(layer, role) for layer in self.layers for role in roles]
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, new_tokens: int) -> Generation:
@@ -169,65 +177,48 @@ class TokenDecoder:
                 store = prompt.new_zeros(H, D, positions)
                 store[:, :, :T] = prompt.transpose(1, 2)
                 stores.append(store.view(H * D, positions))
-            inputs = prompt.new_zeros(positions, layer.self_attn.q_proj.in_features)
+            inputs = prompt.new_zeros(positions, self.family.module(layer, "query").in_features)
             caches.append(_LayerCache(*stores, inputs, torch.full((H,), T, device=prompt.device)))
         return caches
 
     def _step(self, token: int, position: int, caches: list[_LayerCache]) -> tuple[Tensor, Masks]:
-        """One token through OPT's decoder. Each layer runs on its own device, with its weights fetched when
-        accelerate offloaded them; the modules called whole (norms, projections, lm_head) move data themselves."""
-        decoder = self.model.model.decoder
-        with resident(decoder.embed_tokens), resident(decoder.embed_positions):
-            x = decoder.embed_tokens.weight[token]
-            positions = decoder.embed_positions.weight[position + decoder.embed_positions.offset]
-        if decoder.project_in is not None:
-            x = decoder.project_in(x)
-        x = x + positions.to(x.device)
+        """One token through the model family's decoding step, each layer's attention and FFN reading only the
+        kept units."""
         heads: dict[int, Tensor] = {}  # layer → kept head mask (H,), filled as predictors run
         neurons: dict[int, Tensor] = {}
-        for index, layer in enumerate(self.layers):
-            with self.fetch[index](layer):
-                x = x.to(layer.fc1.weight.device)
-                norm_first = layer.do_layer_norm_before
-                h = layer.self_attn_layer_norm(x) if norm_first else x
-                x = x + self._attention(index, layer.self_attn, h, position, caches[index], heads, neurons)
-                if not norm_first:
-                    x = layer.self_attn_layer_norm(x)
-                h = layer.final_layer_norm(x) if norm_first else x
-                kept = neurons[index].to(x.device).nonzero().flatten()
-                x = x + kernels.columns(layer.fc2, kept, layer.activation_fn(kernels.rows(layer.fc1, kept, h)))
-                if not norm_first:
-                    x = layer.final_layer_norm(x)
-        if decoder.final_layer_norm is not None:
-            x = decoder.final_layer_norm(x)
-        if decoder.project_out is not None:
-            x = decoder.project_out(x)
-        logits = self.model.lm_head(x).float()
+
+        def attention(index: int, h: Tensor) -> Tensor:
+            return self._attention(index, self.layers[index], h, position, caches[index], heads, neurons)
+
+        logits = self.family.decode_step(self.model, token, position, attention,
+                                         lambda index: neurons[index].nonzero().flatten(),
+                                         lambda index: self.fetch[index](self.layers[index]))
         return logits, Masks(torch.stack([heads[i].to(logits.device) for i in range(len(self.layers))]),
                              torch.stack([neurons[i].to(logits.device) for i in range(len(self.layers))]))
 
-    def _attention(self, index: int, attn: nn.Module, h: Tensor, position: int, cache: _LayerCache,
+    def _attention(self, index: int, layer: nn.Module, h: Tensor, position: int, cache: _LayerCache,
                    heads: dict[int, Tensor], neurons: dict[int, Tensor]) -> Tensor:
-        """One position's attention output after out_proj, over the kept heads (all of them when the layer's
-        mask is not known yet); runs the predictors that read this layer."""
-        D = attn.head_dim
+        """One position's attention output after the output projection, over the kept heads (all of them when the
+        layer's mask is not known yet); runs the predictors that read this layer."""
+        query, key, value, output = (self.family.module(layer, role) for role in ("query", "key", "value", "output"))
+        D = self.shape.head_dim
         device = h.device
-        active = heads[index].to(device) if index in heads else torch.ones(attn.num_heads, dtype=torch.bool,
+        active = heads[index].to(device) if index in heads else torch.ones(self.shape.heads, dtype=torch.bool,
                                                                               device=device)
         computed = active.nonzero().flatten()
         dims = (computed[:, None] * D + torch.arange(D, device=device)).flatten()
         cache.inputs[position] = h
         first = cache.done[computed].repeat_interleave(D)  # a head kept again catches up on skipped positions
-        kernels.rows_into(cache.keys, attn.k_proj, dims, cache.inputs, first, position)
-        kernels.rows_into(cache.values, attn.v_proj, dims, cache.inputs, first, position)
+        kernels.rows_into(cache.keys, key, dims, cache.inputs, first, position)
+        kernels.rows_into(cache.values, value, dims, cache.inputs, first, position)
         cache.done[computed] = position + 1
-        query = kernels.rows(attn.q_proj, dims, h) * attn.scaling
-        out = kernels.attend(query, cache.keys, cache.values, computed, D, position + 1)
+        scores = kernels.rows(query, dims, h) * self.family.scaling(layer)
+        out = kernels.attend(scores, cache.keys, cache.values, computed, D, position + 1)
         for group in self.groups_at.get(index, []):
-            feature = h.new_zeros(attn.out_proj.in_features).index_copy_(0, dims, out)
+            feature = h.new_zeros(output.in_features).index_copy_(0, dims, out)
             self._predict(group, feature, heads, neurons)
         kept = heads[index].to(device)[computed]  # of the computed heads, those the mask keeps
-        return kernels.columns(attn.out_proj, dims.view(-1, D)[kept].flatten(), out.view(-1, D)[kept].flatten())
+        return kernels.columns(output, dims.view(-1, D)[kept].flatten(), out.view(-1, D)[kept].flatten())
 
     def _predict(self, group: int, feature: Tensor, heads: dict[int, Tensor], neurons: dict[int, Tensor]) -> None:
         targets = self.predictor.groups[group][1]

@@ -1,9 +1,10 @@
 """Importance traces: per example, the predictor's input feature and every head's and neuron's score.
 
-One forward and one backward pass per batch. Pre-hooks on each layer's ``self_attn.out_proj`` and ``fc2`` see
-the head outputs and the FFN activations; tensor hooks on those inputs receive their gradients during the
-backward pass, where the criterion turns them into scores at once, so no layer's activations outlive its
-gradient. The weights are frozen for the pass: the backward computes activation gradients only.
+One forward and one backward pass per batch. Pre-hooks on each layer's attention output projection and FFN down
+projection (the model family's ``head_output`` and ``ffn_output``) see the head outputs and the FFN activations;
+tensor hooks on those inputs receive their gradients during the backward pass, where the criterion turns them into
+scores at once, so no layer's activations outlive its gradient. The weights are frozen for the pass: the backward
+computes activation gradients only.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from shadow.criteria import Criterion, Units
+from shadow.arch import Shape, family_of
+from shadow.criteria import Criterion, Needs, Units
 from shadow.data import Batch, Example, collate
 from shadow.masking import apply_masks
-from shadow.models import Shape, decoder_layers, input_device, resident
+from shadow.offload import input_device, resident
 from shadow.policy import Masks
 
 SHARD_SIZE = 512  # examples per safetensors file: traces stream to disk, not into RAM
@@ -49,9 +51,9 @@ def frozen(model: nn.Module):
 @torch.no_grad()
 def layer_features(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, positions: Tensor | None,
                    layers: Sequence[int]) -> Tensor:
-    """The attention outputs (inputs of out_proj) of ``layers`` in a dense pass that stops after the last of them:
-    (B, len(layers), E) at one position per row, or (B, T, len(layers), E) at every position (``positions=None``),
-    in float32 on the model's input device."""
+    """The attention outputs (inputs of the output projection) of ``layers`` in a dense pass that stops after the last
+    of them: (B, len(layers), E) at one position per row, or (B, T, len(layers), E) at every position
+    (``positions=None``), in float32 on the model's input device."""
     captured: dict[int, Tensor] = {}
     last = max(layers)
 
@@ -63,10 +65,11 @@ def layer_features(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
                 raise _Stop
         return hook
 
-    handles = [decoder_layers(model)[i].self_attn.out_proj.register_forward_pre_hook(grab(i)) for i in set(layers)]
+    family = family_of(model.config)
+    handles = [family.head_output(family.layers(model)[i]).register_forward_pre_hook(grab(i)) for i in set(layers)]
     try:
         device = input_device(model)
-        model.model.decoder(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
+        family.backbone(model)(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
     except _Stop:
         pass
     finally:
@@ -89,25 +92,25 @@ def score_batch(model: nn.Module, batch: Batch, criterion: Criterion, shape: Sha
     labels = torch.cat([batch.labels[:, 1:], torch.full((B, 1), -100)], dim=1)  # the loss's target at each token
     needs, captured, handles = criterion.needs, {}, []
     scaling = LossScaling(model.dtype)
+    family = family_of(model.config)
+    layers = family.layers(model)
 
     def units(act: Tensor, grad: Tensor | None, index: int, kind: str) -> Units:
-        layer = decoder_layers(model)[index]
         weights = {}
-        if "weights" in needs:
-            with resident(layer):  # offloaded weights come back for the read
-                weights = {k: upcast(m.weight.detach()).to(act.device) for k, m in (
-                    ("fc1", layer.fc1), ("fc2", layer.fc2), ("v_proj", layer.self_attn.v_proj),
-                    ("out_proj", layer.self_attn.out_proj))}
+        if Needs.WEIGHTS in needs:
+            with resident(layers[index]):  # offloaded weights come back for the read
+                weights = {role: upcast(family.module(layers[index], role).weight.detach()).to(act.device)
+                           for role in ("value", "output", "up", "down")}
         return Units(act=upcast(act), grad=None if grad is None else scaling.unscale(grad).reshape(act.shape),
-                     valid=valid.to(act.device), weights=weights,
-                     fc1_input=captured.pop(("fc1", index), None) if kind == "neurons" else None,
-                     fc1_output=captured.pop(("fc1_output", index), None) if kind == "neurons" else None,
-                     out_grad=captured.pop(("out", index), None) if kind == "heads" else None,
+                     valid=valid.to(act.device), activation=family.activation, weights=weights,
+                     ffn_input=captured.pop(("ffn_input", index), None) if kind == "neurons" else None,
+                     pre_activation=captured.pop(("pre_activation", index), None) if kind == "neurons" else None,
+                     output_grad=captured.pop(("output_grad", index), None) if kind == "heads" else None,
                      targets=targets.to(act.device), labels=labels.to(act.device), generator=generator)
 
     def score(out: Tensor, index: int, kind: str, scorer, act: Tensor, tensor: Tensor) -> None:
         """Score now, or when the gradient of ``tensor`` arrives in the backward pass."""
-        if "grad" not in needs:
+        if Needs.GRAD not in needs:
             out[:, index] = scorer(units(act, None, index, kind)).float()
             return
 
@@ -126,18 +129,18 @@ def score_batch(model: nn.Module, batch: Batch, criterion: Criterion, shape: Sha
     def on_attention_output(index: int):
         def hook(module, args, output):
             def keep(grad: Tensor) -> None:
-                captured[("out", index)] = scaling.unscale(grad).view(B, -1, shape.heads, shape.head_dim)
+                captured[("output_grad", index)] = scaling.unscale(grad).view(B, -1, shape.heads, shape.head_dim)
             output.register_hook(keep)
         return hook
 
-    def on_fc1(index: int):
+    def on_ffn_input(index: int):
         def hook(module, args):
-            captured[("fc1", index)] = upcast(args[0].detach()).view(B, -1, args[0].shape[-1])
+            captured[("ffn_input", index)] = upcast(args[0].detach()).view(B, -1, args[0].shape[-1])
         return hook
 
-    def on_fc1_output(index: int):
+    def on_pre_activation(index: int):
         def hook(module, args, output):
-            captured[("fc1_output", index)] = upcast(output.detach()).view(B, -1, output.shape[-1], 1)
+            captured[("pre_activation", index)] = upcast(output.detach()).view(B, -1, output.shape[-1], 1)
         return hook
 
     def on_ffn(index: int):
@@ -146,25 +149,26 @@ def score_batch(model: nn.Module, batch: Batch, criterion: Criterion, shape: Sha
             score(neurons, index, "neurons", criterion.neurons, z.detach().view(B, -1, shape.neurons, 1), z)
         return hook
 
-    for index, layer in enumerate(decoder_layers(model)):
-        handles.append(layer.self_attn.out_proj.register_forward_pre_hook(on_attention(index)))
-        if "out_grad" in needs:
-            handles.append(layer.self_attn.out_proj.register_forward_hook(on_attention_output(index)))
-        if "fc1_input" in needs:
-            handles.append(layer.fc1.register_forward_pre_hook(on_fc1(index)))
-        if "fc1_output" in needs:
-            handles.append(layer.fc1.register_forward_hook(on_fc1_output(index)))
+    for index, layer in enumerate(layers):
+        attention_output, up = family.head_output(layer), family.ffn_input(layer)
+        handles.append(attention_output.register_forward_pre_hook(on_attention(index)))
+        if Needs.OUTPUT_GRAD in needs:
+            handles.append(attention_output.register_forward_hook(on_attention_output(index)))
+        if Needs.FFN_INPUT in needs:
+            handles.append(up.register_forward_pre_hook(on_ffn_input(index)))
+        if Needs.PRE_ACTIVATION in needs:
+            handles.append(up.register_forward_hook(on_pre_activation(index)))
         if criterion.neurons is not None:
-            handles.append(layer.fc2.register_forward_pre_hook(on_ffn(index)))
+            handles.append(family.ffn_output(layer).register_forward_pre_hook(on_ffn(index)))
     try:
-        if "hessian" in needs:
+        if Needs.HESSIAN in needs:
             heads[:], neurons[:] = gate_hessian_scores(model, batch, shape)
         else:
-            with frozen(model), torch.set_grad_enabled("grad" in needs):
+            with frozen(model), torch.set_grad_enabled(Needs.GRAD in needs):
                 for _ in scaling:  # more than once only after a float16 overflow
                     logits = model(input_ids=batch.input_ids.to(device),
                                    attention_mask=batch.attention_mask.to(device)).logits
-                    if "grad" in needs:
+                    if Needs.GRAD in needs:
                         (example_loss(logits, batch.labels.to(logits.device)).sum() * scaling.scale).backward()
     finally:
         for h in handles:
@@ -174,7 +178,7 @@ def score_batch(model: nn.Module, batch: Batch, criterion: Criterion, shape: Sha
 
 
 class LossScaling:
-    """Loss scaling for float16 backward passes, whose small gradients underflow (on opt-mini, 35% of fc2-input
+    """Loss scaling for float16 backward passes, whose small gradients underflow (on opt-mini, 35% of FFN-activation
     gradients are subnormal unscaled, none at 2^16): the loss is multiplied by ``scale`` (2^16 first, as torch's
     GradScaler), the gradients criteria read are divided by it in float32, and an overflow reruns the pass with a
     smaller scale. bfloat16 has float32's range: one pass, scale 1. Iterating yields once per pass to run."""

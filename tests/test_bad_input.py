@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 from hydra import compose, initialize_config_dir
 
 from shadow.cli import LAUNCHERS, check_argv, fix_argv, overrides_of
-from shadow.config import DTYPES, EVAL_DATASETS, POLICIES, PREDICTORS, ConfigError, register_configs
+from shadow.config import DTYPES, EVAL_DATASETS, POLICIES, ConfigError, register_configs
 from shadow.criteria import CRITERIA
+from shadow.placements import PLACEMENTS
 from shadow.run import run
 
 DOC = ROOT / "docs" / "reliability.md"
@@ -52,7 +53,7 @@ CASES = [
          f"criterion.variant='reference' is not one of {listed(JACOV_VARIANTS)}; pick one, e.g. "
          f"criterion.variant={JACOV_VARIANTS[0]}"),
     Case("unknown predictor", "+criterion=plainact predictor=deja_vu",
-         f"predictor=deja_vu is not an option; use one of: {listed(sorted(PREDICTORS))}"),
+         f"predictor=deja_vu is not an option; use one of: {listed(sorted(PLACEMENTS))}"),
     Case("unknown model", "+criterion=plainact model=opt-175b",
          f"model=opt-175b is not an option; use one of: {listed(conf_group('model'))}"),
     Case("unknown policy", "+criterion=plainact policy=per_layer",
@@ -78,9 +79,9 @@ CASES = [
     Case("hub name while offline", "+criterion=plainact model=opt-1.3b",
          "model.path='facebook/opt-1.3b': the hub is offline (HF_HUB_OFFLINE=1) and it is not in the local cache; "
          "download it where the hub is reachable (huggingface-cli download) or set model.path to a local directory"),
-    Case("a model that is not OPT", "+criterion=plainact model.path={tmp}/gpt2",
-         "model.path='{tmp}/gpt2' is a 'gpt2' model; shadow needs an OPT checkpoint (facebook/opt-* or "
-         "model=opt-mini)"),
+    Case("a model of a family shadow does not know", "+criterion=plainact model.path={tmp}/gpt2",
+         "model.path='{tmp}/gpt2' is a 'gpt2' model, not of a family shadow knows (opt); use a checkpoint of one "
+         "of them, or add the family (docs/extending.md)"),
     Case("predictor after the last layer", "+criterion=plainact predictor.layer=6",
          "predictor.layer=6 is not a layer of this 6-layer model; set predictor.layer between 0 and 5"),
     Case("more few-shot examples than the task has", "+criterion=plainact eval=tasks eval.num_fewshot=5000",

@@ -10,8 +10,9 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import settings
 
-from shadow.config import CalibrationConfig, ConfigError, TasksEvalConfig
+from shadow.config import ConfigError
 from shadow.data import load_calibration
 from shadow.evaluate.tasks import check_tasks, evaluate_tasks
 from shadow.opt_mini import CALIBRATION_FILE
@@ -70,7 +71,8 @@ def task_dir(tmp_path):
 
 
 def calibrate(task_dir: Path, tasks: list[str], tokenizer, shots: int = 0, limit: int | None = None):
-    cfg = CalibrationConfig(source="tasks", tasks=tasks, include_path=str(task_dir), num_fewshot=shots, limit=limit)
+    cfg = settings("calibration", source="tasks", tasks=tasks, include_path=str(task_dir), num_fewshot=shots,
+                   limit=limit)
     return load_calibration(cfg, tokenizer, 512)
 
 
@@ -80,7 +82,7 @@ def texts(examples, tokenizer) -> list[tuple[str, str]]:
 
 
 def test_opt_mini_examples_carry_their_document(tokenizer):
-    examples = load_calibration(CalibrationConfig(limit=20), tokenizer, 512)
+    examples = load_calibration(settings("calibration", limit=20), tokenizer, 512)
     rows = [json.loads(line) for line in CALIBRATION_FILE.read_text().splitlines()[:20]]
     assert [e.document for e in examples] == [r["doc"] for r in rows]
 
@@ -124,8 +126,8 @@ def test_calibration_never_reads_the_documents_evaluation_scores(task_dir, token
 
 def test_a_task_with_only_a_test_split_evaluates(task_dir, tiny_opt, tokenizer):
     for shots in (0, 3):  # zero-shot needs no few-shot source; with shots, lm-eval's rule draws from test
-        cfg = TasksEvalConfig(tasks=["testonly"], include_path=str(task_dir), num_fewshot=shots)
+        cfg = settings("eval=tasks", tasks=["testonly"], include_path=str(task_dir), num_fewshot=shots)
         metrics, _, out = evaluate_tasks(tiny_opt, tokenizer, lambda requests: None, cfg, check_tasks(cfg), seed=0)
         assert 0 <= metrics["testonly/acc"] <= 1 and out["n-shot"]["testonly"] == shots
     with pytest.raises(ConfigError, match="eval.num_fewshot=5 needs more than the 5 documents of testonly"):
-        check_tasks(TasksEvalConfig(tasks=["testonly"], include_path=str(task_dir), num_fewshot=5))
+        check_tasks(settings("eval=tasks", tasks=["testonly"], include_path=str(task_dir), num_fewshot=5))

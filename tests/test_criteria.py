@@ -11,12 +11,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_opt
+from helpers import layers_of, make_tiny_opt, per_layer_agreement, settings, shape_of
 
+from shadow.arch import Activation, Shape
 from shadow.criteria import CRITERIA, EPS, Units, get_criterion
 from shadow.data import Example, collate, encode
 from shadow.masking import apply_masks
-from shadow.models import Shape, decoder_layers
 from shadow.policy import Masks, Policy
 from shadow.traces import example_loss, score_batch
 
@@ -50,7 +50,7 @@ def autograd_record(model, ex: Example) -> dict:
             acts[name] = tensor
         return hook
 
-    for i, layer in enumerate(decoder_layers(model)):
+    for i, layer in enumerate(layers_of(model)):
         handles += [layer.self_attn.out_proj.register_forward_pre_hook(keep(("a", i))),
                     layer.self_attn.out_proj.register_forward_hook(keep(("o", i), output=True)),
                     layer.fc1.register_forward_hook(keep(("u", i), output=True)),
@@ -61,7 +61,7 @@ def autograd_record(model, ex: Example) -> dict:
     finally:
         for h in handles:
             h.remove()
-    w1_grads = [layer.fc1.weight.grad.clone() for layer in decoder_layers(model)]
+    w1_grads = [layer.fc1.weight.grad.clone() for layer in layers_of(model)]
     model.zero_grad()
     return {"acts": acts, "w1_grad": w1_grads, "ids": batch.input_ids[0], "labels": batch.labels[0]}
 
@@ -149,7 +149,7 @@ def expected(name: str, variant: str, kind: str, layer: int, unit: int, rec: dic
         act, grad = heads_of(a, shape)[:, unit], heads_of(a.grad, shape)[:, unit]  # (T, d)
     else:
         act, grad = z.detach()[:, unit:unit + 1], z.grad[:, unit:unit + 1]  # (T, 1)
-    block = decoder_layers(model)[layer]
+    block = layers_of(model)[layer]
     w1, w1_grad = block.fc1.weight.detach(), rec["w1_grad"][layer]
     if name == "plainact" and variant == "reference" and kind == "neurons":
         return (w1[unit] * w1_grad[unit]).abs().sum().item()
@@ -200,7 +200,7 @@ CASES = [(name, variant) for name in sorted(CRITERIA) for variant in CRITERIA[na
 
 @pytest.mark.parametrize("name,variant", CASES)
 def test_criterion_matches_direct_computation(model, examples, alone, name, variant):
-    shape = Shape.of(model.config)
+    shape = shape_of(model)
     criterion = get_criterion(name, variant)
     _, heads, neurons = score_batch(model, collate(examples, 1), criterion, shape)
     assert heads.abs().sum() > 0  # not vacuous: every criterion scores some head of these examples
@@ -221,7 +221,7 @@ def test_every_reference_criterion_has_a_reference_variant():
     """criterion.variant=reference exists for every criterion ShadowLLM's code had, and only for those."""
     assert {name for name in CRITERIA if "reference" in CRITERIA[name]} == {
         "plainact", "fisher", "grad_norm", "l2_norm", "snip", "nwot", "epenas"}
-    assert get_criterion("grad_norm", "reference") is get_criterion("grad_norm")  # the reference's own form
+    assert get_criterion("grad_norm", "reference") is get_criterion("grad_norm", "textbook")  # the reference's own form
 
 
 def test_reference_epenas_skips_a_class_with_a_constant_gradient():
@@ -232,7 +232,8 @@ def test_reference_epenas_skips_a_class_with_a_constant_gradient():
     scores = []
     for row in (torch.zeros(4, dtype=torch.float64), grad[0, 2, 0].clone()):
         grad[0, 2, 0] = row
-        units = Units(act=torch.zeros_like(grad), grad=grad, valid=torch.ones(1, len(targets)), labels=targets[None])
+        units = Units(act=torch.zeros_like(grad), grad=grad, valid=torch.ones(1, len(targets)),
+                      activation=Activation("relu", zero_below=True), labels=targets[None])
         scores.append(get_criterion("epenas", "reference").heads(units)[0, 0].item())
         assert scores[-1] == pytest.approx(shadow_llm_epenas(grad[0, :, 0].numpy(), labels), rel=1e-6)
     assert 0 < scores[0] != pytest.approx(scores[1])  # two classes left, then all three
@@ -242,9 +243,9 @@ def test_reference_epenas_skips_a_class_with_a_constant_gradient():
 def grasp_fd(model, examples):
     """Per example: GraSP's scores from score_batch and H g by finite differences of the gate gradient g at 1,
     H g ≈ (∇L(1 + εg) − ∇L(1 − εg)) / 2ε."""
-    shape = Shape.of(model.config)
+    shape = shape_of(model)
     batch = collate(examples, 1)
-    _, heads, neurons = score_batch(model, batch, get_criterion("grasp"), shape)
+    _, heads, neurons = score_batch(model, batch, get_criterion("grasp", "textbook"), shape)
     assert model.config._attn_implementation == "sdpa"  # restored after the double backward
     out = []
     for i, ex in enumerate(examples):
@@ -277,7 +278,7 @@ def test_grasp_matches_finite_differences_of_the_gate_gradient(grasp_fd):
 def test_grasp_policy_drops_what_grasp_removes_first(model, grasp_fd):
     """GraSP removes the unit with the largest −θ ⊙ Hg (finite differences); dropping one unit per layer, the policy
     drops exactly that one. The former score −Hg would have dropped the unit with the smallest −θ ⊙ Hg."""
-    shape = Shape.of(model.config)
+    shape = shape_of(model)
     policy = Policy("local", head_sparsity=1 / shape.heads, neuron_sparsity=1 / shape.neurons)
     for rec in grasp_fd:
         masks = policy.select(rec["heads"], rec["neurons"])
@@ -299,11 +300,11 @@ def test_jacov_is_comparable_across_layers(model, tokenizer):
     reaches only the continuation's tokens (no null eigenvalue), the others ~20 (~17 null eigenvalues). The former
     sum over all eigenvalues scored ≈ −1e5 per null eigenvalue, so the layers differed by ~1e5× (checked below with
     numpy); the mean over the non-null spectrum keeps the per-layer median |score| within 10×."""
-    shape = Shape.of(model.config)
+    shape = shape_of(model)
     assert shape.head_dim == 4
     examples = [encode(c, x, tokenizer, 64) for c, x in JACOV_PAIRS]
     assert all(len(ex.input_ids) >= 18 and len(ex.input_ids) - ex.context_len <= 3 for ex in examples)
-    _, heads, _ = score_batch(model, collate(examples, 1), get_criterion("jacov"), shape)
+    _, heads, _ = score_batch(model, collate(examples, 1), get_criterion("jacov", "textbook"), shape)
     medians = heads.abs().transpose(0, 1).reshape(shape.layers, -1).median(-1).values  # over examples and heads
     assert medians.min() > 0 and medians.max() / medians.min() < 10
 
@@ -324,19 +325,19 @@ def test_jacov_is_comparable_across_layers(model, tokenizer):
 
 @pytest.mark.parametrize("name", sorted(CRITERIA))
 def test_deterministic_under_a_seed(model, examples, name):
-    shape = Shape.of(model.config)
+    shape = shape_of(model)
     batch = collate(examples, 1)
-    runs = [score_batch(model, batch, get_criterion(name), shape, torch.Generator().manual_seed(7))
+    runs = [score_batch(model, batch, get_criterion(name, "textbook"), shape, torch.Generator().manual_seed(7))
             for _ in range(2)]
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
 
 
 def test_random_control_follows_the_seed(model, examples):
-    shape = Shape.of(model.config)
+    shape = shape_of(model)
     batch = collate(examples, 1)
-    one = score_batch(model, batch, get_criterion("random"), shape, torch.Generator().manual_seed(1))[1]
-    two = score_batch(model, batch, get_criterion("random"), shape, torch.Generator().manual_seed(2))[1]
+    one = score_batch(model, batch, get_criterion("random", "textbook"), shape, torch.Generator().manual_seed(1))[1]
+    two = score_batch(model, batch, get_criterion("random", "textbook"), shape, torch.Generator().manual_seed(2))[1]
     assert not torch.equal(one, two) and one.min() >= 0 and one.max() < 1
 
 
@@ -347,10 +348,9 @@ HALF_AGREEMENT = {"epenas": 0.85}  # log(|corr| + 1e-5) is ruled by near-zero co
 
 @pytest.fixture(scope="module")
 def opt_mini_batch(tokenizer):
-    from shadow.config import CalibrationConfig
     from shadow.data import load_calibration
 
-    return collate(load_calibration(CalibrationConfig(limit=4), tokenizer, 512)[:4], 1)
+    return collate(load_calibration(settings("calibration", limit=4), tokenizer, 512)[:4], 1)
 
 
 @pytest.fixture(scope="module")
@@ -363,18 +363,6 @@ def opt_mini_in():
             for dtype in (torch.float32, torch.bfloat16, torch.float16)}
 
 
-def per_layer_agreement(half: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    """(L,) Spearman ρ of each layer's units, averaged over examples; a layer whose float32 scores are all equal
-    (nothing to rank) agrees when the half scores are equal too."""
-    from shadow.predictors import spearman
-
-    B, L, U = full.shape
-    rho = spearman(half.reshape(B * L, U), full.reshape(B * L, U)).view(B, L)
-    flat = (full == full[..., :1]).all(-1)
-    rho = torch.where(flat, (half == half[..., :1]).all(-1).float(), rho)
-    return rho.mean(0)
-
-
 @pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bfloat16"),
                                    pytest.param(torch.float16, id="float16", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name,variant", ALL_CASES)
@@ -382,7 +370,7 @@ def test_half_precision_ranks_units_as_float32(opt_mini_in, opt_mini_batch, name
     """Every criterion on opt-mini in bfloat16 and float16 ranks each layer's units as float32 does (scores are
     accumulated in float32; float16 gradients are loss-scaled, GraSP's gates are float32)."""
     criterion = get_criterion(name, variant)
-    shape = Shape.of(opt_mini_in[torch.float32].config)
+    shape = shape_of(opt_mini_in[torch.float32])
     _, full_heads, full_neurons = score_batch(opt_mini_in[torch.float32], opt_mini_batch, criterion, shape)
     _, heads, neurons = score_batch(opt_mini_in[dtype], opt_mini_batch, criterion, shape)
     assert heads.dtype == neurons.dtype == torch.float32 and heads.isfinite().all()

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
+from helpers import settings, shape_of
 
-from shadow.config import PerplexityEvalConfig
 from shadow.evaluate.perplexity import (
     EvalData,
     document,
@@ -16,7 +16,6 @@ from shadow.evaluate.perplexity import (
     token_requests,
     word_requests,
 )
-from shadow.models import Shape
 from shadow.policy import Masks
 
 TEXT = ("It is a truth universally acknowledged that a single man in possession of a good fortune must be in "
@@ -62,7 +61,7 @@ def test_dense_word_perplexity_equals_lm_eval(tiny_opt, tokenizer):
 
     from shadow.opt_mini import PERPLEXITY_TASK, TASKS_DIR
 
-    cfg = PerplexityEvalConfig(protocols=["word"], limit=2, batch_size=4)
+    cfg = settings("eval", protocols=["word"], limit=2, batch_size=4)
     ours, _ = evaluate_perplexity(tiny_opt, tokenizer, lambda prompts: None, cfg, load_eval_data(cfg))
     lm = HFLM(pretrained=tiny_opt, tokenizer=tokenizer, batch_size=4)
     theirs = lm_eval.simple_evaluate(model=lm, tasks=[PERPLEXITY_TASK], limit=2,
@@ -73,7 +72,7 @@ def test_dense_word_perplexity_equals_lm_eval(tiny_opt, tokenizer):
 
 
 def test_dense_token_perplexity_matches_a_direct_computation(tiny_opt, tokenizer):
-    cfg = PerplexityEvalConfig(protocols=["token"], batch_size=3)
+    cfg = settings("eval", protocols=["token"], batch_size=3)
     metrics, _ = evaluate_perplexity(tiny_opt, tokenizer, lambda prompts: None, cfg, data(TEXT, TEXT))
     ids = torch.tensor(tokenizer("\n\n".join([TEXT, TEXT]))["input_ids"])
     windows = ids[: len(ids) // 64 * 64].view(-1, 64)
@@ -83,7 +82,7 @@ def test_dense_token_perplexity_matches_a_direct_computation(tiny_opt, tokenizer
 
 
 def test_masks_are_applied_per_request_and_reported(tiny_opt, tokenizer):
-    shape = Shape.of(tiny_opt.config)
+    shape = shape_of(tiny_opt)
     seen = []
 
     def half_masks(prompts):
@@ -93,7 +92,7 @@ def test_masks_are_applied_per_request_and_reported(tiny_opt, tokenizer):
         neurons = torch.rand(len(prompts), shape.layers, shape.neurons, generator=gen).argsort(-1) < 8
         return Masks(heads, neurons)
 
-    cfg = PerplexityEvalConfig(protocols=["token", "word"], seq_len=16, batch_size=2)
+    cfg = settings("eval", protocols=["token", "word"], seq_len=16, batch_size=2)
     dense, dense_layers = evaluate_perplexity(tiny_opt, tokenizer, lambda prompts: None, cfg, data(TEXT))
     sparse, sparse_layers = evaluate_perplexity(tiny_opt, tokenizer, half_masks, cfg, data(TEXT))
     assert sparse["token_perplexity"] != pytest.approx(dense["token_perplexity"], rel=1e-3)
@@ -116,7 +115,7 @@ def test_the_reference_leak_predicts_each_mask_from_the_scored_window(tiny_opt, 
 
     for mask_from in ("context", "scored"):
         prompts.clear()
-        cfg = PerplexityEvalConfig(protocols=["word"], seq_len=16, batch_size=2, mask_from=mask_from)
+        cfg = settings("eval", protocols=["word"], seq_len=16, batch_size=2, mask_from=mask_from)
         evaluate_perplexity(tiny_opt, tokenizer, recording, cfg, data(TEXT))
         requests = word_requests(doc(), tokenizer, 16)
         want = [r.prompt for r in requests] if mask_from == "context" else [r.tokens[-64:] for r in requests]
@@ -130,11 +129,10 @@ def test_a_rolling_lm_eval_task_masks_each_window_from_the_text_before_it(tiny_o
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    from shadow.config import TasksEvalConfig
     from shadow.evaluate.tasks import check_tasks, evaluate_tasks
     from shadow.opt_mini import PERPLEXITY_TASK
 
-    cfg = TasksEvalConfig(tasks=[PERPLEXITY_TASK], limit=2, batch_size=4)
+    cfg = settings("eval=tasks", tasks=[PERPLEXITY_TASK], limit=2, batch_size=4)
     prompts = []
     ours, _, _ = evaluate_tasks(tiny_opt, tokenizer, lambda rs: prompts.extend(r.prompt for r in rs), cfg,
                                 check_tasks(cfg), seed=0)
@@ -143,6 +141,6 @@ def test_a_rolling_lm_eval_task_masks_each_window_from_the_text_before_it(tiny_o
     assert ours[f"{PERPLEXITY_TASK}/word_perplexity"] == pytest.approx(
         theirs["results"][PERPLEXITY_TASK]["word_perplexity,none"], rel=1e-5)
     seq_len = tiny_opt.config.max_position_embeddings
-    documents = load_eval_data(PerplexityEvalConfig()).documents[:2]
+    documents = load_eval_data(settings("eval")).documents[:2]
     want = [r.prompt for d in documents for r in word_requests(d, tokenizer, seq_len)]
     assert sorted(prompts) == sorted(want) and max(map(len, prompts)) == seq_len  # not a one-token context

@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 SETTINGS = ("+criterion=plainact logger=none calibration.limit=48 predictor.head_epochs=6 predictor.neuron_epochs=2 "
             "predictor.head_hidden=64 predictor.neuron_hidden=64 eval.limit=6 eval.protocols=[token]")

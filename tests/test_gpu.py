@@ -6,21 +6,27 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_opt
-from test_criteria import per_layer_agreement
-from test_sparse import decode_and_check, masked_and_pruned_logits, request_masks, token_predictor
+from helpers import (
+    decode_and_check,
+    make_tiny_opt,
+    masked_and_pruned_logits,
+    per_layer_agreement,
+    request_masks,
+    settings,
+    shape_of,
+    token_predictor,
+)
 
 from shadow.criteria import CRITERIA, get_criterion
 from shadow.data import collate
-from shadow.models import Shape
 from shadow.policy import Policy
 from shadow.sparse import TokenDecoder
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+HALF_AND_FULL = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", HALF_AND_FULL, ids=str)
 @pytest.mark.parametrize("name", ["shadow", "dejavu"])
 def test_per_token_decoding_on_cuda_equals_the_masked_model(dtype, name):
     model = make_tiny_opt(dtype=dtype).cuda()
@@ -28,7 +34,7 @@ def test_per_token_decoding_on_cuda_equals_the_masked_model(dtype, name):
     decode_and_check(model, predictor, Policy("local" if name == "dejavu" else "global", 0.5, 0.5))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", HALF_AND_FULL, ids=str)
 def test_pruned_forward_on_cuda_equals_the_masked_forward(dtype):
     model = make_tiny_opt(dtype=dtype).cuda()
     ids = torch.randint(4, 8192, (1, 20), generator=torch.Generator().manual_seed(0)).cuda()
@@ -47,7 +53,7 @@ def test_criteria_in_half_precision_on_cuda_rank_units_as_float32(opt_mini_batch
 
     full = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval().cuda()
     half = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=dtype).eval().cuda()
-    shape, criterion = Shape.of(full.config), get_criterion(name)
+    shape, criterion = shape_of(full), get_criterion(name, "textbook")
     _, heads, neurons = score_batch(half, opt_mini_batch, criterion, shape)
     _, full_heads, full_neurons = score_batch(full, opt_mini_batch, criterion, shape)
     assert heads.device.type == "cuda" and heads.isfinite().all()
@@ -58,10 +64,9 @@ def test_criteria_in_half_precision_on_cuda_rank_units_as_float32(opt_mini_batch
 
 @pytest.fixture(scope="module")
 def opt_mini_batch(tokenizer):
-    from shadow.config import CalibrationConfig
     from shadow.data import load_calibration
 
-    return collate(load_calibration(CalibrationConfig(limit=4), tokenizer, 512)[:4], 1)
+    return collate(load_calibration(settings("calibration", limit=4), tokenizer, 512)[:4], 1)
 
 
 def spread(tmp_path, rest: int | str):
@@ -93,7 +98,7 @@ def same_decoding(resident, placed) -> None:
 
 
 def test_cpu_offload_with_cuda_execution(tmp_path):
-    from shadow.models import offloaded
+    from shadow.offload import offloaded
 
     resident, placed = spread(tmp_path, "cpu")
     assert offloaded(placed.model.decoder.layers[1]) and not offloaded(placed.model.decoder.layers[0])

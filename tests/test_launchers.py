@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import FAST_CLI, run_shadow
+from helpers import FAST_CLI, run_shadow
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -47,7 +47,7 @@ def test_slurm_preset_asks_for_gpus_by_model_size(model, dtype, gpus):
 
 
 def test_slurm_preset_composes_with_the_models_gpu_count(monkeypatch):
-    from conftest import CONF_DIR
+    from helpers import CONF_DIR
 
     monkeypatch.setenv("SHADOW_GPU_GB", "40")
     register_configs()

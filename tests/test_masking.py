@@ -6,15 +6,15 @@ import copy
 
 import pytest
 import torch
+from helpers import layers_of, shape_of
 from torch import nn
 
 from shadow.masking import apply_masks
-from shadow.models import Shape, decoder_layers
 from shadow.policy import Masks
 
 
 def all_kept(model, batch: int) -> Masks:
-    s = Shape.of(model.config)
+    s = shape_of(model)
     return Masks(torch.ones(batch, s.layers, s.heads, dtype=torch.bool),
                  torch.ones(batch, s.layers, s.neurons, dtype=torch.bool))
 
@@ -22,7 +22,7 @@ def all_kept(model, batch: int) -> Masks:
 def delete_head(model, layer: int, head: int):
     """A copy of the model without one head: its q/k/v rows and out_proj columns are gone."""
     pruned = copy.deepcopy(model)
-    attn = decoder_layers(pruned)[layer].self_attn
+    attn = layers_of(pruned)[layer].self_attn
     d = attn.head_dim
     keep = torch.tensor([i for i in range(attn.num_heads * d) if not head * d <= i < (head + 1) * d])
     for name in ("q_proj", "k_proj", "v_proj"):
@@ -41,7 +41,7 @@ def delete_head(model, layer: int, head: int):
 def delete_neurons(model, layer: int, neurons: list[int]):
     """A copy of the model without some FFN neurons: their fc1 rows and fc2 columns are gone."""
     pruned = copy.deepcopy(model)
-    block = decoder_layers(pruned)[layer]
+    block = layers_of(pruned)[layer]
     keep = torch.tensor([i for i in range(block.fc1.out_features) if i not in neurons])
     fc1 = nn.Linear(block.fc1.in_features, len(keep))
     fc1.weight.data, fc1.bias.data = block.fc1.weight.data[keep].clone(), block.fc1.bias.data[keep].clone()
@@ -117,7 +117,7 @@ def test_per_token_masks_act_position_by_position(tiny_opt, ids):
     """Equal masks at every position equal a per-request mask; changing the last position's mask changes only
     the last position's output."""
     gen = torch.Generator().manual_seed(2)
-    s, T = Shape.of(tiny_opt.config), ids.shape[1]
+    s, T = shape_of(tiny_opt), ids.shape[1]
     request = Masks(torch.rand(2, s.layers, s.heads, generator=gen) > 0.3,
                     torch.rand(2, s.layers, s.neurons, generator=gen) > 0.5)
     tokens = Masks(request.heads[:, None].repeat(1, T, 1, 1), request.neurons[:, None].repeat(1, T, 1, 1))

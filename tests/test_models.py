@@ -4,28 +4,16 @@ placement settings and an offloaded model."""
 from __future__ import annotations
 
 import pytest
-from conftest import make_tiny_opt, run_shadow
+from helpers import make_tiny_opt, run_shadow, settings
 
-from shadow.config import ConfigError, ModelConfig
-from shadow.models import check_memory, parameter_count
-
-
-def test_parameter_count_is_exact():
-    from transformers import OPTConfig, OPTForCausalLM
-
-    tiny = make_tiny_opt()
-    assert parameter_count(tiny.config) == sum(p.numel() for p in tiny.parameters())
-    # OPT-350m's shape: embeddings projected in and out, LayerNorm after each block
-    projected = OPTForCausalLM(OPTConfig(vocab_size=100, hidden_size=32, word_embed_proj_dim=16, ffn_dim=64,
-                                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=20,
-                                         do_layer_norm_before=False))
-    assert parameter_count(projected.config) == sum(p.numel() for p in projected.parameters())
+from shadow.config import ConfigError
+from shadow.models import check_memory
 
 
 def test_a_model_that_cannot_fit_fails_before_loading(monkeypatch):
     config = make_tiny_opt().config
-    cfg = ModelConfig(name="tiny", path="unused", dtype="float32")
-    assert check_memory(cfg, config, "cpu") == 4 * parameter_count(config)
+    cfg = settings("model", name="tiny", dtype="float32")
+    assert check_memory(cfg, config, "cpu") == 4 * sum(p.numel() for p in make_tiny_opt().parameters())
     monkeypatch.setattr("shadow.models.available_memory", lambda cfg, device: (1000.0, "CPU RAM"))
     with pytest.raises(ConfigError, match=r"model=tiny needs ≈.* GB in dtype=float32 .* CPU RAM has 0.0 GB free; "
                                           r"use model.dtype=float16, model.device_map=auto over more GPUs or "
@@ -38,18 +26,18 @@ def test_the_memory_check_counts_the_predictor_trained_beside_the_model(compose_
     a block of traces; on the model's device that must fit too."""
     from transformers import OPTConfig
 
-    from shadow.models import Shape
+    from shadow.arch import family_of
     from shadow.run import predictor_parameters, training_bytes
 
     cfg = compose_cfg("+criterion=plainact")
     config = OPTConfig(hidden_size=9216, num_hidden_layers=64, num_attention_heads=72, ffn_dim=36864)
-    shape = Shape.of(config)
+    shape = family_of(config).shape(config)
     assert predictor_parameters(cfg, shape, 9216, heads_only=False) == pytest.approx(2.45e9, rel=0.01)
     beside = training_bytes(cfg, shape, 9216, examples=5000, heads_only=False)
     assert beside == 16 * predictor_parameters(cfg, shape, 9216, False) + 2e9  # a 2 GB block of the 94 GB traces
     tiny = make_tiny_opt().config
     monkeypatch.setattr("shadow.models.available_memory", lambda cfg, device: (45e9, "cuda:0"))
-    model = ModelConfig(name="tiny", path="unused", dtype="float16")
+    model = settings("model", name="tiny", dtype="float16")
     check_memory(model, tiny, "cuda:0")
     with pytest.raises(ConfigError, match=r"model=tiny needs ≈46.\d GB in dtype=float16 \(weights \+ 20% and 46.\d GB "
                                           r"to train the predictor beside them\) but cuda:0 has 45.0 GB free; use "

@@ -6,13 +6,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_tiny_opt
+from helpers import make_tiny_opt, settings, shape_of
 from scipy.stats import spearmanr
 
-from shadow.config import PredictorConfig
+from shadow.arch import Shape
 from shadow.criteria import get_criterion
 from shadow.data import Example, collate
-from shadow.models import Shape
+from shadow.placements import PLACEMENTS
 from shadow.policy import Policy
 from shadow.predictors import (
     OracleMasks,
@@ -24,7 +24,6 @@ from shadow.predictors import (
     load_predictor,
     normalise_targets,
     per_example_quality,
-    placement_groups,
     save_predictor,
     spearman,
     split_by_document,
@@ -33,7 +32,7 @@ from shadow.predictors import (
 )
 from shadow.traces import TraceShards, score_batch
 
-SHAPE = Shape(layers=3, heads=4, head_dim=4, neurons=32)
+SHAPE = Shape(layers=3, heads=4, kv_heads=4, head_dim=4, neurons=32)
 
 
 def test_spearman_matches_scipy():
@@ -78,13 +77,13 @@ def test_target_normalisation_per_layer_and_global():
 
 def test_static_importance_weighs_every_example_equally():
     traces = synthetic_traces(8)
-    heads, neurons = static_importance(TraceShards([traces]))
+    heads, neurons = static_importance(TraceShards([traces]), "per_layer")
     assert heads.shape == (SHAPE.layers, SHAPE.heads) and neurons.shape == (SHAPE.layers, SHAPE.neurons)
     louder = {k: v.clone() for k, v in traces.items()}
     louder["heads"][0] *= 1000  # a long example's raw sums are larger; it must not dominate
     louder["neurons"][0] *= 1000
-    torch.testing.assert_close(static_importance(TraceShards([louder]))[0], heads)
-    torch.testing.assert_close(static_importance(TraceShards([louder]))[1], neurons)
+    torch.testing.assert_close(static_importance(TraceShards([louder]), "per_layer")[0], heads)
+    torch.testing.assert_close(static_importance(TraceShards([louder]), "per_layer")[1], neurons)
     expected = normalise_targets(traces["heads"], "per_layer").mean(0)
     torch.testing.assert_close(heads, expected)
 
@@ -105,10 +104,16 @@ def synthetic_traces(n: int = 512, hidden: int = 16) -> dict:
             "neurons": torch.nn.functional.softplus(base @ w_neurons).view(n, SHAPE.layers, SHAPE.neurons)}
 
 
+def fit(traces: TraceShards, docs: list[str], cfg, heads_only: bool = False):
+    """``fit_predictor`` on SHAPE with the placement ``cfg`` names, seed 0, on the CPU."""
+    groups = PLACEMENTS[cfg.name].groups(SHAPE.layers, cfg.layer, cfg.lookahead)
+    return fit_predictor(traces, docs, SHAPE, groups, cfg, 0, heads_only, "cpu")
+
+
 @pytest.fixture(scope="module")
 def fitted():
-    cfg = PredictorConfig(head_hidden=64, neuron_hidden=64, head_epochs=100, neuron_epochs=40)
-    return fit_predictor(TraceShards([synthetic_traces()]), documents(), SHAPE, cfg, seed=0)
+    cfg = settings("predictor", head_hidden=64, neuron_hidden=64, head_epochs=100, neuron_epochs=40)
+    return fit(TraceShards([synthetic_traces()]), documents(), cfg)
 
 
 def test_predictor_learns_held_out_rankings(fitted):
@@ -122,9 +127,8 @@ def test_predictor_learns_held_out_rankings(fitted):
 
 
 def test_head_only_criteria_train_no_neuron_predictor(tmp_path):
-    cfg = PredictorConfig(head_hidden=32, neuron_hidden=32, head_epochs=5, neuron_epochs=5)
-    predictor, report = fit_predictor(TraceShards([synthetic_traces(64)]), documents(64), SHAPE, cfg, seed=0,
-                                      heads_only=True)
+    cfg = settings("predictor", head_hidden=32, neuron_hidden=32, head_epochs=5, neuron_epochs=5)
+    predictor, report = fit(TraceShards([synthetic_traces(64)]), documents(64), cfg, heads_only=True)
     assert len(predictor.neurons) == 0 and not any("neurons" in k for k in report["metrics"])
     assert not any(k.startswith("neurons") for k in report["per_layer"])
     loaded = load_predictor(tmp_path, save_predictor(predictor, tmp_path))
@@ -153,7 +157,7 @@ def test_quality_metrics_on_known_rankings():
 
 
 def test_untrained_predictor_does_not_rank_well():
-    predictor = Predictor(SHAPE, 16, placement_groups("shadow", SHAPE.layers), "mlp", 64, 64)
+    predictor = Predictor(SHAPE, 16, PLACEMENTS["shadow"].groups(SHAPE.layers, 0, False), "mlp", 64, 64, False)
     traces = synthetic_traces()
     heads, _ = predictor(traces["features"][:, :1])
     target = normalise_targets(traces["heads"], "per_layer").flatten(1)
@@ -170,10 +174,10 @@ def test_save_and_load_give_the_same_predictions(fitted, tmp_path):
 
 
 def test_masks_follow_the_prompt_only(tiny_opt, tokenizer):
-    shape = Shape.of(tiny_opt.config)
+    shape = shape_of(tiny_opt)
     torch.manual_seed(0)
-    predictor = Predictor(shape, 16, placement_groups("shadow", shape.layers), "mlp", 32, 32)
-    masker = PredictedMasks(tiny_opt, predictor, Policy("global", 0.5, 0.5), pad_id=1)
+    predictor = Predictor(shape, 16, PLACEMENTS["shadow"].groups(shape.layers, 0, False), "mlp", 32, 32, False)
+    masker = PredictedMasks(tiny_opt, predictor, Policy("global", 0.5, 0.5), 1, "request")
     a = SimpleNamespace(prompt=tokenizer("The army marched north at dawn")["input_ids"])
     b = SimpleNamespace(prompt=tokenizer("Love is not love which alters when it alteration finds")["input_ids"])
     together = masker([a, b])
@@ -184,7 +188,7 @@ def test_masks_follow_the_prompt_only(tiny_opt, tokenizer):
 
 
 def test_static_masks_are_the_same_for_every_request():
-    heads, neurons = static_importance(TraceShards([synthetic_traces(16)]))
+    heads, neurons = static_importance(TraceShards([synthetic_traces(16)]), "per_layer")
     masker = StaticMasks(heads, neurons, Policy("global", 0.5, 0.75))
     masks = masker([SimpleNamespace(prompt=[2, 5]), SimpleNamespace(prompt=[2, 9, 9])])
     assert torch.equal(masks.heads[0], masks.heads[1]) and torch.equal(masks.neurons[0], masks.neurons[1])
@@ -193,13 +197,13 @@ def test_static_masks_are_the_same_for_every_request():
 
 
 def test_oracle_masks_keep_the_criterions_own_top_units(tiny_opt, tokenizer):
-    shape = Shape.of(tiny_opt.config)
+    shape = shape_of(tiny_opt)
     policy = Policy("local", 0.5, 0.5)
     tokens = tokenizer("Four score and seven years ago our fathers brought forth")["input_ids"]
-    oracle = OracleMasks(tiny_opt, get_criterion("plainact"), shape, policy, "per_layer", pad_id=1, seed=0)
+    oracle = OracleMasks(tiny_opt, get_criterion("plainact", "textbook"), shape, policy, "per_layer", pad_id=1, seed=0)
     masks = oracle([SimpleNamespace(prompt=tokens[:1], tokens=tokens, n_targets=len(tokens) - 1)])
-    _, heads, neurons = score_batch(tiny_opt, collate([Example(tuple(tokens), 1)], 1), get_criterion("plainact"),
-                                    shape)
+    _, heads, neurons = score_batch(tiny_opt, collate([Example(tuple(tokens), 1)], 1),
+                                    get_criterion("plainact", "textbook"), shape)
     assert torch.equal(masks.heads, policy.select(heads, neurons).heads)
     assert torch.equal(masks.neurons, policy.select(heads, neurons).neurons)
 
@@ -208,39 +212,40 @@ def test_oracle_reads_a_rolling_window_one_token_longer_than_the_model(tokenizer
     """A word-perplexity window holds the model's whole context plus the last target: the oracle scores what the
     model reads, its loss on the scored tokens."""
     model = make_tiny_opt(positions=16)
-    shape = Shape.of(model.config)
+    shape = shape_of(model)
     policy = Policy("global", 0.5, 0.5)
     tokens = tokenizer(" ".join(["the cat sat on the mat and then it ran away"] * 2))["input_ids"][:17]
-    oracle = OracleMasks(model, get_criterion("plainact"), shape, policy, "per_layer", pad_id=1, seed=0)
+    oracle = OracleMasks(model, get_criterion("plainact", "textbook"), shape, policy, "per_layer", pad_id=1, seed=0)
     masks = oracle([SimpleNamespace(prompt=tokens[:1], tokens=tokens, n_targets=12)])
-    _, heads, neurons = score_batch(model, collate([Example(tuple(tokens[1:]), 4)], 1), get_criterion("plainact"),
-                                    shape)
+    _, heads, neurons = score_batch(model, collate([Example(tuple(tokens[1:]), 4)], 1),
+                                    get_criterion("plainact", "textbook"), shape)
     want = policy.select(normalise_targets(heads, "per_layer"), normalise_targets(neurons, "per_layer"))
     assert torch.equal(masks.heads, want.heads) and torch.equal(masks.neurons, want.neurons)
 
 
 def test_placements():
-    assert placement_groups("shadow", 3, layer=1) == ((1, (0, 1, 2)),)
-    assert placement_groups("dejavu", 3) == ((0, (0,)), (1, (1,)), (2, (2,)))
-    assert placement_groups("dejavu", 3, lookahead=True) == ((0, (0,)), (0, (1,)), (1, (2,)))
+    assert PLACEMENTS["shadow"].groups(3, 1, False) == ((1, (0, 1, 2)),)
+    assert PLACEMENTS["dejavu"].groups(3, 0, False) == ((0, (0,)), (1, (1,)), (2, (2,)))
+    assert PLACEMENTS["dejavu"].groups(3, 0, True) == ((0, (0,)), (0, (1,)), (1, (2,)))
+    assert all(PLACEMENTS[name].groups(3, 0, False) == () for name in ("dense", "oracle", "static"))
 
 
 @pytest.mark.parametrize("name,arch,lookahead", [("dejavu", "mlp", False), ("dejavu", "lowrank", True),
                                                  ("shadow", "lowrank", False)])
 def test_other_placements_and_architectures_learn(name, arch, lookahead):
-    cfg = PredictorConfig(name=name, arch=arch, lookahead=lookahead, head_hidden=64, neuron_hidden=64,
-                          head_epochs=60, neuron_epochs=20)
-    predictor, report = fit_predictor(TraceShards([synthetic_traces()]), documents(), SHAPE, cfg, seed=0)
+    cfg = settings("predictor", name=name, arch=arch, lookahead=lookahead, head_hidden=64, neuron_hidden=64,
+                   head_epochs=60, neuron_epochs=20)
+    predictor, report = fit(TraceShards([synthetic_traces()]), documents(), cfg)
     assert len(predictor.heads) == (SHAPE.layers if name == "dejavu" else 1)
     assert report["metrics"]["predictor/neurons_val_spearman"] > 0.6
     assert len(report["per_layer"]["heads_val_recall50"]) == SHAPE.layers
 
 
 def test_per_token_masks_depend_only_on_the_tokens_so_far(tiny_opt, tokenizer):
-    shape = Shape.of(tiny_opt.config)
+    shape = shape_of(tiny_opt)
     torch.manual_seed(0)
-    predictor = Predictor(shape, 16, placement_groups("shadow", shape.layers), "mlp", 32, 32)
-    masker = PredictedMasks(tiny_opt, predictor, Policy("global", 0.5, 0.5), pad_id=1, granularity="token")
+    predictor = Predictor(shape, 16, PLACEMENTS["shadow"].groups(shape.layers, 0, False), "mlp", 32, 32, False)
+    masker = PredictedMasks(tiny_opt, predictor, Policy("global", 0.5, 0.5), 1, "token")
     a = tokenizer("The army marched north at dawn and rested")["input_ids"]
     b = a[:5] + tokenizer(" sang loudly in the rain", add_special_tokens=False)["input_ids"]
     masks = masker([SimpleNamespace(tokens=a), SimpleNamespace(tokens=b)])
@@ -260,14 +265,13 @@ def test_training_streams_the_traces_in_blocks(tmp_path):
         save_file(piece, str(tmp_path / f"traces-{i:05d}.safetensors"))
     files, memory, whole = TraceShards.load(tmp_path), TraceShards(pieces), TraceShards([traces])
     assert files.sizes == [128] * 4 and files.offsets == [0, 128, 256, 384] and len(files) == 512
-    for one, many in zip(static_importance(whole), static_importance(files), strict=True):
+    for one, many in zip(static_importance(whole, "per_layer"), static_importance(files, "per_layer"), strict=True):
         torch.testing.assert_close(one, many)
-    cfg = PredictorConfig(head_hidden=64, neuron_hidden=64, head_epochs=30, neuron_epochs=10)
-    assert fit_predictor(files, documents(), SHAPE, cfg, seed=0)[1] == fit_predictor(whole, documents(), SHAPE, cfg,
-                                                                                       seed=0)[1]
+    cfg = settings("predictor", head_hidden=64, neuron_hidden=64, head_epochs=30, neuron_epochs=10)
+    assert fit(files, documents(), cfg)[1] == fit(whole, documents(), cfg)[1]
     cfg.block_gb = 1e-9  # every shard its own block
-    from_files, report = fit_predictor(files, documents(), SHAPE, cfg, seed=0)
-    from_memory, again = fit_predictor(memory, documents(), SHAPE, cfg, seed=0)
+    from_files, report = fit(files, documents(), cfg)
+    from_memory, again = fit(memory, documents(), cfg)
     assert report == again
     for a, b in zip(from_files.state_dict().values(), from_memory.state_dict().values(), strict=True):
         assert torch.equal(a, b)
@@ -276,10 +280,10 @@ def test_training_streams_the_traces_in_blocks(tmp_path):
 
 
 def test_per_token_masks_are_the_same_in_chunks_of_positions(tiny_opt, tokenizer, monkeypatch):
-    shape = Shape.of(tiny_opt.config)
+    shape = shape_of(tiny_opt)
     torch.manual_seed(0)
-    predictor = Predictor(shape, 16, placement_groups("shadow", shape.layers), "mlp", 32, 32)
-    masker = PredictedMasks(tiny_opt, predictor, Policy("global", 0.5, 0.5), pad_id=1, granularity="token")
+    predictor = Predictor(shape, 16, PLACEMENTS["shadow"].groups(shape.layers, 0, False), "mlp", 32, 32, False)
+    masker = PredictedMasks(tiny_opt, predictor, Policy("global", 0.5, 0.5), 1, "token")
     requests = [SimpleNamespace(tokens=tokenizer(text)["input_ids"]) for text in
                 ("The army marched north at dawn and rested by the river", "Rain fell")]
     whole = masker(requests)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import make_tiny_opt
+from helpers import make_tiny_opt
 
 from shadow.evaluate.perplexity import evaluate_perplexity, load_eval_data
 from shadow.models import load_model
@@ -74,7 +74,7 @@ def test_a_rerun_skips_finished_jobs_unless_forced(job, tmp_path, caplog, monkey
 def test_sparsity_zero_is_the_dense_model(job, tmp_path):
     cfg = job("sparsity=0.0", "logger=none")
     metrics = run(cfg, tmp_path / "zero")
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer = load_model(cfg.model, cfg.device)
     dense, _ = evaluate_perplexity(model, tokenizer, lambda prompts: None, cfg.eval, load_eval_data(cfg.eval))
     assert metrics["token_perplexity"] == dense["token_perplexity"]
     assert metrics["word_perplexity"] == dense["word_perplexity"]

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 
 import shadow
-from shadow.config import ModelConfig
-from shadow.models import check_opt
-from shadow.opt_mini import MODEL_DIR
+from shadow.config import compose_config
+from shadow.models import check_model
 
 PACKAGE = Path(shadow.__file__).resolve().parent
 FORBIDDEN = {
@@ -50,9 +49,9 @@ def test_remote_code_is_off_unless_the_config_says_so(monkeypatch, caplog):
         seen.append(kwargs.get("trust_remote_code"))
         return real(*args, **{k: v for k, v in kwargs.items() if k != "trust_remote_code"})
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", spy)
-    check_opt(ModelConfig(name="opt-mini", path=str(MODEL_DIR)))
+    check_model(compose_config().model)
     assert seen == [False] and "trust_remote_code" not in caplog.text
-    check_opt(ModelConfig(name="opt-mini", path=str(MODEL_DIR), trust_remote_code=True))
+    check_model(compose_config("model.trust_remote_code=true").model)
     assert seen == [False, True] and "model.trust_remote_code=true: Python code shipped with" in caplog.text
 
 

@@ -9,33 +9,26 @@ import sys
 
 import pytest
 import torch
-from conftest import CONF_DIR, ROOT, make_tiny_opt
+from helpers import (
+    CONF_DIR,
+    ROOT,
+    decode_and_check,
+    make_tiny_opt,
+    masked_and_pruned_logits,
+    request_masks,
+    shape_of,
+    token_predictor,
+)
 from hydra import compose, initialize_config_dir
 
 from shadow import kernels
 from shadow.benchmarks.latency import COLUMNS, run
 from shadow.masking import apply_masks
-from shadow.models import Shape
+from shadow.placements import PLACEMENTS
 from shadow.policy import Masks, Policy
-from shadow.predictors import Predictor, placement_groups
+from shadow.predictors import Predictor
 from shadow.sparse import TokenDecoder, pruned
 from shadow.traces import layer_features
-
-
-def request_masks(model, seed: int, sparsity: float = 0.5) -> Masks:
-    s = Shape.of(model.config)
-    gen = torch.Generator().manual_seed(seed)
-    scores = torch.rand(1, s.layers, s.heads, generator=gen), torch.rand(1, s.layers, s.neurons, generator=gen)
-    return Policy("local", sparsity, sparsity).select(*scores)
-
-
-def masked_and_pruned_logits(model, masks: Masks, ids) -> tuple:
-    """Logits under the masking hooks, and with the pruned units' weights removed."""
-    with torch.no_grad():
-        with apply_masks(model, masks):
-            masked = model(ids).logits
-        with pruned(model, masks):
-            return masked, model(ids).logits
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -88,35 +81,6 @@ def gather(request, monkeypatch):
     return request.param
 
 
-def token_predictor(model, name: str, lookahead: bool = False) -> Predictor:
-    torch.manual_seed(7)
-    shape = Shape.of(model.config)
-    groups = placement_groups(name, shape.layers, 0, lookahead)
-    return Predictor(shape, model.config.hidden_size, groups, head_hidden=32, neuron_hidden=32).eval()
-
-
-def decode_and_check(model, predictor: Predictor, policy: Policy, new_tokens: int = 10):
-    """Decode per token; every step's logits must equal the masked model's on the same sequence and masks, up to
-    rounding: the kernels sum in another order (in half precision: a few units in the last place of the largest
-    logit)."""
-    ids = torch.randint(4, 8192, (1, 9), generator=torch.Generator().manual_seed(6))
-    out = TokenDecoder(model, predictor, policy).generate(ids, new_tokens)
-    assert len(out.tokens) == new_tokens and out.logits.shape[0] == new_tokens - 1
-    sequence = torch.cat([ids[0], out.tokens[:-1]])[None]
-    prompt = ids.shape[1]
-    heads = torch.ones(1, sequence.shape[1], *out.masks.heads.shape[1:], dtype=torch.bool)
-    neurons = torch.ones(1, sequence.shape[1], *out.masks.neurons.shape[1:], dtype=torch.bool)
-    heads[0, prompt:], neurons[0, prompt:] = out.masks.heads, out.masks.neurons
-    with torch.no_grad(), apply_masks(model, Masks(heads, neurons)):
-        masked = model(sequence.to(model.device)).logits[0].cpu()
-    assert int(masked[prompt - 1].argmax()) == out.tokens[0]
-    half = model.dtype != torch.float32
-    tolerance = 4 * torch.finfo(model.dtype).eps * masked.abs().max().item() if half else 1e-4
-    torch.testing.assert_close(out.logits, masked[prompt:].float(), rtol=tolerance, atol=tolerance)
-    assert torch.equal(out.tokens[1:], masked[prompt:].argmax(-1))
-    return out, sequence
-
-
 @pytest.mark.parametrize("policy", ["global", "local"])
 def test_shadow_per_token_decoding_equals_the_masked_model(tiny_opt, policy, gather):
     predictor = token_predictor(tiny_opt, "shadow")
@@ -167,7 +131,7 @@ def test_per_token_decoding_of_an_opt_350m_shaped_model():
 
 def test_per_token_decoding_with_an_empty_layer(tiny_opt, gather):
     predictor = token_predictor(tiny_opt, "shadow")
-    H = Shape.of(tiny_opt.config).heads
+    H = shape_of(tiny_opt).heads
     with torch.no_grad():
         predictor.heads[0][-1].bias[H:2 * H] = -1e4  # layer 1's heads always rank last
     out, _ = decode_and_check(tiny_opt, predictor, Policy("global", 0.6, 0.5))
@@ -175,12 +139,12 @@ def test_per_token_decoding_with_an_empty_layer(tiny_opt, gather):
 
 
 def test_per_token_decoding_rejects_what_it_cannot_run(tiny_opt):
-    shape = Shape.of(tiny_opt.config)
-    late = Predictor(shape, 16, placement_groups("shadow", shape.layers, 1), head_hidden=8, neuron_hidden=8)
+    shape = shape_of(tiny_opt)
+    late = Predictor(shape, 16, PLACEMENTS["shadow"].groups(shape.layers, 1, False), "mlp", 8, 8, False)
     with pytest.raises(ValueError, match="predictor.layer=1"):
-        TokenDecoder(tiny_opt, late, Policy("global"))
+        TokenDecoder(tiny_opt, late, Policy("global", 0.5, 0.5))
     with pytest.raises(ValueError, match="policy=global"):
-        TokenDecoder(tiny_opt, token_predictor(tiny_opt, "dejavu"), Policy("global"))
+        TokenDecoder(tiny_opt, token_predictor(tiny_opt, "dejavu"), Policy("global", 0.5, 0.5))
 
 
 def test_latency_benchmark_writes_its_table(tmp_path):
@@ -258,7 +222,7 @@ def test_sparse_execution_on_a_disk_offloaded_model_equals_the_resident_one(tiny
     and per-token decoding reads, the weights it fetches for each layer."""
     from transformers import AutoModelForCausalLM
 
-    from shadow.models import offloaded
+    from shadow.offload import offloaded
 
     tiny_opt.save_pretrained(tmp_path / "model")
     away = AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map="auto", max_memory={"cpu": "64KB"},

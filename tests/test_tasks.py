@@ -7,16 +7,16 @@ import json
 import lm_eval
 import pytest
 import torch
-from conftest import make_tiny_opt
+from helpers import make_tiny_opt, settings, shape_of
 from lm_eval.models.huggingface import HFLM
 
-from shadow.config import ConfigError, TasksEvalConfig
+from shadow.config import ConfigError
 from shadow.evaluate.tasks import SparseHFLM, check_tasks, evaluate_tasks
-from shadow.models import Shape
+from shadow.placements import PLACEMENTS
 from shadow.policy import Policy, SparsityMeter
-from shadow.predictors import PredictedMasks, Predictor, placement_groups
+from shadow.predictors import PredictedMasks, Predictor
 
-FAST = TasksEvalConfig(limit=12, batch_size=8)
+FAST = settings("eval=tasks", limit=12, batch_size=8)
 
 
 @pytest.fixture
@@ -28,10 +28,10 @@ def tiny_opt():
 @pytest.fixture
 def masker(tiny_opt):
     def make(sparsity: float) -> PredictedMasks:
-        shape = Shape.of(tiny_opt.config)
+        shape = shape_of(tiny_opt)
         torch.manual_seed(0)
-        predictor = Predictor(shape, 16, placement_groups("shadow", shape.layers), "mlp", 32, 32)
-        return PredictedMasks(tiny_opt, predictor, Policy("global", sparsity, sparsity), pad_id=1)
+        predictor = Predictor(shape, 16, PLACEMENTS["shadow"].groups(shape.layers, 0, False), "mlp", 32, 32, False)
+        return PredictedMasks(tiny_opt, predictor, Policy("global", sparsity, sparsity), 1, "request")
     return make
 
 
@@ -97,7 +97,7 @@ doc_to_choice: "{{{{choices}}}}"
 metric_list:
   - metric: acc
 """)
-    cfg = TasksEvalConfig(tasks=["capitals"], include_path=str(tmp_path))
+    cfg = settings("eval=tasks", tasks=["capitals"], include_path=str(tmp_path))
     metrics, layers, _ = evaluate_tasks(tiny_opt, tokenizer, masker(0.5), cfg, check_tasks(cfg), seed=0)
     assert 0.0 <= metrics["capitals/acc"] <= 1.0 and metrics["achieved_head_sparsity"] == pytest.approx(0.5)
     assert len(layers["head_sparsity"]) == tiny_opt.config.num_hidden_layers
@@ -110,4 +110,4 @@ metric_list:
 ])
 def test_bad_task_settings_fail_before_any_model_work(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        check_tasks(TasksEvalConfig(**overrides))
+        check_tasks(settings("eval=tasks", **overrides))

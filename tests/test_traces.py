@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_opt
+from helpers import layers_of, make_tiny_opt, shape_of
 
 from shadow.criteria import get_criterion
 from shadow.data import collate, encode
 from shadow.masking import apply_masks
-from shadow.models import Shape, decoder_layers
 from shadow.policy import Masks
 from shadow.traces import example_loss, layer_features, score_batch
 
@@ -32,7 +31,7 @@ def captured_forward(model, ids, labels):
             acts[name] = args[0]
         return hook
 
-    handles = [m.register_forward_pre_hook(keep((i, kind))) for i, layer in enumerate(decoder_layers(model))
+    handles = [m.register_forward_pre_hook(keep((i, kind))) for i, layer in enumerate(layers_of(model))
                for kind, m in (("a", layer.self_attn.out_proj), ("z", layer.fc2))]
     try:
         loss = example_loss(model(input_ids=ids).logits, labels)[0]
@@ -43,9 +42,9 @@ def captured_forward(model, ids, labels):
 
 
 def test_plainact_matches_autograd_per_example(tiny_opt, examples):
-    shape = Shape.of(tiny_opt.config)
+    shape = shape_of(tiny_opt)
     batch = collate(examples, pad_id=1)  # padded: the examples differ in length
-    features, heads, neurons = score_batch(tiny_opt, batch, get_criterion("plainact"), shape)
+    features, heads, neurons = score_batch(tiny_opt, batch, get_criterion("plainact", "textbook"), shape)
     for i, ex in enumerate(examples):
         n = len(ex.input_ids)
         loss, acts = captured_forward(tiny_opt, batch.input_ids[i:i + 1, :n], batch.labels[i:i + 1, :n])
@@ -61,8 +60,8 @@ def test_plainact_matches_autograd_per_example(tiny_opt, examples):
 
 
 def test_scores_do_not_depend_on_the_rest_of_the_batch(tiny_opt, examples):
-    shape = Shape.of(tiny_opt.config)
-    plainact = get_criterion("plainact")
+    shape = shape_of(tiny_opt)
+    plainact = get_criterion("plainact", "textbook")
     _, heads_all, neurons_all = score_batch(tiny_opt, collate(examples, 1), plainact, shape)
     _, heads_one, neurons_one = score_batch(tiny_opt, collate(examples[1:2], 1), plainact, shape)
     torch.testing.assert_close(heads_all[1:2], heads_one, rtol=1e-4, atol=1e-7)
@@ -70,14 +69,14 @@ def test_scores_do_not_depend_on_the_rest_of_the_batch(tiny_opt, examples):
 
 
 def test_scoring_leaves_weights_without_gradients(tiny_opt, examples):
-    score_batch(tiny_opt, collate(examples, 1), get_criterion("plainact"), Shape.of(tiny_opt.config))
+    score_batch(tiny_opt, collate(examples, 1), get_criterion("plainact", "textbook"), shape_of(tiny_opt))
     assert all(p.grad is None and p.requires_grad for p in tiny_opt.parameters())
 
 
 def test_gate_gradient_predicts_the_loss_change(examples):
     """Finite differences: d loss / d gate[l, h] = Σ_t <a_t,h, g_t,h>, the signed sum inside plainact."""
     model = make_tiny_opt(dtype=torch.float64)
-    shape = Shape.of(model.config)
+    shape = shape_of(model)
     ex = examples[2]
     ids = torch.tensor([ex.input_ids])
     labels = collate([ex], 1).labels
@@ -102,7 +101,7 @@ def test_gate_gradient_predicts_the_loss_change(examples):
 
 def test_layer_features_match_the_full_pass(tiny_opt, examples):
     batch = collate(examples, 1)
-    full, _, _ = score_batch(tiny_opt, batch, get_criterion("plainact"), Shape.of(tiny_opt.config))
+    full, _, _ = score_batch(tiny_opt, batch, get_criterion("plainact", "textbook"), shape_of(tiny_opt))
     feats = layer_features(tiny_opt, batch.input_ids, batch.attention_mask, batch.last_context, [1, 0])
     torch.testing.assert_close(feats, full[:, [1, 0]], rtol=1e-5, atol=1e-6)
     every = layer_features(tiny_opt, batch.input_ids, batch.attention_mask, None, [2])  # (B, T, 1, E)
@@ -112,7 +111,7 @@ def test_layer_features_match_the_full_pass(tiny_opt, examples):
 def test_layer_features_stop_after_the_last_layer_asked_for(tiny_opt, examples):
     batch = collate(examples, 1)
     reached = []
-    handle = decoder_layers(tiny_opt)[1].fc1.register_forward_pre_hook(lambda m, a: reached.append(1))
+    handle = layers_of(tiny_opt)[1].fc1.register_forward_pre_hook(lambda m, a: reached.append(1))
     try:
         layer_features(tiny_opt, batch.input_ids, batch.attention_mask, batch.last_context, [0])
         assert not reached

@@ -15,18 +15,16 @@ import argparse
 import torch
 from torch.utils import benchmark
 
+from shadow.arch import architecture_config, family_of
 from shadow.criteria import CRITERIA, get_criterion
 from shadow.data import Example, collate
-from shadow.models import Shape
 from shadow.traces import example_loss, score_batch
 
 
 def opt_125m(device: str):
-    from transformers import OPTConfig, OPTForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = OPTConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072,
-                       word_embed_proj_dim=768, vocab_size=50272, max_position_embeddings=2048)
-    return OPTForCausalLM(config).to(device).eval()
+    return AutoModelForCausalLM.from_config(architecture_config("opt-125m")).to(device).eval()
 
 
 def main() -> None:
@@ -38,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     model = opt_125m(args.device)
-    shape = Shape.of(model.config)
+    shape = family_of(model.config).shape(model.config)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(4, 50000, (args.batch, args.tokens), generator=gen).tolist()
     batch = collate([Example(tuple(x), args.tokens // 2) for x in ids], pad_id=1)

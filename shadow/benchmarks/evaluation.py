@@ -20,12 +20,14 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import get_task_dict
 from torch.utils import benchmark
 
+from shadow.arch import family_of
+from shadow.config import compose_config
 from shadow.data import load_tasks
 from shadow.evaluate.tasks import SparseHFLM
-from shadow.models import Shape
 from shadow.opt_mini import MODEL_DIR
+from shadow.placements import PLACEMENTS
 from shadow.policy import Policy, SparsityMeter
-from shadow.predictors import PredictedMasks, Predictor, StaticMasks, placement_groups
+from shadow.predictors import PredictedMasks, Predictor, StaticMasks
 
 
 def main() -> None:
@@ -47,16 +49,18 @@ def main() -> None:
     plain = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
     requests = [((ctx, cont), *plain._encode_pair(ctx, cont)) for ctx, cont in (i.args for i in task.instances)]
 
-    shape = Shape.of(model.config)
+    shape = family_of(model.config).shape(model.config)
     policy = Policy("global", 0.5, 0.5)
     torch.manual_seed(0)
-    predictor = Predictor(shape, model.config.hidden_size, placement_groups("shadow", shape.layers))
+    settings = compose_config().predictor
+    groups = PLACEMENTS["shadow"].groups(shape.layers, 0, False)
+    predictor = Predictor.configured(shape, model.config.hidden_size, groups, settings, False)
+    predicted = PredictedMasks(model, predictor, policy, 1, settings.granularity)
     fixed = StaticMasks(torch.rand(shape.layers, shape.heads), torch.rand(shape.layers, shape.neurons), policy)
     rows = {"HFLM": plain,
             "shadow, dense": SparseHFLM(model, tokenizer, lambda r: None, args.batch_size, SparsityMeter()),
             "shadow, masks only": SparseHFLM(model, tokenizer, fixed, args.batch_size, SparsityMeter()),
-            "shadow, predicted": SparseHFLM(model, tokenizer, PredictedMasks(model, predictor, policy, 1),
-                                            args.batch_size, SparsityMeter())}
+            "shadow, predicted": SparseHFLM(model, tokenizer, predicted, args.batch_size, SparsityMeter())}
     times = {}
     for name, lm in rows.items():
         timer = benchmark.Timer(stmt="lm._loglikelihood_tokens(requests, disable_tqdm=True)",

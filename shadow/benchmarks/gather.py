@@ -50,7 +50,7 @@ def main() -> None:
         raise SystemExit("the compiled gather kernel could not be built here (see the warning above)")
     torch.manual_seed(0)
     E, F = args.hidden, 4 * args.hidden
-    shapes = {"fc1 rows": (F, E), "fc2 columns": (F, E), "q/k/v rows": (E, E), "out_proj columns": (E, E)}
+    shapes = {"up rows": (F, E), "down columns": (F, E), "q/k/v rows": (E, E), "output columns": (E, E)}
     times: dict[tuple[str, str], list[float]] = {}
     for product, (rows, width) in shapes.items():
         weights = [torch.randn(rows, width) for _ in range(args.copies)]  # for columns: the weight transposed

@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 
+from shadow.config import DTYPES
+
 ROOT = Path(__file__).resolve().parents[2]
-DTYPES = ("float32", "float16", "bfloat16")
 
 
 def step(command: list[str], timeout: int) -> tuple[bool, str, float]:

@@ -37,7 +37,6 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import hydra
 import torch
@@ -46,52 +45,43 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils import benchmark
 from tqdm import tqdm
 
+from shadow.arch import architecture_config, architectures, family_of
 from shadow.cli import fail, fix_argv
-from shadow.config import ConfigError
-from shadow.models import DTYPES, Shape
+from shadow.config import DTYPES, ConfigError
+from shadow.models import TORCH_DTYPES
+from shadow.placements import PLACEMENTS
 from shadow.policy import Policy
-from shadow.predictors import Predictor, placement_groups
+from shadow.predictors import Predictor
 from shadow.sparse import TokenDecoder, pruned
 from shadow.traces import layer_features
 
-if TYPE_CHECKING:
-    from transformers import OPTConfig
-
-ARCHS = {  # hidden, layers, heads (FFN = 4 × hidden)
-    "opt-125m": (768, 12, 12), "opt-350m": (1024, 24, 16), "opt-1.3b": (2048, 24, 32),
-    "opt-2.7b": (2560, 32, 32), "opt-6.7b": (4096, 32, 32), "opt-13b": (5120, 40, 40), "opt-30b": (7168, 48, 56),
-    "opt-66b": (9216, 64, 72),
-}
 COLUMNS = ["method", "granularity", "sparsity", "total_ms", "first_token_ms", "step_ms", "decode_speedup",
            "predictor_share"]
 
 
-def opt_config(arch: str) -> OPTConfig:
-    """The architecture's OPT config (vocabulary and context of the released models)."""
-    from transformers import OPTConfig
+def predictors(config, predictor_cfg: DictConfig) -> dict[str, Predictor]:
+    """Untrained networks of every trained placement: ShadowLLM's reads layer 0, DejaVu-style ones the previous
+    layer (lookahead, as DejaVu does); sizes from ``predictor_cfg``."""
+    shape = family_of(config).shape(config)
+    return {name: Predictor.configured(shape, config.hidden_size, placement.groups(shape.layers, 0, True),
+                                       predictor_cfg, False)
+            for name, placement in PLACEMENTS.items() if placement.trains}
 
-    hidden, layers, heads = ARCHS[arch]
-    return OPTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=4 * hidden,
-                     word_embed_proj_dim=hidden, vocab_size=50272, max_position_embeddings=2048,
-                     do_layer_norm_before=arch != "opt-350m")
 
-
-def footprint(arch: str, dtype: torch.dtype, sparsities: list[float]) -> dict[str, float]:
+def footprint(cfg: DictConfig) -> dict[str, float]:
     """Bytes the bench holds: the weights, the kept units' weights that per-request rows gather (at the lowest
-    sparsity), and both placements' predictors; counted on models built on ``meta``."""
+    sparsity), and every placement's predictors; counted on models built on ``meta``."""
     from transformers import AutoModelForCausalLM
 
-    config = opt_config(arch)
+    config = architecture_config(cfg.arch)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-        shape = Shape.of(config)
-        predictors = [Predictor(shape, config.hidden_size, placement_groups(name, shape.layers, lookahead=True))
-                      for name in ("shadow", "dejavu")]
-    size = torch.finfo(dtype).bits // 8
+        networks = predictors(config, cfg.predictor).values()
+    size = TORCH_DTYPES[cfg.dtype].itemsize
     layers = sum(p.numel() for name, p in model.named_parameters() if ".layers." in name and p.dim() == 2)
     return {"weights": sum(p.numel() for p in model.parameters()) * size,
-            "gathered": (1 - min(sparsities, default=0.0)) * layers * size,
-            "predictors": sum(p.numel() for predictor in predictors for p in predictor.parameters()) * size}
+            "gathered": (1 - min(cfg.sparsity, default=0.0)) * layers * size,
+            "predictors": sum(p.numel() for predictor in networks for p in predictor.parameters()) * size}
 
 
 def free_memory(device: str, device_map: str | None) -> dict[int | str, float]:
@@ -109,7 +99,7 @@ def free_memory(device: str, device_map: str | None) -> dict[int | str, float]:
 def placement(cfg: DictConfig, free: dict[int | str, float]) -> dict[int | str, int] | None:
     """Fail in one line when the bench cannot fit; with ``device_map=auto``, accelerate's memory caps per device:
     each keeps room, in proportion, for its layers' gathered copies; the first also for the predictors."""
-    need = footprint(cfg.arch, DTYPES[cfg.dtype], list(cfg.sparsity))
+    need = footprint(cfg)
     total = sum(need.values()) * 1.1  # activations, KV cache, allocator slack
     if total > sum(free.values()):
         parts = ", ".join(f"{k} {v / 1e9:.1f} GB" for k, v in need.items())
@@ -133,7 +123,7 @@ def build(arch: str, device: str, dtype: torch.dtype, max_memory: dict[int | str
     under those caps (layers over several GPUs) and each weight is created on its device."""
     from transformers import AutoModelForCausalLM
 
-    config = opt_config(arch)
+    config = architecture_config(arch)
     if max_memory is None:
         with torch.device(device):
             return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
@@ -181,17 +171,13 @@ class Bench:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         torch.manual_seed(0)
-        self.model = build(cfg.arch, str(cfg.device), DTYPES[cfg.dtype],
+        self.model = build(cfg.arch, str(cfg.device), TORCH_DTYPES[cfg.dtype],
                            placement(cfg, free_memory(str(cfg.device), cfg.device_map)))
-        self.shape = Shape.of(self.model.config)
-        hidden = self.model.config.hidden_size
+        self.shape = family_of(self.model.config).shape(self.model.config)
         self.ids = torch.randint(4, 50000, (1, cfg.prompt), device=cfg.device)
-        self.predictors = {
-            "shadow": Predictor(self.shape, hidden, placement_groups("shadow", self.shape.layers)),
-            "dejavu": Predictor(self.shape, hidden, placement_groups("dejavu", self.shape.layers, lookahead=True)),
-        }
+        self.predictors = predictors(self.model.config, cfg.predictor)
         for predictor in self.predictors.values():
-            predictor.to(cfg.device, DTYPES[cfg.dtype]).eval()
+            predictor.to(cfg.device, TORCH_DTYPES[cfg.dtype]).eval()
 
     def generate(self, new_tokens: int) -> None:
         self.model.generate(self.ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
@@ -211,7 +197,7 @@ class Bench:
             policy.select(*predictor.group_scores(group, feature))
 
     def cases(self) -> list[Case]:
-        """Dense, then at each sparsity: static, ShadowLLM and DejaVu-style per request, both per token."""
+        """Dense, then at each sparsity: static, and every trained placement per request and per token."""
         cases = [Case("dense", "-", 0.0, self.generate)]
         for sparsity in map(float, self.cfg.sparsity):
             policy = Policy("local", sparsity, sparsity)
@@ -219,13 +205,13 @@ class Bench:
                                    torch.rand(1, self.shape.layers, self.shape.neurons))
             cases.append(Case("static", "request", sparsity, self.generate,
                               lambda static=static: pruned(self.model, static)))
-            for name in ("shadow", "dejavu"):
+            for name in self.predictors:
                 def request(n: int, name=name, policy=policy) -> None:
                     with pruned(self.model, self.predict_request(name, policy)):
                         self.generate(n)
                 cases.append(Case(name, "request", sparsity, request,
                                   predict=lambda name=name, policy=policy: self.predict_request(name, policy)))
-            for name in ("shadow", "dejavu"):
+            for name in self.predictors:
                 decoder = TokenDecoder(self.model, self.predictors[name], policy)
                 cases.append(Case(name, "token", sparsity, lambda n, d=decoder: d.generate(self.ids, n),
                                   lambda d=decoder: d,
@@ -286,8 +272,8 @@ TABLE_HEAD = ("| method | masks | sparsity | total ms | first token ms | ms / st
 
 def check(cfg: DictConfig) -> None:
     """One-line errors for bad settings, before the model is built."""
-    if cfg.arch not in ARCHS:
-        raise ConfigError(f"arch={cfg.arch} is not an OPT architecture here; use one of {', '.join(ARCHS)}")
+    if cfg.arch not in architectures():
+        raise ConfigError(f"arch={cfg.arch} is not a known architecture; use one of {', '.join(architectures())}")
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"dtype={cfg.dtype} is unknown; use one of {', '.join(DTYPES)}")
     for s in cfg.sparsity:

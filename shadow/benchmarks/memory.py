@@ -26,19 +26,21 @@ import torch
 
 
 def child(examples: int, max_length: int, batch_size: int) -> None:
-    from shadow.config import CalibrationConfig, ModelConfig
+    from shadow.arch import family_of
+    from shadow.config import compose_config
     from shadow.criteria import get_criterion
     from shadow.data import load_calibration
-    from shadow.models import Shape, load_model, pad_id
-    from shadow.opt_mini import MODEL_DIR
+    from shadow.models import load_model, pad_id
     from shadow.traces import compute_traces
 
-    model, tokenizer = load_model(ModelConfig(name="opt-mini", path=str(MODEL_DIR)))
-    pool = load_calibration(CalibrationConfig(max_length=max_length), tokenizer, 512)
+    cfg = compose_config(f"calibration.max_length={max_length}")
+    model, tokenizer = load_model(cfg.model, cfg.device)
+    pool = load_calibration(cfg.calibration, tokenizer, 512)
     data = [pool[i % len(pool)] for i in range(examples)]
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with tempfile.TemporaryDirectory() as out:
-        compute_traces(model, data, get_criterion("plainact", "textbook"), Shape.of(model.config), batch_size,
+        compute_traces(model, data, get_criterion("plainact", "textbook"),
+                       family_of(model.config).shape(model.config), batch_size,
                        pad_id(tokenizer), Path(out))
         size = sum(f.stat().st_size for f in Path(out).iterdir())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -49,12 +51,13 @@ def child(examples: int, max_length: int, batch_size: int) -> None:
 def predictor_child(examples: int) -> None:
     from safetensors.torch import save_file
 
-    from shadow.config import PredictorConfig
-    from shadow.models import Shape
+    from shadow.arch import Shape
+    from shadow.config import compose_config
+    from shadow.placements import PLACEMENTS
     from shadow.predictors import fit_predictor
     from shadow.traces import SHARD_SIZE, TraceShards
 
-    shape, hidden = Shape(layers=12, heads=12, head_dim=64, neurons=3072), 768
+    shape, hidden = Shape(layers=12, heads=12, kv_heads=12, head_dim=64, neurons=3072), 768
     gen = torch.Generator().manual_seed(0)
     with tempfile.TemporaryDirectory() as out:
         for index, start in enumerate(range(0, examples, SHARD_SIZE)):
@@ -65,9 +68,10 @@ def predictor_child(examples: int) -> None:
                       str(Path(out) / f"traces-{index:05d}.safetensors"))
         size = sum(f.stat().st_size for f in Path(out).iterdir())
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        cfg = PredictorConfig(head_epochs=1, neuron_epochs=1, neuron_batch_size=64, head_batch_size=64,
-                              block_gb=0.25)
-        fit_predictor(TraceShards.load(Path(out)), [f"doc{i // 8}" for i in range(examples)], shape, cfg, seed=0)
+        cfg = compose_config("predictor.head_epochs=1", "predictor.neuron_epochs=1", "predictor.head_batch_size=64",
+                             "predictor.neuron_batch_size=64", "predictor.block_gb=0.25").predictor
+        fit_predictor(TraceShards.load(Path(out)), [f"doc{i // 8}" for i in range(examples)], shape,
+                      PLACEMENTS["shadow"].groups(shape.layers, 0, False), cfg, 0, False, "cpu")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"examples": examples, "before_mb": before / 1024, "peak_mb": peak / 1024,
                       "traces_mb": size / 2**20}))

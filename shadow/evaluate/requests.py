@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from shadow.data import pad
 from shadow.masking import apply_masks
-from shadow.models import input_device
+from shadow.offload import input_device
 from shadow.policy import Masks, SparsityMeter
 
 

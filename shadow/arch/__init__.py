@@ -1,0 +1,29 @@
+"""Model families (``base.Family``), looked up by a model config's ``model_type``; importing a family's module
+registers it."""
+
+from __future__ import annotations
+
+from shadow.arch import opt  # noqa: F401  (registers the family)
+from shadow.arch.base import FAMILIES, Activation, Family, Shape
+from shadow.config import ConfigError
+
+__all__ = ["FAMILIES", "Activation", "Family", "Shape", "architecture_config", "architectures", "family_of"]
+
+
+def family_of(config) -> Family:
+    """The family of a model config (a transformers ``PretrainedConfig``)."""
+    if config.model_type not in FAMILIES:
+        raise ConfigError(f"model_type={config.model_type!r} is not of a family shadow knows "
+                          f"({', '.join(sorted(FAMILIES))}); use a model of one of them, or add the family "
+                          "(docs/extending.md)")
+    return FAMILIES[config.model_type]
+
+
+def architectures() -> list[str]:
+    """Every released architecture by name (``opt-1.3b``), for random-weight models."""
+    return [name for family in FAMILIES.values() for name in family.architectures]
+
+
+def architecture_config(name: str):
+    """The config of a released architecture, of whichever family has it."""
+    return next(family.config(name) for family in FAMILIES.values() if name in family.architectures)

@@ -1,0 +1,112 @@
+"""Predictor placements, the ``predictor`` config group: each option, conf/predictor/<name>.yaml, is a
+``Placement`` registered here under that name. A placement says whether it scores the calibration set, which
+networks it trains (its groups: the layer each reads and the layers it predicts) and how it turns the job into a
+mask source; the job (``run.mask_source``), the disk and memory estimates, per-token decoding and the latency
+bench ask it rather than its name.
+
+- ``shadow`` (ShadowLLM): one predictor reads the attention output of ``predictor.layer`` (0 by default) at the
+  last context token and predicts every layer's head and FFN-unit importance.
+- ``dejavu`` (DejaVu-style, as ShadowLLM ran it): one predictor per layer, reading that layer's own attention
+  output from a dense pass, or the previous layer's with ``predictor.lookahead=true``.
+- ``static``: one mask for every input, from importance averaged over the calibration set.
+- ``oracle``: the criterion's own scores on each request, the upper bound of any predictor.
+- ``dense``: no mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from shadow.arch import Shape
+from shadow.criteria import Criterion
+from shadow.evaluate.requests import MaskFn
+from shadow.policy import Policy
+from shadow.predictors import Groups, OracleMasks, PredictedMasks, Predictor, StaticMasks, static_importance
+from shadow.traces import TraceShards
+
+PLACEMENTS: dict[str, Placement] = {}
+
+
+@dataclass
+class MaskJob:
+    """What a placement may build its mask source from: ``traces`` when it ``uses_traces``, ``predictor`` when it
+    trains one."""
+
+    model: nn.Module
+    criterion: Criterion
+    shape: Shape
+    policy: Policy
+    predictor_cfg: object  # the job's ``predictor`` config
+    pad_id: int
+    seed: int
+    traces: TraceShards | None = None
+    predictor: Predictor | None = None
+
+
+class Placement:
+    """A predictor placement; a subclass that sets ``name`` registers under it."""
+
+    name: str
+    uses_traces = False  # scores the calibration set (cached traces)
+    trains = False  # trains predictor networks: ``groups`` are not empty
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in vars(cls):  # an intermediate class (Trained) names no option
+            PLACEMENTS[cls.name] = cls()
+
+    def groups(self, layers: int, layer: int, lookahead: bool) -> Groups:
+        """The networks it trains: (feature layer, the layers it predicts) each; none for untrained placements."""
+        return ()
+
+    def masks(self, job: MaskJob) -> MaskFn:
+        raise NotImplementedError
+
+
+class Dense(Placement):
+    name = "dense"
+
+    def masks(self, job: MaskJob) -> MaskFn:
+        return lambda requests: None
+
+
+class Oracle(Placement):
+    name = "oracle"
+
+    def masks(self, job: MaskJob) -> MaskFn:
+        return OracleMasks(job.model, job.criterion, job.shape, job.policy, job.predictor_cfg.target_norm, job.pad_id,
+                           job.seed)
+
+
+class Static(Placement):
+    name = "static"
+    uses_traces = True
+
+    def masks(self, job: MaskJob) -> MaskFn:
+        return StaticMasks(*static_importance(job.traces, job.predictor_cfg.target_norm), job.policy)
+
+
+class Trained(Placement):
+    """A placement of trained predictors: masks from their predictions, per request or per token."""
+
+    uses_traces = True
+    trains = True
+
+    def masks(self, job: MaskJob) -> MaskFn:
+        return PredictedMasks(job.model, job.predictor, job.policy, job.pad_id, job.predictor_cfg.granularity)
+
+
+class ShadowLLM(Trained):
+    name = "shadow"
+
+    def groups(self, layers: int, layer: int, lookahead: bool) -> Groups:
+        return ((layer, tuple(range(layers))),)
+
+
+class DejaVu(Trained):
+    name = "dejavu"
+
+    def groups(self, layers: int, layer: int, lookahead: bool) -> Groups:
+        return tuple((max(target - 1, 0) if lookahead else target, (target,)) for target in range(layers))

@@ -1,0 +1,123 @@
+"""What several test modules use: tiny models built in the test, settings composed from conf/, the shadow command
+as a user runs it, and the checks that sparse execution equals the masked model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from shadow.arch import Shape, family_of
+from shadow.config import compose_config
+from shadow.masking import apply_masks
+from shadow.placements import PLACEMENTS
+from shadow.policy import Masks, Policy
+from shadow.predictors import Predictor, spearman
+from shadow.sparse import TokenDecoder, pruned
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = str(ROOT / "conf")
+FAST_CLI = ("logger=none calibration.limit=8 predictor.head_epochs=2 predictor.neuron_epochs=1 eval.limit=1 "
+            "eval.protocols=[token]")  # the opt-mini pipeline in seconds
+
+
+def run_shadow(args: str, cwd: Path, module: str = "shadow", **env: str) -> subprocess.CompletedProcess:
+    """``python -m <module> <args>`` in a subprocess, as a user types it."""
+    return subprocess.run([sys.executable, "-m", module, *args.split()], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **env}, timeout=900)
+
+
+def make_tiny_opt(layers: int = 3, heads: int = 4, hidden: int = 16, ffn: int = 32, vocab: int = 8192,
+                  seed: int = 0, dtype: torch.dtype = torch.float32, positions: int = 64, like_350m: bool = False):
+    """A random OPT; ``like_350m``: OPT-350m's shape, with LayerNorm after each block and the embeddings
+    projected in and out."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    config = OPTConfig(vocab_size=vocab, hidden_size=hidden, word_embed_proj_dim=hidden // 2 if like_350m else hidden,
+                       num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=ffn,
+                       max_position_embeddings=positions, dropout=0.0, attention_dropout=0.0, pad_token_id=1,
+                       bos_token_id=2, eos_token_id=2, do_layer_norm_before=not like_350m)
+    model = OPTForCausalLM(config).to(dtype).eval()
+    with torch.no_grad():  # larger than the default init so that every unit matters measurably
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return model
+
+
+def settings(group: str, **values) -> DictConfig:
+    """A config group's section as conf/ sets it (``group`` after ``=`` picks an option: ``eval=tasks``), with
+    ``values`` replaced."""
+    name, _, option = group.partition("=")
+    section = compose_config(*([group] if option else []))[name]
+    for key, value in values.items():
+        section[key] = value
+    return section
+
+
+def shape_of(model) -> Shape:
+    return family_of(model.config).shape(model.config)
+
+
+def request_masks(model, seed: int, sparsity: float = 0.5) -> Masks:
+    s = shape_of(model)
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(1, s.layers, s.heads, generator=gen), torch.rand(1, s.layers, s.neurons, generator=gen)
+    return Policy("local", sparsity, sparsity).select(*scores)
+
+
+def masked_and_pruned_logits(model, masks: Masks, ids) -> tuple:
+    """Logits under the masking hooks, and with the pruned units' weights removed."""
+    with torch.no_grad():
+        with apply_masks(model, masks):
+            masked = model(ids).logits
+        with pruned(model, masks):
+            return masked, model(ids).logits
+
+
+def token_predictor(model, name: str, lookahead: bool = False) -> Predictor:
+    torch.manual_seed(7)
+    shape = shape_of(model)
+    groups = PLACEMENTS[name].groups(shape.layers, 0, lookahead)
+    return Predictor(shape, model.config.hidden_size, groups, "mlp", 32, 32, False).eval()
+
+
+def decode_and_check(model, predictor: Predictor, policy: Policy, new_tokens: int = 10):
+    """Decode per token; every step's logits must equal the masked model's on the same sequence and masks, up to
+    rounding: the kernels sum in another order (in half precision: a few units in the last place of the largest
+    logit)."""
+    ids = torch.randint(4, 8192, (1, 9), generator=torch.Generator().manual_seed(6))
+    out = TokenDecoder(model, predictor, policy).generate(ids, new_tokens)
+    assert len(out.tokens) == new_tokens and out.logits.shape[0] == new_tokens - 1
+    sequence = torch.cat([ids[0], out.tokens[:-1]])[None]
+    prompt = ids.shape[1]
+    heads = torch.ones(1, sequence.shape[1], *out.masks.heads.shape[1:], dtype=torch.bool)
+    neurons = torch.ones(1, sequence.shape[1], *out.masks.neurons.shape[1:], dtype=torch.bool)
+    heads[0, prompt:], neurons[0, prompt:] = out.masks.heads, out.masks.neurons
+    with torch.no_grad(), apply_masks(model, Masks(heads, neurons)):
+        masked = model(sequence.to(model.device)).logits[0].cpu()
+    assert int(masked[prompt - 1].argmax()) == out.tokens[0]
+    half = model.dtype != torch.float32
+    tolerance = 4 * torch.finfo(model.dtype).eps * masked.abs().max().item() if half else 1e-4
+    torch.testing.assert_close(out.logits, masked[prompt:].float(), rtol=tolerance, atol=tolerance)
+    assert torch.equal(out.tokens[1:], masked[prompt:].argmax(-1))
+    return out, sequence
+
+
+def per_layer_agreement(half: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """(L,) Spearman ρ of each layer's units, averaged over examples; a layer whose float32 scores are all equal
+    (nothing to rank) agrees when the half scores are equal too."""
+    B, L, U = full.shape
+    rho = spearman(half.reshape(B * L, U), full.reshape(B * L, U)).view(B, L)
+    flat = (full == full[..., :1]).all(-1)
+    rho = torch.where(flat, (half == half[..., :1]).all(-1).float(), rho)
+    return rho.mean(0)
+
+
+def layers_of(model):
+    return family_of(model.config).layers(model)
