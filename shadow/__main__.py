@@ -1,7 +1,8 @@
 """Entry point: ``python -m shadow +criterion=plainact -m sparsity=0.3,0.5``.
 
-argv is reordered and every job it describes is checked first (``shadow.cli``). ``--cfg`` prints the config
-resolved, so the model's local path shows. Errors are one line; HYDRA_FULL_ERROR=1 shows the traceback.
+argv is reordered and every job it describes is checked first (``shadow.cli``), a sweep file's too:
+``python -m shadow --config-dir sweeps --config-name paper_criteria``. ``--cfg`` prints the config resolved, so
+the model's local path shows. Errors are one line; HYDRA_FULL_ERROR=1 shows the traceback.
 """
 
 from __future__ import annotations

@@ -1,9 +1,13 @@
 """Command-line handling before Hydra runs: argv order, and every job of a sweep checked before any job starts.
 
 Hydra 1.3 rejects overrides on both sides of ``-m`` (hydra issue #3053), so value-less flags move to the front
-of argv first. Then each override is checked: a config group's option must exist, and every combination of a
-sweep must compose against the typed schema and pass ``validate``, so a typo in the last value of a sweep fails
-at once, in one line, not after the other jobs have run.
+of argv first. Then each override is checked: a config group's option must exist, and every job must compose
+against the typed schema and pass ``validate``, so a typo in the last value of a sweep fails at once, in one
+line, not after the other jobs have run. The jobs are those Hydra's basic sweeper would launch: the sweep file's
+``hydra.sweeper.params`` grid (``--config-dir sweeps --config-name paper_criteria``, in multirun mode) combined
+with the command line's overrides, which replace the grid's values of the same key. ``check_argv`` takes the
+primary config's name and the check to run, so other Hydra apps over conf/ (the latency benchmark:
+``check_argv(argv, "latency", check)``) check their sweeps the same way.
 """
 
 from __future__ import annotations
@@ -11,19 +15,29 @@ from __future__ import annotations
 import itertools
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from shadow.config import EVAL_SCHEMAS, ConfigError, conf_options, register_configs, validate
 
 FRONT_FLAGS = ("-m", "--multirun")
-VALUE_FLAGS = ("--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp", "--cfg", "-c", "--package",
-               "-p", "--experimental-rerun")
+LONG = {"-cd": "--config-dir", "-cn": "--config-name", "-cp": "--config-path", "-c": "--cfg", "-p": "--package",
+        "-i": "--info", "-m": "--multirun", "-sc": "--shell-completion"}
+VALUE_FLAGS = ("--config-dir", "--config-name", "--config-path", "--cfg", "--package", "--experimental-rerun")
+INFO_CHOICES = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")  # --info's optional value
+# these show or rerun a config and launch none of argv's jobs (--cfg job must work without +criterion: it lists
+# the settings); --config-path replaces conf/ by a directory relative to the app's file, which only Hydra knows
+UNCHECKED = ("--cfg", "--info", "--shell-completion", "--experimental-rerun", "--config-path")
 CONF = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("criterion", "predictor", "model", "calibration", "eval", "compat", "logger", "hydra/launcher")
 LAUNCHERS = ("basic", "joblib", "submitit_local", "submitit_slurm")  # provided by Hydra and its plugins
 TYPES = {"Float": "a number", "Integer": "a whole number", "Boolean": "true or false"}
 MAX_CHECKED = 256  # sweeps larger than this are checked on their first combinations only
@@ -45,61 +59,124 @@ def fail(err: ConfigError) -> None:
     raise SystemExit(f"error: {err}") from None
 
 
-def overrides_of(argv: list[str]) -> tuple[list[str], bool]:
-    """The overrides in argv, and whether a primary config other than ours was named."""
-    overrides, other_config, skip = [], False, False
+def overrides_of(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The overrides in argv, and its flags by long name with their values ('' for a flag without one)."""
+    overrides: list[str] = []
+    flags: dict[str, str] = {}
+    pending = None  # a flag whose value is the next argument
     for arg in argv:
-        if skip:
-            skip = False
-        elif arg.startswith("-"):
-            name = arg.split("=", 1)[0]
-            other_config |= name in ("--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp")
-            skip = name in VALUE_FLAGS and "=" not in arg
+        if pending and (pending != "--info" or arg in INFO_CHOICES):
+            flags[pending], pending = arg, None
+            continue
+        pending = None
+        if arg.startswith("-"):
+            name, eq, value = arg.partition("=")
+            name = LONG.get(name, name)
+            flags[name] = value
+            pending = name if name in (*VALUE_FLAGS, "--info") and not eq else None
         else:
             overrides.append(arg)
-    return overrides, other_config
+    return overrides, flags
 
 
-def options(group: str) -> list[str]:
-    return sorted({*conf_options(group), *LAUNCHERS}) if group == "hydra/launcher" else conf_options(group)
-
-
-def check_argv(argv: list[str]) -> None:
-    """Raise ConfigError (one line: key, value, fix) for the first bad override of any job argv describes."""
-    overrides, other_config = overrides_of(argv)
-    parser, parsed = OverridesParser.create(), []
+def parsed(overrides: list[str]) -> list[Override]:
+    parser, result = OverridesParser.create(), []
     for override in overrides:
         try:
-            parsed += parser.parse_overrides([override])
+            result += parser.parse_overrides([override])
         except HydraException as err:
             raise ConfigError(f"{override} does not parse ({str(err).splitlines()[0]}); write key=value, key=a,b "
                               "for a sweep, key=[a,b] for a list") from None
-    groups = {"criterion", "predictor", "model", "calibration", "eval", "compat", "logger", "hydra/launcher"}
-    choices = []
-    for override in parsed:
-        if override.is_delete():
-            continue
-        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else \
-            [override.get_value_element_as_str()]
+    return result
+
+
+def values(override: Override) -> list[str]:
+    return list(override.sweep_string_iterator()) if override.is_sweep_override() else \
+        [override.get_value_element_as_str()]
+
+
+def options(group: str, dirs: list[Path]) -> list[str]:
+    found = {*conf_options(group), *(p.stem for d in dirs for p in d.glob(f"{group}/*.yaml"))}
+    return sorted({*found, *LAUNCHERS}) if group == "hydra/launcher" else sorted(found)
+
+
+def check_groups(overrides: list[Override], dirs: list[Path]) -> None:
+    """A config group's value must be one of its options: one line listing them beats Hydra's error."""
+    for override in overrides:
         key = override.key_or_group
-        for value in values if key in groups else []:
-            if value not in options(key):
-                raise ConfigError(f"{key}={value} is not an option; use one of: {', '.join(options(key))}")
-        if not key.startswith("hydra"):
-            prefix = override.input_line.split(key, 1)[0]  # + or ++ or nothing
-            choices.append([f"{prefix}{key}={v}" for v in values])
-    if other_config or {"--cfg", "-c", "--info", "-i"} & set(argv):
-        return  # sweep files compose against their own directory (their jobs are checked as they start)
+        for value in values(override) if key in GROUPS and not override.is_delete() else []:
+            if value not in options(key, dirs):
+                raise ConfigError(f"{key}={value} is not an option; use one of: {', '.join(options(key, dirs))}")
+
+
+def merged(overrides: list[Override]) -> list[Override]:
+    """The last override of each key, in the place of its first (as Hydra's basic sweeper combines the grid and
+    then the command line); the key keeps its + or ++, so +criterion=x replaces the grid's +criterion."""
+    last = {override.get_key_element(): override for override in overrides}
+    return list(last.values())
+
+
+def sweep_lists(overrides: list[Override]) -> list[list[str]]:
+    """Each key's job overrides: the values of a sweep, or the one value."""
+    return [[f"{o.get_key_element()}={value}" for value in values(o)] for o in overrides
+            if not o.is_delete() and not o.key_or_group.startswith("hydra")]
+
+
+def primary_dir(name: str, dirs: list[Path]) -> Path:
+    """The directory Hydra takes the primary config from: conf/ first, then --config-dir."""
+    for directory in dirs:
+        if (directory / f"{name}.yaml").is_file():
+            return directory
+    names = sorted({p.stem for d in dirs for p in d.glob("*.yaml")})
+    raise ConfigError(f"--config-name={name} is not a config in {' or '.join(map(str, dirs))}; use one of: "
+                      f"{', '.join(names)}")
+
+
+def search_path(dirs: list[Path], source: Path, name: str, hydra_overrides: list[Override]) -> list[str]:
+    """The override that keeps conf/ and --config-dir both reachable: Hydra's run searches the app's conf/ and
+    --config-dir, the compose API only the directory it is given. The file's or the command line's own
+    hydra.searchpath, which this override replaces, follows them."""
+    others = [d for d in dirs if d != source]
+    if not others:
+        return []
+    given = next((o.value() for o in hydra_overrides if o.get_key_element() == "hydra.searchpath"), None)
+    if given is None:
+        given = OmegaConf.select(OmegaConf.load(source / f"{name}.yaml"), "hydra.searchpath", default=[])
+    paths = [f"file://{d}" for d in others] + [str(p) for p in given]
+    return [f"hydra.searchpath=[{','.join(repr(p) for p in paths)}]"]
+
+
+def check_argv(argv: list[str], config_name: str = "config",
+               check: Callable[[DictConfig], None] = validate) -> None:
+    """Raise ConfigError (one line: key, value, fix) for the first bad override of any job argv describes: the
+    command line's sweep, or a sweep file's grid with the command line's overrides. Jobs are composed from
+    ``config_name`` (or --config-name) and passed to ``check``; nothing is loaded."""
+    overrides, flags = overrides_of(argv)
+    dirs = [CONF, *([Path(flags["--config-dir"]).absolute()] if flags.get("--config-dir") else [])]
+    cli = parsed(overrides)
+    check_groups(cli, dirs)
+    if set(UNCHECKED) & flags.keys():
+        return
+    name = (flags.get("--config-name") or config_name).removesuffix(".yaml")
+    source = primary_dir(name, dirs)
+    hydra_cli = [o for o in cli if o.key_or_group.startswith("hydra") and not o.is_sweep_override()]
+    fixed = [*search_path(dirs, source, name, hydra_cli), *(o.input_line for o in hydra_cli)]
     register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        for combination in itertools.islice(itertools.product(*choices), MAX_CHECKED):
-            check_job(list(combination))
+    with initialize_config_dir(config_dir=str(source), version_base="1.3"):
+        base = composed(name, fixed, with_hydra=True)
+        multirun = "--multirun" in flags or base.hydra.mode == RunMode.MULTIRUN  # else Hydra ignores the grid
+        params = base.hydra.sweeper.get("params") if multirun else None
+        grid = parsed([f"{key}={value}" for key, value in (params or {}).items()])
+        jobs = merged(grid + cli)
+        check_groups(jobs, dirs)
+        for job in itertools.islice(itertools.product(*sweep_lists(jobs)), MAX_CHECKED):
+            check(composed(name, [*fixed, *job]))
 
 
-def check_job(overrides: list[str]) -> None:
-    """Compose one job (inside an initialised Hydra) and validate it."""
+def composed(name: str, overrides: list[str], with_hydra: bool = False) -> DictConfig:
+    """Compose one config (inside an initialised Hydra); its errors as one-line ConfigErrors."""
     try:
-        cfg = compose(config_name="config", overrides=overrides)
+        return compose(config_name=name, overrides=overrides, return_hydra_config=with_hydra)
     except HydraException as err:
         cause = err.__cause__
         if not isinstance(cause, OmegaConfBaseException):
@@ -116,4 +193,3 @@ def check_job(overrides: list[str]) -> None:
         wanted = re.search(r"converted to (\w+)", cause.msg)
         kind = TYPES.get(wanted[1], f"a {wanted[1]}") if wanted else "of the right type"
         raise ConfigError(f"{key}={value!r} is not {kind}; give {key} {kind}") from None
-    validate(cfg)

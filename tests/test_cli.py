@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from conftest import FAST_CLI, run_shadow
+from helpers import FAST_CLI, run_shadow
 
-from shadow.cli import fix_argv
+from shadow.cli import fix_argv, overrides_of
 from shadow.criteria import CRITERIA
 from shadow.opt_mini import MODEL_DIR
 
@@ -19,6 +19,13 @@ def test_flags_move_to_the_front():
     assert fix_argv(["+criterion=plainact", "-m", "sparsity=0.3,0.5"]) == ["-m", "+criterion=plainact",
                                                                           "sparsity=0.3,0.5"]
     assert fix_argv(["--cfg", "job"]) == ["--cfg", "job", "--resolve"]
+
+
+def test_flags_and_their_values_are_told_from_overrides():
+    argv = ["-m", "-cd", "sweeps", "--config-name=paper_criteria", "--info", "searchpath", "a=1"]
+    assert overrides_of(argv) == (["a=1"], {"--multirun": "", "--config-dir": "sweeps",
+                                            "--config-name": "paper_criteria", "--info": "searchpath"})
+    assert overrides_of(["--info", "a=1"]) == (["a=1"], {"--info": ""})  # --info's value is optional
 
 
 def test_the_exact_command_runs_two_jobs(tmp_path):

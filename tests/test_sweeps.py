@@ -1,43 +1,107 @@
-"""Every sweep file composes, and every job it describes passes validation (latency sweeps: known architectures)."""
+"""Every sweep file passes the check `python -m shadow` runs before its first job (latency sweeps: the latency
+benchmark's check), composing only: no model or data set is loaded, so the hub is not needed."""
 
 from __future__ import annotations
 
-import itertools
+import json
+from pathlib import Path
 
 import pytest
-from conftest import ROOT
-from hydra import compose, initialize_config_dir
+from helpers import FAST_CLI, ROOT, run_shadow
+from omegaconf import DictConfig
 
 from shadow.benchmarks.latency import check as check_latency
 from shadow.benchmarks.latency import placement
-from shadow.config import register_configs, validate
+from shadow.cli import check_argv
+from shadow.config import ConfigError, validate
 
 SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))
 
 
-def jobs(name: str) -> list:
-    register_configs()
-    search = f"hydra.searchpath=[file://{ROOT / 'conf'}]"
-    with initialize_config_dir(config_dir=str(ROOT / "sweeps"), version_base="1.3"):
-        base = compose(config_name=name, overrides=[search], return_hydra_config=True)
-        params = base.hydra.sweeper.params
-        grid = [[f"{key}={value}" for value in str(values).split(",")] for key, values in params.items()]
-        return [compose(config_name=name, overrides=[search, *combination])
-                for combination in itertools.product(*grid)]
+def argv(name: str) -> list[str]:
+    return ["--config-dir", str(ROOT / "sweeps"), "--config-name", name]
+
+
+def jobs(name: str) -> list[DictConfig]:
+    """The configs of the jobs the sweep file launches, as the check composes them."""
+    configs: list[DictConfig] = []
+    check_argv(argv(name), check=configs.append)
+    return configs
 
 
 @pytest.mark.parametrize("name", SWEEPS)
-def test_sweep_file_describes_valid_jobs(name, monkeypatch):
-    if name.startswith("paper_"):  # the paper's sweeps are for a GPU machine: validate them as on one
+def test_sweep_file_passes_the_check(name, monkeypatch):
+    if name.startswith("paper_"):  # the paper's sweeps are for a GPU machine: check them as on one
         monkeypatch.setattr("torch.cuda.is_available", lambda: True)
         monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
-    configs = jobs(name)
+    configs: list[DictConfig] = []
+
+    def check(cfg: DictConfig) -> None:
+        (check_latency if name.endswith("_latency") else validate)(cfg)
+        configs.append(cfg)
+
+    check_argv(argv(name), "latency" if name.endswith("_latency") else "config", check)
     assert len(configs) > 1 or name == "mini_scaling"
-    for cfg in configs:
-        if "arch" in cfg:  # a latency sweep
-            check_latency(cfg)
-        else:
-            validate(cfg)
+
+
+def test_paper_sweeps_fail_the_check_without_a_gpu(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
+    with pytest.raises(ConfigError, match="^device=cuda but 0 CUDA devices are visible; use device=cpu$"):
+        check_argv(argv("paper_criteria"))
+
+
+def write_sweep(directory: Path, grid: dict[str, str]) -> str:
+    """A sweep file ``directory``/sweep.yaml that extends conf/config.yaml as sweeps/*.yaml do, with this
+    hydra.sweeper.params grid; returns the --config-dir and --config-name arguments."""
+    directory.mkdir(exist_ok=True)
+    params = "".join(f"      {key}: {values}\n" for key, values in grid.items())
+    (directory / "sweep.yaml").write_text(f"defaults:\n  - config\n  - _self_\n\nhydra:\n  mode: MULTIRUN\n"
+                                          f"  sweeper:\n    params:\n{params}")
+    return f"--config-dir {directory} --config-name sweep"
+
+
+def test_a_bad_value_in_the_grid_fails_in_one_line_before_any_job(tmp_path):
+    sweep = write_sweep(tmp_path / "sweeps", {"+criterion": "plainact", "sparsity": "0.3,1.5"})
+    result = run_shadow(sweep, tmp_path, SHADOW_CACHE_DIR=str(tmp_path / "cache"))
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == "error: sparsity=1.5 is outside [0, 1); set sparsity to a fraction such as 0.5\n"
+    assert not (tmp_path / "multirun").exists()  # the 0.3 job did not start
+
+
+def test_the_command_line_replaces_the_grids_value_as_hydra_does(tmp_path):
+    sweep = write_sweep(tmp_path / "sweeps", {"+criterion": "plainact", "sparsity": "0.3,1.5"})
+    result = run_shadow(f"{sweep} sparsity=0.3 {FAST_CLI} hydra.sweep.dir={tmp_path / 'sweep'}", tmp_path,
+                        SHADOW_CACHE_DIR=str(tmp_path / "cache"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(x) for x in (tmp_path / "sweep" / "results.jsonl").read_text().splitlines()]
+    assert [x["sparsity"] for x in lines] == [0.3]
+
+
+def test_a_bad_group_option_in_the_grid_is_one_line(tmp_path):
+    sweep = write_sweep(tmp_path, {"+criterion": "plainact", "predictor": "shadow,deja_vu"})
+    with pytest.raises(ConfigError, match="^predictor=deja_vu is not an option; use one of: dejavu, dense,"):
+        check_argv(sweep.split())
+
+
+def test_command_line_values_replace_the_grids_values_of_the_same_key(tmp_path):
+    sweep = write_sweep(tmp_path, {"+criterion": "plainact,nope", "sparsity": "0.3,1.5", "policy": "global,local"})
+    configs: list[DictConfig] = []
+    check_argv([*sweep.split(), "+criterion=l2_norm", "sparsity=0.5,0.6"], check=configs.append)
+    assert [(c.criterion.name, c.sparsity, c.policy) for c in configs] == [
+        ("l2_norm", 0.5, "global"), ("l2_norm", 0.5, "local"), ("l2_norm", 0.6, "global"), ("l2_norm", 0.6, "local")]
+
+
+def test_the_grid_applies_only_in_multirun_mode(tmp_path):
+    sweep = write_sweep(tmp_path, {"sparsity": "0.3,1.5"})
+    configs: list[DictConfig] = []
+    check_argv([*sweep.split(), "hydra.mode=RUN", "+criterion=plainact"], check=configs.append)
+    assert [c.sparsity for c in configs] == [0.5]  # Hydra runs one job, with the file's values
+
+
+def test_an_unknown_config_name_lists_the_configs():
+    with pytest.raises(ConfigError, match="^--config-name=paper_criterion is not a config in .*paper_criteria"):
+        check_argv(argv("paper_criterion"))
 
 
 PAPER_TASKS = ["piqa", "copa", "openbookqa", "winogrande", "rte", "hellaswag", "arc_easy"]
@@ -71,8 +135,6 @@ def test_reference_sweeps_run_both_protocols_of_the_same_grid():
 def test_paper_latency_fits_80_gb_cards():
     """Counted on meta: OPT-1.3B to 13B (fp16, with gathered copies and predictors) fit one 80 GB card, OPT-30B
     does not and spreads over two under device_map=auto."""
-    from shadow.config import ConfigError
-
     for cfg in jobs("paper_latency"):
         assert cfg.device_map == "auto" and cfg.dtype == "float16"
         if cfg.arch == "opt-30b":
