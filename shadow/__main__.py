@@ -17,7 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from shadow.cli import check_argv, fail, fix_argv
-from shadow.config import ConfigError, register_configs
+from shadow.config import ConfigError, check_devices, register_configs
 
 log = logging.getLogger("shadow")
 
@@ -40,7 +40,7 @@ if __name__ == "__main__":
     sys.argv[1:] = fix_argv(sys.argv[1:])
     if not {"--help", "-h", "--hydra-help"} & set(sys.argv):
         try:
-            check_argv(sys.argv[1:])
+            check_argv(sys.argv[1:], devices=check_devices)
         except ConfigError as err:
             fail(err)
     main()

@@ -7,7 +7,8 @@ line, not after the other jobs have run. The jobs are those Hydra's basic sweepe
 ``hydra.sweeper.params`` grid (``--config-dir sweeps --config-name paper_criteria``, in multirun mode) combined
 with the command line's overrides, which replace the grid's values of the same key. ``check_argv`` takes the
 primary config's name and the check to run, so other Hydra apps over conf/ (the latency benchmark:
-``check_argv(argv, "latency", check)``) check their sweeps the same way.
+``check_argv(argv, "latency", check)``) check their sweeps the same way. Checks of this machine's devices
+(``devices``) run only for jobs launched here: a SLURM job checks its own node.
 """
 
 from __future__ import annotations
@@ -146,11 +147,12 @@ def search_path(dirs: list[Path], source: Path, name: str, hydra_overrides: list
     return [f"hydra.searchpath=[{','.join(repr(p) for p in paths)}]"]
 
 
-def check_argv(argv: list[str], config_name: str = "config",
-               check: Callable[[DictConfig], None] = validate) -> None:
+def check_argv(argv: list[str], config_name: str = "config", check: Callable[[DictConfig], None] = validate,
+               devices: Callable[[DictConfig], None] | None = None) -> None:
     """Raise ConfigError (one line: key, value, fix) for the first bad override of any job argv describes: the
     command line's sweep, or a sweep file's grid with the command line's overrides. Jobs are composed from
-    ``config_name`` (or --config-name) and passed to ``check``; nothing is loaded."""
+    ``config_name`` (or --config-name) and passed to ``check``, and to ``devices`` when they run on this machine
+    (not through a SLURM launcher: a job checks its node's devices itself); nothing is loaded."""
     overrides, flags = overrides_of(argv)
     dirs = [CONF, *([Path(flags["--config-dir"]).absolute()] if flags.get("--config-dir") else [])]
     cli = parsed(overrides)
@@ -165,12 +167,16 @@ def check_argv(argv: list[str], config_name: str = "config",
     with initialize_config_dir(config_dir=str(source), version_base="1.3"):
         base = composed(name, fixed, with_hydra=True)
         multirun = "--multirun" in flags or base.hydra.mode == RunMode.MULTIRUN  # else Hydra ignores the grid
+        here = "slurm" not in str(OmegaConf.select(base, "hydra.launcher._target_", default="")).lower()
         params = base.hydra.sweeper.get("params") if multirun else None
         grid = parsed([f"{key}={value}" for key, value in (params or {}).items()])
         jobs = merged(grid + cli)
         check_groups(jobs, dirs)
         for job in itertools.islice(itertools.product(*sweep_lists(jobs)), MAX_CHECKED):
-            check(composed(name, [*fixed, *job]))
+            job_cfg = composed(name, [*fixed, *job])
+            check(job_cfg)
+            if here and devices is not None:
+                devices(job_cfg)
 
 
 def composed(name: str, overrides: list[str], with_hydra: bool = False) -> DictConfig:

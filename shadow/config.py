@@ -220,8 +220,24 @@ def _placement(model: DictConfig | ModelConfig) -> None:
                           "takes it, e.g. model.max_memory={0: 70GiB, 1: 70GiB, cpu: 200GiB}")
 
 
+def check_devices(cfg: DictConfig | Config) -> None:
+    """The devices the job names exist where it runs, and its dtype suits them: checked on the machine that runs
+    the job (a SLURM job on its node, not where it was submitted)."""
+    import torch
+
+    for key, device in (("device", cfg.device), ("predictor.device", cfg.predictor.get("device"))):
+        if str(device).startswith("cuda") and int(device.partition(":")[2] or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"{key}={device} but {torch.cuda.device_count()} CUDA devices are visible; use "
+                              f"{key}={'cuda:0' if torch.cuda.is_available() else 'cpu'}")
+    on_cpu = cfg.device == "cpu" if cfg.model.device_map is None else not torch.cuda.is_available()
+    if on_cpu and cfg.model.dtype == "float16":
+        raise ConfigError("model.dtype='float16' is slow and inexact on the CPU; use model.dtype=float32 or "
+                          "bfloat16, or device=cuda")
+
+
 def validate(cfg: DictConfig | Config) -> None:
-    """Check values and cross-field rules; raise ConfigError before any expensive work starts."""
+    """Check values and cross-field rules, whatever machine runs the job; raise ConfigError before any expensive
+    work starts."""
     from shadow.criteria import CRITERIA  # late imports: the registries import torch
     from shadow.placements import PLACEMENTS
 
@@ -253,16 +269,6 @@ def validate(cfg: DictConfig | Config) -> None:
     elif cfg.eval.num_fewshot < 0:
         raise ConfigError(f"eval.num_fewshot={cfg.eval.num_fewshot} is negative; use 0, 3 or 5")
     _choice("compat", cfg.compat, COMPAT)
-    import torch
-
-    for key, device in (("device", cfg.device), ("predictor.device", cfg.predictor.get("device"))):
-        if str(device).startswith("cuda") and int(device.partition(":")[2] or 0) >= torch.cuda.device_count():
-            raise ConfigError(f"{key}={device} but {torch.cuda.device_count()} CUDA devices are visible; use "
-                              f"{key}={'cuda:0' if torch.cuda.is_available() else 'cpu'}")
-    on_cpu = cfg.device == "cpu" if cfg.model.device_map is None else not torch.cuda.is_available()
-    if on_cpu and cfg.model.dtype == "float16":
-        raise ConfigError("model.dtype='float16' is slow and inexact on the CPU; use model.dtype=float32 or "
-                          "bfloat16, or device=cuda")
     _choice("calibration.source", cfg.calibration.source, CALIBRATION_SOURCES)
     if cfg.calibration.source != "tasks":
         unset = {"tasks": None, "num_fewshot": 0, "include_path": None}

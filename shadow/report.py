@@ -230,7 +230,8 @@ def plot_layers(rows: list[dict]) -> Figure:
         for kind, grid in grids.items():
             per_layer = np.mean([r["layers"][kind] for r in group], axis=0)
             grid[i, :len(per_layer)] = per_layer
-    groups = [str(group[0][keys[0]]) if keys else "" for group in jobs.values()]
+    # rules between groups of the first key (criterion, …), when other keys vary within them
+    groups = [str(group[0][keys[0]]) if len(keys) > 1 else "" for group in jobs.values()]
     annotate = depth <= ANNOTATED_LAYERS
     panel_width = min(max((0.45 if annotate else 0.3) * depth, 2.5), 8.0)
     label_width = 0.07 * max(len(name) for name in jobs)  # row labels at 8 pt
@@ -244,7 +245,7 @@ def plot_layers(rows: list[dict]) -> Figure:
             if not np.isnan(value):
                 ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6.5,
                         color="white" if value < 0.6 else "black")  # viridis is dark below ~0.6
-        for i in range(1, len(jobs)):  # white rules between groups of the first key (criterion, …)
+        for i in range(1, len(jobs)):
             if groups[i] != groups[i - 1]:
                 ax.axhline(i - 0.5, color="white", linewidth=1.5)
     axes[0].set_yticks(range(len(jobs)), list(jobs), fontsize=8)

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from shadow.arch import Shape, family_of
 from shadow.artifacts import cache_key, cached, check_space, find
-from shadow.config import ConfigError, resolved_sparsities, validate
+from shadow.config import ConfigError, check_devices, resolved_sparsities, validate
 from shadow.criteria import Criterion, Needs, get_criterion
 from shadow.data import Example, examples_fingerprint, load_calibration
 from shadow.evaluate.perplexity import evaluate_perplexity, load_eval_data
@@ -137,6 +137,7 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
     A job whose results are already in the cache (same settings, same weights) is not rerun: its record is
     copied to output_dir and sweep_dir; ``force=true`` reruns it."""
     validate(cfg)
+    check_devices(cfg)
     path, config = check_model(cfg.model)
     model_id = model_fingerprint(path, config, cfg.model)
     sweep_dir = sweep_dir or output_dir

@@ -6,7 +6,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from shadow.config import EVALS, ConfigError, conf_options, validate
+from shadow.config import EVALS, ConfigError, check_devices, conf_options, validate
 from shadow.criteria import CRITERIA
 from shadow.models import check_model
 
@@ -47,7 +47,6 @@ def test_no_criterion_lists_the_criteria(compose_cfg):
     ("predictor.target_norm=none", "predictor.target_norm='none' is not one of"),
     ("eval.dataset=c4", "eval.dataset='c4' is not one of opt_mini, wikitext2"),
     ("eval.protocols=[token,bytes]", "eval.protocols='bytes' is not one of token, word"),
-    ("model.dtype=float16", "model.dtype='float16' is slow and inexact on the CPU"),
     ("model.dtype=int8", "model.dtype='int8' is not one of"),
     ("eval.batch_size=0", "eval.batch_size=0 must be at least 1"),
     ("cache_dir=/proc/shadow-cache", "cache_dir='/proc/shadow-cache' is not writable"),
@@ -55,6 +54,22 @@ def test_no_criterion_lists_the_criteria(compose_cfg):
 def test_bad_values_fail_with_key_value_and_fix(compose_cfg, override, message):
     with pytest.raises(ConfigError, match=message):
         validate(compose_cfg("+criterion=plainact", override))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.dtype=float16", "^model.dtype='float16' is slow and inexact on the CPU; use model.dtype=float32 or "
+                            "bfloat16, or device=cuda$"),
+    ("device=cuda:1", "^device=cuda:1 but 0 CUDA devices are visible; use device=cpu$"),
+    ("predictor.device=cuda", "^predictor.device=cuda but 0 CUDA devices are visible; use predictor.device=cpu$"),
+])
+def test_devices_are_checked_where_the_job_runs(compose_cfg, monkeypatch, override, message):
+    """Machine-dependent rules are their own check: a SLURM job runs it on its node, not where it was submitted."""
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    cfg = compose_cfg("+criterion=plainact", override)
+    validate(cfg)
+    with pytest.raises(ConfigError, match=message):
+        check_devices(cfg)
 
 
 def test_variant_must_exist_for_the_criterion(compose_cfg):

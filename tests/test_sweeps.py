@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from shadow.benchmarks.latency import check as check_latency
 from shadow.benchmarks.latency import placement
 from shadow.cli import check_argv
-from shadow.config import ConfigError, validate
+from shadow.config import ConfigError, check_devices, validate
 
 SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))
 
@@ -48,7 +48,19 @@ def test_paper_sweeps_fail_the_check_without_a_gpu(monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
     with pytest.raises(ConfigError, match="^device=cuda but 0 CUDA devices are visible; use device=cpu$"):
-        check_argv(argv("paper_criteria"))
+        check_argv(argv("paper_criteria"), devices=check_devices)
+
+
+def test_a_slurm_launch_leaves_the_device_check_to_each_job(monkeypatch):
+    """Submitted from a machine without GPUs, the paper's sweeps still pass every other check; each job checks its
+    node's devices when it starts."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
+    configs: list[DictConfig] = []
+    check_argv([*argv("paper_criteria"), "hydra/launcher=slurm"], check=configs.append, devices=check_devices)
+    assert len(configs) == 54 and {c.device for c in configs} == {"cuda"}
+    with pytest.raises(ConfigError, match="^predictor=nope is not an option"):
+        check_argv([*argv("paper_criteria"), "hydra/launcher=slurm", "predictor=nope"], devices=check_devices)
 
 
 def write_sweep(directory: Path, grid: dict[str, str]) -> str:

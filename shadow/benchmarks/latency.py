@@ -46,7 +46,7 @@ from torch.utils import benchmark
 from tqdm import tqdm
 
 from shadow.arch import architecture_config, architectures, family_of
-from shadow.cli import fail, fix_argv
+from shadow.cli import check_argv, fail, fix_argv
 from shadow.config import DTYPES, ConfigError
 from shadow.models import TORCH_DTYPES
 from shadow.placements import PLACEMENTS
@@ -323,4 +323,9 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv[1:] = fix_argv(sys.argv[1:])
+    if not {"--help", "-h", "--hydra-help"} & set(sys.argv):
+        try:
+            check_argv(sys.argv[1:], "latency", check)  # every job of a sweep, before any is built
+        except ConfigError as err:
+            fail(err)
     main()
