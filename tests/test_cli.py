@@ -28,6 +28,7 @@ def test_flags_and_their_values_are_told_from_overrides():
     assert overrides_of(["--info", "a=1"]) == (["a=1"], {"--info": ""})  # --info's value is optional
 
 
+@pytest.mark.slow
 def test_the_exact_command_runs_two_jobs(tmp_path):
     result = shadow("+criterion=plainact -m sparsity=0.3,0.5", tmp_path, SHADOW_CACHE_DIR=str(tmp_path / "cache"),
                     WANDB_MODE="offline")
@@ -57,6 +58,7 @@ def test_cfg_job_shows_the_resolved_model_path(tmp_path):
     assert f"path: {MODEL_DIR}" in result.stdout
 
 
+@pytest.mark.slow
 def test_every_criterion_runs_end_to_end(tmp_path):
     fast = f"{FAST_CLI} hydra.sweep.dir={tmp_path / 'sweep'}"
     result = shadow(f"-m +criterion={','.join(sorted(CRITERIA))} {fast}", tmp_path,

@@ -75,6 +75,7 @@ def test_a_job_killed_in_any_stage_reruns_to_the_same_metrics(stage, uninterrupt
     assert metrics == uninterrupted
 
 
+@pytest.mark.slow
 def test_corrupt_and_truncated_artifacts_are_detected_and_recomputed(uninterrupted, tmp_path):
     cache = tmp_path / "cache"
     complete(tmp_path / "first", cache)

@@ -145,6 +145,6 @@ def test_gather_benchmark_prints_every_kernel(monkeypatch, capsys):
     lines = capsys.readouterr().out.splitlines()
     rows = [line.split() for line in lines[2:]]
     assert len(rows) == 16  # 4 products × dense, dense first, torch, compiled
-    assert {" ".join(r[:2]) for r in rows} == {"fc1 rows", "fc2 columns", "q/k/v rows", "out_proj columns"}
+    assert {" ".join(r[:2]) for r in rows} == {"up rows", "down columns", "q/k/v rows", "output columns"}
     dense_rows = [r for r in rows if r[2] == "dense" and r[3] != "first,"]
     assert len(dense_rows) == 4 and all(r[-2] == "1.00" for r in dense_rows)

@@ -68,6 +68,7 @@ def test_splits_share_no_document():
     assert {json.loads(x)["doc"] for x in PERPLEXITY_FILE.read_text().splitlines()} == set(splits["perplexity"])
 
 
+@pytest.mark.slow
 def test_tasks_load_from_any_directory_and_score_above_chance(opt_mini, tmp_path, monkeypatch):
     import lm_eval
     from lm_eval.models.huggingface import HFLM
