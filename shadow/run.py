@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -76,7 +77,7 @@ def mask_source(cfg: DictConfig, model, model_id: dict, examples: list[Example],
                 "device": device.type}  # training on another kind of device gives other weights
     documents = [e.document for e in examples]
     predictor_inputs = {"traces": cache_key(trace_inputs), "predictor": training, "seed": cfg.seed,
-                        "documents": cache_key({"documents": documents})}
+                        "documents": cache_key({"documents": documents}), "units": asdict(shape)}
     groups = placement.groups(shape.layers, cfg.predictor.layer, cfg.predictor.lookahead)
 
     def train(out: Path) -> dict:
