@@ -15,6 +15,7 @@ bench ask it rather than its name.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from torch import nn
@@ -45,7 +46,7 @@ class MaskJob:
     predictor: Predictor | None = None
 
 
-class Placement:
+class Placement(ABC):
     """A predictor placement; a subclass that sets ``name`` registers under it."""
 
     name: str
@@ -61,8 +62,9 @@ class Placement:
         """The networks it trains: (feature layer, the layers it predicts) each; none for untrained placements."""
         return ()
 
+    @abstractmethod
     def masks(self, job: MaskJob) -> MaskFn:
-        raise NotImplementedError
+        """The mask source: requests → one ``Masks`` per request (None: dense)."""
 
 
 class Dense(Placement):

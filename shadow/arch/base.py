@@ -8,6 +8,7 @@ a row of each ``neuron_rows`` projection and a column of ``down``, whose input h
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -50,8 +51,9 @@ Kept = Callable[[int], Tensor]  # layer index → the indices of its kept FFN un
 Fetch = Callable[[int], AbstractContextManager]  # layer index → its weights made resident for the block
 
 
-class Family:
-    """One model family. Subclasses set the class attributes and implement the methods that raise here."""
+class Family(ABC):
+    """One model family: a subclass sets the class attributes and implements the abstract methods; defining it
+    registers it under its ``model_type``."""
 
     model_type: ClassVar[str]
     activation: ClassVar[Activation]
@@ -66,40 +68,44 @@ class Family:
         super().__init_subclass__(**kwargs)
         FAMILIES[cls.model_type] = cls()
 
+    @abstractmethod
     def shape(self, config) -> Shape:
-        raise NotImplementedError
+        """Layers, heads, key-value heads, head size and FFN units, from the model's config."""
 
+    @abstractmethod
     def layers(self, model: nn.Module) -> nn.ModuleList:
-        raise NotImplementedError
+        """The decoder layers, in order."""
 
+    @abstractmethod
     def backbone(self, model: nn.Module) -> nn.Module:
         """The decoder without the LM head, called with ``input_ids`` and ``attention_mask``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def head_count(self, layer: nn.Module) -> int:
         """The query heads the layer's attention computes."""
-        raise NotImplementedError
 
+    @abstractmethod
     def set_head_count(self, layer: nn.Module, count: int) -> None:
-        raise NotImplementedError
+        """Make the attention compute ``count`` heads (``pruned`` shrinks them, then restores them)."""
 
+    @abstractmethod
     def scaling(self, layer: nn.Module) -> float:
         """The factor on queries before the dot product with keys."""
-        raise NotImplementedError
 
+    @abstractmethod
     def parameter_count(self, config) -> int:
-        raise NotImplementedError
+        """The model's parameters, from its config alone."""
 
+    @abstractmethod
     def config(self, architecture: str):
         """The config of a released size, for random-weight models (latency)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def decode_step(self, model: nn.Module, token: int, position: int, attention: Attention, kept: Kept,
                     fetch: Fetch) -> Tensor:
         """One token through the decoder at ``position``: each layer's attention is ``attention(index, h)``, its
         FFN reads only the units ``kept(index)`` (asked after the attention) through ``shadow.kernels``; each
         layer runs inside ``fetch(index)`` on its own device. Returns the float32 logits (V,)."""
-        raise NotImplementedError
 
     def module(self, layer: nn.Module, role: str) -> nn.Linear:
         return layer.get_submodule(self.paths[role])
