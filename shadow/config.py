@@ -124,6 +124,7 @@ class Config:
     sparsity: float = MISSING
     head_sparsity: float | None = MISSING  # None: sparsity
     neuron_sparsity: float | None = MISSING  # None: sparsity
+    attention_unit: str = MISSING  # kv_group or query_head: what head masks keep (shadow.arch.base)
     policy: str = MISSING  # global, local (per layer) or hybrid (global with a per-layer floor)
     min_heads: int = MISSING  # hybrid: heads kept in every layer at least
     min_neurons: int = MISSING  # hybrid: neurons kept in every layer at least
@@ -168,6 +169,7 @@ def register_configs() -> None:
 
 DTYPES = ("float32", "float16", "bfloat16")
 POLICIES = ("global", "local", "hybrid")
+ATTENTION_UNITS = ("kv_group", "query_head")
 PREDICTOR_ARCHS = ("mlp", "lowrank")
 GRANULARITIES = ("request", "token")
 EVALS = ("perplexity", "tasks")
@@ -250,6 +252,7 @@ def validate(cfg: DictConfig | Config) -> None:
         if cfg[key] is not None:
             _fraction(key, cfg[key])
     _choice("policy", cfg.policy, POLICIES)
+    _choice("attention_unit", cfg.attention_unit, ATTENTION_UNITS)
     _choice("predictor", cfg.predictor.name, sorted(PLACEMENTS))
     _choice("predictor.target_norm", cfg.predictor.target_norm, TARGET_NORMS)
     _choice("predictor.arch", cfg.predictor.arch, PREDICTOR_ARCHS)

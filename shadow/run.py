@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from shadow.arch import Shape, family_of
 from shadow.artifacts import cache_key, cached, check_space, find
 from shadow.config import ConfigError, check_devices, resolved_sparsities, validate
-from shadow.criteria import Criterion, Needs, get_criterion
+from shadow.criteria import Criterion, get_criterion
 from shadow.data import Example, examples_fingerprint, load_calibration
 from shadow.evaluate.perplexity import evaluate_perplexity, load_eval_data
 from shadow.evaluate.requests import MaskFn
@@ -65,7 +65,7 @@ def mask_source(cfg: DictConfig, model, model_id: dict, examples: list[Example],
         return placement.masks(job), NO_REPORT
     trace_inputs = {"model": model_id, "examples": examples_fingerprint(examples),
                     "criterion": OmegaConf.to_container(cfg.criterion), "batch_size": cfg.calibration.batch_size,
-                    "seed": cfg.seed}
+                    "seed": cfg.seed, "units": asdict(shape)}
     with stage("scoring"):
         traces_dir, _ = cached(cfg.cache_dir, "traces", trace_inputs, lambda out: {"shards": compute_traces(
             model, examples, criterion, shape, cfg.calibration.batch_size, padding, out, cfg.seed)})
@@ -77,7 +77,7 @@ def mask_source(cfg: DictConfig, model, model_id: dict, examples: list[Example],
                 "device": device.type}  # training on another kind of device gives other weights
     documents = [e.document for e in examples]
     predictor_inputs = {"traces": cache_key(trace_inputs), "predictor": training, "seed": cfg.seed,
-                        "documents": cache_key({"documents": documents}), "units": asdict(shape)}
+                        "documents": cache_key({"documents": documents})}
     groups = placement.groups(shape.layers, cfg.predictor.layer, cfg.predictor.lookahead)
 
     def train(out: Path) -> dict:
@@ -149,13 +149,8 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
         write_results(output_dir, sweep_dir, record)
         log.info("results exist for this config (%s): skipped; force=true reruns it", done)
         return record["metrics"]
-    family = family_of(config)
-    shape = family.shape(config)
+    shape = family_of(config).shape(config, cfg.attention_unit)
     criterion = get_criterion(cfg.criterion.name, cfg.criterion.variant)
-    if Needs.SLOPE in criterion.needs and not family.activation.zero_below:
-        raise ConfigError(f"criterion={criterion.name} variant={cfg.criterion.variant} needs an activation whose "
-                          f"output gives its derivative (ReLU), and {config.model_type}'s is "
-                          f"{family.activation.name}; use criterion.variant=textbook or another criterion")
     policy = make_policy(cfg, criterion.heads_only)
     policy.check(shape.layers, shape.heads, shape.neurons)
     if not 0 <= cfg.predictor.layer < shape.layers:

@@ -1,15 +1,15 @@
 """Sparse execution: the pruned units' weights are not read at all. Outputs equal the masked model's (tested).
 
-Per request, ``pruned(model, masks)`` swaps, for the duration of a block, each layer's projections for smaller
-ones that hold only the kept units' weights, gathered once: the query, key and value rows and the output
-projection's columns of the kept heads (so the KV cache holds only those heads), and the rows (up) and columns
-(down) of the kept FFN units; the model family names the projections of each role. Prefill and every decoding
-step then run on the smaller layers.
+Per request, ``pruned(model, masks, shape)`` swaps, for the duration of a block, each layer's projections for
+smaller ones that hold only the kept units' weights, gathered once: the query, key and value rows and the output
+projection's columns of the kept key-value groups (so the KV cache holds only those), and the rows (gate, up) and
+columns (down) of the kept FFN units; the model family names the projections of each role. Prefill and every
+decoding step then run on the smaller layers.
 
 Per token, ``TokenDecoder`` decodes greedily with a fresh mask at every step, as DejaVu does, and copies no weights:
-the gather kernels of ``shadow.kernels`` read the kept rows (query, key, value, up) and the kept columns (output,
-down: stored transposed) in place; the family's ``decode_step`` is the model's forward for one token. Copying the
-kept weights at every step would cost more than the dense product.
+the gather kernels of ``shadow.kernels`` read the kept rows (query, key, value, gate, up) and the kept columns
+(output, down: stored transposed) in place; the family's ``decode_step`` is the model's forward for one token.
+Copying the kept weights at every step would cost more than the dense product.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from shadow import kernels
-from shadow.arch import family_of
+from shadow.arch import Shape, family_of
 from shadow.offload import input_device, offloaded, resident
 from shadow.policy import Masks, Policy
 from shadow.predictors import Predictor
@@ -47,39 +47,55 @@ def _columns(layer: nn.Linear, index: Tensor) -> nn.Linear:
     return _linear(layer.weight.data.index_select(1, index).contiguous(), bias)
 
 
+def _head_dims(heads: Tensor, head_dim: int) -> Tensor:
+    """The rows (or columns) of ``heads`` in a projection with ``head_dim`` of them per head."""
+    return (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).flatten()
+
+
 @contextmanager
-def pruned(model: nn.Module, masks: Masks) -> Iterator[None]:
-    """Run the model with only the units kept by a single request's masks ((1, L, H) and (1, L, F))."""
+def pruned(model: nn.Module, masks: Masks, shape: Shape) -> Iterator[None]:
+    """Run the model with only the units kept by a single request's masks ((1, L, heads) and (1, L, F) in the
+    units of ``shape``).
+
+    Attention keeps whole key-value groups, those with a kept query head: their query, key and value rows and
+    output columns (so the KV cache holds only those groups). A query head of a kept group that the mask removes
+    (``attention_unit=query_head``) has its output columns zeroed; so has the one group a layer with no kept head
+    keeps, so that the KV cache keeps its layout."""
     if masks.heads.dim() != 3 or masks.heads.shape[0] != 1:
         raise ValueError("pruned() takes one request's masks: heads (1, L, H), neurons (1, L, F)")
     family = family_of(model.config)
     saved = []
     try:
         for index, layer in enumerate(family.layers(model)):
-            saved.append((layer, family.head_count(layer), {role: family.module(layer, role) for role in family.paths}))
+            saved.append((layer, {role: family.module(layer, role) for role in family.paths}))
             with resident(layer):  # the copies live on the layer's execution device, offloaded or not
-                output = family.head_output(layer)
-                device = output.weight.device
-                head_dim = output.in_features // family.head_count(layer)
-                heads = masks.heads[0, index].nonzero().flatten().to(device)
-                empty = len(heads) == 0  # keep one head whose output is zeroed: the KV cache keeps its layout
-                heads = heads if not empty else torch.zeros(1, dtype=torch.long, device=device)
-                dims = (heads[:, None] * head_dim + torch.arange(head_dim, device=device)).flatten()
+                device = family.head_output(layer).weight.device
+                query_kept = shape.query_mask(masks.heads[0, index].to(device).bool())
+                groups = query_kept.view(shape.kv_heads, shape.group_size).any(-1)
+                if not groups.any():
+                    groups[0] = True
+                groups = groups.nonzero().flatten()
+                queries = _head_dims(groups, shape.group_size)  # every query head of the kept groups
+                query_dims = _head_dims(queries, shape.head_dim)
                 neurons = masks.neurons[0, index].nonzero().flatten().to(device)
-                gathers = ((family.head_rows, _rows, dims), (family.head_columns, _columns, dims),
+                gathers = ((family.query_rows, _rows, query_dims),
+                           (family.kv_rows, _rows, _head_dims(groups, shape.head_dim)),
+                           (family.head_columns, _columns, query_dims),
                            (family.neuron_rows, _rows, neurons), (family.neuron_columns, _columns, neurons))
                 for roles, gather, kept in gathers:
                     for role in roles:
                         family.replace(layer, role, gather(family.module(layer, role), kept))
-                if empty:
-                    family.head_output(layer).weight.data.zero_()
-                family.set_head_count(layer, len(heads))
+                removed = ~query_kept[queries]
+                if removed.any():
+                    output = family.head_output(layer).weight.data
+                    output.view(output.shape[0], len(queries), shape.head_dim)[:, removed] = 0
+                family.set_head_count(layer, len(queries))
         yield
     finally:
-        for layer, heads, modules in saved:
+        for layer, modules in saved:
             for role, module in modules.items():
                 family.replace(layer, role, module)
-            family.set_head_count(layer, heads)
+            family.set_head_count(layer, shape.query_heads)
 
 
 @dataclass
@@ -91,10 +107,10 @@ class Generation:
 
 @dataclass
 class _LayerCache:
-    keys: Tensor  # (H · head_dim, positions): one row per key unit, as the gather kernel writes them
+    keys: Tensor  # (key-value heads · head_dim, positions): one row per key unit, as the gather kernel writes them
     values: Tensor
     inputs: Tensor  # (positions, E) attention inputs, to compute a head's skipped keys and values later
-    done: Tensor  # (H,) per head: positions [0, done) have keys and values
+    done: Tensor  # (key-value heads,) per head: positions [0, done) have keys and values
 
 
 class TokenDecoder:
@@ -109,6 +125,7 @@ class TokenDecoder:
     """
 
     def __init__(self, model: nn.Module, predictor: Predictor, policy: Policy):
+        """``predictor.shape`` says the attention unit its head masks address."""
         if len(predictor.groups) > 1 and policy.name != "local":
             raise ValueError(f"policy={policy.name}: per-token execution selects each layer's units when its own "
                              "predictor runs, so only policy=local applies to per-layer predictors")
@@ -172,7 +189,7 @@ class TokenDecoder:
         caches = []
         for index, layer in enumerate(self.layers):
             stores = []
-            for prompt in (cache.layers[index].keys[0], cache.layers[index].values[0]):  # (H, T, head_dim)
+            for prompt in (cache.layers[index].keys[0], cache.layers[index].values[0]):  # (kv heads, T, head_dim)
                 H, T, D = prompt.shape
                 store = prompt.new_zeros(H, D, positions)
                 store[:, :, :T] = prompt.transpose(1, 2)
@@ -199,26 +216,46 @@ class TokenDecoder:
     def _attention(self, index: int, layer: nn.Module, h: Tensor, position: int, cache: _LayerCache,
                    heads: dict[int, Tensor], neurons: dict[int, Tensor]) -> Tensor:
         """One position's attention output after the output projection, over the kept heads (all of them when the
-        layer's mask is not known yet); runs the predictors that read this layer."""
+        layer's mask is not known yet); runs the predictors that read this layer. Query heads read their group's
+        key-value head, whose keys and values are computed for the groups any computed query head reads."""
         query, key, value, output = (self.family.module(layer, role) for role in ("query", "key", "value", "output"))
-        D = self.shape.head_dim
+        shape, D = self.shape, self.shape.head_dim
         device = h.device
-        active = heads[index].to(device) if index in heads else torch.ones(self.shape.heads, dtype=torch.bool,
-                                                                              device=device)
-        computed = active.nonzero().flatten()
-        dims = (computed[:, None] * D + torch.arange(D, device=device)).flatten()
+        units = heads[index].to(device) if index in heads else torch.ones(shape.heads, dtype=torch.bool,
+                                                                             device=device)
+        computed = shape.query_mask(units).nonzero().flatten()  # query heads
+        groups = computed // shape.group_size
+        kv_heads = groups.unique()
+        kv_dims = _head_dims(kv_heads, D)
         cache.inputs[position] = h
-        first = cache.done[computed].repeat_interleave(D)  # a head kept again catches up on skipped positions
-        kernels.rows_into(cache.keys, key, dims, cache.inputs, first, position)
-        kernels.rows_into(cache.values, value, dims, cache.inputs, first, position)
-        cache.done[computed] = position + 1
-        scores = kernels.rows(query, dims, h) * self.family.scaling(layer)
-        out = kernels.attend(scores, cache.keys, cache.values, computed, D, position + 1)
+        first = cache.done[kv_heads]  # a head kept again catches up on skipped positions
+        kernels.rows_into(cache.keys, key, kv_dims, cache.inputs, first.repeat_interleave(D), position)
+        kernels.rows_into(cache.values, value, kv_dims, cache.inputs, first.repeat_interleave(D), position)
+        if self.family.rotary and len(kv_heads):
+            self._rotate_new_keys(layer, cache.keys, kv_heads, first, position)
+        cache.done[kv_heads] = position + 1
+        dims = _head_dims(computed, D)
+        queries = kernels.rows(query, dims, h)
+        if self.family.rotary:
+            queries = self.family.rotate(self.model, layer, "query", queries.view(-1, 1, D),
+                                         torch.tensor([position], device=device)).flatten()
+        out = kernels.attend(queries * self.family.scaling(layer), cache.keys, cache.values, groups, D, position + 1)
         for group in self.groups_at.get(index, []):
             feature = h.new_zeros(output.in_features).index_copy_(0, dims, out)
             self._predict(group, feature, heads, neurons)
-        kept = heads[index].to(device)[computed]  # of the computed heads, those the mask keeps
+        kept = shape.query_mask(heads[index].to(device))[computed]  # of the computed heads, those the mask keeps
         return kernels.columns(output, dims.view(-1, D)[kept].flatten(), out.view(-1, D)[kept].flatten())
+
+    def _rotate_new_keys(self, layer: nn.Module, keys: Tensor, kv_heads: Tensor, first: Tensor, last: int) -> None:
+        """Rotate the keys just written, positions [first[i], last] of each head ``kv_heads[i]``, in place."""
+        D = self.shape.head_dim
+        start = int(first.min())
+        store = keys.view(-1, D, keys.shape[1])
+        span = store[kv_heads, :, start:last + 1].transpose(1, 2)  # (heads, positions, D)
+        positions = torch.arange(start, last + 1, device=keys.device)
+        rotated = self.family.rotate(self.model, layer, "key", span, positions)
+        wanted = (positions[None] >= first[:, None])[..., None]
+        store[kv_heads, :, start:last + 1] = torch.where(wanted, rotated, span).transpose(1, 2)
 
     def _predict(self, group: int, feature: Tensor, heads: dict[int, Tensor], neurons: dict[int, Tensor]) -> None:
         targets = self.predictor.groups[group][1]

@@ -95,41 +95,50 @@ def score_batch(model: nn.Module, batch: Batch, criterion: Criterion, shape: Sha
     family = family_of(model.config)
     layers = family.layers(model)
 
+    activation = family.activation(model.config)
+
     def units(act: Tensor, grad: Tensor | None, index: int, kind: str) -> Units:
         weights = {}
         if Needs.WEIGHTS in needs:
             with resident(layers[index]):  # offloaded weights come back for the read
                 weights = {role: upcast(family.module(layers[index], role).weight.detach()).to(act.device)
-                           for role in ("value", "output", "up", "down")}
+                           for role in ("value", "output", *family.neuron_rows, "down")}
+        neurons = kind == "neurons"
         return Units(act=upcast(act), grad=None if grad is None else scaling.unscale(grad).reshape(act.shape),
-                     valid=valid.to(act.device), activation=family.activation, weights=weights,
-                     ffn_input=captured.pop(("ffn_input", index), None) if kind == "neurons" else None,
-                     pre_activation=captured.pop(("pre_activation", index), None) if kind == "neurons" else None,
+                     valid=valid.to(act.device), activation=activation, weights=weights,
+                     ffn_input=captured.pop(("ffn_input", index), None) if neurons else None,
+                     pre_activation=captured.pop(("pre_activation", index), None) if neurons else None,
+                     up=captured.pop(("up", index), None) if neurons else None,
                      output_grad=captured.pop(("output_grad", index), None) if kind == "heads" else None,
                      targets=targets.to(act.device), labels=labels.to(act.device), generator=generator)
 
     def score(out: Tensor, index: int, kind: str, scorer, act: Tensor, tensor: Tensor) -> None:
-        """Score now, or when the gradient of ``tensor`` arrives in the backward pass."""
+        """Score now, or when the gradient of ``tensor`` arrives in the backward pass. Heads are scored per query
+        head, then summed into the attention units."""
+        pool = shape.unit_scores if kind == "heads" else (lambda scores: scores)
         if Needs.GRAD not in needs:
-            out[:, index] = scorer(units(act, None, index, kind)).float()
+            out[:, index] = pool(scorer(units(act, None, index, kind)).float())
             return
 
         def on_grad(grad: Tensor) -> None:
-            out[:, index] = scorer(units(act, grad, index, kind)).float()
+            out[:, index] = pool(scorer(units(act, grad, index, kind)).float())
         tensor.register_hook(on_grad)
+
+    def per_head(x: Tensor) -> Tensor:
+        return x.view(B, -1, shape.query_heads, shape.head_dim)
 
     def on_attention(index: int):
         def hook(module, args):
             a = args[0]
             captured[("features", index)] = a.detach()[torch.arange(B), batch.last_context.to(a.device)].float()
             if criterion.heads is not None:
-                score(heads, index, "heads", criterion.heads, a.detach().view(B, -1, shape.heads, shape.head_dim), a)
+                score(heads, index, "heads", criterion.heads, per_head(a.detach()), a)
         return hook
 
     def on_attention_output(index: int):
         def hook(module, args, output):
             def keep(grad: Tensor) -> None:
-                captured[("output_grad", index)] = scaling.unscale(grad).view(B, -1, shape.heads, shape.head_dim)
+                captured[("output_grad", index)] = per_head(scaling.unscale(grad))
             output.register_hook(keep)
         return hook
 
@@ -138,9 +147,9 @@ def score_batch(model: nn.Module, batch: Batch, criterion: Criterion, shape: Sha
             captured[("ffn_input", index)] = upcast(args[0].detach()).view(B, -1, args[0].shape[-1])
         return hook
 
-    def on_pre_activation(index: int):
+    def on_output(key: str, index: int):
         def hook(module, args, output):
-            captured[("pre_activation", index)] = upcast(output.detach()).view(B, -1, output.shape[-1], 1)
+            captured[(key, index)] = upcast(output.detach()).view(B, -1, output.shape[-1], 1)
         return hook
 
     def on_ffn(index: int):
@@ -150,14 +159,16 @@ def score_batch(model: nn.Module, batch: Batch, criterion: Criterion, shape: Sha
         return hook
 
     for index, layer in enumerate(layers):
-        attention_output, up = family.head_output(layer), family.ffn_input(layer)
+        attention_output, ffn_input = family.head_output(layer), family.ffn_input(layer)
         handles.append(attention_output.register_forward_pre_hook(on_attention(index)))
         if Needs.OUTPUT_GRAD in needs:
             handles.append(attention_output.register_forward_hook(on_attention_output(index)))
         if Needs.FFN_INPUT in needs:
-            handles.append(up.register_forward_pre_hook(on_ffn_input(index)))
+            handles.append(ffn_input.register_forward_pre_hook(on_ffn_input(index)))
         if Needs.PRE_ACTIVATION in needs:
-            handles.append(up.register_forward_hook(on_pre_activation(index)))
+            handles.append(ffn_input.register_forward_hook(on_output("pre_activation", index)))
+            if family.gated:
+                handles.append(family.module(layer, "up").register_forward_hook(on_output("up", index)))
         if criterion.neurons is not None:
             handles.append(family.ffn_output(layer).register_forward_pre_hook(on_ffn(index)))
     try:

@@ -50,6 +50,31 @@ def make_tiny_opt(layers: int = 3, heads: int = 4, hidden: int = 16, ffn: int = 
     return model
 
 
+def make_tiny_llama(model_type: str = "llama", layers: int = 3, heads: int = 4, kv_heads: int = 2, hidden: int = 32,
+                    ffn: int = 48, vocab: int = 8192, seed: int = 0, dtype: torch.dtype = torch.float32,
+                    positions: int = 64, **fields):
+    """A random model of the llama family: ``model_type`` llama, mistral, qwen2 (biased query, key and value
+    projections) or qwen3 (RMSNorm on query and key heads), with ``heads`` query heads sharing ``kv_heads``
+    key-value heads. Norm weights and biases are random too, so that every one of them matters."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                                  num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=ffn,
+                                  max_position_embeddings=positions, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                                  tie_word_embeddings=False, **fields)
+    model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.1)
+    return model
+
+
 def settings(group: str, **values) -> DictConfig:
     """A config group's section as conf/ sets it (``group`` after ``=`` picks an option: ``eval=tasks``), with
     ``values`` replaced."""
@@ -60,31 +85,31 @@ def settings(group: str, **values) -> DictConfig:
     return section
 
 
-def shape_of(model) -> Shape:
-    return family_of(model.config).shape(model.config)
+def shape_of(model, attention_unit: str = "kv_group") -> Shape:
+    return family_of(model.config).shape(model.config, attention_unit)
 
 
-def request_masks(model, seed: int, sparsity: float = 0.5) -> Masks:
-    s = shape_of(model)
+def request_masks(model, seed: int, sparsity: float = 0.5, attention_unit: str = "kv_group") -> Masks:
+    s = shape_of(model, attention_unit)
     gen = torch.Generator().manual_seed(seed)
     scores = torch.rand(1, s.layers, s.heads, generator=gen), torch.rand(1, s.layers, s.neurons, generator=gen)
     return Policy("local", sparsity, sparsity).select(*scores)
 
 
-def masked_and_pruned_logits(model, masks: Masks, ids) -> tuple:
+def masked_and_pruned_logits(model, masks: Masks, ids, attention_unit: str = "kv_group") -> tuple:
     """Logits under the masking hooks, and with the pruned units' weights removed."""
     with torch.no_grad():
         with apply_masks(model, masks):
             masked = model(ids).logits
-        with pruned(model, masks):
+        with pruned(model, masks, shape_of(model, attention_unit)):
             return masked, model(ids).logits
 
 
-def token_predictor(model, name: str, lookahead: bool = False) -> Predictor:
+def token_predictor(model, name: str, lookahead: bool = False, attention_unit: str = "kv_group") -> Predictor:
     torch.manual_seed(7)
-    shape = shape_of(model)
+    shape = shape_of(model, attention_unit)
     groups = PLACEMENTS[name].groups(shape.layers, 0, lookahead)
-    return Predictor(shape, model.config.hidden_size, groups, "mlp", 32, 32, False).eval()
+    return Predictor(shape, shape.attention_width, groups, "mlp", 32, 32, False).eval()
 
 
 def decode_and_check(model, predictor: Predictor, policy: Policy, new_tokens: int = 10):

@@ -233,7 +233,7 @@ def test_reference_epenas_skips_a_class_with_a_constant_gradient():
     for row in (torch.zeros(4, dtype=torch.float64), grad[0, 2, 0].clone()):
         grad[0, 2, 0] = row
         units = Units(act=torch.zeros_like(grad), grad=grad, valid=torch.ones(1, len(targets)),
-                      activation=Activation("relu", zero_below=True), labels=targets[None])
+                      activation=Activation("relu"), labels=targets[None])
         scores.append(get_criterion("epenas", "reference").heads(units)[0, 0].item())
         assert scores[-1] == pytest.approx(shadow_llm_epenas(grad[0, :, 0].numpy(), labels), rel=1e-6)
     assert 0 < scores[0] != pytest.approx(scores[1])  # two classes left, then all three

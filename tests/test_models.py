@@ -31,7 +31,7 @@ def test_the_memory_check_counts_the_predictor_trained_beside_the_model(compose_
 
     cfg = compose_cfg("+criterion=plainact")
     config = OPTConfig(hidden_size=9216, num_hidden_layers=64, num_attention_heads=72, ffn_dim=36864)
-    shape = family_of(config).shape(config)
+    shape = family_of(config).shape(config, "kv_group")
     assert predictor_parameters(cfg, shape, 9216, heads_only=False) == pytest.approx(2.45e9, rel=0.01)
     beside = training_bytes(cfg, shape, 9216, examples=5000, heads_only=False)
     assert beside == 16 * predictor_parameters(cfg, shape, 9216, False) + 2e9  # a 2 GB block of the 94 GB traces

@@ -32,7 +32,7 @@ from shadow.predictors import (
 )
 from shadow.traces import TraceShards, score_batch
 
-SHAPE = Shape(layers=3, heads=4, kv_heads=4, head_dim=4, neurons=32)
+SHAPE = Shape(layers=3, query_heads=4, kv_heads=4, head_dim=4, neurons=32, attention_unit="kv_group")
 
 
 def test_spearman_matches_scipy():

@@ -36,7 +36,7 @@ def test_pruned_forward_equals_masked_forward(tiny_opt, seed):
     ids = torch.randint(4, 8192, (1, 20), generator=torch.Generator().manual_seed(seed))
     masks = request_masks(tiny_opt, seed)
     masked, sparse = masked_and_pruned_logits(tiny_opt, masks, ids)
-    with torch.no_grad(), pruned(tiny_opt, masks):
+    with torch.no_grad(), pruned(tiny_opt, masks, shape_of(tiny_opt)):
         assert tiny_opt.model.decoder.layers[0].fc1.out_features == 16  # half of the 32 neurons
     with torch.no_grad():
         restored = tiny_opt(ids).logits
@@ -60,14 +60,14 @@ def test_generation_with_the_kv_cache_equals_masked_generation(tiny_opt):
     with torch.no_grad():
         with apply_masks(tiny_opt, masks):
             masked = tiny_opt.generate(ids, **settings)
-        with pruned(tiny_opt, masks):
+        with pruned(tiny_opt, masks, shape_of(tiny_opt)):
             sparse = tiny_opt.generate(ids, **settings)
     assert torch.equal(sparse, masked)
 
 
 def test_pruned_takes_one_request():
     batch_of_two = Masks(torch.ones(2, 3, 4, dtype=torch.bool), torch.ones(2, 3, 8, dtype=torch.bool))
-    with pytest.raises(ValueError, match="one request's masks"), pruned(torch.nn.Module(), batch_of_two):
+    with pytest.raises(ValueError, match="one request's masks"), pruned(torch.nn.Module(), batch_of_two, None):
         pass
 
 
@@ -231,7 +231,7 @@ def test_sparse_execution_on_a_disk_offloaded_model_equals_the_resident_one(tiny
     ids = torch.randint(4, 8192, (1, 12), generator=torch.Generator().manual_seed(5))
     masks = request_masks(tiny_opt, 5)
     masked, _ = masked_and_pruned_logits(tiny_opt, masks, ids)
-    with torch.no_grad(), pruned(away, masks):
+    with torch.no_grad(), pruned(away, masks, shape_of(tiny_opt)):
         sparse = away(ids).logits
     torch.testing.assert_close(sparse, masked, rtol=1e-5, atol=1e-5)
     predictor = token_predictor(tiny_opt, "shadow")

@@ -1,9 +1,17 @@
 """What shadow needs to know about a kind of decoder, behind one ``Family`` object per model type.
 
 Masking, criteria, the predictor's features, pruning and per-token decoding never name a model's submodules:
-they ask the family for a layer's projections by role. A head is ``head_dim`` rows of the query, key and value
-projections and the same columns of the output projection, whose input holds the heads' outputs; an FFN unit is
-a row of each ``neuron_rows`` projection and a column of ``down``, whose input holds the units' activations.
+they ask the family for a layer's projections by role.
+
+- A query head is ``head_dim`` rows of the query projection and the same columns of the output projection, whose
+  input holds the heads' outputs. Query heads share key-value heads in groups of ``query_heads // kv_heads``
+  consecutive heads (one head each without grouped-query attention); a key-value head is ``head_dim`` rows of the
+  key and value projections.
+- An attention unit, the unit that head masks keep or remove, is a query head (``attention_unit=query_head``) or
+  a key-value group (``kv_group``): its query heads, its key and value rows and its part of the KV cache. A
+  group's query heads are consecutive, so in the output projection's input a unit is always one contiguous block.
+- An FFN unit is a row of each ``neuron_rows`` projection (the gate and the up projection of a gated FFN) and a
+  column of ``down``, whose input holds the units' activations: act(u) or, gated, act(g) · u.
 """
 
 from __future__ import annotations
@@ -22,28 +30,62 @@ FAMILIES: dict[str, Family] = {}  # config.model_type → its family
 
 @dataclass(frozen=True)
 class Shape:
-    """The units of a decoder: layers, query heads and key-value heads per layer, head size, FFN units per layer."""
+    """The units of a decoder: layers; query heads, key-value heads and head size per layer; the attention unit
+    that head masks address; FFN units per layer."""
 
     layers: int
-    heads: int
+    query_heads: int
     kv_heads: int
     head_dim: int
     neurons: int
+    attention_unit: str  # one of config.ATTENTION_UNITS
+
+    @property
+    def heads(self) -> int:
+        """Attention units per layer: the width of a layer's head mask and head scores."""
+        return self.kv_heads if self.attention_unit == "kv_group" else self.query_heads
+
+    @property
+    def attention_width(self) -> int:
+        """The output projection's input: every query head's output, the predictors' feature."""
+        return self.query_heads * self.head_dim
+
+    @property
+    def heads_per_unit(self) -> int:
+        """Query heads per attention unit."""
+        return self.query_heads // self.heads
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key-value head."""
+        return self.query_heads // self.kv_heads
+
+    def query_mask(self, keep: Tensor) -> Tensor:
+        """(…, units) → (…, query heads): each unit's value repeated over its query heads."""
+        return keep.repeat_interleave(self.heads_per_unit, dim=-1)
+
+    def unit_scores(self, scores: Tensor) -> Tensor:
+        """(…, query heads) → (…, units): a key-value group's score is the sum of its query heads' scores."""
+        return scores.unflatten(-1, (self.heads, self.heads_per_unit)).sum(-1)
 
 
 @dataclass(frozen=True)
 class Activation:
-    """The FFN activation's facts that criteria rely on. ``zero_below``: the output is exactly 0 for every
-    input ≤ 0 and positive above (ReLU), so the output alone gives the derivative, 1[output > 0]."""
+    """The FFN activation σ, by its transformers name (``relu``, ``silu``, ``gelu_pytorch_tanh`` …)."""
 
     name: str
-    zero_below: bool
 
-    def slope(self, output: Tensor) -> Tensor:
-        """σ'(u) from σ(u), where the output determines it."""
-        if not self.zero_below:
-            raise ValueError(f"the {self.name} activation's derivative is not a function of its output")
-        return (output > 0).to(output.dtype)
+    def __call__(self, x: Tensor) -> Tensor:
+        from transformers.activations import ACT2FN
+
+        return ACT2FN[self.name](x)
+
+    def derivative(self, x: Tensor) -> Tensor:
+        """σ'(x), elementwise, by autograd: one definition for every activation (ReLU's is 1[x > 0])."""
+        with torch.enable_grad():
+            x = x.detach().requires_grad_()
+            (slope,) = torch.autograd.grad(self(x).sum(), x)
+        return slope
 
 
 Attention = Callable[[int, Tensor], Tensor]  # (layer index, normalised input (E,)) → attention output (E,)
@@ -56,21 +98,26 @@ class Family(ABC):
     registers it under its ``model_type``."""
 
     model_type: ClassVar[str]
-    activation: ClassVar[Activation]
     paths: ClassVar[dict[str, str]]  # role → submodule path inside a decoder layer
-    head_rows: ClassVar[tuple[str, ...]] = ("query", "key", "value")  # roles whose rows belong to a head
+    query_rows: ClassVar[tuple[str, ...]] = ("query",)  # roles whose rows belong to a query head
+    kv_rows: ClassVar[tuple[str, ...]] = ("key", "value")  # roles whose rows belong to a key-value head
     head_columns: ClassVar[tuple[str, ...]] = ("output",)
-    neuron_rows: ClassVar[tuple[str, ...]]  # roles whose rows belong to an FFN unit
+    neuron_rows: ClassVar[tuple[str, ...]]  # roles whose rows belong to an FFN unit: ("up",) or ("gate", "up")
     neuron_columns: ClassVar[tuple[str, ...]] = ("down",)
     architectures: ClassVar[dict[str, dict]]  # released sizes by name → config fields (the latency bench's arch)
+    rotary: ClassVar[bool] = False  # queries and keys are rotated by position (``rotate``)
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
         FAMILIES[cls.model_type] = cls()
 
     @abstractmethod
-    def shape(self, config) -> Shape:
+    def shape(self, config, attention_unit: str) -> Shape:
         """Layers, heads, key-value heads, head size and FFN units, from the model's config."""
+
+    @abstractmethod
+    def activation(self, config) -> Activation:
+        """The FFN activation."""
 
     @abstractmethod
     def layers(self, model: nn.Module) -> nn.ModuleList:
@@ -81,12 +128,9 @@ class Family(ABC):
         """The decoder without the LM head, called with ``input_ids`` and ``attention_mask``."""
 
     @abstractmethod
-    def head_count(self, layer: nn.Module) -> int:
-        """The query heads the layer's attention computes."""
-
-    @abstractmethod
     def set_head_count(self, layer: nn.Module, count: int) -> None:
-        """Make the attention compute ``count`` heads (``pruned`` shrinks them, then restores them)."""
+        """Make the attention compute ``count`` query heads, its projections gathered to whole key-value groups
+        (``pruned`` shrinks them, then restores them)."""
 
     @abstractmethod
     def scaling(self, layer: nn.Module) -> float:
@@ -99,6 +143,12 @@ class Family(ABC):
     @abstractmethod
     def config(self, architecture: str):
         """The config of a released size, for random-weight models (latency)."""
+
+    def rotate(self, model: nn.Module, layer: nn.Module, role: str, states: Tensor, positions: Tensor) -> Tensor:
+        """Queries or keys (``role``), (heads, positions, head_dim) straight from their projection, as attention
+        reads them at ``positions``: a ``rotary`` family rotates them here. Without: unchanged (positions enter with
+        the input)."""
+        return states
 
     @abstractmethod
     def decode_step(self, model: nn.Module, token: int, position: int, attention: Attention, kept: Kept,
@@ -121,9 +171,15 @@ class Family(ABC):
         """The projection whose input is the FFN units' activations, (…, units)."""
         return self.module(layer, "down")
 
+    @property
+    def gated(self) -> bool:
+        """The FFN is down(act(gate(x)) ⊙ up(x)) rather than down(act(up(x)))."""
+        return "gate" in self.paths
+
     def ffn_input(self, layer: nn.Module) -> nn.Linear:
-        """The projection whose input is the FFN's input and whose output is the units' pre-activations."""
-        return self.module(layer, "up")
+        """The projection whose input is the FFN's input and whose output the activation reads: the gate of a
+        gated FFN, else up."""
+        return self.module(layer, "gate" if self.gated else "up")
 
     def weight_bytes(self, config, dtype: torch.dtype) -> int:
         return self.parameter_count(config) * dtype.itemsize

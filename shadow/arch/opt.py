@@ -11,7 +11,6 @@ from shadow.offload import resident
 
 class OPT(Family):
     model_type = "opt"
-    activation = Activation("relu", zero_below=True)
     paths = {"query": "self_attn.q_proj", "key": "self_attn.k_proj", "value": "self_attn.v_proj",
              "output": "self_attn.out_proj", "up": "fc1", "down": "fc2"}
     neuron_rows = ("up",)
@@ -21,18 +20,19 @@ class OPT(Family):
                          ("opt-2.7b", 2560, 32, 32), ("opt-6.7b", 4096, 32, 32), ("opt-13b", 5120, 40, 40),
                          ("opt-30b", 7168, 48, 56), ("opt-66b", 9216, 64, 72))}
 
-    def shape(self, config) -> Shape:
+    def shape(self, config, attention_unit: str) -> Shape:
         heads = config.num_attention_heads
-        return Shape(config.num_hidden_layers, heads, heads, config.hidden_size // heads, config.ffn_dim)
+        return Shape(config.num_hidden_layers, heads, heads, config.hidden_size // heads, config.ffn_dim,
+                     attention_unit)
+
+    def activation(self, config) -> Activation:
+        return Activation(config.activation_function)
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.model.decoder.layers
 
     def backbone(self, model: nn.Module) -> nn.Module:
         return model.model.decoder
-
-    def head_count(self, layer: nn.Module) -> int:
-        return layer.self_attn.num_heads
 
     def set_head_count(self, layer: nn.Module, count: int) -> None:
         layer.self_attn.num_heads = count

@@ -16,6 +16,7 @@ import torch
 from torch.utils import benchmark
 
 from shadow.arch import architecture_config, family_of
+from shadow.config import compose_config
 from shadow.criteria import CRITERIA, get_criterion
 from shadow.data import Example, collate
 from shadow.traces import example_loss, score_batch
@@ -36,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     model = opt_125m(args.device)
-    shape = family_of(model.config).shape(model.config)
+    shape = family_of(model.config).shape(model.config, compose_config().attention_unit)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(4, 50000, (args.batch, args.tokens), generator=gen).tolist()
     batch = collate([Example(tuple(x), args.tokens // 2) for x in ids], pad_id=1)

@@ -49,12 +49,13 @@ def main() -> None:
     plain = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
     requests = [((ctx, cont), *plain._encode_pair(ctx, cont)) for ctx, cont in (i.args for i in task.instances)]
 
-    shape = family_of(model.config).shape(model.config)
+    cfg = compose_config()
+    shape = family_of(model.config).shape(model.config, cfg.attention_unit)
     policy = Policy("global", 0.5, 0.5)
     torch.manual_seed(0)
-    settings = compose_config().predictor
+    settings = cfg.predictor
     groups = PLACEMENTS["shadow"].groups(shape.layers, 0, False)
-    predictor = Predictor.configured(shape, model.config.hidden_size, groups, settings, False)
+    predictor = Predictor.configured(shape, shape.attention_width, groups, settings, False)
     predicted = PredictedMasks(model, predictor, policy, 1, settings.granularity)
     fixed = StaticMasks(torch.rand(shape.layers, shape.heads), torch.rand(shape.layers, shape.neurons), policy)
     rows = {"HFLM": plain,

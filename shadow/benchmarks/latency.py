@@ -45,9 +45,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils import benchmark
 from tqdm import tqdm
 
-from shadow.arch import architecture_config, architectures, family_of
+from shadow.arch import Shape, architecture_config, architectures, family_of
 from shadow.cli import check_argv, fail, fix_argv
-from shadow.config import DTYPES, ConfigError
+from shadow.config import ATTENTION_UNITS, DTYPES, ConfigError
 from shadow.models import TORCH_DTYPES
 from shadow.placements import PLACEMENTS
 from shadow.policy import Policy
@@ -59,11 +59,10 @@ COLUMNS = ["method", "granularity", "sparsity", "total_ms", "first_token_ms", "s
            "predictor_share"]
 
 
-def predictors(config, predictor_cfg: DictConfig) -> dict[str, Predictor]:
+def predictors(shape: Shape, predictor_cfg: DictConfig) -> dict[str, Predictor]:
     """Untrained networks of every trained placement: ShadowLLM's reads layer 0, DejaVu-style ones the previous
     layer (lookahead, as DejaVu does); sizes from ``predictor_cfg``."""
-    shape = family_of(config).shape(config)
-    return {name: Predictor.configured(shape, config.hidden_size, placement.groups(shape.layers, 0, True),
+    return {name: Predictor.configured(shape, shape.attention_width, placement.groups(shape.layers, 0, True),
                                        predictor_cfg, False)
             for name, placement in PLACEMENTS.items() if placement.trains}
 
@@ -76,7 +75,7 @@ def footprint(cfg: DictConfig) -> dict[str, float]:
     config = architecture_config(cfg.arch)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-        networks = predictors(config, cfg.predictor).values()
+        networks = predictors(family_of(config).shape(config, cfg.attention_unit), cfg.predictor).values()
     size = TORCH_DTYPES[cfg.dtype].itemsize
     layers = sum(p.numel() for name, p in model.named_parameters() if ".layers." in name and p.dim() == 2)
     return {"weights": sum(p.numel() for p in model.parameters()) * size,
@@ -173,9 +172,9 @@ class Bench:
         torch.manual_seed(0)
         self.model = build(cfg.arch, str(cfg.device), TORCH_DTYPES[cfg.dtype],
                            placement(cfg, free_memory(str(cfg.device), cfg.device_map)))
-        self.shape = family_of(self.model.config).shape(self.model.config)
+        self.shape = family_of(self.model.config).shape(self.model.config, cfg.attention_unit)
         self.ids = torch.randint(4, 50000, (1, cfg.prompt), device=cfg.device)
-        self.predictors = predictors(self.model.config, cfg.predictor)
+        self.predictors = predictors(self.shape, cfg.predictor)
         for predictor in self.predictors.values():
             predictor.to(cfg.device, TORCH_DTYPES[cfg.dtype]).eval()
 
@@ -192,7 +191,7 @@ class Bench:
     def predict_step(self, name: str, policy: Policy) -> None:
         """What one decoding step spends on predictors: every group on one position's features."""
         predictor = self.predictors[name]
-        feature = torch.randn(1, self.model.config.hidden_size, device=self.cfg.device)
+        feature = torch.randn(1, self.shape.attention_width, device=self.cfg.device)
         for group in range(len(predictor.groups)):
             policy.select(*predictor.group_scores(group, feature))
 
@@ -204,10 +203,10 @@ class Bench:
             static = policy.select(torch.rand(1, self.shape.layers, self.shape.heads),
                                    torch.rand(1, self.shape.layers, self.shape.neurons))
             cases.append(Case("static", "request", sparsity, self.generate,
-                              lambda static=static: pruned(self.model, static)))
+                              lambda static=static: pruned(self.model, static, self.shape)))
             for name in self.predictors:
                 def request(n: int, name=name, policy=policy) -> None:
-                    with pruned(self.model, self.predict_request(name, policy)):
+                    with pruned(self.model, self.predict_request(name, policy), self.shape):
                         self.generate(n)
                 cases.append(Case(name, "request", sparsity, request,
                                   predict=lambda name=name, policy=policy: self.predict_request(name, policy)))
@@ -276,6 +275,8 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"arch={cfg.arch} is not a known architecture; use one of {', '.join(architectures())}")
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"dtype={cfg.dtype} is unknown; use one of {', '.join(DTYPES)}")
+    if cfg.attention_unit not in ATTENTION_UNITS:
+        raise ConfigError(f"attention_unit={cfg.attention_unit} is unknown; use one of {', '.join(ATTENTION_UNITS)}")
     for s in cfg.sparsity:
         if not isinstance(s, (int, float)) or not 0 <= s < 1:
             raise ConfigError(f"sparsity={list(cfg.sparsity)} holds {s!r}; each sparsity must be a number in [0, 1)")

@@ -40,7 +40,7 @@ def child(examples: int, max_length: int, batch_size: int) -> None:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with tempfile.TemporaryDirectory() as out:
         compute_traces(model, data, get_criterion("plainact", "textbook"),
-                       family_of(model.config).shape(model.config), batch_size,
+                       family_of(model.config).shape(model.config, cfg.attention_unit), batch_size,
                        pad_id(tokenizer), Path(out))
         size = sum(f.stat().st_size for f in Path(out).iterdir())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

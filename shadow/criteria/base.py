@@ -20,25 +20,27 @@ class Needs(Flag):
 
     NOTHING = 0
     GRAD = auto()  # ∂L/∂act: one backward pass
-    FFN_INPUT = auto()  # the up projection's input (weight-gradient forms)
-    PRE_ACTIVATION = auto()  # u, the up projection's output
+    FFN_INPUT = auto()  # x, the FFN's input (weight-gradient forms)
+    PRE_ACTIVATION = auto()  # the activation's input (u = up(x), or g = gate(x) in a gated FFN) and, gated, up(x)
     OUTPUT_GRAD = auto()  # ∂L/∂(attention output projection's output), in head chunks
-    WEIGHTS = auto()  # the layer's weights by role: value, output, up, down
+    WEIGHTS = auto()  # the layer's weights by role: value, output, the FFN's row roles (up; gate, up), down
     HESSIAN = auto()  # scored by the gate Hessian (``traces.gate_hessian_scores``), not per unit
-    SLOPE = auto()  # σ'(u) from the activation alone: only activations whose output determines it (ReLU)
 
 
 @dataclass
 class Units:
-    """What the scoring pass captured for one kind of unit in one layer."""
+    """What the scoring pass captured for one kind of unit in one layer. Heads are query heads, whatever the
+    attention unit: the scoring pass sums a key-value group's scores. An FFN unit's activation ``act`` is the down
+    projection's input: z = σ(u), or h = σ(g) · u in a gated FFN."""
 
     act: Tensor  # (B, T, U, k)
     grad: Tensor | None  # (B, T, U, k): ∂L_b/∂act
     valid: Tensor  # (B, T): 1 at real tokens
-    activation: Activation  # the model family's FFN activation
+    activation: Activation  # the model family's FFN activation σ
     weights: dict[str, Tensor] = field(default_factory=dict)  # Needs.WEIGHTS: role → the layer's weight
-    ffn_input: Tensor | None = None  # (B, T, E), FFN units only
-    pre_activation: Tensor | None = None  # (B, T, F, 1) u, FFN units only
+    ffn_input: Tensor | None = None  # (B, T, E) x, FFN units only
+    pre_activation: Tensor | None = None  # (B, T, F, 1) σ's input: u, or g in a gated FFN; FFN units only
+    up: Tensor | None = None  # (B, T, F, 1) u = up(x) in a gated FFN, else None
     output_grad: Tensor | None = None  # (B, T, U, k), heads only
     targets: Tensor | None = None  # (B, T) next-token ids (-100: none)
     labels: Tensor | None = None  # (B, T) next-token ids inside the gold continuation, the loss's (-100: none)
@@ -86,10 +88,20 @@ def token_norm(x: Tensor, u: Units) -> Tensor:
     return (x ** 2 * tokens(u)).sum((1, 3)).sqrt()
 
 
-def up_weight_grad(u: Units) -> Tensor:
-    """(B, F, E) per-example ∂L/∂W1: Σ_t ∂L/∂u_t,n · x_t,j, with ∂L/∂u = ∂L/∂z · σ'(u) (Needs.SLOPE)."""
-    grad_u = u.grad[..., 0] * u.activation.slope(u.act[..., 0]) * u.valid[..., None]
-    return torch.einsum("btf,bte->bfe", grad_u, u.ffn_input)
+def row_output_grads(u: Units) -> dict[str, Tensor]:
+    """(B, T, F) per token, ∂L/∂ of each FFN row projection's output at valid tokens, by role (Needs.GRAD |
+    PRE_ACTIVATION): up: ∂L/∂z · σ'(u); gated: gate: ∂L/∂h · u · σ'(g), up: ∂L/∂h · σ(g)."""
+    grad = u.grad[..., 0] * u.valid[..., None]
+    pre = u.pre_activation[..., 0]
+    if u.up is None:
+        return {"up": grad * u.activation.derivative(pre)}
+    return {"gate": grad * u.up[..., 0] * u.activation.derivative(pre), "up": grad * u.activation(pre)}
+
+
+def row_weight_grads(u: Units) -> dict[str, Tensor]:
+    """(B, F, E) per example, ∂L/∂W of each FFN row projection by role: Σ_t ∂L/∂(W x_t)_n · x_t,j (Needs.GRAD |
+    PRE_ACTIVATION | FFN_INPUT)."""
+    return {role: torch.einsum("btf,bte->bfe", grad, u.ffn_input) for role, grad in row_output_grads(u).items()}
 
 
 def correlations(vectors: Tensor) -> Tensor:

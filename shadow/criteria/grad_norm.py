@@ -1,4 +1,5 @@
-"""grad_norm: ‖g‖ of a head over tokens and dims; ‖∂L/∂W1[n, :]‖ of an FFN unit (its up-projection row).
+"""grad_norm: ‖g‖ of a head over tokens and dims; the norm of ∂L/∂ of an FFN unit's rows, ‖∂L/∂W_up[n, :]‖, or
+gated (‖∂L/∂W_gate[n, :]‖² + ‖∂L/∂W_up[n, :]‖²)^½.
 
 reference: the same (ShadowLLM's code computed this form).
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from shadow.criteria.base import Criterion, Needs, Units, register, token_norm, up_weight_grad
+from shadow.criteria.base import Criterion, Needs, Units, register, row_weight_grads, token_norm
 
 
 def gradient_norm(u: Units) -> Tensor:
@@ -15,8 +16,8 @@ def gradient_norm(u: Units) -> Tensor:
 
 
 def weight_gradient_norm(u: Units) -> Tensor:
-    return up_weight_grad(u).norm(dim=-1)
+    return sum(grad.square().sum(-1) for grad in row_weight_grads(u).values()).sqrt()
 
 
-register(Criterion("grad_norm", gradient_norm, weight_gradient_norm, Needs.GRAD | Needs.FFN_INPUT | Needs.SLOPE),
-         "textbook", "reference")
+register(Criterion("grad_norm", gradient_norm, weight_gradient_norm,
+                   Needs.GRAD | Needs.FFN_INPUT | Needs.PRE_ACTIVATION), "textbook", "reference")

@@ -2,7 +2,7 @@
 over tokens.
 
 reference: heads the same; FFN units ‖u‖ over tokens (before the activation, so negative pre-activations count
-too), as ShadowLLM's code did.
+too), as ShadowLLM's code did; gated, the gate's ‖g‖.
 """
 
 from __future__ import annotations
