@@ -1,4 +1,5 @@
-"""Every criterion against a direct computation on a tiny OPT, one unpadded example at a time.
+"""Every criterion against a direct computation on a tiny OPT and a tiny Llama (grouped-query attention, gated
+FFN), one unpadded example at a time.
 
 The batched scores come from padded batches of the examples; the reference values from each example alone,
 with autograd's own weight gradients, explicit loops, numpy and finite differences where they apply. EPE-NAS and
@@ -11,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import layers_of, make_tiny_opt, per_layer_agreement, settings, shape_of
+from helpers import layers_of, make_tiny_llama, make_tiny_opt, per_layer_agreement, settings, shape_of
 
-from shadow.arch import Activation, Shape
+from shadow.arch import Activation, Shape, family_of
 from shadow.criteria import CRITERIA, EPS, Units, get_criterion
 from shadow.data import Example, collate, encode
 from shadow.masking import apply_masks
@@ -28,8 +29,16 @@ PAIRS = [("The the cat and the dog and the cat", " sat on the mat."),
                                                                           "the dog, the end")]
 
 
+@pytest.fixture(scope="module", params=["opt", "llama"])
+def model(request):
+    """Head size 4 in both; the Llama's 4 query heads share 2 key-value heads and its FFN is gated."""
+    if request.param == "opt":
+        return make_tiny_opt(dtype=torch.float64)
+    return make_tiny_llama(hidden=16, ffn=32, dtype=torch.float64)
+
+
 @pytest.fixture(scope="module")
-def model():
+def tiny_opt64():
     return make_tiny_opt(dtype=torch.float64)
 
 
@@ -39,9 +48,12 @@ def examples(tokenizer):
 
 
 def autograd_record(model, ex: Example) -> dict:
-    """One example alone: activations, their gradients and fc1's weight gradient, from plain autograd."""
+    """One example alone, from plain autograd: per layer the heads' outputs a and the output projection's output o,
+    the activation's input (pre: OPT's u, a gated FFN's g), the up projection's output of a gated FFN, the FFN units'
+    activations z (the down projection's input), their gradients, and the FFN row projections' weight gradients."""
     batch = collate([ex], 1)
     acts, handles = {}, []
+    family = family_of(model.config)
 
     def keep(name, output=False):
         def hook(module, *args):
@@ -51,19 +63,22 @@ def autograd_record(model, ex: Example) -> dict:
         return hook
 
     for i, layer in enumerate(layers_of(model)):
-        handles += [layer.self_attn.out_proj.register_forward_pre_hook(keep(("a", i))),
-                    layer.self_attn.out_proj.register_forward_hook(keep(("o", i), output=True)),
-                    layer.fc1.register_forward_hook(keep(("u", i), output=True)),
-                    layer.fc2.register_forward_pre_hook(keep(("z", i)))]
+        handles += [family.head_output(layer).register_forward_pre_hook(keep(("a", i))),
+                    family.head_output(layer).register_forward_hook(keep(("o", i), output=True)),
+                    family.ffn_input(layer).register_forward_hook(keep(("pre", i), output=True)),
+                    family.ffn_output(layer).register_forward_pre_hook(keep(("z", i)))]
+        if family.gated:
+            handles.append(family.module(layer, "up").register_forward_hook(keep(("up", i), output=True)))
     model.zero_grad()
     try:
         example_loss(model(input_ids=batch.input_ids).logits, batch.labels)[0].backward()
     finally:
         for h in handles:
             h.remove()
-    w1_grads = [layer.fc1.weight.grad.clone() for layer in layers_of(model)]
+    row_grads = [{role: family.module(layer, role).weight.grad.clone() for role in family.neuron_rows}
+                 for layer in layers_of(model)]
     model.zero_grad()
-    return {"acts": acts, "w1_grad": w1_grads, "ids": batch.input_ids[0], "labels": batch.labels[0]}
+    return {"acts": acts, "row_grads": row_grads, "ids": batch.input_ids[0], "labels": batch.labels[0]}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +87,7 @@ def alone(model, examples):
 
 
 def heads_of(t: torch.Tensor, shape: Shape) -> torch.Tensor:
-    return t.detach()[0].view(-1, shape.heads, shape.head_dim)  # (T, H, d)
+    return t.detach()[0].view(-1, shape.query_heads, t.shape[-1] // shape.query_heads)  # (T, H, chunk)
 
 
 def nwot_direct(codes: np.ndarray) -> float:
@@ -87,9 +102,10 @@ def shadow_llm_nwot_head(act: np.ndarray) -> float:
     return np.linalg.slogdet((1 - x) @ (1 - x).T)[1]
 
 
-def shadow_llm_nwot_neuron(fc1_out: np.ndarray) -> float:
-    """ShadowLLM's calculate_nwot for one fc1 neuron at batch size 1 (its per-example trace, which skips log 0)."""
-    x = (fc1_out > 0).astype(float)  # (T, 1)
+def shadow_llm_nwot_neuron(pre: np.ndarray) -> float:
+    """ShadowLLM's calculate_nwot for one fc1 neuron (gated: its gate) at batch size 1 (its per-example trace, which
+    skips log 0)."""
+    x = (pre > 0).astype(float)  # (T, 1)
     value = np.diag((1 - x).T @ (1 - x))[0] / len(x)
     return np.log(value) if value > 0 else 0.0
 
@@ -144,15 +160,21 @@ def reached_tokens(a_grad: torch.Tensor, shape: Shape) -> list[int]:
 
 
 def expected(name: str, variant: str, kind: str, layer: int, unit: int, rec: dict, model, shape: Shape) -> float:
-    a, o, z, u = (rec["acts"][(k, layer)] for k in ("a", "o", "z", "u"))
+    """The score of one query head or FFN unit, from its definition."""
+    family = family_of(model.config)
+    a, o = rec["acts"][("a", layer)], rec["acts"][("o", layer)]
+    z, pre, *ups = ((x.detach().view(-1, x.shape[-1]), x.grad.view(-1, x.shape[-1]))  # (T, F): OPT flattens
+                    for x in (rec["acts"][(k, layer)] for k in ("z", "pre", "up") if (k, layer) in rec["acts"]))
+    row_outputs = [pre, *ups]  # the gate's and the up projection's outputs, or OPT's up
     if kind == "heads":
         act, grad = heads_of(a, shape)[:, unit], heads_of(a.grad, shape)[:, unit]  # (T, d)
     else:
-        act, grad = z.detach()[:, unit:unit + 1], z.grad[:, unit:unit + 1]  # (T, 1)
+        act, grad = z[0][:, unit:unit + 1], z[1][:, unit:unit + 1]  # (T, 1)
     block = layers_of(model)[layer]
-    w1, w1_grad = block.fc1.weight.detach(), rec["w1_grad"][layer]
+    rows = {role: family.module(block, role).weight.detach()[unit] for role in family.neuron_rows}
+    row_grads = {role: grad[unit] for role, grad in rec["row_grads"][layer].items()}
     if name == "plainact" and variant == "reference" and kind == "neurons":
-        return (w1[unit] * w1_grad[unit]).abs().sum().item()
+        return sum((rows[role] * row_grads[role]).abs().sum().item() for role in rows)
     if name == "plainact":
         return sum(abs((act[t] * grad[t]).sum().item()) for t in range(len(act)))
     if name == "fisher" and variant == "reference":
@@ -160,23 +182,24 @@ def expected(name: str, variant: str, kind: str, layer: int, unit: int, rec: dic
     if name == "fisher":
         return 0.5 * sum((act[t] * grad[t]).sum().item() for t in range(len(act))) ** 2
     if name == "grad_norm":
-        return (w1_grad[unit] if kind == "neurons" else grad).norm().item()
+        return torch.cat(list(row_grads.values())).norm().item() if kind == "neurons" else grad.norm().item()
     if name == "l2_norm" and variant == "reference" and kind == "neurons":
-        return u.detach()[:, unit].norm().item()
+        return pre[0][:, unit].norm().item()
     if name == "l2_norm":
         return act.norm().item()
     if name == "snip" and variant == "reference":
         if kind == "heads":
             return heads_of(o.grad, shape)[:, unit].abs().sum().item()
-        return u.grad[:, unit].abs().sum().item()
+        return sum(grad[:, unit].abs().sum().item() for _, grad in row_outputs)
     if name == "snip":
         return abs((act * grad).sum().item())
     if name == "nwot" and variant == "reference":
         if kind == "heads":
             return shadow_llm_nwot_head(act.numpy())
-        return shadow_llm_nwot_neuron(u.detach()[:, unit:unit + 1].numpy())
+        return shadow_llm_nwot_neuron(pre[0][:, unit:unit + 1].numpy())
     if name == "nwot":
-        return nwot_direct((act > 0).double().numpy())
+        passing = pre[0][:, unit:unit + 1] if kind == "neurons" and family.gated else act  # ReLU: z > 0
+        return nwot_direct((passing > 0).double().numpy())
     if name == "jacov":
         return jacov_direct(grad[reached_tokens(a.grad, shape)].numpy())
     if name == "epenas" and variant == "reference":
@@ -187,10 +210,10 @@ def expected(name: str, variant: str, kind: str, layer: int, unit: int, rec: dic
         return epe_nas_code(grad[rows].numpy(), rec["ids"][[t + 1 for t in rows]].tolist(), model.config.vocab_size)
     if name == "weight_magnitude":
         if kind == "neurons":
-            return (block.fc1.weight[unit].norm() * block.fc2.weight[:, unit].norm()).item()
-        d = shape.head_dim
-        return (block.self_attn.v_proj.weight[unit * d:(unit + 1) * d].norm()
-                * block.self_attn.out_proj.weight[:, unit * d:(unit + 1) * d].norm()).item()
+            return (torch.cat(list(rows.values())).norm() * family.ffn_output(block).weight[:, unit].norm()).item()
+        d, kv = shape.head_dim, unit // shape.group_size  # the key-value head the query head reads
+        return (family.module(block, "value").weight[kv * d:(kv + 1) * d].norm()
+                * family.head_output(block).weight[:, unit * d:(unit + 1) * d].norm()).item()
     raise AssertionError(name)
 
 
@@ -200,13 +223,13 @@ CASES = [(name, variant) for name in sorted(CRITERIA) for variant in CRITERIA[na
 
 @pytest.mark.parametrize("name,variant", CASES)
 def test_criterion_matches_direct_computation(model, examples, alone, name, variant):
-    shape = shape_of(model)
+    shape = shape_of(model, "query_head")
     criterion = get_criterion(name, variant)
     _, heads, neurons = score_batch(model, collate(examples, 1), criterion, shape)
     assert heads.abs().sum() > 0  # not vacuous: every criterion scores some head of these examples
     for i, rec in enumerate(alone):
         for layer in range(shape.layers):
-            for unit in range(shape.heads):
+            for unit in range(shape.query_heads):
                 want = expected(name, variant, "heads", layer, unit, rec, model, shape)
                 assert heads[i, layer, unit].item() == pytest.approx(want, rel=1e-4, abs=1e-6), (i, layer, unit)
             if criterion.heads_only:
@@ -215,6 +238,18 @@ def test_criterion_matches_direct_computation(model, examples, alone, name, vari
             for unit in range(0, shape.neurons, 5):
                 want = expected(name, variant, "neurons", layer, unit, rec, model, shape)
                 assert neurons[i, layer, unit].item() == pytest.approx(want, rel=1e-4, abs=1e-6), (i, layer, unit)
+
+
+@pytest.mark.parametrize("name", ["plainact", "l2_norm", "weight_magnitude"])
+def test_a_key_value_group_scores_the_sum_of_its_query_heads(model, examples, name):
+    criterion = get_criterion(name, "textbook")
+    batch = collate(examples, 1)
+    _, per_query_head, neurons = score_batch(model, batch, criterion, shape_of(model, "query_head"))
+    group = shape_of(model, "kv_group")
+    _, per_group, same_neurons = score_batch(model, batch, criterion, group)
+    assert per_group.shape[-1] == group.kv_heads
+    torch.testing.assert_close(per_group, per_query_head.view(*per_group.shape, group.group_size).sum(-1))
+    assert torch.equal(neurons, same_neurons)
 
 
 def test_every_reference_criterion_has_a_reference_variant():
@@ -241,8 +276,11 @@ def test_reference_epenas_skips_a_class_with_a_constant_gradient():
 
 @pytest.fixture(scope="module")
 def grasp_fd(model, examples):
-    """Per example: GraSP's scores from score_batch and H g by finite differences of the gate gradient g at 1,
-    H g ≈ (∇L(1 + εg) − ∇L(1 − εg)) / 2ε."""
+    """Per example: GraSP's scores from score_batch and H g by finite differences of the gate gradient g at 1, on
+    the five-point stencil H g ≈ (−∇L(1 + 2εg) + 8∇L(1 + εg) − 8∇L(1 − εg) + ∇L(1 − 2εg)) / 12ε. OPT computes in
+    float64 throughout but its ReLU has kinks that a large step would cross: ε = 1e-4. Llama is smooth but its
+    RMSNorm computes in float32 even in a float64 model, so its gradients carry float32 rounding: ε = 1e-2 keeps both
+    that rounding over ε and the stencil's O(ε⁴) error near 1e-5."""
     shape = shape_of(model)
     batch = collate(examples, 1)
     _, heads, neurons = score_batch(model, batch, get_criterion("grasp", "textbook"), shape)
@@ -260,10 +298,9 @@ def grasp_fd(model, examples):
         ones_h = torch.ones(1, shape.layers, shape.heads, dtype=torch.float64)
         ones_n = torch.ones(1, shape.layers, shape.neurons, dtype=torch.float64)
         gh, gn = gate_grad(ones_h, ones_n)
-        eps = 1e-4
-        plus = gate_grad(ones_h + eps * gh, ones_n + eps * gn)
-        minus = gate_grad(ones_h - eps * gh, ones_n - eps * gn)
-        hvp_h, hvp_n = ((p - m) / (2 * eps) for p, m in zip(plus, minus, strict=True))
+        eps = 1e-2 if family_of(model.config).gated else 1e-4
+        at = {k: gate_grad(ones_h + k * eps * gh, ones_n + k * eps * gn) for k in (-2, -1, 1, 2)}
+        hvp_h, hvp_n = ((-at[2][i] + 8 * at[1][i] - 8 * at[-1][i] + at[-2][i]) / (12 * eps) for i in range(2))
         out.append({"heads": heads[i:i + 1], "neurons": neurons[i:i + 1], "hvp_h": hvp_h, "hvp_n": hvp_n})
     return out
 
@@ -295,11 +332,12 @@ JACOV_PAIRS = [("One morning the old man walked down to the river with his dog a
                ("To be, or not to be, that is the question: whether it is nobler in the mind to", " suffer")]
 
 
-def test_jacov_is_comparable_across_layers(model, tokenizer):
+def test_jacov_is_comparable_across_layers(tiny_opt64, tokenizer):
     """Examples of ~20 tokens whose continuation has at most d − 1 = 3 tokens, on heads of d = 4 dims: the last layer
     reaches only the continuation's tokens (no null eigenvalue), the others ~20 (~17 null eigenvalues). The former
     sum over all eigenvalues scored ≈ −1e5 per null eigenvalue, so the layers differed by ~1e5× (checked below with
     numpy); the mean over the non-null spectrum keeps the per-layer median |score| within 10×."""
+    model = tiny_opt64
     shape = shape_of(model)
     assert shape.head_dim == 4
     examples = [encode(c, x, tokenizer, 64) for c, x in JACOV_PAIRS]
@@ -338,7 +376,8 @@ def test_random_control_follows_the_seed(model, examples):
     batch = collate(examples, 1)
     one = score_batch(model, batch, get_criterion("random", "textbook"), shape, torch.Generator().manual_seed(1))[1]
     two = score_batch(model, batch, get_criterion("random", "textbook"), shape, torch.Generator().manual_seed(2))[1]
-    assert not torch.equal(one, two) and one.min() >= 0 and one.max() < 1
+    per_unit = shape.heads_per_unit  # a key-value group sums its query heads' uniform scores
+    assert not torch.equal(one, two) and one.min() >= 0 and one.max() < per_unit and two.max() < per_unit
 
 
 ALL_CASES = [(name, variant) for name in sorted(CRITERIA) for variant in CRITERIA[name] if name != "random"]

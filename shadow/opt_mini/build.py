@@ -104,9 +104,9 @@ class LlamaSettings(TrainSettings):
 
     ffn_dim: int = 768
     batch_size: int = 8
-    steps: int = 1500
+    steps: int = 850
     peak_lr: float = 2.5e-3
-    warmup_steps: int = 75
+    warmup_steps: int = 45
     eval_every: int = 100
     kv_heads: int = 2
 
@@ -547,6 +547,7 @@ def render_card(b: dict, spec: ModelSpec) -> str:
     arch_head = " | ".join(head for head, _ in spec.architecture)
     arch_row = " | ".join(str(s[field]) for _, field in spec.architecture)
     model_flag = "" if spec.name == DEFAULT_MODEL else f" --model {spec.name}"
+    threads = f"{s['threads']} CPU thread" + ("s" if s["threads"] != 1 else "")
     rows = "\n".join(f"| {name} | {v['tokens']:,} | {v['token_perplexity']:.1f} | {v['bits_per_byte']:.3f} |"
                      for name, v in [("all", ppl), ("speeches", r["perplexity_split/sotu"]),
                                      ("Shakespeare", r["perplexity_split/shakespeare"])])
@@ -591,7 +592,7 @@ AdamW (β 0.9/0.95, weight decay {s['weight_decay']}), peak learning rate {s['pe
 steps then cosine decay to {s['min_lr_ratio']}× over {s['steps']} steps of {s['batch_size']} × {s['seq_len']}
 tokens ({t['steps_done']} steps run, {t['steps_done'] * s['batch_size'] * s['seq_len'] / 1e6:.1f} M tokens seen;
 the training split holds
-{t['train_tokens_in_corpus'] / 1e6:.1f} M), fp32 on {s['threads']} CPU threads, seed {s['seed']}:
+{t['train_tokens_in_corpus'] / 1e6:.1f} M), fp32 on {threads}, seed {s['seed']}:
 {t['train_minutes']:.0f} minutes. The checkpoint with the best validation loss is kept
 (validation loss {t['best_valid_loss']:.3f}, perplexity {math.exp(t['best_valid_loss']):.1f}).
 
