@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,14 +143,17 @@ def resolved_sparsities(cfg: DictConfig | Config) -> tuple[float, float]:
 
 
 def gpus_for(model: str, dtype: str) -> int:
-    """GPUs a job needs for a model whose config name ends in its parameter count (``opt-1.3b``, ``opt-125m``):
-    its weights + 20% over GPUs of SHADOW_GPU_GB (default 80) GB, rounded up to a power of two; 0 for a model
-    without a size in its name (opt-mini runs on the CPU)."""
-    size = re.fullmatch(r".*-(\d+(?:\.\d+)?)([mb])", model)
-    if size is None:
+    """GPUs a job needs for a model named as a released architecture (``opt-1.3b``, ``llama-3.1-8b``): its weights,
+    counted by its family from the architecture's config, + 20% over GPUs of SHADOW_GPU_GB (default 80) GB, rounded
+    up to a power of two; 0 for any other model (opt-mini and llama-mini run on the CPU)."""
+    from shadow.arch import architecture_config, architectures, family_of
+    from shadow.models import TORCH_DTYPES
+
+    if model not in architectures():
         return 0
-    params = float(size[1]) * (1e6 if size[2] == "m" else 1e9)
-    need = params * (4 if dtype == "float32" else 2) * 1.2 / (float(os.environ.get("SHADOW_GPU_GB", 80)) * 1e9)
+    config = architecture_config(model)
+    weights = family_of(config).weight_bytes(config, TORCH_DTYPES[dtype])
+    need = weights * 1.2 / (float(os.environ.get("SHADOW_GPU_GB", 80)) * 1e9)
     return 1 << max(0, math.ceil(math.log2(need))) if need > 1 else 1
 
 

@@ -125,7 +125,8 @@ def score_batch(model: nn.Module, batch: Batch, criterion: Criterion, shape: Sha
         tensor.register_hook(on_grad)
 
     def per_head(x: Tensor) -> Tensor:
-        return x.view(B, -1, shape.query_heads, shape.head_dim)
+        """(B, T, query heads, chunk): head outputs, or the output projection's output in as many chunks."""
+        return x.view(B, -1, shape.query_heads, x.shape[-1] // shape.query_heads)
 
     def on_attention(index: int):
         def hook(module, args):

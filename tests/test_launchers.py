@@ -41,7 +41,9 @@ def test_parallel_jobs_compute_a_shared_artifact_once(tmp_path):
 
 @pytest.mark.parametrize(("model", "dtype", "gpus"), [("opt-mini", "float32", 0), ("opt-1.3b", "float32", 1),
                                                       ("opt-13b", "float16", 1), ("opt-66b", "float16", 2),
-                                                      ("opt-66b", "float32", 4)])
+                                                      ("opt-66b", "float32", 4), ("llama-mini", "float32", 0),
+                                                      ("llama-3.1-8b", "bfloat16", 1),
+                                                      ("llama-2-13b", "float32", 1), ("qwen3-8b", "float32", 1)])
 def test_slurm_preset_asks_for_gpus_by_model_size(model, dtype, gpus):
     assert gpus_for(model, dtype) == gpus
 
