@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shadow.arch import FAMILIES, family_of
+from shadow.arch import FAMILIES, NOT_MODELLED, family_of
 from shadow.config import DTYPES, ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,10 @@ def check_model(cfg: ModelConfig):
     if cfg.trust_remote_code:
         log.warning("model.trust_remote_code=true: Python code shipped with %s will run", cfg.path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    if config.model_type in NOT_MODELLED:
+        raise ConfigError(f"model.path={cfg.path!r} is a {config.model_type!r} model: "
+                          f"{NOT_MODELLED[config.model_type]}, which shadow's llama family does not model; use a "
+                          "Llama, Mistral or Qwen checkpoint")
     if config.model_type not in FAMILIES:
         raise ConfigError(f"model.path={cfg.path!r} is a {config.model_type!r} model, not of a family shadow knows "
                           f"({', '.join(sorted(FAMILIES))}); use a checkpoint of one of them, or add the family "

@@ -17,7 +17,7 @@ from helpers import ROOT
 from hydra import compose, initialize_config_dir
 
 from shadow.cli import LAUNCHERS, check_argv, fix_argv, overrides_of
-from shadow.config import DTYPES, EVAL_DATASETS, POLICIES, ConfigError, register_configs
+from shadow.config import ATTENTION_UNITS, DTYPES, EVAL_DATASETS, POLICIES, ConfigError, register_configs
 from shadow.criteria import CRITERIA
 from shadow.placements import PLACEMENTS
 from shadow.run import run
@@ -80,8 +80,14 @@ CASES = [
          "model.path='facebook/opt-1.3b': the hub is offline (HF_HUB_OFFLINE=1) and it is not in the local cache; "
          "download it where the hub is reachable (huggingface-cli download) or set model.path to a local directory"),
     Case("a model of a family shadow does not know", "+criterion=plainact model.path={tmp}/gpt2",
-         "model.path='{tmp}/gpt2' is a 'gpt2' model, not of a family shadow knows (opt); use a checkpoint of one "
-         "of them, or add the family (docs/extending.md)"),
+         "model.path='{tmp}/gpt2' is a 'gpt2' model, not of a family shadow knows (llama, mistral, opt, qwen2, "
+         "qwen3); use a checkpoint of one of them, or add the family (docs/extending.md)"),
+    Case("a Gemma checkpoint", "+criterion=plainact model.path={tmp}/gemma",
+         "model.path='{tmp}/gemma' is a 'gemma' model: Gemma scales its embeddings by √hidden_size, which shadow's "
+         "llama family does not model; use a Llama, Mistral or Qwen checkpoint"),
+    Case("unknown attention unit", "+criterion=plainact attention_unit=kv_head",
+         f"attention_unit='kv_head' is not one of {listed(ATTENTION_UNITS)}; pick one, e.g. "
+         f"attention_unit={ATTENTION_UNITS[0]}"),
     Case("predictor after the last layer", "+criterion=plainact predictor.layer=6",
          "predictor.layer=6 is not a layer of this 6-layer model; set predictor.layer between 0 and 5"),
     Case("more few-shot examples than the task has", "+criterion=plainact eval=tasks eval.num_fewshot=5000",
@@ -131,6 +137,8 @@ CASES = [
 def scratch(tmp_path):
     (tmp_path / "gpt2").mkdir()
     (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (tmp_path / "gemma").mkdir()
+    (tmp_path / "gemma" / "config.json").write_text(json.dumps({"model_type": "gemma"}))
     (tmp_path / "a-file").write_text("not a directory")
     return tmp_path
 

@@ -7,7 +7,7 @@ from shadow.arch import llama, opt  # noqa: F401  (registers the families)
 from shadow.arch.base import FAMILIES, Activation, Family, Shape
 from shadow.config import ConfigError
 
-__all__ = ["FAMILIES", "Activation", "Family", "Shape", "architecture_config", "architectures",
+__all__ = ["FAMILIES", "NOT_MODELLED", "Activation", "Family", "Shape", "architecture_config", "architectures",
            "family_of"]
 
 NOT_MODELLED = {  # model types close to a family, with what shadow does not model
