@@ -29,14 +29,16 @@ def test_flags_and_their_values_are_told_from_overrides():
 
 
 @pytest.mark.slow
-def test_the_exact_command_runs_two_jobs(tmp_path):
-    result = shadow("+criterion=plainact -m sparsity=0.3,0.5", tmp_path, SHADOW_CACHE_DIR=str(tmp_path / "cache"),
-                    WANDB_MODE="offline")
+@pytest.mark.parametrize("model", ["opt-mini", "llama-mini"])
+def test_the_exact_command_runs_two_jobs(tmp_path, model):
+    choice = "" if model == "opt-mini" else f"model={model} "
+    result = shadow(f"{choice}+criterion=plainact -m sparsity=0.3,0.5", tmp_path,
+                    SHADOW_CACHE_DIR=str(tmp_path / "cache"), WANDB_MODE="offline")
     assert result.returncode == 0, result.stderr[-3000:]
     [results] = list((tmp_path / "multirun").glob("*/*/results.jsonl"))
     lines = [json.loads(x) for x in results.read_text().splitlines()]
     assert sorted(x["sparsity"] for x in lines) == [0.3, 0.5]
-    assert all(x["model"] == "opt-mini" and x["criterion"] == "plainact" for x in lines)
+    assert all(x["model"] == model and x["criterion"] == "plainact" for x in lines)
     low, high = sorted(lines, key=lambda x: x["sparsity"])
     assert low["metrics"]["token_perplexity"] < high["metrics"]["token_perplexity"]
     assert result.stdout.count("traces: reusing") == 1  # the second job reuses the first job's scores
@@ -59,8 +61,9 @@ def test_cfg_job_shows_the_resolved_model_path(tmp_path):
 
 
 @pytest.mark.slow
-def test_every_criterion_runs_end_to_end(tmp_path):
-    fast = f"{FAST_CLI} hydra.sweep.dir={tmp_path / 'sweep'}"
+@pytest.mark.parametrize("model", ["opt-mini", "llama-mini"])
+def test_every_criterion_runs_end_to_end(tmp_path, model):
+    fast = f"model={model} {FAST_CLI} hydra.sweep.dir={tmp_path / 'sweep'}"
     result = shadow(f"-m +criterion={','.join(sorted(CRITERIA))} {fast}", tmp_path,
                     SHADOW_CACHE_DIR=str(tmp_path / "cache"))
     assert result.returncode == 0, result.stderr[-3000:]

@@ -142,10 +142,11 @@ def test_hub_model_while_offline(compose_cfg, monkeypatch, tmp_path):
         check_model(cfg.model)
 
 
-def test_non_opt_model(compose_cfg, tmp_path):
+def test_a_model_of_an_unknown_family(compose_cfg, tmp_path):
     from transformers import GPT2Config
 
     GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path)
     cfg = compose_cfg("+criterion=plainact", f"model.path={tmp_path}")
-    with pytest.raises(ConfigError, match="is a 'gpt2' model, not of a family shadow knows \\(opt\\)"):
+    with pytest.raises(ConfigError, match="is a 'gpt2' model, not of a family shadow knows "
+                                          "\\(llama, mistral, opt, qwen2, qwen3\\)"):
         check_model(cfg.model)

@@ -7,7 +7,7 @@ import json
 import lm_eval
 import pytest
 import torch
-from helpers import make_tiny_opt, settings, shape_of
+from helpers import make_tiny_llama, make_tiny_opt, settings, shape_of
 from lm_eval.models.huggingface import HFLM
 
 from shadow.config import ConfigError
@@ -25,14 +25,19 @@ def tiny_opt():
     return make_tiny_opt(positions=512)
 
 
+def make_masker(model):
+    def make(sparsity: float) -> PredictedMasks:
+        shape = shape_of(model)
+        torch.manual_seed(0)
+        predictor = Predictor(shape, shape.attention_width, PLACEMENTS["shadow"].groups(shape.layers, 0, False),
+                              "mlp", 32, 32, False)
+        return PredictedMasks(model, predictor, Policy("global", sparsity, sparsity), 1, "request")
+    return make
+
+
 @pytest.fixture
 def masker(tiny_opt):
-    def make(sparsity: float) -> PredictedMasks:
-        shape = shape_of(tiny_opt)
-        torch.manual_seed(0)
-        predictor = Predictor(shape, 16, PLACEMENTS["shadow"].groups(shape.layers, 0, False), "mlp", 32, 32, False)
-        return PredictedMasks(tiny_opt, predictor, Policy("global", sparsity, sparsity), 1, "request")
-    return make
+    return make_masker(tiny_opt)
 
 
 def requests(tokenizer):
@@ -45,16 +50,26 @@ def requests(tokenizer):
     return out
 
 
-def test_dense_masks_give_exactly_plain_hflm(tiny_opt, tokenizer, masker):
-    plain = HFLM(pretrained=tiny_opt, tokenizer=tokenizer, batch_size=4)._loglikelihood_tokens(requests(tokenizer))
-    sparse = SparseHFLM(tiny_opt, tokenizer, masker(0.0), 4, SparsityMeter())
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_dense_masks_give_exactly_plain_hflm(family, tokenizer):
+    """OPT with opt-mini's tokenizer (BOS </s>), a Llama with llama-mini's (BOS <s>)."""
+    if family == "llama":
+        from transformers import AutoTokenizer
+
+        from shadow.llama_mini import MODEL_DIR
+
+        tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    model = make_tiny_opt(positions=512) if family == "opt" else make_tiny_llama(positions=512)
+    masker = make_masker(model)
+    plain = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4)._loglikelihood_tokens(requests(tokenizer))
+    sparse = SparseHFLM(model, tokenizer, masker(0.0), 4, SparsityMeter())
     ours = sparse._loglikelihood_tokens(requests(tokenizer))
     assert [g for _, g in ours] == [g for _, g in plain]
     assert [ll for ll, _ in ours] == pytest.approx([ll for ll, _ in plain], rel=1e-5, abs=1e-5)
     out_plain = lm_eval.simple_evaluate(
-        model=HFLM(pretrained=tiny_opt, tokenizer=tokenizer, batch_size=8), tasks=list(FAST.tasks),
+        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=8), tasks=list(FAST.tasks),
         limit=FAST.limit, task_manager=check_tasks(FAST))
-    metrics, _, out = evaluate_tasks(tiny_opt, tokenizer, masker(0.0), FAST, check_tasks(FAST), seed=0)
+    metrics, _, out = evaluate_tasks(model, tokenizer, masker(0.0), FAST, check_tasks(FAST), seed=0)
     for task in FAST.tasks:
         assert out["results"][task]["acc,none"] == out_plain["results"][task]["acc,none"]
         assert metrics[f"{task}/acc"] == out_plain["results"][task]["acc,none"]
