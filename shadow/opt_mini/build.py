@@ -542,7 +542,7 @@ def render_card(b: dict, spec: ModelSpec) -> str:
     ppl = r["perplexity_split"]
     unigram = f"scores {ppl['unigram_token_perplexity']:.0f} on the same tokens"
     if "unigram_bits_per_byte" in ppl:  # builds before it was recorded lack it
-        unigram += (f", {ppl['unigram_bits_per_byte']:.3f} bits per byte: the model's {ppl['bits_per_byte']:.3f} "
+        unigram += (f" and {ppl['unigram_bits_per_byte']:.3f} bits per byte:\nthe model's {ppl['bits_per_byte']:.3f} "
                     f"bits per byte are {ppl['bits_per_byte'] / ppl['unigram_bits_per_byte']:.3f}× the unigram's")
     arch_head = " | ".join(head for head, _ in spec.architecture)
     arch_row = " | ".join(str(s[field]) for _, field in spec.architecture)
