@@ -1,5 +1,5 @@
-"""Shared fixtures (a tiny OPT, opt-mini's tokenizer, Hydra composition) and offline hubs for every test; shared
-functions are in helpers.py."""
+"""Shared fixtures (a tiny OPT, opt-mini's tokenizer, the gather backends, Hydra composition) and offline hubs for
+every test; shared functions are in helpers.py."""
 
 from __future__ import annotations
 
@@ -29,6 +29,18 @@ def tokenizer():
 @pytest.fixture
 def tiny_opt():
     return make_tiny_opt()
+
+
+@pytest.fixture(params=["native", "torch"])
+def gather(request, monkeypatch):
+    """Per-token decoding on each backend of the gather kernels."""
+    from shadow import kernels
+
+    if request.param == "torch":
+        monkeypatch.setattr(kernels, "native", lambda: None)
+    else:
+        assert kernels.native() is not None, "the compiled gather kernel must build here"
+    return request.param
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from helpers import (
     CONF_DIR,
     ROOT,
     decode_and_check,
+    make_tiny_llama,
     make_tiny_opt,
     masked_and_pruned_logits,
     request_masks,
@@ -21,7 +22,6 @@ from helpers import (
 )
 from hydra import compose, initialize_config_dir
 
-from shadow import kernels
 from shadow.benchmarks.latency import COLUMNS, run
 from shadow.masking import apply_masks
 from shadow.placements import PLACEMENTS
@@ -69,16 +69,6 @@ def test_pruned_takes_one_request():
     batch_of_two = Masks(torch.ones(2, 3, 4, dtype=torch.bool), torch.ones(2, 3, 8, dtype=torch.bool))
     with pytest.raises(ValueError, match="one request's masks"), pruned(torch.nn.Module(), batch_of_two, None):
         pass
-
-
-@pytest.fixture(params=["native", "torch"])
-def gather(request, monkeypatch):
-    """Per-token decoding on each backend of the gather kernels."""
-    if request.param == "torch":
-        monkeypatch.setattr(kernels, "native", lambda: None)
-    else:
-        assert kernels.native() is not None, "the compiled gather kernel must build here"
-    return request.param
 
 
 @pytest.mark.parametrize("policy", ["global", "local"])
@@ -129,12 +119,14 @@ def test_per_token_decoding_of_an_opt_350m_shaped_model():
     decode_and_check(model, token_predictor(model, "shadow"), Policy("global", 0.5, 0.5))
 
 
-def test_per_token_decoding_with_an_empty_layer(tiny_opt, gather):
-    predictor = token_predictor(tiny_opt, "shadow")
-    H = shape_of(tiny_opt).heads
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_per_token_decoding_with_an_empty_layer(family, gather):
+    model = make_tiny_opt() if family == "opt" else make_tiny_llama()
+    predictor = token_predictor(model, "shadow")
+    H = shape_of(model).heads
     with torch.no_grad():
-        predictor.heads[0][-1].bias[H:2 * H] = -1e4  # layer 1's heads always rank last
-    out, _ = decode_and_check(tiny_opt, predictor, Policy("global", 0.6, 0.5))
+        predictor.heads[0][-1].bias[H:2 * H] = -1e4  # layer 1's heads (key-value groups) always rank last
+    out, _ = decode_and_check(model, predictor, Policy("global", 0.6, 0.5))
     assert not out.masks.heads[:, 1].any()
 
 
