@@ -223,6 +223,40 @@ CASES = [(name, variant) for name in sorted(CRITERIA) for variant in CRITERIA[na
 
 @pytest.mark.parametrize("name,variant", CASES)
 def test_criterion_matches_direct_computation(model, examples, alone, name, variant):
+    check_against_direct(model, examples, alone, name, variant, neuron_step=5)
+
+
+@pytest.fixture(scope="module")
+def qwen2_mha(examples):
+    """A tiny Qwen2: biased query, key and value projections, and as many key-value heads as query heads."""
+    model = make_tiny_llama("qwen2", kv_heads=4, hidden=16, ffn=32, dtype=torch.float64)
+    return model, examples, [autograd_record(model, ex) for ex in examples]
+
+
+@pytest.mark.parametrize("name,variant", CASES)
+def test_criterion_matches_direct_computation_with_biases_and_without_grouping(qwen2_mha, name, variant):
+    check_against_direct(*qwen2_mha, name, variant, neuron_step=5)
+
+
+@pytest.fixture(scope="module")
+def llama_mini():
+    """The trained llama-mini in float64 and one example in its own tokenizer, with its autograd record."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shadow.llama_mini import MODEL_DIR
+
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float64).eval()
+    examples = [encode(*PAIRS[3], AutoTokenizer.from_pretrained(MODEL_DIR), 64)]
+    return model, examples, [autograd_record(model, examples[0])]
+
+
+@pytest.mark.parametrize("name,variant", CASES)
+def test_criterion_matches_direct_computation_on_llama_mini(llama_mini, name, variant):
+    check_against_direct(*llama_mini, name, variant, neuron_step=37)
+
+
+def check_against_direct(model, examples, alone, name, variant, neuron_step: int) -> None:
+    """Every query head's score and every ``neuron_step``-th FFN unit's, batched, against ``expected``."""
     shape = shape_of(model, "query_head")
     criterion = get_criterion(name, variant)
     _, heads, neurons = score_batch(model, collate(examples, 1), criterion, shape)
@@ -235,7 +269,7 @@ def test_criterion_matches_direct_computation(model, examples, alone, name, vari
             if criterion.heads_only:
                 assert (neurons[i] == 0).all()
                 continue
-            for unit in range(0, shape.neurons, 5):
+            for unit in range(0, shape.neurons, neuron_step):
                 want = expected(name, variant, "neurons", layer, unit, rec, model, shape)
                 assert neurons[i, layer, unit].item() == pytest.approx(want, rel=1e-4, abs=1e-6), (i, layer, unit)
 
