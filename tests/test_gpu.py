@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import (
     decode_and_check,
+    make_tiny_llama,
     make_tiny_opt,
     masked_and_pruned_logits,
     per_layer_agreement,
@@ -26,17 +27,23 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 HALF_AND_FULL = [torch.float32, torch.float16, torch.bfloat16]
 
 
+def tiny(family: str, dtype: torch.dtype):
+    return (make_tiny_opt if family == "opt" else make_tiny_llama)(dtype=dtype).cuda()
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
 @pytest.mark.parametrize("dtype", HALF_AND_FULL, ids=str)
 @pytest.mark.parametrize("name", ["shadow", "dejavu"])
-def test_per_token_decoding_on_cuda_equals_the_masked_model(dtype, name):
-    model = make_tiny_opt(dtype=dtype).cuda()
+def test_per_token_decoding_on_cuda_equals_the_masked_model(dtype, name, family):
+    model = tiny(family, dtype)
     predictor = token_predictor(model, name, lookahead=name == "dejavu").cuda()
     decode_and_check(model, predictor, Policy("local" if name == "dejavu" else "global", 0.5, 0.5))
 
 
+@pytest.mark.parametrize("family", ["opt", "llama"])
 @pytest.mark.parametrize("dtype", HALF_AND_FULL, ids=str)
-def test_pruned_forward_on_cuda_equals_the_masked_forward(dtype):
-    model = make_tiny_opt(dtype=dtype).cuda()
+def test_pruned_forward_on_cuda_equals_the_masked_forward(dtype, family):
+    model = tiny(family, dtype)
     ids = torch.randint(4, 8192, (1, 20), generator=torch.Generator().manual_seed(0)).cuda()
     masked, sparse = masked_and_pruned_logits(model, request_masks(model, 0), ids)
     tolerance = 4 * torch.finfo(dtype).eps * masked.abs().max().item() if dtype != torch.float32 else 1e-4
