@@ -31,7 +31,9 @@ def test_flags_and_their_values_are_told_from_overrides():
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["opt-mini", "llama-mini"])
 def test_the_exact_command_runs_two_jobs(tmp_path, model):
-    choice = "" if model == "opt-mini" else f"model={model} "
+    """On opt-mini exactly as typed; on llama-mini with a quarter of the calibration set, to keep the suite's
+    time."""
+    choice = "" if model == "opt-mini" else f"model={model} calibration.limit=256 "
     result = shadow(f"{choice}+criterion=plainact -m sparsity=0.3,0.5", tmp_path,
                     SHADOW_CACHE_DIR=str(tmp_path / "cache"), WANDB_MODE="offline")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -61,9 +63,8 @@ def test_cfg_job_shows_the_resolved_model_path(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["opt-mini", "llama-mini"])
-def test_every_criterion_runs_end_to_end(tmp_path, model):
-    fast = f"model={model} {FAST_CLI} hydra.sweep.dir={tmp_path / 'sweep'}"
+def test_every_criterion_runs_end_to_end(tmp_path):
+    fast = f"{FAST_CLI} hydra.sweep.dir={tmp_path / 'sweep'}"
     result = shadow(f"-m +criterion={','.join(sorted(CRITERIA))} {fast}", tmp_path,
                     SHADOW_CACHE_DIR=str(tmp_path / "cache"))
     assert result.returncode == 0, result.stderr[-3000:]
