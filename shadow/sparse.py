@@ -170,7 +170,8 @@ class TokenDecoder:
                 return self.generate(input_ids, new_tokens)
         prompt = input_ids.shape[1]
         out = self.model(input_ids.to(input_device(self.model)), use_cache=True)
-        caches = self._caches(out.cache, prompt + new_tokens)
+        # newer transformers name the returned cache ``cache``, earlier 5.x ``past_key_values``
+        caches = self._caches(out["cache" if "cache" in out else "past_key_values"], prompt + new_tokens)
         tokens = [int(out.logits[0, -1].argmax())]
         logits, heads, neurons = [], [], []
         for position in range(prompt, prompt + new_tokens - 1):

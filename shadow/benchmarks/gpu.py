@@ -2,16 +2,17 @@
 on one GPU; each step has a time limit).
 
     python -m shadow.benchmarks.gpu                       # writes gpu-check.md in the current directory
-    python -m shadow.benchmarks.gpu --out report.md --archs opt-1.3b opt-6.7b
+    python -m shadow.benchmarks.gpu --out report.md --archs opt-1.3b opt-6.7b llama-3.1-8b
 
 1. the main job on opt-mini (plainact, sparsity 0.5) with device=cuda in float32, float16 and bfloat16: token
    perplexity of each and the half-precision gap to float32;
 2. the tests marked ``gpu`` (``pytest -m gpu``): per-token decoding and pruning on CUDA against the masked model
    in three dtypes, criteria in half precision against float32, CPU offload with CUDA execution, two GPUs;
-3. the latency table in float16 for the OPT-1.3B and 6.7B architectures (random weights, 3 rounds, predictors'
-   own cost timed for 0.5 s each).
+3. the latency table in float16 for the OPT-1.3B and Llama-3.2-1B architectures (random weights, 3 rounds,
+   predictors' own cost timed for 0.5 s each).
 Each step runs in its own process with a time limit; the report gives the machine, each step's outcome and
-output. Exit status 0 when every step passed. Without CUDA it says so in one line and exits 1.
+output, and is rewritten after every step, so a check cut short keeps what it measured. Exit status 0 when every
+step passed. Without CUDA it says so in one line and exits 1.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def main_jobs(work: Path) -> tuple[list[str], bool]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("gpu-check.md"))
-    parser.add_argument("--archs", nargs="+", default=["opt-1.3b", "opt-6.7b"])
+    parser.add_argument("--archs", nargs="+", default=["opt-1.3b", "llama-3.2-1b"])
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device is visible (torch.cuda.is_available() is False): the GPU check needs one")
@@ -78,27 +79,29 @@ def main() -> None:
     report = ["# GPU check", "", f"{torch.cuda.device_count()} GPU(s): {names}; torch {torch.__version__}, CUDA "
               f"{torch.version.cuda}", ""]
     ok = True
+
+    def save(lines: list[str]) -> None:
+        report.extend(lines)
+        print("\n".join(lines), flush=True)
+        args.out.write_text("\n".join(report) + "\n")
+
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         lines, passed = main_jobs(work)
-        report += lines
         ok &= passed
-        print("\n".join(lines), flush=True)
+        save(lines)
         passed, tail, seconds = step(["pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"], 300)
         ok &= passed
-        report += ["", f"## Tests marked gpu: {'passed' if passed else 'FAILED'} ({seconds:.0f} s)", "", "```",
-                   tail.splitlines()[-1] if passed else tail, "```"]
-        print(report[-4], flush=True)
+        save(["", f"## Tests marked gpu: {'passed' if passed else 'FAILED'} ({seconds:.0f} s)", "", "```",
+              tail.splitlines()[-1] if passed else tail, "```"])
         for arch in args.archs:
             out = work / f"latency-{arch}"
             passed, tail, seconds = step(["shadow.benchmarks.latency", f"arch={arch}", "device=cuda",
                                           "dtype=float16", "rounds=3", "min_run_time=0.5", "logger=none",
                                           f"hydra.run.dir={out}"], 300)
             ok &= passed
-            report += ["", f"## Latency, {arch} ({seconds:.0f} s)", ""]
-            report += [(out / "latency.md").read_text()] if passed else ["FAILED", "```", tail, "```"]
-            print(report[-1], flush=True)
-    args.out.write_text("\n".join(report) + "\n")
+            save(["", f"## Latency, {arch} ({seconds:.0f} s)", "",
+                  *([(out / "latency.md").read_text()] if passed else ["FAILED", "```", tail, "```"])])
     print(f"{'passed' if ok else 'FAILED'}: report written to {args.out}")
     sys.exit(0 if ok else 1)
 
