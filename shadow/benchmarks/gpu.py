@@ -57,7 +57,7 @@ def main_jobs(work: Path) -> tuple[list[str], bool]:
                                       "sparsity=0.5", "logger=none", f"cache_dir={work / 'cache'}",
                                       f"hydra.run.dir={out}"], 240)
         if passed:
-            perplexity[dtype] = json.loads((out / "metrics.json").read_text())["token_perplexity"]
+            perplexity[dtype] = json.loads((out / "metrics.json").read_text())["metrics"]["token_perplexity"]
             gap = perplexity[dtype] / perplexity["float32"] - 1 if "float32" in perplexity else 0.0
             lines.append(f"| {dtype} | {perplexity[dtype]:.2f} | {gap:+.2%} | {seconds:.0f} |")
         else:
