@@ -1,5 +1,5 @@
-"""The GPU check: what the CPU tests cannot show, in one command on a CUDA machine (meant to take under 8 minutes
-on one GPU; each step has a time limit).
+"""The GPU check: what the CPU tests cannot show, in one command on a CUDA machine (about 12 minutes on one H200;
+each step has a time limit).
 
     python -m shadow.benchmarks.gpu                       # writes gpu-check.md in the current directory
     python -m shadow.benchmarks.gpu --out report.md --archs opt-1.3b opt-6.7b llama-3.1-8b
