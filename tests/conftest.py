@@ -10,8 +10,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():  # Triton's kernels then run on CPU tensors, in its interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest  # noqa: E402
-from helpers import CONF_DIR, make_tiny_opt  # noqa: E402
+from helpers import CONF_DIR, make_tiny_opt, use_triton_kernels  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
@@ -31,13 +36,15 @@ def tiny_opt():
     return make_tiny_opt()
 
 
-@pytest.fixture(params=["native", "torch"])
+@pytest.fixture(params=["native", "torch", "triton"])
 def gather(request, monkeypatch):
-    """Per-token decoding on each backend of the gather kernels."""
+    """Per-token decoding on each backend of the gather kernels (Triton's on CPU tensors, in its interpreter)."""
     from shadow import kernels
 
     if request.param == "torch":
         monkeypatch.setattr(kernels, "native", lambda: None)
+    elif request.param == "triton":
+        use_triton_kernels(monkeypatch)
     else:
         assert kernels.native() is not None, "the compiled gather kernel must build here"
     return request.param

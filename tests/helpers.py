@@ -9,9 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from omegaconf import DictConfig
 
+from shadow import kernels
 from shadow.arch import Shape, family_of
 from shadow.config import compose_config
 from shadow.masking import apply_masks
@@ -104,6 +106,14 @@ def masked_and_pruned_logits(model, masks: Masks, ids, attention_unit: str = "kv
             masked = model(ids).logits
         with pruned(model, masks, shape_of(model, attention_unit)):
             return masked, model(ids).logits
+
+
+def use_triton_kernels(monkeypatch) -> None:
+    """Route every gather through the Triton kernels (on CPU tensors in Triton's interpreter, as conftest sets)."""
+    pytest.importorskip("triton")  # the test extras install it on Linux
+    from shadow.kernels.triton_gather import TritonGather
+
+    monkeypatch.setattr(kernels, "backend", lambda weight: TritonGather)
 
 
 def token_predictor(model, name: str, lookahead: bool = False, attention_unit: str = "kv_group") -> Predictor:

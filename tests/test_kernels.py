@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from shadow import kernels
 from shadow.kernels import TorchGather
 
-
-def backends():
-    native = kernels.native()
-    assert native is not None, "the compiled gather kernel must build here (a C++ compiler and ninja)"
-    return {"native": native, "torch": TorchGather}
+BACKENDS = ["native", "torch", "triton"]
 
 
-@pytest.mark.parametrize("name", ["native", "torch"])
+def backend_named(name: str):
+    if name == "native":
+        assert kernels.native() is not None, "the compiled gather kernel must build here (a C++ compiler and ninja)"
+        return kernels.native()
+    if name == "triton":  # on CPU tensors, in Triton's interpreter (conftest); the test extras install it on Linux
+        pytest.importorskip("triton")
+        from shadow.kernels.triton_gather import TritonGather
+
+        return TritonGather
+    return TorchGather
+
+
+def backends() -> dict:
+    return {name: backend_named(name) for name in BACKENDS}
+
+
+@pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_rows_into_writes_exactly_the_asked_entries(name, with_bias):
     gen = torch.Generator().manual_seed(3)
@@ -25,7 +39,7 @@ def test_rows_into_writes_exactly_the_asked_entries(name, with_bias):
     first = torch.tensor([0, 5, 8, 9, 2])  # row 17 starts after the last position: nothing to write
     last = 8
     out = torch.full((40, 9), float("nan"))
-    backends()[name].rows_into(out, weight, bias, index, inputs, first, last)
+    backend_named(name).rows_into(out, weight, bias, index, inputs, first, last)
     dense = weight @ inputs.t() + (bias[:, None] if with_bias else 0)
     asked = torch.zeros(40, 9, dtype=torch.bool)
     for row, start in zip(index.tolist(), first.tolist(), strict=True):
@@ -34,18 +48,18 @@ def test_rows_into_writes_exactly_the_asked_entries(name, with_bias):
     assert out[~asked].isnan().all()  # nothing else is touched
 
 
-@pytest.mark.parametrize("name", ["native", "torch"])
+@pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_rows_are_the_kept_outputs(name, with_bias):
     gen = torch.Generator().manual_seed(6)
     linear = torch.nn.Linear(37, 42, bias=with_bias)
     x = torch.randn(37, generator=gen)
     for index in (torch.tensor([0, 3, 4, 17, 41]), torch.arange(42), torch.tensor([7]), torch.arange(0)):
-        got = backends()[name].rows(linear.weight.detach(), linear.bias, index, x)
+        got = backend_named(name).rows(linear.weight.detach(), linear.bias, index, x)
         torch.testing.assert_close(got, linear(x).detach()[index])
 
 
-@pytest.mark.parametrize("name", ["native", "torch"])
+@pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_columns_sum_exactly_the_kept_columns(name, with_bias):
     gen = torch.Generator().manual_seed(4)
@@ -54,8 +68,8 @@ def test_columns_sum_exactly_the_kept_columns(name, with_bias):
     index = torch.tensor([0, 3, 4, 17, 39])
     weight_t = down.weight.t().contiguous()
     masked = down(y * torch.zeros(40).index_fill_(0, index, 1))
-    torch.testing.assert_close(backends()[name].columns(weight_t, down.bias, index, y[index]), masked)
-    empty = backends()[name].columns(weight_t, down.bias, index[:0], y[:0])
+    torch.testing.assert_close(backend_named(name).columns(weight_t, down.bias, index, y[index]), masked)
+    empty = backend_named(name).columns(weight_t, down.bias, index[:0], y[:0])
     assert torch.equal(empty, down.bias if with_bias else torch.zeros(300))
 
 
@@ -64,15 +78,17 @@ def test_compiled_and_torch_kernels_agree_at_model_size():
     fc1 = torch.nn.Linear(512, 2048)
     x = torch.randn(512, generator=gen)
     index = torch.randperm(2048, generator=gen)[:1024].sort().values
-    out = {name: torch.zeros(2048, 1) for name in ("native", "torch")}
+    out = {name: torch.zeros(2048, 1) for name in backends()}
     for name, backend in backends().items():
         backend.rows_into(out[name], fc1.weight, fc1.bias, index, x[None], torch.zeros_like(index), 0)
     torch.testing.assert_close(out["native"], out["torch"])
+    torch.testing.assert_close(out["triton"], out["torch"])
     torch.testing.assert_close(kernels.rows(fc1, index, x), fc1(x)[index])
     weight_t = fc1.weight.detach().contiguous()  # (2048, 512) read as the transposed weight of a 2048 → 512 layer
     z = torch.randn(1024, generator=gen)
-    columns = [backend.columns(weight_t, None, index, z) for backend in backends().values()]
-    torch.testing.assert_close(columns[0], columns[1], rtol=1e-5, atol=1e-5)
+    native, *others = [backend.columns(weight_t, None, index, z) for backend in backends().values()]
+    for other in others:
+        torch.testing.assert_close(other, native, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -105,15 +121,71 @@ def test_torch_kernels_in_half_precision_equal_the_dense_products(dtype):
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_triton_kernels_round_the_float32_products_once(dtype):
+    """The Triton kernels sum in float32 and round once: each result is the float32 product of the same operands,
+    within a unit in the last place of the dtype; with more kept rows than a program takes, an input length that
+    is not a block multiple, ragged and negative catch-up starts, a split column sum, a head size that is not a
+    power of two, query heads sharing key-value heads, and empty index sets."""
+    TritonGather = backend_named("triton")
+    gen = torch.Generator().manual_seed(10)
+
+    def close(got: torch.Tensor, exact: torch.Tensor) -> None:
+        assert got.dtype == dtype
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(got.float(), exact, rtol=eps, atol=1e-5 * exact.abs().max().item())
+
+    weight, bias = torch.randn(70, 300, generator=gen).to(dtype), torch.randn(70, generator=gen).to(dtype)
+    inputs = torch.randn(12, 300, generator=gen).to(dtype)
+    index = torch.randperm(70, generator=gen)[:37].sort().values
+    first = torch.randint(-2, 14, (37,), generator=gen)  # 12 and 13: past the last position, nothing to write
+    last = 11
+    exact = (inputs.float() @ weight.float().t() + bias.float()).t()
+    out = torch.full((70, 12), float("nan"), dtype=dtype)
+    TritonGather.rows_into(out, weight, bias, index, inputs, first, last)
+    asked = torch.zeros(70, 12, dtype=torch.bool)
+    for row, start in zip(index.tolist(), first.clamp(min=0).tolist(), strict=True):
+        asked[row, start:last + 1] = True
+    close(out[asked], exact[asked])
+    assert out[~asked].isnan().all()
+    TritonGather.rows_into(out, weight, bias, index[:0], inputs, first[:0], last)
+    assert out[~asked].isnan().all()
+    close(TritonGather.rows(weight, None, index, inputs[3]), (weight.float() @ inputs[3].float())[index])
+    assert TritonGather.rows(weight, bias, index[:0], inputs[3]).shape == (0,)
+
+    weight_t = torch.randn(600, 100, generator=gen).to(dtype)  # 300 kept rows: two splits of the sum
+    kept = torch.randperm(600, generator=gen)[:300].sort().values
+    scale, out_bias = torch.randn(300, generator=gen).to(dtype), torch.randn(100, generator=gen).to(dtype)
+    close(TritonGather.columns(weight_t, out_bias, kept, scale),
+          scale.float() @ weight_t.float()[kept] + out_bias.float())
+    close(TritonGather.columns(weight_t, out_bias, kept[:0], scale[:0]), out_bias.float())
+
+    D, positions, length = 24, 50, 45  # two blocks of positions
+    keys, values = (torch.randn(3 * D, positions, generator=gen).to(dtype) for _ in range(2))
+    heads = torch.tensor([0, 0, 2, 2, 1])
+    query = torch.randn(len(heads) * D, generator=gen).to(dtype)
+    exact = torch.cat([values.float()[h * D:(h + 1) * D, :length] @ torch.softmax(
+        query.float()[j * D:(j + 1) * D] @ keys.float()[h * D:(h + 1) * D, :length], dim=0)
+        for j, h in enumerate(heads.tolist())])
+    close(TritonGather.attend(query, keys, values, heads, D, length), exact)
+    assert TritonGather.attend(query[:0], keys, values, heads[:0], D, length).shape == (0,)
+
+
 def test_other_dtypes_and_the_switch_use_torch_kernels(monkeypatch):
+    TritonGather = backend_named("triton")
     assert kernels.backend(torch.zeros(2, dtype=torch.float64)) is TorchGather
     assert kernels.backend(torch.zeros(2)) is kernels.native()
+    on_cuda = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float16)  # no tensor: this CPU has no CUDA
+    assert kernels.backend(on_cuda) is TritonGather
     kernels.native.cache_clear()
+    kernels.triton_kernels.cache_clear()
     monkeypatch.setenv("SHADOW_GATHER", "torch")
     try:
         assert kernels.backend(torch.zeros(2)) is TorchGather
+        assert kernels.backend(on_cuda) is TorchGather
     finally:
         kernels.native.cache_clear()
+        kernels.triton_kernels.cache_clear()
 
 
 def test_compiled_kernel_checks_its_inputs():
@@ -122,14 +194,14 @@ def test_compiled_kernel_checks_its_inputs():
                                    torch.zeros(1, 2), torch.tensor([0]), 0)
 
 
-@pytest.mark.parametrize("name", ["native", "torch"])
+@pytest.mark.parametrize("name", BACKENDS)
 def test_attend_is_attention_over_the_kept_heads(name):
     gen = torch.Generator().manual_seed(8)
     H, D, positions, length = 6, 8, 11, 7
     keys, values = torch.randn(H * D, positions, generator=gen), torch.randn(H * D, positions, generator=gen)
     heads = torch.tensor([1, 2, 5])
     query = torch.randn(len(heads) * D, generator=gen)
-    got = backends()[name].attend(query, keys, values, heads, D, length)
+    got = backend_named(name).attend(query, keys, values, heads, D, length)
     for j, head in enumerate(heads.tolist()):
         k, v = keys[head * D:(head + 1) * D, :length], values[head * D:(head + 1) * D, :length]
         weights = torch.softmax(query[j * D:(j + 1) * D] @ k, dim=0)  # positions past length are not read

@@ -16,6 +16,7 @@ from helpers import (
     request_masks,
     shape_of,
     token_predictor,
+    use_triton_kernels,
 )
 from torch import nn
 
@@ -190,7 +191,10 @@ def test_dejavu_per_token_decoding_equals_the_masked_model(attention_unit, gathe
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_half_precision_per_token_decoding_equals_the_masked_model(dtype):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_half_precision_per_token_decoding_equals_the_masked_model(dtype, backend, monkeypatch):
+    if backend == "triton":  # in Triton's interpreter, as on CUDA: kernels that round on their own
+        use_triton_kernels(monkeypatch)
     model = tiny("qwen2-biases", dtype=dtype)
     decode_and_check(model, token_predictor(model, "shadow"), Policy("global", 0.5, 0.5))
 

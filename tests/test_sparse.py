@@ -19,6 +19,7 @@ from helpers import (
     request_masks,
     shape_of,
     token_predictor,
+    use_triton_kernels,
 )
 from hydra import compose, initialize_config_dir
 
@@ -92,9 +93,12 @@ def test_dejavu_per_token_decoding_equals_the_masked_model(tiny_opt, lookahead, 
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_per_token_decoding_in_half_precision_equals_the_masked_model(dtype):
-    """torch's kernels in half precision (sampled_addmm has none): the same masks and, within half precision's
-    rounding, the same logits and tokens as the masked half-precision model."""
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_per_token_decoding_in_half_precision_equals_the_masked_model(dtype, backend, monkeypatch):
+    """torch's kernels in half precision (sampled_addmm has none) and Triton's (in its interpreter): the same masks
+    and, within half precision's rounding, the same logits and tokens as the masked half-precision model."""
+    if backend == "triton":
+        use_triton_kernels(monkeypatch)
     model = make_tiny_opt(dtype=dtype)
     decode_and_check(model, token_predictor(model, "shadow"), Policy("global", 0.5, 0.5))
     decode_and_check(model, token_predictor(model, "dejavu", lookahead=True), Policy("local", 0.5, 0.5))

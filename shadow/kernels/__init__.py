@@ -1,13 +1,15 @@
 """Gather kernels for per-token sparse decoding: matrix-vector products that read only the kept rows of a weight,
 in place (no copy of the kept weights is made).
 
-Two backends with one meaning, checked against each other by the tests:
+Three backends with one meaning, checked against each other by the tests:
 - ``gather.cpp``, compiled on first use by torch's C++ extension loader (needs a C++ compiler; the build is
   cached under ``$TORCH_EXTENSIONS_DIR``), for float32 on the CPU;
+- ``TritonGather`` (``triton_gather.py``), for CUDA tensors in float32, float16 and bfloat16, where triton is
+  installed (torch's CUDA wheels bring it on Linux);
 - ``TorchGather``, torch's own sparse kernels (``sampled_addmm`` computes just the wanted entries of a product,
-  ``embedding_bag`` sums just the wanted rows), for other devices and dtypes, when the extension cannot be built
-  (a warning says why) and when ``SHADOW_GATHER=torch``. ``sampled_addmm`` has no float16/bfloat16 kernel, so in
-  half precision the kept rows are gathered and multiplied (correct, not yet fast).
+  ``embedding_bag`` sums just the wanted rows), for other devices and dtypes, when neither of the others is
+  available (a warning says why) and when ``SHADOW_GATHER=torch``. ``sampled_addmm`` has no float16/bfloat16
+  kernel, so in half precision the kept rows are gathered and multiplied (correct, not fast).
 """
 
 from __future__ import annotations
@@ -111,10 +113,27 @@ def native() -> ModuleType | None:
         return None
 
 
-def backend(weight: Tensor) -> ModuleType | type[TorchGather]:
-    """The kernels for this weight: the compiled ones for float32 on the CPU when they build, else torch's."""
+@functools.cache
+def triton_kernels() -> type | None:
+    """The Triton kernels, for CUDA tensors; None (with a warning) where triton is not installed."""
+    if os.environ.get("SHADOW_GATHER") == "torch":
+        return None
+    try:
+        from shadow.kernels.triton_gather import TritonGather
+    except ImportError as err:
+        warnings.warn(f"triton cannot be imported ({err}); per-token decoding on CUDA uses torch's sparse kernels "
+                      "instead", stacklevel=2)
+        return None
+    return TritonGather
+
+
+def backend(weight: Tensor) -> ModuleType | type:
+    """The kernels for this weight: the compiled ones for float32 on the CPU, Triton's on CUDA, where each is
+    available; else torch's."""
     if weight.device.type == "cpu" and weight.dtype == torch.float32:
         return native() or TorchGather
+    if weight.device.type == "cuda":
+        return triton_kernels() or TorchGather
     return TorchGather
 
 

@@ -1,0 +1,140 @@
+"""The gather kernels in Triton, for CUDA in float32, float16 and bfloat16: the same four operations and meanings
+as ``TorchGather``, each one launch, reading only the kept rows (columns, cache rows) in place and summing in
+float32. Index sets come as device tensors and sizes from their shapes, so nothing is read back to the host.
+
+Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels run on CPU tensors: that is how the tests
+check them without a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BLOCK_ROWS = 16  # kept rows per program of a row gather
+BLOCK_K = 128  # inputs per step of a row's dot product
+BLOCK_COLUMNS = 64  # outputs per program of a column gather
+BLOCK_KEPT = 32  # kept columns per step of a column gather
+KEPT_PER_SPLIT = 256  # a column gather splits its kept columns over programs, this many each
+BLOCK_POSITIONS = 32  # cached positions per step of attention
+
+
+@triton.jit
+def _rows_kernel(out, weight, bias, index, inputs, first, kept, in_features, out_stride, weight_stride,
+                 inputs_stride, SCATTER: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """Program (r, p): kept rows [r·BLOCK_R, (r+1)·BLOCK_R) at position p, for the rows whose first <= p."""
+    block, position = tl.program_id(0), tl.program_id(1)
+    slot = block * BLOCK_R + tl.arange(0, BLOCK_R)
+    row = tl.load(index + slot, mask=slot < kept, other=0)
+    wanted = (slot < kept) & (tl.load(first + slot, mask=slot < kept, other=position + 1) <= position)
+    total = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for start in range(0, in_features, BLOCK_K):
+        k = start + tl.arange(0, BLOCK_K)
+        w = tl.load(weight + row[:, None] * weight_stride + k[None, :],
+                    mask=wanted[:, None] & (k[None, :] < in_features), other=0.0)
+        x = tl.load(inputs + position * inputs_stride + k, mask=k < in_features, other=0.0)
+        total += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+    if HAS_BIAS:
+        total += tl.load(bias + row, mask=wanted, other=0.0).to(tl.float32)
+    target = row if SCATTER else slot
+    tl.store(out + target * out_stride + position, total.to(out.dtype.element_ty), mask=wanted)
+
+
+@triton.jit
+def _columns_kernel(partial, weight_t, index, scale, kept, out_features, weight_stride, per_split,
+                    BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr):
+    """Program (n, s): outputs [n·BLOCK_N, (n+1)·BLOCK_N) summed over split s of the kept columns, added to
+    ``partial`` (float32) atomically."""
+    block, split = tl.program_id(0), tl.program_id(1)
+    column = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    end = tl.minimum((split + 1) * per_split, kept)
+    for start in range(split * per_split, end, BLOCK_I):
+        slot = start + tl.arange(0, BLOCK_I)
+        present = slot < end
+        row = tl.load(index + slot, mask=present, other=0)
+        s = tl.load(scale + slot, mask=present, other=0.0).to(tl.float32)
+        w = tl.load(weight_t + row[:, None] * weight_stride + column[None, :],
+                    mask=present[:, None] & (column[None, :] < out_features), other=0.0)
+        total += tl.sum(w.to(tl.float32) * s[:, None], axis=0)
+    tl.atomic_add(partial + column, total, mask=column < out_features)
+
+
+@triton.jit
+def _attend_kernel(out, query, keys, values, heads, length, positions, head_dim, BLOCK_T: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    """Program h: attention of kept query head h over positions [0, length) of its cache rows ``heads[h]``,
+    with a running maximum so that the softmax is one pass."""
+    h = tl.program_id(0)
+    base = tl.load(heads + h).to(tl.int64) * head_dim * positions
+    d = tl.arange(0, BLOCK_D)
+    q = tl.load(query + h * head_dim + d, mask=d < head_dim, other=0.0).to(tl.float32)
+    highest = tl.max(tl.full([BLOCK_T], float("-inf"), tl.float32), axis=0)
+    mass = tl.sum(tl.zeros([BLOCK_T], tl.float32), axis=0)
+    total = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for start in range(0, length, BLOCK_T):
+        t = start + tl.arange(0, BLOCK_T)
+        where = base + d[:, None] * positions + t[None, :]
+        present = (d[:, None] < head_dim) & (t[None, :] < length)
+        k = tl.load(keys + where, mask=present, other=0.0).to(tl.float32)
+        score = tl.where(t < length, tl.sum(k * q[:, None], axis=0), float("-inf"))
+        new_highest = tl.maximum(highest, tl.max(score, axis=0))
+        decay = tl.exp(highest - new_highest)
+        weight = tl.exp(score - new_highest)
+        v = tl.load(values + where, mask=present, other=0.0).to(tl.float32)
+        total = total * decay + tl.sum(v * weight[None, :], axis=1)
+        mass = mass * decay + tl.sum(weight, axis=0)
+        highest = new_highest
+    tl.store(out + h * head_dim + d, (total / mass).to(out.dtype.element_ty), mask=d < head_dim)
+
+
+class TritonGather:
+    """``TorchGather``'s operations as Triton kernels (see there for each one's meaning)."""
+
+    @staticmethod
+    def rows_into(out: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, inputs: Tensor, first: Tensor,
+                  last: int) -> None:
+        """``out[index[i], p] = weight[index[i]] · inputs[p] + bias[index[i]]`` for p in [first[i], last]: one
+        program per block of kept rows and position up to ``last``; a block none of whose rows starts by then
+        reads nothing."""
+        if len(index):
+            grid = (triton.cdiv(len(index), BLOCK_ROWS), last + 1)
+            _rows_kernel[grid](out, weight, bias, index, inputs, first.contiguous(), len(index), weight.shape[1],
+                               out.stride(0), weight.stride(0), inputs.stride(0), SCATTER=True,
+                               HAS_BIAS=bias is not None, BLOCK_R=BLOCK_ROWS, BLOCK_K=BLOCK_K)
+
+    @staticmethod
+    def rows(weight: Tensor, bias: Tensor | None, index: Tensor, x: Tensor) -> Tensor:
+        """``(weight @ x + bias)[index]``, computing only those rows."""
+        out = x.new_empty(len(index))
+        if len(index):
+            _rows_kernel[(triton.cdiv(len(index), BLOCK_ROWS), 1)](
+                out, weight, bias, index, x, torch.zeros_like(index), len(index), weight.shape[1], 1,
+                weight.stride(0), 0, SCATTER=False, HAS_BIAS=bias is not None, BLOCK_R=BLOCK_ROWS, BLOCK_K=BLOCK_K)
+        return out
+
+    @staticmethod
+    def columns(weight_t: Tensor, bias: Tensor | None, index: Tensor, scale: Tensor) -> Tensor:
+        """``bias + Σ_i scale[i] · weight_t[index[i]]``, the kept columns split over programs that add their
+        partial sums in float32."""
+        partial = torch.zeros(weight_t.shape[1], dtype=torch.float32, device=weight_t.device)
+        if len(index):
+            splits = triton.cdiv(len(index), KEPT_PER_SPLIT)
+            _columns_kernel[(triton.cdiv(weight_t.shape[1], BLOCK_COLUMNS), splits)](
+                partial, weight_t, index, scale, len(index), weight_t.shape[1], weight_t.stride(0), KEPT_PER_SPLIT,
+                BLOCK_N=BLOCK_COLUMNS, BLOCK_I=BLOCK_KEPT)
+        out = partial if bias is None else partial + bias.float()
+        return out.to(weight_t.dtype)
+
+    @staticmethod
+    def attend(query: Tensor, keys: Tensor, values: Tensor, heads: Tensor, head_dim: int, length: int) -> Tensor:
+        """One position's attention output for the kept query heads, each over its cache rows ``heads[i]``."""
+        out = query.new_empty(len(heads) * head_dim)
+        if len(heads):
+            _attend_kernel[(len(heads),)](out, query.contiguous(), keys, values, heads, length, keys.stride(0),
+                                          head_dim, BLOCK_T=BLOCK_POSITIONS,
+                                          BLOCK_D=triton.next_power_of_2(head_dim))
+        return out
