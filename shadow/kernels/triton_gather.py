@@ -100,8 +100,11 @@ class TritonGather:
         """``out[index[i], p] = weight[index[i]] · inputs[p] + bias[index[i]]`` for p in [first[i], last]: one
         program per block of kept rows and position up to ``last``; a block none of whose rows starts by then
         reads nothing."""
+        if out.stride(1) != 1:
+            raise ValueError("rows_into writes in place: out must have contiguous rows")
         if len(index):
             grid = (triton.cdiv(len(index), BLOCK_ROWS), last + 1)
+            weight, inputs = weight.contiguous(), inputs.contiguous()  # no copy when they are (as the decoder's are)
             _rows_kernel[grid](out, weight, bias, index, inputs, first.contiguous(), len(index), weight.shape[1],
                                out.stride(0), weight.stride(0), inputs.stride(0), SCATTER=True,
                                HAS_BIAS=bias is not None, BLOCK_R=BLOCK_ROWS, BLOCK_K=BLOCK_K)
@@ -111,6 +114,7 @@ class TritonGather:
         """``(weight @ x + bias)[index]``, computing only those rows."""
         out = x.new_empty(len(index))
         if len(index):
+            weight, x = weight.contiguous(), x.contiguous()
             _rows_kernel[(triton.cdiv(len(index), BLOCK_ROWS), 1)](
                 out, weight, bias, index, x, torch.zeros_like(index), len(index), weight.shape[1], 1,
                 weight.stride(0), 0, SCATTER=False, HAS_BIAS=bias is not None, BLOCK_R=BLOCK_ROWS, BLOCK_K=BLOCK_K)
@@ -122,6 +126,7 @@ class TritonGather:
         partial sums in float32."""
         partial = torch.zeros(weight_t.shape[1], dtype=torch.float32, device=weight_t.device)
         if len(index):
+            weight_t, scale = weight_t.contiguous(), scale.contiguous()
             splits = triton.cdiv(len(index), KEPT_PER_SPLIT)
             _columns_kernel[(triton.cdiv(weight_t.shape[1], BLOCK_COLUMNS), splits)](
                 partial, weight_t, index, scale, len(index), weight_t.shape[1], weight_t.stride(0), KEPT_PER_SPLIT,
@@ -134,6 +139,7 @@ class TritonGather:
         """One position's attention output for the kept query heads, each over its cache rows ``heads[i]``."""
         out = query.new_empty(len(heads) * head_dim)
         if len(heads):
+            keys, values = keys.contiguous(), values.contiguous()
             _attend_kernel[(len(heads),)](out, query.contiguous(), keys, values, heads, length, keys.stride(0),
                                           head_dim, BLOCK_T=BLOCK_POSITIONS,
                                           BLOCK_D=triton.next_power_of_2(head_dim))
