@@ -161,6 +161,22 @@ def test_latency_benchmark_writes_its_table(tmp_path):
     assert (tmp_path / "latency.md").read_text().count("\n| ") == len(rows) + 1
 
 
+def test_latency_benchmark_runs_each_row_twice_per_round_interleaved():
+    """Each measurement is one untimed run, then one timed run; the rows take turns round by round."""
+    from omegaconf import OmegaConf
+
+    from shadow.benchmarks.latency import Bench, Case
+
+    calls = []
+    bench = Bench.__new__(Bench)  # no model: the cases only record their runs
+    bench.cfg = OmegaConf.create({"rounds": 3, "new_tokens": 4, "min_run_time": 0.01})
+    cases = [Case(name, "-", 0.0, lambda n, name=name: calls.append((name, n))) for name in ("dense", "static")]
+    rows = bench.measure(cases)
+    one_round = [("dense", 4)] * 2 + [("dense", 1)] * 2 + [("static", 4)] * 2 + [("static", 1)] * 2
+    assert calls == one_round * 3
+    assert [r["method"] for r in rows] == ["dense", "static"]
+
+
 def test_latency_benchmark_places_layers_with_accelerate(tmp_path):
     """device_map=auto: the model is built on meta, placed by accelerate under memory caps and each weight created
     on its device; here every device is the CPU, so the table must come out as without it."""

@@ -17,13 +17,12 @@ Random weights and untrained predictors (timing does not depend on them, as in t
   shadow  token     dense prompt, then at every step the predictor runs after layer 0 and each layer reads only
                     the kept rows in place (``shadow.sparse.TokenDecoder``);
   dejavu  token     the same with one predictor per layer, each reading the previous layer's attention output.
-Every row is timed once per round, the rows interleaved so that the machine's drifts touch them alike; reported
-are the medians over ``rounds`` rounds (``torch.utils.benchmark``, after a warm-up round): end-to-end ms, ms to
-the first token, ms per decoding step (end-to-end minus first token, over the remaining steps), decoding speed-up
-over dense, and the predictor's share of the time: of the request's time per request, of each decoding step per
-token. Written to the job's directory
-as latency.csv, latency.md and latency.json, and logged to W&B as a table (offline without a key; logger=none
-turns it off).
+Every row is timed once per round, right after one untimed run of it, the rows interleaved so that the machine's
+drifts touch them alike; reported are the medians over ``rounds`` rounds (``torch.utils.benchmark``): end-to-end
+ms, ms to the first token, ms per decoding step (end-to-end minus first token, over the remaining steps),
+decoding speed-up over dense, and the predictor's share of the time: of the request's time per request, of each
+decoding step per token. Written to the job's directory as latency.csv, latency.md and latency.json, and logged
+to W&B as a table (offline without a key; logger=none turns it off).
 """
 
 from __future__ import annotations
@@ -219,19 +218,19 @@ class Bench:
 
     def measure(self, cases: list[Case]) -> list[dict]:
         """Time every case's full generation and its first token once per round, the cases interleaved so that
-        drifts in the machine's speed touch them alike; then the medians over the rounds (after a warm-up)."""
+        drifts in the machine's speed touch them alike; then the medians over the rounds. ``blocked_autorange``
+        with no minimum time runs the statement twice, the first run untimed (a warm-up; ``timeit`` would run it
+        three times)."""
         cfg, new = self.cfg, self.cfg.new_tokens
         totals, firsts = [[] for _ in cases], [[] for _ in cases]
         with torch.no_grad():
-            for index in tqdm(range(cfg.rounds + 1), desc="rounds (the first warms up)", disable=None):
+            for _ in tqdm(range(cfg.rounds), desc="rounds", disable=None):
                 for case, total, first in zip(cases, totals, firsts, strict=True):
                     with case.context():
                         for n, times in ((new, total), (1, first)):
                             timer = benchmark.Timer(stmt="run(n)", globals={"run": case.run, "n": n},
                                                     num_threads=torch.get_num_threads())
-                            measurement = timer.timeit(1)
-                            if index:
-                                times.append(measurement)
+                            times.append(timer.blocked_autorange(min_run_time=0))
             costs = [median_ms(case.predict, cfg.min_run_time) if case.predict else None for case in cases]
         rows = []
         for case, total, first, cost in zip(cases, totals, firsts, costs, strict=True):
