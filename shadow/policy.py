@@ -98,6 +98,14 @@ class Policy:
         return Masks(self._keep(heads, self.head_sparsity, self.min_heads),
                      self._keep(neurons, self.neuron_sparsity, self.min_neurons))
 
+    def kept_counts(self, layers: int, units: int, sparsity: float) -> list[int] | None:
+        """How many of its ``units`` each of ``layers`` layers keeps at ``sparsity``, where the policy fixes it
+        (local); None where the scores decide (global, hybrid)."""
+        if self.name != "local":
+            return None
+        first = 1 if self.dense_first_layer else 0
+        return [units if layer < first else kept_count(units, sparsity) for layer in range(layers)]
+
     def _keep(self, scores: Tensor, sparsity: float, minimum: int) -> Tensor:
         flat = scores.reshape(-1, *scores.shape[-2:])
         first = 1 if self.dense_first_layer else 0

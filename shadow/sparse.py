@@ -111,6 +111,26 @@ class _LayerCache:
     values: Tensor
     inputs: Tensor  # (positions, E) attention inputs, to compute a head's skipped keys and values later
     done: Tensor  # (key-value heads,) per head: positions [0, done) have keys and values
+    prompt: int  # positions [0, prompt) have every head's keys and values (the dense prompt pass wrote them)
+
+
+@dataclass
+class _Kept:
+    """One layer's mask at one decoding step, and the sorted indices the kernels read. Their lengths are known on
+    the host before the mask is (static) under a local policy, so that nothing is read back from the device."""
+
+    heads: Tensor  # (H,) bool, in attention units
+    neurons: Tensor  # (F,) bool
+    queries: Tensor  # the kept query heads
+    kv_heads: Tensor  # the key-value heads to compute: every one a kept query head reads, and perhaps more
+    units: Tensor  # the kept FFN units
+
+
+def _leading(masks: Tensor, counts: list[int]) -> list[Tensor]:
+    """Row i's first ``counts[i]`` units when a (n, U) mask's kept units are put first, in order (a stable sort):
+    the kept units when ``counts[i]`` is how many row i keeps, padded with removed ones when it is more."""
+    order = masks.to(torch.int8).sort(dim=-1, descending=True, stable=True).indices
+    return [order[i, :count] for i, count in enumerate(counts)]
 
 
 class TokenDecoder:
@@ -122,6 +142,14 @@ class TokenDecoder:
     projection's input, pruned heads zeroed. Keys and values of a head at positions where it was pruned are computed
     when it is next kept, from the cached attention input, so each head attends to exactly the keys and values of
     the masked model, whose pruned heads still write their cache.
+
+    A step reads nothing back from the device (with the compiled or Triton kernels; torch's sparse kernels size
+    their patterns on the host): tokens stay on the device until the end, and the kept units' indices come from a
+    sort of the mask with lengths the host knows. Under a local policy it knows them in advance; under a global or
+    hybrid one they depend on the scores, so each predictor run reads its layers' counts once (one read per token
+    for ShadowLLM's single predictor). With query-head units and grouped-query attention, how many key-value groups
+    the kept query heads fall in varies too: under a local policy the step computes the keys and values of as many
+    groups as it keeps query heads (at most all), the groups in use first, which is correct for any extra group.
     """
 
     def __init__(self, model: nn.Module, predictor: Predictor, policy: Policy):
@@ -172,16 +200,16 @@ class TokenDecoder:
         out = self.model(input_ids.to(input_device(self.model)), use_cache=True)
         # newer transformers name the returned cache ``cache``, earlier 5.x ``past_key_values``
         caches = self._caches(out["cache" if "cache" in out else "past_key_values"], prompt + new_tokens)
-        tokens = [int(out.logits[0, -1].argmax())]
+        tokens = [out.logits[0, -1].argmax()]  # on the device: read once, at the end
         logits, heads, neurons = [], [], []
         for position in range(prompt, prompt + new_tokens - 1):
             step_logits, masks = self._step(tokens[-1], position, caches)
-            tokens.append(int(step_logits.argmax()))
+            tokens.append(step_logits.argmax())
             logits.append(step_logits)
             heads.append(masks.heads)
             neurons.append(masks.neurons)
         empty = torch.zeros(0, self.shape.layers, 0, dtype=torch.bool)
-        return Generation(torch.tensor(tokens),
+        return Generation(torch.stack(tokens).cpu(),
                           torch.stack(logits).cpu() if logits else torch.zeros(0, self.model.config.vocab_size),
                           Masks(torch.stack(heads).cpu() if heads else empty,
                                 torch.stack(neurons).cpu() if neurons else empty))
@@ -196,71 +224,90 @@ class TokenDecoder:
                 store[:, :, :T] = prompt.transpose(1, 2)
                 stores.append(store.view(H * D, positions))
             inputs = prompt.new_zeros(positions, self.family.module(layer, "query").in_features)
-            caches.append(_LayerCache(*stores, inputs, torch.full((H,), T, device=prompt.device)))
+            caches.append(_LayerCache(*stores, inputs, torch.full((H,), T, device=prompt.device), T))
         return caches
 
-    def _step(self, token: int, position: int, caches: list[_LayerCache]) -> tuple[Tensor, Masks]:
+    def _step(self, token: Tensor, position: int, caches: list[_LayerCache]) -> tuple[Tensor, Masks]:
         """One token through the model family's decoding step, each layer's attention and FFN reading only the
         kept units."""
-        heads: dict[int, Tensor] = {}  # layer → kept head mask (H,), filled as predictors run
-        neurons: dict[int, Tensor] = {}
+        kept: dict[int, _Kept] = {}  # filled as predictors run
 
         def attention(index: int, h: Tensor) -> Tensor:
-            return self._attention(index, self.layers[index], h, position, caches[index], heads, neurons)
+            return self._attention(index, self.layers[index], h, position, caches[index], kept)
 
-        logits = self.family.decode_step(self.model, token, position, attention,
-                                         lambda index: neurons[index].nonzero().flatten(),
+        logits = self.family.decode_step(self.model, token, position, attention, lambda index: kept[index].units,
                                          lambda index: self.fetch[index](self.layers[index]))
-        return logits, Masks(torch.stack([heads[i].to(logits.device) for i in range(len(self.layers))]),
-                             torch.stack([neurons[i].to(logits.device) for i in range(len(self.layers))]))
+        return logits, Masks(torch.stack([kept[i].heads.to(logits.device) for i in range(len(self.layers))]),
+                             torch.stack([kept[i].neurons.to(logits.device) for i in range(len(self.layers))]))
 
     def _attention(self, index: int, layer: nn.Module, h: Tensor, position: int, cache: _LayerCache,
-                   heads: dict[int, Tensor], neurons: dict[int, Tensor]) -> Tensor:
+                   kept: dict[int, _Kept]) -> Tensor:
         """One position's attention output after the output projection, over the kept heads (all of them when the
         layer's mask is not known yet); runs the predictors that read this layer. Query heads read their group's
-        key-value head, whose keys and values are computed for the groups any computed query head reads."""
+        key-value head, whose keys and values are computed first (for more groups, see the class)."""
         query, key, value, output = (self.family.module(layer, role) for role in ("query", "key", "value", "output"))
-        shape, D = self.shape, self.shape.head_dim
-        device = h.device
-        units = heads[index].to(device) if index in heads else torch.ones(shape.heads, dtype=torch.bool,
-                                                                             device=device)
-        computed = shape.query_mask(units).nonzero().flatten()  # query heads
-        groups = computed // shape.group_size
-        kv_heads = groups.unique()
-        kv_dims = _head_dims(kv_heads, D)
+        shape, D, device = self.shape, self.shape.head_dim, h.device
+        known = kept.get(index)
+        if known is not None:
+            queries, kv_heads = known.queries.to(device), known.kv_heads.to(device)
+        else:
+            queries = torch.arange(shape.query_heads, device=device)
+            kv_heads = torch.arange(shape.kv_heads, device=device)
         cache.inputs[position] = h
         first = cache.done[kv_heads]  # a head kept again catches up on skipped positions
-        kernels.rows_into(cache.keys, key, kv_dims, cache.inputs, first.repeat_interleave(D), position)
-        kernels.rows_into(cache.values, value, kv_dims, cache.inputs, first.repeat_interleave(D), position)
-        if self.family.rotary and len(kv_heads):
-            self._rotate_new_keys(layer, cache.keys, kv_heads, first, position)
-        cache.done[kv_heads] = position + 1
-        dims = _head_dims(computed, D)
-        queries = kernels.rows(query, dims, h)
+        kv_dims, first_rows = _head_dims(kv_heads, D), first.repeat_interleave(D)
+        kernels.rows_into(cache.keys, key, kv_dims, cache.inputs, first_rows, position)
+        kernels.rows_into(cache.values, value, kv_dims, cache.inputs, first_rows, position)
         if self.family.rotary:
-            queries = self.family.rotate(self.model, layer, "query", queries.view(-1, 1, D),
-                                         torch.tensor([position], device=device)).flatten()
-        out = kernels.attend(queries * self.family.scaling(layer), cache.keys, cache.values, groups, D, position + 1)
+            self._rotate_new_keys(layer, cache, kv_heads, first, position)
+        cache.done[kv_heads] = position + 1
+        dims = _head_dims(queries, D)
+        out = kernels.rows(query, dims, h)
+        if self.family.rotary:
+            out = self.family.rotate(self.model, layer, "query", out.view(-1, 1, D),
+                                     torch.tensor([position], device=device)).flatten()
+        out = kernels.attend(out * self.family.scaling(layer), cache.keys, cache.values,
+                             queries // shape.group_size, D, position + 1)
         for group in self.groups_at.get(index, []):
             feature = h.new_zeros(output.in_features).index_copy_(0, dims, out)
-            self._predict(group, feature, heads, neurons)
-        kept = shape.query_mask(heads[index].to(device))[computed]  # of the computed heads, those the mask keeps
-        return kernels.columns(output, dims.view(-1, D)[kept].flatten(), out.view(-1, D)[kept].flatten())
+            self._predict(group, feature, kept)
+        if known is None:  # every head was computed: the output reads those the mask now keeps
+            queries = kept[index].queries.to(device)
+            dims, out = _head_dims(queries, D), out.view(-1, D).index_select(0, queries).flatten()
+        return kernels.columns(output, dims, out)
 
-    def _rotate_new_keys(self, layer: nn.Module, keys: Tensor, kv_heads: Tensor, first: Tensor, last: int) -> None:
-        """Rotate the keys just written, positions [first[i], last] of each head ``kv_heads[i]``, in place."""
+    def _rotate_new_keys(self, layer: nn.Module, cache: _LayerCache, kv_heads: Tensor, first: Tensor,
+                         last: int) -> None:
+        """Rotate the keys just written, positions [first[i], last] of each head ``kv_heads[i]``, in place. Every
+        first[i] is past the prompt, so the span from there is rotated where written: its length the host knows."""
         D = self.shape.head_dim
-        start = int(first.min())
-        store = keys.view(-1, D, keys.shape[1])
-        span = store[kv_heads, :, start:last + 1].transpose(1, 2)  # (heads, positions, D)
-        positions = torch.arange(start, last + 1, device=keys.device)
+        store = cache.keys.view(-1, D, cache.keys.shape[1])
+        span = store[kv_heads, :, cache.prompt:last + 1].transpose(1, 2)  # (heads, positions, D)
+        positions = torch.arange(cache.prompt, last + 1, device=span.device)
         rotated = self.family.rotate(self.model, layer, "key", span, positions)
         wanted = (positions[None] >= first[:, None])[..., None]
-        store[kv_heads, :, start:last + 1] = torch.where(wanted, rotated, span).transpose(1, 2)
+        store[kv_heads, :, cache.prompt:last + 1] = torch.where(wanted, rotated, span).transpose(1, 2)
 
-    def _predict(self, group: int, feature: Tensor, heads: dict[int, Tensor], neurons: dict[int, Tensor]) -> None:
+    def _predict(self, group: int, feature: Tensor, kept: dict[int, _Kept]) -> None:
+        """Run one predictor and select its target layers' units."""
         targets = self.predictor.groups[group][1]
         policy = replace(self.policy, dense_first_layer=self.policy.dense_first_layer and targets[0] == 0)
         masks = policy.select(*self.predictor.group_scores(group, feature[None].to(self.predictor.device)))
-        for i, layer in enumerate(targets):
-            heads[layer], neurons[layer] = masks.heads[0, i], masks.neurons[0, i]
+        heads, neurons = masks.heads[0], masks.neurons[0]  # (targets, H), (targets, F)
+        shape, n = self.shape, len(targets)
+        queries = shape.query_mask(heads)
+        groups = queries.view(n, shape.kv_heads, shape.group_size).any(-1)
+        head_counts = policy.kept_counts(n, shape.heads, policy.head_sparsity)
+        if head_counts is not None:
+            neuron_counts = policy.kept_counts(n, shape.neurons, policy.neuron_sparsity)
+            query_counts = [count * shape.heads_per_unit for count in head_counts]
+            padded = shape.attention_unit == "query_head" and shape.group_size > 1
+            group_counts = [min(count, shape.kv_heads) for count in head_counts] if padded else head_counts
+        else:  # the scores decide how many: one read of every count
+            counts = torch.stack([queries.sum(-1), groups.sum(-1), neurons.sum(-1)]).tolist()
+            query_counts, group_counts, neuron_counts = counts
+            padded = False
+        kv_heads = _leading(groups, group_counts)
+        for i, (layer, q, g, u) in enumerate(zip(targets, _leading(queries, query_counts), kv_heads,
+                                                  _leading(neurons, neuron_counts), strict=True)):
+            kept[layer] = _Kept(heads[i], neurons[i], q, g.sort().values if padded else g, u)

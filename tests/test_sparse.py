@@ -22,6 +22,8 @@ from helpers import (
     use_triton_kernels,
 )
 from hydra import compose, initialize_config_dir
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from shadow.benchmarks.latency import COLUMNS, run
 from shadow.masking import apply_masks
@@ -132,6 +134,75 @@ def test_per_token_decoding_with_an_empty_layer(family, gather):
         predictor.heads[0][-1].bias[H:2 * H] = -1e4  # layer 1's heads (key-value groups) always rank last
     out, _ = decode_and_check(model, predictor, Policy("global", 0.6, 0.5))
     assert not out.masks.heads[:, 1].any()
+
+
+SYNCING = {"aten.nonzero", "aten._local_scalar_dense", "aten.masked_select", "aten._unique", "aten._unique2",
+           "aten.unique_dim", "aten.unique_consecutive", "aten.is_nonzero", "aten.equal"}
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the operations that read a CUDA tensor back to the host (and so wait for the device): those of
+    ``SYNCING``, indexing by a boolean mask, ``repeat_interleave`` of counts without its output size, and
+    ``tolist``/``item``/``numpy``, which skip the dispatcher on CPU tensors and are caught one level up."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func.overloadpacket)
+        indices = args[1] if name in ("aten.index", "aten.index_put_", "aten.index_put") else []
+        if (name in SYNCING or any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in indices)
+                or (name == "aten.repeat_interleave" and kwargs.get("output_size") is None and len(args) == 1)):
+            self.reads.append(name)
+        return func(*args, **kwargs)
+
+
+class MethodReads(TorchFunctionMode):
+    def __init__(self, log: list[str]):
+        super().__init__()
+        self.log = log
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.numpy):
+            self.log.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize(("placement", "policy", "reads"), [("shadow", "local", 0), ("dejavu", "local", 0),
+                                                            ("shadow", "global", 1)])
+def test_a_decoding_step_reads_nothing_back_from_the_device(family, backend, placement, policy, reads, monkeypatch):
+    """A step under a local policy reads nothing back; under a global one ShadowLLM's predictor reads its layers'
+    kept counts once. The token stays on the device until the end."""
+    if backend == "triton":
+        use_triton_kernels(monkeypatch)
+    model = make_tiny_opt() if family == "opt" else make_tiny_llama()
+    decoder = TokenDecoder(model, token_predictor(model, placement, lookahead=True,
+                                                  attention_unit="query_head"), Policy(policy, 0.5, 0.5))
+    step, counted = decoder._step, []
+
+    def counting(*args):
+        with HostReads() as log, MethodReads(log.reads):
+            out = step(*args)
+        counted.append(log.reads)
+        return out
+
+    monkeypatch.setattr(decoder, "_step", counting)
+    ids = torch.randint(4, 8192, (1, 7), generator=torch.Generator().manual_seed(1))
+    decoder.generate(ids, 6)
+    assert len(counted) == 5 and all(len(step_reads) == reads for step_reads in counted), counted
+
+
+def test_host_reads_are_counted():
+    """The counter of the test above sees each kind of read it looks for."""
+    x, counts = torch.randn(6), torch.tensor([1, 2])
+    with HostReads() as log, MethodReads(log.reads):
+        x[x > 0], x.nonzero(), counts.repeat_interleave(counts), int(x.argmax()), counts.tolist(), x.unique()
+        x.repeat_interleave(2), x[torch.tensor([0, 2])], x.sort()  # none of these reads
+    assert len(log.reads) == 6, log.reads
 
 
 def test_per_token_decoding_rejects_what_it_cannot_run(tiny_opt):

@@ -151,11 +151,12 @@ class Family(ABC):
         return states
 
     @abstractmethod
-    def decode_step(self, model: nn.Module, token: int, position: int, attention: Attention, kept: Kept,
+    def decode_step(self, model: nn.Module, token: Tensor, position: int, attention: Attention, kept: Kept,
                     fetch: Fetch) -> Tensor:
-        """One token through the decoder at ``position``: each layer's attention is ``attention(index, h)``, its
-        FFN reads only the units ``kept(index)`` (asked after the attention) through ``shadow.kernels``; each
-        layer runs inside ``fetch(index)`` on its own device. Returns the float32 logits (V,)."""
+        """One token (a 0-dim tensor, left on the device) through the decoder at ``position``: each layer's
+        attention is ``attention(index, h)``, its FFN reads only the units ``kept(index)`` (asked after the
+        attention) through ``shadow.kernels``; each layer runs inside ``fetch(index)`` on its own device. Returns
+        the float32 logits (V,)."""
 
     def module(self, layer: nn.Module, role: str) -> nn.Linear:
         return layer.get_submodule(self.paths[role])

@@ -31,7 +31,8 @@ def _rows_kernel(out, weight, bias, index, inputs, first, kept, in_features, out
     row = tl.load(index + slot, mask=slot < kept, other=0)
     wanted = (slot < kept) & (tl.load(first + slot, mask=slot < kept, other=position + 1) <= position)
     total = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for start in range(0, in_features, BLOCK_K):
+    work = tl.where(tl.max(wanted.to(tl.int32), axis=0) > 0, in_features, 0)  # no row to catch up: no loads
+    for start in range(0, work, BLOCK_K):
         k = start + tl.arange(0, BLOCK_K)
         w = tl.load(weight + row[:, None] * weight_stride + k[None, :],
                     mask=wanted[:, None] & (k[None, :] < in_features), other=0.0)
@@ -98,8 +99,8 @@ class TritonGather:
     def rows_into(out: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, inputs: Tensor, first: Tensor,
                   last: int) -> None:
         """``out[index[i], p] = weight[index[i]] · inputs[p] + bias[index[i]]`` for p in [first[i], last]: one
-        program per block of kept rows and position up to ``last``; a block none of whose rows starts by then
-        reads nothing."""
+        program per block of kept rows and position up to ``last`` (sizes the host knows); a program none of whose
+        rows needs its position returns at once."""
         if out.stride(1) != 1:
             raise ValueError("rows_into writes in place: out must have contiguous rows")
         if len(index):
