@@ -260,12 +260,12 @@ class TokenDecoder:
         kernels.rows_into(cache.values, value, kv_dims, cache.inputs, first_rows, position)
         if self.family.rotary:
             self._rotate_new_keys(layer, cache, kv_heads, first, position)
-        cache.done[kv_heads] = position + 1
+        cache.done.index_fill_(0, kv_heads, position + 1)
         dims = _head_dims(queries, D)
         out = kernels.rows(query, dims, h)
         if self.family.rotary:
             out = self.family.rotate(self.model, layer, "query", out.view(-1, 1, D),
-                                     torch.tensor([position], device=device)).flatten()
+                                     torch.arange(position, position + 1, device=device)).flatten()
         out = kernels.attend(out * self.family.scaling(layer), cache.keys, cache.values,
                              queries // shape.group_size, D, position + 1)
         for group in self.groups_at.get(index, []):

@@ -41,6 +41,31 @@ def test_per_token_decoding_on_cuda_equals_the_masked_model(dtype, name, family)
 
 
 @pytest.mark.parametrize("family", ["opt", "llama"])
+@pytest.mark.parametrize("name", ["shadow", "dejavu"])
+def test_a_decoding_step_on_cuda_never_waits_for_the_device(family, name, monkeypatch):
+    """Under a local policy every step runs with CUDA's synchronisation check raising on any host read."""
+    from shadow import kernels
+
+    assert kernels.triton_kernels() is not None, "triton must import on a CUDA machine"
+    model = tiny(family, torch.float16)
+    decoder = TokenDecoder(model, token_predictor(model, name, lookahead=True).cuda().half(),
+                           Policy("local", 0.5, 0.5))
+    step, steps = decoder._step, []
+
+    def strict(*args):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return step(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            steps.append(args[1])
+
+    monkeypatch.setattr(decoder, "_step", strict)
+    decoder.generate(torch.randint(4, 8192, (1, 9), generator=torch.Generator().manual_seed(2)), 6)
+    assert len(steps) == 5
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
 @pytest.mark.parametrize("dtype", HALF_AND_FULL, ids=str)
 def test_pruned_forward_on_cuda_equals_the_masked_forward(dtype, family):
     model = tiny(family, dtype)

@@ -3,13 +3,14 @@ each step has a time limit).
 
     python -m shadow.benchmarks.gpu                       # writes gpu-check.md in the current directory
     python -m shadow.benchmarks.gpu --out report.md --archs opt-1.3b opt-6.7b llama-3.1-8b
+    python -m shadow.benchmarks.gpu --steps tests latency --latency new_tokens=64   # some steps, other settings
 
 1. the main job on opt-mini (plainact, sparsity 0.5) with device=cuda in float32, float16 and bfloat16: token
    perplexity of each and the half-precision gap to float32;
 2. the tests marked ``gpu`` (``pytest -m gpu``): per-token decoding and pruning on CUDA against the masked model
    in three dtypes, criteria in half precision against float32, CPU offload with CUDA execution, two GPUs;
 3. the latency table in float16 for the OPT-1.3B and Llama-3.2-1B architectures (random weights, 3 rounds,
-   predictors' own cost timed for 0.5 s each).
+   predictors' own cost timed for 0.5 s each; ``--latency`` adds or overrides settings).
 Each step runs in its own process with a time limit; the report gives the machine, each step's outcome and
 output, and is rewritten after every step, so a check cut short keeps what it measured. Exit status 0 when every
 step passed. Without CUDA it says so in one line and exits 1.
@@ -31,6 +32,7 @@ import torch
 from shadow.config import DTYPES
 
 ROOT = Path(__file__).resolve().parents[2]
+STEPS = ["jobs", "tests", "latency"]
 
 
 def step(command: list[str], timeout: int) -> tuple[bool, str, float]:
@@ -71,6 +73,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("gpu-check.md"))
     parser.add_argument("--archs", nargs="+", default=["opt-1.3b", "llama-3.2-1b"])
+    parser.add_argument("--steps", nargs="+", choices=STEPS, default=STEPS)
+    parser.add_argument("--latency", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="settings of the latency benchmark (conf/latency.yaml), after the check's own")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device is visible (torch.cuda.is_available() is False): the GPU check needs one")
@@ -87,20 +92,22 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        lines, passed = main_jobs(work)
-        ok &= passed
-        save(lines)
-        passed, tail, seconds = step(["pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"], 300)
-        ok &= passed
-        save(["", f"## Tests marked gpu: {'passed' if passed else 'FAILED'} ({seconds:.0f} s)", "", "```",
-              tail.splitlines()[-1] if passed else tail, "```"])
-        for arch in args.archs:
-            out = work / f"latency-{arch}"
-            passed, tail, seconds = step(["shadow.benchmarks.latency", f"arch={arch}", "device=cuda",
-                                          "dtype=float16", "rounds=3", "min_run_time=0.5", "logger=none",
-                                          f"hydra.run.dir={out}"], 300)
+        if "jobs" in args.steps:
+            lines, passed = main_jobs(work)
             ok &= passed
-            save(["", f"## Latency, {arch} ({seconds:.0f} s)", "",
+            save(lines)
+        if "tests" in args.steps:
+            passed, tail, seconds = step(["pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"], 300)
+            ok &= passed
+            save(["", f"## Tests marked gpu: {'passed' if passed else 'FAILED'} ({seconds:.0f} s)", "", "```",
+                  tail.splitlines()[-1] if passed else tail, "```"])
+        for arch in args.archs if "latency" in args.steps else []:
+            out = work / f"latency-{arch}"
+            settings = [f"arch={arch}", "device=cuda", "dtype=float16", "rounds=3", "min_run_time=0.5",
+                        "logger=none", *args.latency, f"hydra.run.dir={out}"]
+            passed, tail, seconds = step(["shadow.benchmarks.latency", *settings], 420)
+            ok &= passed
+            save(["", f"## Latency, {arch} ({seconds:.0f} s; {' '.join(settings[1:-1])})", "",
                   *([(out / "latency.md").read_text()] if passed else ["FAILED", "```", tail, "```"])])
     print(f"{'passed' if ok else 'FAILED'}: report written to {args.out}")
     sys.exit(0 if ok else 1)
