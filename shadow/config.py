@@ -71,6 +71,8 @@ class PredictorConfig:
     weight_decay: float = MISSING
     target_norm: str = MISSING  # per_layer (the paper's b1eL) or global (b1e)
     device: str | None = MISSING  # where predictors train and run; None: the model's (its first layer's) device
+    dtype: str = MISSING  # as it runs, trained in float32: float32, float16/bfloat16 (GPUs), int8 (CPU, dynamic)
+    neuron_rank: int | None = MISSING  # the neuron network's output layer factored through this rank; None: full
     block_gb: float = MISSING  # traces held at once in training; a set that fits is shuffled whole
 
 
@@ -173,6 +175,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 POLICIES = ("global", "local", "hybrid")
 ATTENTION_UNITS = ("kv_group", "query_head")
 PREDICTOR_ARCHS = ("mlp", "lowrank")
+PREDICTOR_DTYPES = ("float32", "float16", "bfloat16", "int8")
 GRANULARITIES = ("request", "token")
 EVALS = ("perplexity", "tasks")
 EVAL_DATASETS = ("opt_mini", "wikitext2")
@@ -259,6 +262,15 @@ def validate(cfg: DictConfig | Config) -> None:
     _choice("predictor.target_norm", cfg.predictor.target_norm, TARGET_NORMS)
     _choice("predictor.arch", cfg.predictor.arch, PREDICTOR_ARCHS)
     _choice("predictor.granularity", cfg.predictor.granularity, GRANULARITIES)
+    _choice("predictor.dtype", cfg.predictor.dtype, PREDICTOR_DTYPES)
+    rank = cfg.predictor.neuron_rank
+    if rank is not None and not (isinstance(rank, int) and 1 <= rank < cfg.predictor.neuron_hidden):
+        raise ConfigError(f"predictor.neuron_rank={rank} must be an integer from 1 to predictor.neuron_hidden - 1 "
+                          f"({cfg.predictor.neuron_hidden - 1}) to save anything; use null for the full layer")
+    if cfg.predictor.dtype == "int8" and str(cfg.predictor.device or cfg.device).startswith("cuda"):
+        raise ConfigError(f"predictor.dtype=int8 runs on the CPU only (torch's dynamic quantisation) but the "
+                          f"predictor runs on {cfg.predictor.device or cfg.device}; use predictor.dtype=float16 or "
+                          "bfloat16 there, or predictor.device=cpu")
     if cfg.predictor.granularity == "token" and not PLACEMENTS[cfg.predictor.name].trains:
         trained = " or ".join(name for name, placement in PLACEMENTS.items() if placement.trains)
         raise ConfigError(f"predictor.granularity=token needs a trained predictor, not predictor={cfg.predictor.name}; "

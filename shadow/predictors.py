@@ -7,12 +7,19 @@ per example; targets are the criterion's per-example scores, min–max normalise
 variant) or over all layers; training is MSE with AdamW and a cosine schedule, on a held-out split per kind.
 Masks are per request (one from the prompt) or per token (``predictor.granularity=token``: position t's mask
 from the features at t, recomputed at every step as DejaVu does).
+
+Two options cut what a predictor costs where it runs at every token: ``predictor.neuron_rank`` factors the neuron
+network's output layer (hidden × L·F weights, most of the predictor) through a rank, trained as such; and
+``predictor.dtype`` runs the trained float32 networks in float16/bfloat16 or, on the CPU, int8 (torch's dynamic
+quantisation: int8 weights per output channel, activations quantised per call). docs/predictor-cost.md has their
+measured cost in held-out ρ and perplexity.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -66,47 +73,74 @@ def static_importance(traces: TraceShards, how: str) -> tuple[Tensor, Tensor]:
 Groups = tuple[tuple[int, tuple[int, ...]], ...]  # (feature layer, the layers it predicts), one per network
 
 
-def network(arch: str, inputs: int, hidden: int, outputs: int) -> nn.Sequential:
+def network(arch: str, inputs: int, hidden: int, outputs: int, rank: int | None = None) -> nn.Sequential:
+    """An MLP or a low-rank map; with ``rank``, its output layer factored as (hidden → rank → outputs)."""
+    output = [nn.Linear(hidden, rank, bias=False), nn.Linear(rank, outputs)] if rank else [nn.Linear(hidden, outputs)]
     if arch == "lowrank":
-        return nn.Sequential(nn.Linear(inputs, hidden, bias=False), nn.Linear(hidden, outputs))
-    return nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, outputs))
+        return nn.Sequential(nn.Linear(inputs, hidden, bias=False), *output)
+    return nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), *output)
 
 
 class Predictor(nn.Module):
     """One head network and one neuron network per group; together they cover every layer once."""
 
     def __init__(self, shape: Shape, hidden_size: int, groups: Groups, arch: str, head_hidden: int,
-                 neuron_hidden: int | None, heads_only: bool):
+                 neuron_hidden: int | None, heads_only: bool, neuron_rank: int | None = None):
         super().__init__()
         self.shape, self.groups, self.arch, self.heads_only = shape, groups, arch, heads_only
+        self.neuron_rank = neuron_rank
         self.feature_layers = sorted({layer for layer, _ in groups})
         self.heads = nn.ModuleList(network(arch, hidden_size, head_hidden, len(t) * shape.heads) for _, t in groups)
         self.neurons = nn.ModuleList() if heads_only else nn.ModuleList(  # head-only criteria score no neuron
-            network(arch, hidden_size, neuron_hidden, len(t) * shape.neurons) for _, t in groups)
+            network(arch, hidden_size, neuron_hidden, len(t) * shape.neurons, neuron_rank) for _, t in groups)
 
     @classmethod
     def configured(cls, shape: Shape, hidden_size: int, groups: Groups, cfg: PredictorConfig,
                    heads_only: bool) -> Predictor:
         """Untrained networks for ``groups`` as the ``predictor`` config sets them."""
-        return cls(shape, hidden_size, groups, cfg.arch, cfg.head_hidden, cfg.neuron_hidden, heads_only)
+        return cls(shape, hidden_size, groups, cfg.arch, cfg.head_hidden, cfg.neuron_hidden, heads_only,
+                   cfg.neuron_rank)
 
     @property
     def device(self) -> torch.device:
-        return self.heads[0][0].weight.device
+        weight = self.heads[0][0].weight
+        return weight.device if isinstance(weight, Tensor) else torch.device("cpu")  # int8 layers: CPU only
+
+    def run_as(self, dtype: str) -> Predictor:
+        """Convert the trained float32 networks in place to run in ``dtype`` (config.PREDICTOR_DTYPES): float16 or
+        bfloat16 weights, or int8 by torch's dynamic quantisation of every Linear (CPU only)."""
+        if dtype == "int8":
+            if self.device.type != "cpu":
+                raise ValueError(f"predictor.dtype=int8 runs on the CPU only, not on {self.device}")
+            from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+            with warnings.catch_warnings():  # torch.ao announces its move to torchao, whose CPU path is slower
+                warnings.simplefilter("ignore")
+                quantize_dynamic(self, {nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
+        else:
+            self.to(getattr(torch, dtype))
+        return self
 
     def inputs(self, features: Tensor, group: int) -> Tensor:
         """The group's normalised input from (..., len(feature_layers), E) features."""
         return normalise_inputs(features[..., self.feature_layers.index(self.groups[group][0]), :])
 
+    def network_scores(self, kind: str, group: int, feature: Tensor) -> Tensor:
+        """(..., len(targets) · units) float32 scores of a group's ``kind`` network ("heads" or "neurons") from its
+        feature layer's raw (..., E) attention output."""
+        net = (self.heads if kind == "heads" else self.neurons)[group]
+        weight = net[0].weight
+        x = normalise_inputs(feature)
+        return net(x.to(weight.dtype) if isinstance(weight, Tensor) else x).float()  # int8 layers take float32
+
     def group_scores(self, group: int, feature: Tensor) -> tuple[Tensor, Tensor]:
         """One group's (..., len(targets), H) head and (..., len(targets), F) neuron scores from its feature
         layer's raw (..., E) attention output."""
-        x = normalise_inputs(feature).to(self.heads[group][0].weight.dtype)
         targets = len(self.groups[group][1])
-        neurons = x.new_zeros(*x.shape[:-1], targets * self.shape.neurons) if self.heads_only else \
-            self.neurons[group](x)
-        return (self.heads[group](x).unflatten(-1, (targets, -1)).float(),
-                neurons.unflatten(-1, (targets, -1)).float())
+        heads = self.network_scores("heads", group, feature)
+        neurons = heads.new_zeros(*heads.shape[:-1], targets * self.shape.neurons) if self.heads_only else \
+            self.network_scores("neurons", group, feature)
+        return heads.unflatten(-1, (targets, -1)), neurons.unflatten(-1, (targets, -1))
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """(..., len(feature_layers), E) raw features → predicted (..., L, H) head and (..., L, F) neuron scores."""
@@ -245,12 +279,14 @@ def train_network(net: nn.Module, data: _Blocks, group: int, predictor: Predicto
 
 
 @torch.no_grad()
-def evaluate_held_out(data: _Blocks, nets: nn.ModuleList, predictor: Predictor, val: Tensor) -> dict[str, Tensor]:
-    """``per_example_quality`` summed over the held-out examples, a block at a time."""
+def evaluate_held_out(data: _Blocks, kind: str, predictor: Predictor, val: Tensor) -> dict[str, Tensor]:
+    """``per_example_quality`` of the ``kind`` networks, as they run, summed over the held-out examples, a block at
+    a time."""
     def block_quality(features: Tensor, y: Tensor, rows: Tensor) -> dict[str, Tensor]:
         pred = torch.zeros_like(y[rows])
-        for g, (_, targets) in enumerate(predictor.groups):
-            pred[:, list(targets)] = nets[g](predictor.inputs(features[rows], g)).view(len(rows), len(targets), -1)
+        for g, (layer, targets) in enumerate(predictor.groups):
+            feature = features[rows][:, predictor.feature_layers.index(layer)]
+            pred[:, list(targets)] = predictor.network_scores(kind, g, feature).view(len(rows), len(targets), -1)
         return per_example_quality(pred, y[rows])
 
     sums: dict[str, Tensor] = {}
@@ -262,6 +298,14 @@ def evaluate_held_out(data: _Blocks, nets: nn.ModuleList, predictor: Predictor, 
     return sums
 
 
+def _kinds(predictor: Predictor, cfg: PredictorConfig) -> list[tuple[str, nn.ModuleList, int, int, float]]:
+    """Each kind a predictor has: its networks, epochs, batch size and held-out fraction."""
+    kinds = [("heads", predictor.heads, cfg.head_epochs, cfg.head_batch_size, cfg.head_val_fraction)]
+    if not predictor.heads_only:
+        kinds.append(("neurons", predictor.neurons, cfg.neuron_epochs, cfg.neuron_batch_size, cfg.neuron_val_fraction))
+    return kinds
+
+
 def fit_predictor(traces: TraceShards, documents: Sequence[str], shape: Shape, groups: Groups, cfg: PredictorConfig,
                   seed: int, heads_only: bool, device: torch.device | str) -> tuple[Predictor, dict]:
     """Train networks for ``groups`` on ``device``, streaming the traces in blocks of at most ``cfg.block_gb``;
@@ -270,19 +314,27 @@ def fit_predictor(traces: TraceShards, documents: Sequence[str], shape: Shape, g
     torch.manual_seed(seed)
     device = torch.device(device)
     predictor = Predictor.configured(shape, traces.shape("features")[-1], groups, cfg, heads_only).to(device)
-    kinds = [("heads", predictor.heads, cfg.head_epochs, cfg.head_batch_size, cfg.head_val_fraction)]
-    if not heads_only:
-        kinds.append(("neurons", predictor.neurons, cfg.neuron_epochs, cfg.neuron_batch_size, cfg.neuron_val_fraction))
-    metrics, per_layer = {}, {}
-    for kind, nets, epochs, batch_size, val_fraction in kinds:
+    for kind, nets, epochs, batch_size, val_fraction in _kinds(predictor, cfg):
         data = _Blocks(traces, kind, predictor.feature_layers, cfg.target_norm, device, cfg.block_gb * 1e9)
-        train, val, held_documents = split_by_document(documents, val_fraction, seed)
+        train, _, _ = split_by_document(documents, val_fraction, seed)
         for g, (_, targets) in enumerate(groups):
             where = f" layer {targets[0]}" if len(groups) > 1 else ""
             train_network(nets[g], data, g, predictor, train, epochs, batch_size, cfg.lr, cfg.weight_decay, seed,
                           f"predictor ({kind}{where})")
-        sums = evaluate_held_out(data, nets, predictor, val)
-        units = shape.layers * (shape.heads if kind == "heads" else shape.neurons)
+    predictor.eval()
+    return predictor, held_out_report(traces, documents, predictor, cfg, seed)
+
+
+def held_out_report(traces: TraceShards, documents: Sequence[str], predictor: Predictor, cfg: PredictorConfig,
+                    seed: int) -> dict:
+    """The predictor's quality, as it runs, on the examples of the documents its training held out: ``metrics``
+    overall and ``per_layer`` lists, per kind."""
+    metrics, per_layer = {}, {}
+    for kind, _, _, _, val_fraction in _kinds(predictor, cfg):
+        data = _Blocks(traces, kind, predictor.feature_layers, cfg.target_norm, predictor.device, cfg.block_gb * 1e9)
+        _, val, held_documents = split_by_document(documents, val_fraction, seed)
+        sums = evaluate_held_out(data, kind, predictor, val)
+        units = predictor.shape.layers * (predictor.shape.heads if kind == "heads" else predictor.shape.neurons)
         metrics.update({f"predictor/{kind}_val_mse": sums["squared_error"].item() / (len(val) * units),
                         **{f"predictor/{kind}_{k}": sums[k].item() / len(val) for k in ("val_spearman",
                                                                                          "val_recall50")},
@@ -291,8 +343,9 @@ def fit_predictor(traces: TraceShards, documents: Sequence[str], shape: Shape, g
         per_layer.update({f"{kind}_{k}": (sums[f"layer_{k}"] / len(val)).tolist()
                           for k in ("val_spearman", "val_recall50")})
     log.info("predictor: held-out Spearman ρ (%d unseen documents) %s", metrics["predictor/heads_val_documents"],
-             ", ".join(f"{kind} {metrics[f'predictor/{kind}_val_spearman']:.3f}" for kind, *_ in kinds))
-    return predictor.eval(), {"metrics": metrics, "per_layer": per_layer}
+             ", ".join(f"{kind} {metrics[f'predictor/{kind}_val_spearman']:.3f}" for kind, *_ in
+                       _kinds(predictor, cfg)))
+    return {"metrics": metrics, "per_layer": per_layer}
 
 
 class PredictedMasks:
@@ -363,12 +416,12 @@ def save_predictor(predictor: Predictor, directory: Path) -> dict:
     return {"shape": asdict(predictor.shape), "groups": predictor.groups, "arch": predictor.arch,
             "hidden_size": first_heads.in_features, "head_hidden": first_heads.out_features,
             "neuron_hidden": None if predictor.heads_only else predictor.neurons[0][0].out_features,
-            "heads_only": predictor.heads_only}
+            "neuron_rank": predictor.neuron_rank, "heads_only": predictor.heads_only}
 
 
 def load_predictor(directory: Path, meta: dict) -> Predictor:
     groups = tuple((layer, tuple(targets)) for layer, targets in meta["groups"])
     predictor = Predictor(Shape(**meta["shape"]), meta["hidden_size"], groups, meta["arch"], meta["head_hidden"],
-                          meta["neuron_hidden"], meta["heads_only"])
+                          meta["neuron_hidden"], meta["heads_only"], meta["neuron_rank"])
     predictor.load_state_dict(load_file(str(directory / "predictor.safetensors")))
     return predictor.eval()

@@ -30,7 +30,7 @@ from shadow.models import check_memory, check_model, load_model, load_tokenizer,
 from shadow.offload import input_device
 from shadow.placements import PLACEMENTS, MaskJob
 from shadow.policy import Policy
-from shadow.predictors import fit_predictor, load_predictor, save_predictor
+from shadow.predictors import fit_predictor, held_out_report, load_predictor, save_predictor
 from shadow.traces import TraceShards, compute_traces
 from shadow.tracking import Tracker, flat_config, write_results
 
@@ -73,7 +73,7 @@ def mask_source(cfg: DictConfig, model, model_id: dict, examples: list[Example],
     if not placement.trains:
         return placement.masks(job), NO_REPORT
     device = torch.device(cfg.predictor.device) if cfg.predictor.device else input_device(model)
-    training = {**{k: v for k, v in OmegaConf.to_container(cfg.predictor).items() if k != "granularity"},
+    training = {**{k: v for k, v in OmegaConf.to_container(cfg.predictor).items() if k not in ("granularity", "dtype")},
                 "device": device.type}  # training on another kind of device gives other weights
     documents = [e.document for e in examples]
     predictor_inputs = {"traces": cache_key(trace_inputs), "predictor": training, "seed": cfg.seed,
@@ -88,15 +88,24 @@ def mask_source(cfg: DictConfig, model, model_id: dict, examples: list[Example],
     with stage("predictor"):
         predictor_dir, predictor_meta = cached(cfg.cache_dir, "predictor", predictor_inputs, train)
     job.predictor = load_predictor(predictor_dir, predictor_meta).to(device)
-    return placement.masks(job), {"metrics": predictor_meta["metrics"], "per_layer": predictor_meta["per_layer"]}
+    report = {"metrics": predictor_meta["metrics"], "per_layer": predictor_meta["per_layer"]}
+    if cfg.predictor.dtype != "float32":  # the quality reported is that of the predictor as it runs
+        with stage("predictor in " + cfg.predictor.dtype):
+            report = held_out_report(job.traces, documents, job.predictor.run_as(cfg.predictor.dtype), cfg.predictor,
+                                     cfg.seed)
+    return placement.masks(job), report
 
 
 def predictor_parameters(cfg: DictConfig, shape: Shape, hidden: int, heads_only: bool) -> int:
     """Parameters of the configured placement's networks (0 for those without one)."""
     p = cfg.predictor
     neuron_hidden = 0 if heads_only else p.neuron_hidden
-    return sum(hidden * p.head_hidden + p.head_hidden * len(targets) * shape.heads
-               + hidden * neuron_hidden + neuron_hidden * len(targets) * shape.neurons
+
+    def neuron_output(units: int) -> int:  # the output layer, factored through neuron_rank or not
+        return neuron_hidden * p.neuron_rank + p.neuron_rank * units if p.neuron_rank else neuron_hidden * units
+
+    return sum(hidden * p.head_hidden + p.head_hidden * len(targets) * shape.heads + hidden * neuron_hidden
+               + neuron_output(len(targets) * shape.neurons)
                for _, targets in PLACEMENTS[p.name].groups(shape.layers, p.layer, p.lookahead))
 
 

@@ -291,3 +291,48 @@ def test_per_token_masks_are_the_same_in_chunks_of_positions(tiny_opt, tokenizer
     chunked = masker(requests)
     assert torch.equal(chunked.heads, whole.heads) and torch.equal(chunked.neurons, whole.neurons)
     assert whole.heads.shape[1] > 3
+
+
+@pytest.fixture(scope="module")
+def fitted_low_rank():
+    # the factored layer learns more slowly: three times the epochs reach the full layer's quality
+    cfg = settings("predictor", head_hidden=64, neuron_hidden=64, head_epochs=100, neuron_epochs=120, neuron_rank=16)
+    return fit(TraceShards([synthetic_traces()]), documents(), cfg), cfg
+
+
+def test_a_low_rank_neuron_network_factors_its_output_layer_and_learns(fitted, fitted_low_rank, tmp_path):
+    from shadow.run import predictor_parameters
+
+    (predictor, report), cfg = fitted_low_rank
+    hidden, rank, output = predictor.neurons[0][0], predictor.neurons[0][2], predictor.neurons[0][3]
+    assert (rank.in_features, rank.out_features, rank.bias) == (64, 16, None)
+    assert (output.in_features, output.out_features) == (16, SHAPE.layers * SHAPE.neurons)
+    weights = sum(p.numel() for name, p in predictor.named_parameters() if name.endswith("weight"))
+    assert predictor_parameters(SimpleNamespace(predictor=cfg), SHAPE, 16, False) == weights
+    full = fitted[1]["metrics"]["predictor/neurons_val_spearman"]
+    assert report["metrics"]["predictor/neurons_val_spearman"] > full - 0.05, full  # targets: functions of 16 numbers
+    loaded = load_predictor(tmp_path, save_predictor(predictor, tmp_path))
+    x = torch.randn(2, 1, 16)
+    assert loaded.neuron_rank == 16 and torch.equal(loaded(x)[1], predictor(x)[1])
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+def test_a_predictor_run_in_int8_or_bfloat16_ranks_as_in_float32(fitted, dtype, tmp_path):
+    """The conversion keeps the held-out quality within 0.02 of ρ and the scores near float32's; the report of
+    the converted predictor is measured on it (its MSE moves)."""
+    from shadow.predictors import held_out_report
+
+    predictor, report = fitted
+    cfg = settings("predictor", head_hidden=64, neuron_hidden=64, head_epochs=100, neuron_epochs=40)
+    converted = load_predictor(tmp_path, save_predictor(predictor, tmp_path)).run_as(dtype)
+    quantised = isinstance(converted.neurons[0][0], torch.ao.nn.quantized.dynamic.Linear)
+    assert quantised == (dtype == "int8") and converted.device.type == "cpu"
+    after = held_out_report(TraceShards([synthetic_traces()]), documents(), converted, cfg, 0)["metrics"]
+    for kind in ("heads", "neurons"):
+        assert after[f"predictor/{kind}_val_spearman"] == pytest.approx(
+            report["metrics"][f"predictor/{kind}_val_spearman"], abs=0.02)
+        assert after[f"predictor/{kind}_val_mse"] != report["metrics"][f"predictor/{kind}_val_mse"]
+    x = torch.randn(4, 1, 16)
+    heads, neurons = converted(x)
+    assert heads.dtype == torch.float32
+    torch.testing.assert_close(neurons, predictor(x)[1], rtol=0, atol=0.05 * predictor(x)[1].abs().max().item())

@@ -89,6 +89,10 @@ def test_shadow_per_token_decoding_equals_the_masked_model(tiny_opt, policy, gat
     assert came_back
 
 
+def test_per_token_decoding_with_an_int8_predictor_equals_the_masked_model(tiny_opt):
+    decode_and_check(tiny_opt, token_predictor(tiny_opt, "shadow").run_as("int8"), Policy("local", 0.5, 0.5))
+
+
 @pytest.mark.parametrize("lookahead", [False, True])
 def test_dejavu_per_token_decoding_equals_the_masked_model(tiny_opt, lookahead, gather):
     decode_and_check(tiny_opt, token_predictor(tiny_opt, "dejavu", lookahead), Policy("local", 0.5, 0.5))
@@ -214,11 +218,12 @@ def test_per_token_decoding_rejects_what_it_cannot_run(tiny_opt):
         TokenDecoder(tiny_opt, token_predictor(tiny_opt, "dejavu"), Policy("global", 0.5, 0.5))
 
 
-def test_latency_benchmark_writes_its_table(tmp_path):
+@pytest.mark.parametrize("predictor_dtype", ["float32", "int8"])
+def test_latency_benchmark_writes_its_table(tmp_path, predictor_dtype):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="latency", overrides=["arch=opt-125m", "prompt=6", "new_tokens=3",
                                                         "min_run_time=0.01", "rounds=2", "sparsity=[0.5]",
-                                                        "logger=none"])
+                                                        "logger=none", f"predictor.dtype={predictor_dtype}"])
     rows = run(cfg, tmp_path)
     assert [(r["method"], r["granularity"]) for r in rows] == [
         ("dense", "-"), ("static", "request"), ("shadow", "request"), ("dejavu", "request"),

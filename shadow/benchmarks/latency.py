@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from shadow.arch import Shape, architecture_config, architectures, family_of
 from shadow.cli import check_argv, fail, fix_argv
-from shadow.config import ATTENTION_UNITS, DTYPES, ConfigError
+from shadow.config import ATTENTION_UNITS, DTYPES, PREDICTOR_DTYPES, ConfigError
 from shadow.models import TORCH_DTYPES
 from shadow.placements import PLACEMENTS
 from shadow.policy import Policy
@@ -175,7 +175,7 @@ class Bench:
         self.ids = torch.randint(4, 50000, (1, cfg.prompt), device=cfg.device)
         self.predictors = predictors(self.shape, cfg.predictor)
         for predictor in self.predictors.values():
-            predictor.to(cfg.device, TORCH_DTYPES[cfg.dtype]).eval()
+            predictor.to(cfg.device).eval().run_as(cfg.predictor.dtype)
 
     def generate(self, new_tokens: int) -> None:
         self.model.generate(self.ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
@@ -283,6 +283,11 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"rounds={cfg.rounds} must be a whole number of rounds, at least 1")
     if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={cfg.device} but no CUDA device is visible; use device=cpu")
+    if cfg.predictor.dtype not in PREDICTOR_DTYPES:
+        raise ConfigError(f"predictor.dtype={cfg.predictor.dtype} is unknown; use one of {', '.join(PREDICTOR_DTYPES)}")
+    if cfg.predictor.dtype == "int8" and str(cfg.device).startswith("cuda"):
+        raise ConfigError("predictor.dtype=int8 runs on the CPU only (torch's dynamic quantisation); use "
+                          "predictor.dtype=float16 or bfloat16 with device=cuda")
     if cfg.device_map not in (None, "auto"):
         raise ConfigError(f"device_map={cfg.device_map} is not a placement here; use device_map=auto (layers over "
                           "the visible GPUs) or leave it unset (one device)")
