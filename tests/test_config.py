@@ -48,9 +48,9 @@ def test_no_criterion_lists_the_criteria(compose_cfg):
     ("predictor.dtype=int4", "predictor.dtype='int4' is not one of float32, float16, bfloat16, int8"),
     ("predictor.neuron_rank=1024", "^predictor.neuron_rank=1024 must be an integer from 1 to predictor.neuron_hidden "
                                    "- 1 \\(1023\\) to save anything; use null for the full layer$"),
-    ("predictor.dtype=int8 device=cuda", "^predictor.dtype=int8 runs on the CPU only \\(torch's dynamic quantisation\\) "
-                                         "but the predictor runs on cuda; use predictor.dtype=float16 or bfloat16 "
-                                         "there, or predictor.device=cpu$"),
+    ("predictor.dtype=int8 device=cuda", "^predictor.dtype=int8 runs on the CPU only \\(torch's dynamic "
+                                         "quantisation\\) but the predictor runs on cuda; use predictor.dtype=float16 "
+                                         "or bfloat16 there, or predictor.device=cpu$"),
     ("eval.dataset=c4", "eval.dataset='c4' is not one of opt_mini, wikitext2"),
     ("eval.protocols=[token,bytes]", "eval.protocols='bytes' is not one of token, word"),
     ("model.dtype=int8", "model.dtype='int8' is not one of"),

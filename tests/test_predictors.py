@@ -304,7 +304,7 @@ def test_a_low_rank_neuron_network_factors_its_output_layer_and_learns(fitted, f
     from shadow.run import predictor_parameters
 
     (predictor, report), cfg = fitted_low_rank
-    hidden, rank, output = predictor.neurons[0][0], predictor.neurons[0][2], predictor.neurons[0][3]
+    rank, output = predictor.neurons[0][2], predictor.neurons[0][3]  # after Linear(16, 64), ReLU
     assert (rank.in_features, rank.out_features, rank.bias) == (64, 16, None)
     assert (output.in_features, output.out_features) == (16, SHAPE.layers * SHAPE.neurons)
     weights = sum(p.numel() for name, p in predictor.named_parameters() if name.endswith("weight"))

@@ -25,7 +25,7 @@ from hydra import compose, initialize_config_dir
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from shadow.benchmarks.latency import COLUMNS, run
+from shadow.benchmarks.latency import COLUMNS, predictor_dtype, run
 from shadow.masking import apply_masks
 from shadow.placements import PLACEMENTS
 from shadow.policy import Masks, Policy
@@ -218,12 +218,23 @@ def test_per_token_decoding_rejects_what_it_cannot_run(tiny_opt):
         TokenDecoder(tiny_opt, token_predictor(tiny_opt, "dejavu"), Policy("global", 0.5, 0.5))
 
 
-@pytest.mark.parametrize("predictor_dtype", ["float32", "int8"])
-def test_latency_benchmark_writes_its_table(tmp_path, predictor_dtype):
+def test_latency_benchmark_timing_presets():
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        full, quick, mixed = (compose(config_name="latency", overrides=o) for o in (
+            [], ["timing=quick"], ["timing=quick", "new_tokens=64"]))
+    assert (full.rounds, full.new_tokens, quick.rounds, quick.new_tokens) == (5, 128, 3, 32)
+    assert (mixed.rounds, mixed.new_tokens, full.predictor.dtype) == (3, 64, None)
+    assert predictor_dtype(full) == "int8"
+    full.device, full.dtype = "cuda", "bfloat16"
+    assert predictor_dtype(full) == "bfloat16"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_latency_benchmark_writes_its_table(tmp_path, dtype):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="latency", overrides=["arch=opt-125m", "prompt=6", "new_tokens=3",
                                                         "min_run_time=0.01", "rounds=2", "sparsity=[0.5]",
-                                                        "logger=none", f"predictor.dtype={predictor_dtype}"])
+                                                        "logger=none", f"predictor.dtype={dtype}"])
     rows = run(cfg, tmp_path)
     assert [(r["method"], r["granularity"]) for r in rows] == [
         ("dense", "-"), ("static", "request"), ("shadow", "request"), ("dejavu", "request"),

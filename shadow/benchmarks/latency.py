@@ -6,9 +6,11 @@
 
 Settings: conf/latency.yaml (Hydra, so ``-m`` sweeps and launchers work as for ``python -m shadow``).
 
-Random weights and untrained predictors (timing does not depend on them, as in the paper). Batch 1, a
-``prompt``-token prompt, then ``new_tokens`` greedy tokens. Rows, at each sparsity of heads and neurons
-(local policy: every layer keeps the same share):
+Random weights and untrained predictors (timing does not depend on them, as in the paper), run in
+``predictor.dtype``: by default int8 on the CPU (dynamic quantisation, whose cost in quality is negligible) and
+the model's dtype on GPUs. Batch 1, a ``prompt``-token prompt, then ``new_tokens`` greedy tokens (``timing=quick``:
+fewer tokens and rounds). Rows, at each sparsity of heads and neurons (local policy: every layer keeps the same
+share):
   dense             Hugging Face ``generate``, no sparsity;
   static  request   one fixed mask, no predictor; its kept weights gathered once before timing;
   shadow  request   one predictor reads layer 0's attention output at the last prompt token; the kept weights
@@ -175,7 +177,7 @@ class Bench:
         self.ids = torch.randint(4, 50000, (1, cfg.prompt), device=cfg.device)
         self.predictors = predictors(self.shape, cfg.predictor)
         for predictor in self.predictors.values():
-            predictor.to(cfg.device).eval().run_as(cfg.predictor.dtype)
+            predictor.to(cfg.device).eval().run_as(predictor_dtype(cfg))
 
     def generate(self, new_tokens: int) -> None:
         self.model.generate(self.ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
@@ -268,6 +270,11 @@ TABLE_HEAD = ("| method | masks | sparsity | total ms | first token ms | ms / st
               "|---|---|---|---|---|---|---|---|")
 
 
+def predictor_dtype(cfg: DictConfig) -> str:
+    """The predictors' dtype: as set, else int8 on the CPU and the model's dtype elsewhere."""
+    return cfg.predictor.dtype or ("int8" if str(cfg.device) == "cpu" else cfg.dtype)
+
+
 def check(cfg: DictConfig) -> None:
     """One-line errors for bad settings, before the model is built."""
     if cfg.arch not in architectures():
@@ -283,8 +290,9 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"rounds={cfg.rounds} must be a whole number of rounds, at least 1")
     if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={cfg.device} but no CUDA device is visible; use device=cpu")
-    if cfg.predictor.dtype not in PREDICTOR_DTYPES:
-        raise ConfigError(f"predictor.dtype={cfg.predictor.dtype} is unknown; use one of {', '.join(PREDICTOR_DTYPES)}")
+    if cfg.predictor.dtype not in (None, *PREDICTOR_DTYPES):
+        raise ConfigError(f"predictor.dtype={cfg.predictor.dtype} is unknown; use one of "
+                          f"{', '.join(PREDICTOR_DTYPES)} or null (int8 on the CPU, the model's dtype on GPUs)")
     if cfg.predictor.dtype == "int8" and str(cfg.device).startswith("cuda"):
         raise ConfigError("predictor.dtype=int8 runs on the CPU only (torch's dynamic quantisation); use "
                           "predictor.dtype=float16 or bfloat16 with device=cuda")
