@@ -11,8 +11,8 @@ from the features at t, recomputed at every step as DejaVu does).
 Two options cut what a predictor costs where it runs at every token: ``predictor.neuron_rank`` factors the neuron
 network's output layer (hidden × L·F weights, most of the predictor) through a rank, trained as such; and
 ``predictor.dtype`` runs the trained float32 networks in float16/bfloat16 or, on the CPU, int8 (torch's dynamic
-quantisation: int8 weights per output channel, activations quantised per call). docs/predictor-cost.md has their
-measured cost in held-out ρ and perplexity.
+quantisation: int8 weights per output channel, activations quantised per call). docs/benchmarks.md (the predictor's
+cost) has their measured effect on held-out ρ and perplexity.
 """
 
 from __future__ import annotations
@@ -75,10 +75,9 @@ Groups = tuple[tuple[int, tuple[int, ...]], ...]  # (feature layer, the layers i
 
 def network(arch: str, inputs: int, hidden: int, outputs: int, rank: int | None = None) -> nn.Sequential:
     """An MLP or a low-rank map; with ``rank``, its output layer factored as (hidden → rank → outputs)."""
+    first = [nn.Linear(inputs, hidden, bias=False)] if arch == "lowrank" else [nn.Linear(inputs, hidden), nn.ReLU()]
     output = [nn.Linear(hidden, rank, bias=False), nn.Linear(rank, outputs)] if rank else [nn.Linear(hidden, outputs)]
-    if arch == "lowrank":
-        return nn.Sequential(nn.Linear(inputs, hidden, bias=False), *output)
-    return nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), *output)
+    return nn.Sequential(*first, *output)  # built in this order: a seed gives the same networks as ever
 
 
 class Predictor(nn.Module):

@@ -100,18 +100,26 @@ def pruned(model: nn.Module, masks: Masks, shape: Shape) -> Iterator[None]:
 
 @dataclass
 class Generation:
-    tokens: Tensor  # (N,) the greedy continuation
-    logits: Tensor  # (N - 1, V) of the sparse decoding steps (the first token comes from the dense prompt pass)
-    masks: Masks  # heads (N - 1, L, H), neurons (N - 1, L, F): the mask of each decoding step
+    tokens: Tensor  # (B, N) the greedy continuations
+    logits: Tensor  # (B, N - 1, V) of the sparse decoding steps (the first token comes from the dense prompt pass)
+    masks: Masks  # heads (N - 1, L, H), neurons (N - 1, L, F): each decoding step's mask, shared by the batch
 
 
 @dataclass
 class _LayerCache:
-    keys: Tensor  # (key-value heads · head_dim, positions): one row per key unit, as the gather kernel writes them
+    """One layer's cache for a batch of B requests, each request's P positions one span after another."""
+
+    keys: Tensor  # (key-value heads · head_dim, B · P): one row per key unit, as the gather kernel writes them
     values: Tensor
-    inputs: Tensor  # (positions, E) attention inputs, to compute a head's skipped keys and values later
-    done: Tensor  # (key-value heads,) per head: positions [0, done) have keys and values
+    inputs: Tensor  # (B · P, E) attention inputs, to compute a head's skipped keys and values later
+    done: Tensor  # (key-value heads,) per head: positions [0, done) have keys and values in every request
     prompt: int  # positions [0, prompt) have every head's keys and values (the dense prompt pass wrote them)
+    requests: int  # B
+
+    def request(self, b: int) -> tuple[Tensor, Tensor]:
+        """Request b's keys and values, (key-value heads · head_dim, P) views of the stores."""
+        span = self.keys.shape[1] // self.requests
+        return self.keys[:, b * span:(b + 1) * span], self.values[:, b * span:(b + 1) * span]
 
 
 @dataclass
@@ -134,7 +142,7 @@ def _leading(masks: Tensor, counts: list[int]) -> list[Tensor]:
 
 
 class TokenDecoder:
-    """Greedy decoding at batch 1 with per-token masks, reading only the kept units' weights at each step.
+    """Greedy decoding with per-token masks, reading only the kept units' weights at each step.
 
     The prompt runs densely. At every decoding step the predictor runs where its features appear: ShadowLLM's once,
     on layer 0's attention output; DejaVu-style ones at every layer (with ``lookahead``, layer l's reads layer l −
@@ -142,6 +150,11 @@ class TokenDecoder:
     projection's input, pruned heads zeroed. Keys and values of a head at positions where it was pruned are computed
     when it is next kept, from the cached attention input, so each head attends to exactly the keys and values of
     the masked model, whose pruned heads still write their cache.
+
+    A batch of B prompts of one length decodes together: each layer keeps the union of the units the requests'
+    masks keep, so every kept weight is read once for the batch, and each request's output is the masked model's
+    under that union mask. The union grows with B (B = 8 untrained predictors keep nearly every unit), which is
+    how per-token sparsity's gain shrinks with batch size.
 
     A step reads nothing back from the device (with the compiled or Triton kernels; torch's sparse kernels size
     their patterns on the host): tokens stay on the device until the end, and the kept units' indices come from a
@@ -190,27 +203,25 @@ class TokenDecoder:
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, new_tokens: int) -> Generation:
-        """Greedily continue one (1, T) prompt by ``new_tokens`` tokens."""
-        if input_ids.shape[0] != 1:
-            raise ValueError("TokenDecoder decodes one request at a time: input_ids must be (1, T)")
+        """Greedily continue a batch of (B, T) prompts, all of length T, by ``new_tokens`` tokens."""
         if not self.active:
             with self:
                 return self.generate(input_ids, new_tokens)
-        prompt = input_ids.shape[1]
+        requests, prompt = input_ids.shape
         out = self.model(input_ids.to(input_device(self.model)), use_cache=True)
         # newer transformers name the returned cache ``cache``, earlier 5.x ``past_key_values``
         caches = self._caches(out["cache" if "cache" in out else "past_key_values"], prompt + new_tokens)
-        tokens = [out.logits[0, -1].argmax()]  # on the device: read once, at the end
+        tokens = [out.logits[:, -1].argmax(-1)]  # on the device: read once, at the end
         logits, heads, neurons = [], [], []
         for position in range(prompt, prompt + new_tokens - 1):
             step_logits, masks = self._step(tokens[-1], position, caches)
-            tokens.append(step_logits.argmax())
+            tokens.append(step_logits.argmax(-1))
             logits.append(step_logits)
             heads.append(masks.heads)
             neurons.append(masks.neurons)
         empty = torch.zeros(0, self.shape.layers, 0, dtype=torch.bool)
-        return Generation(torch.stack(tokens).cpu(),
-                          torch.stack(logits).cpu() if logits else torch.zeros(0, self.model.config.vocab_size),
+        return Generation(torch.stack(tokens, 1).cpu(), torch.stack(logits, 1).cpu() if logits else
+                          torch.zeros(requests, 0, self.model.config.vocab_size),
                           Masks(torch.stack(heads).cpu() if heads else empty,
                                 torch.stack(neurons).cpu() if neurons else empty))
 
@@ -218,92 +229,97 @@ class TokenDecoder:
         caches = []
         for index, layer in enumerate(self.layers):
             stores = []
-            for prompt in (cache.layers[index].keys[0], cache.layers[index].values[0]):  # (kv heads, T, head_dim)
-                H, T, D = prompt.shape
-                store = prompt.new_zeros(H, D, positions)
-                store[:, :, :T] = prompt.transpose(1, 2)
-                stores.append(store.view(H * D, positions))
-            inputs = prompt.new_zeros(positions, self.family.module(layer, "query").in_features)
-            caches.append(_LayerCache(*stores, inputs, torch.full((H,), T, device=prompt.device), T))
+            for prompt in (cache.layers[index].keys, cache.layers[index].values):  # (B, kv heads, T, head_dim)
+                B, H, T, D = prompt.shape
+                store = prompt.new_zeros(H, D, B, positions)
+                store[..., :T] = prompt.permute(1, 3, 0, 2)
+                stores.append(store.view(H * D, B * positions))
+            inputs = prompt.new_zeros(B * positions, self.family.module(layer, "query").in_features)
+            caches.append(_LayerCache(*stores, inputs, torch.full((H,), T, device=prompt.device), T, B))
         return caches
 
-    def _step(self, token: Tensor, position: int, caches: list[_LayerCache]) -> tuple[Tensor, Masks]:
-        """One token through the model family's decoding step, each layer's attention and FFN reading only the
-        kept units."""
+    def _step(self, tokens: Tensor, position: int, caches: list[_LayerCache]) -> tuple[Tensor, Masks]:
+        """One token per request through the model family's decoding step, each layer's attention and FFN reading
+        only the kept units."""
         kept: dict[int, _Kept] = {}  # filled as predictors run
 
         def attention(index: int, h: Tensor) -> Tensor:
             return self._attention(index, self.layers[index], h, position, caches[index], kept)
 
-        logits = self.family.decode_step(self.model, token, position, attention, lambda index: kept[index].units,
+        logits = self.family.decode_step(self.model, tokens, position, attention, lambda index: kept[index].units,
                                          lambda index: self.fetch[index](self.layers[index]))
         return logits, Masks(torch.stack([kept[i].heads.to(logits.device) for i in range(len(self.layers))]),
                              torch.stack([kept[i].neurons.to(logits.device) for i in range(len(self.layers))]))
 
     def _attention(self, index: int, layer: nn.Module, h: Tensor, position: int, cache: _LayerCache,
                    kept: dict[int, _Kept]) -> Tensor:
-        """One position's attention output after the output projection, over the kept heads (all of them when the
-        layer's mask is not known yet); runs the predictors that read this layer. Query heads read their group's
-        key-value head, whose keys and values are computed first (for more groups, see the class)."""
+        """One position's attention output after the output projection, (B, E) for the batch's (B, E) inputs, over
+        the kept heads (all of them when the layer's mask is not known yet); runs the predictors that read this
+        layer. Query heads read their group's key-value head, whose keys and values are computed first (for more
+        groups, see the class)."""
         query, key, value, output = (self.family.module(layer, role) for role in ("query", "key", "value", "output"))
-        shape, D, device = self.shape, self.shape.head_dim, h.device
+        shape, D, device, B = self.shape, self.shape.head_dim, h.device, cache.requests
         known = kept.get(index)
         if known is not None:
             queries, kv_heads = known.queries.to(device), known.kv_heads.to(device)
         else:
             queries = torch.arange(shape.query_heads, device=device)
             kv_heads = torch.arange(shape.kv_heads, device=device)
-        cache.inputs[position] = h
+        cache.inputs.view(B, -1, h.shape[1])[:, position] = h
         first = cache.done[kv_heads]  # a head kept again catches up on skipped positions
         kv_dims, first_rows = _head_dims(kv_heads, D), first.repeat_interleave(D)
-        kernels.rows_into(cache.keys, key, kv_dims, cache.inputs, first_rows, position)
-        kernels.rows_into(cache.values, value, kv_dims, cache.inputs, first_rows, position)
+        kernels.rows_into(cache.keys, key, kv_dims, cache.inputs, first_rows, position, B)
+        kernels.rows_into(cache.values, value, kv_dims, cache.inputs, first_rows, position, B)
         if self.family.rotary:
             self._rotate_new_keys(layer, cache, kv_heads, first, position)
         cache.done.index_fill_(0, kv_heads, position + 1)
         dims = _head_dims(queries, D)
-        out = kernels.rows(query, dims, h)
+        out = kernels.rows(query, dims, h)  # (B, kept query heads · D)
         if self.family.rotary:
             out = self.family.rotate(self.model, layer, "query", out.view(-1, 1, D),
-                                     torch.arange(position, position + 1, device=device)).flatten()
-        out = kernels.attend(out * self.family.scaling(layer), cache.keys, cache.values,
-                             queries // shape.group_size, D, position + 1)
+                                     torch.arange(position, position + 1, device=device)).view(B, -1)
+        out = out * self.family.scaling(layer)
+        groups = queries // shape.group_size
+        out = torch.stack([kernels.attend(out[b], *cache.request(b), groups, D, position + 1) for b in range(B)])
         for group in self.groups_at.get(index, []):
-            feature = h.new_zeros(output.in_features).index_copy_(0, dims, out)
+            feature = h.new_zeros(B, output.in_features).index_copy_(1, dims, out)
             self._predict(group, feature, kept)
         if known is None:  # every head was computed: the output reads those the mask now keeps
             queries = kept[index].queries.to(device)
-            dims, out = _head_dims(queries, D), out.view(-1, D).index_select(0, queries).flatten()
+            dims, out = _head_dims(queries, D), out.view(B, -1, D).index_select(1, queries).flatten(1)
         return kernels.columns(output, dims, out)
 
     def _rotate_new_keys(self, layer: nn.Module, cache: _LayerCache, kv_heads: Tensor, first: Tensor,
                          last: int) -> None:
-        """Rotate the keys just written, positions [first[i], last] of each head ``kv_heads[i]``, in place. Every
-        first[i] is past the prompt, so the span from there is rotated where written: its length the host knows."""
-        D = self.shape.head_dim
-        store = cache.keys.view(-1, D, cache.keys.shape[1])
-        span = store[kv_heads, :, cache.prompt:last + 1].transpose(1, 2)  # (heads, positions, D)
+        """Rotate the keys just written, positions [first[i], last] of each head ``kv_heads[i]`` in every request,
+        in place. Every first[i] is past the prompt, so the span from there is rotated where written: its length
+        the host knows."""
+        D, B = self.shape.head_dim, cache.requests
+        store = cache.keys.view(-1, D, B, cache.keys.shape[1] // B)
+        span = store[kv_heads, :, :, cache.prompt:last + 1].permute(0, 2, 3, 1).flatten(0, 1)  # (heads·B, T, D)
         positions = torch.arange(cache.prompt, last + 1, device=span.device)
         rotated = self.family.rotate(self.model, layer, "key", span, positions)
-        wanted = (positions[None] >= first[:, None])[..., None]
-        store[kv_heads, :, cache.prompt:last + 1] = torch.where(wanted, rotated, span).transpose(1, 2)
+        wanted = (positions[None] >= first.repeat_interleave(B)[:, None])[..., None]
+        store[kv_heads, :, :, cache.prompt:last + 1] = (torch.where(wanted, rotated, span)
+                                                         .unflatten(0, (len(kv_heads), B)).permute(0, 3, 1, 2))
 
     def _predict(self, group: int, feature: Tensor, kept: dict[int, _Kept]) -> None:
-        """Run one predictor and select its target layers' units."""
+        """Run one predictor on the batch's (B, E) features and select its target layers' units: the union of
+        the requests' masks."""
         targets = self.predictor.groups[group][1]
         policy = replace(self.policy, dense_first_layer=self.policy.dense_first_layer and targets[0] == 0)
-        masks = policy.select(*self.predictor.group_scores(group, feature[None].to(self.predictor.device)))
-        heads, neurons = masks.heads[0], masks.neurons[0]  # (targets, H), (targets, F)
+        masks = policy.select(*self.predictor.group_scores(group, feature.to(self.predictor.device)))
+        heads, neurons = masks.heads.any(0), masks.neurons.any(0)  # (targets, H), (targets, F)
         shape, n = self.shape, len(targets)
         queries = shape.query_mask(heads)
         groups = queries.view(n, shape.kv_heads, shape.group_size).any(-1)
-        head_counts = policy.kept_counts(n, shape.heads, policy.head_sparsity)
+        head_counts = policy.kept_counts(n, shape.heads, policy.head_sparsity) if len(feature) == 1 else None
         if head_counts is not None:
             neuron_counts = policy.kept_counts(n, shape.neurons, policy.neuron_sparsity)
             query_counts = [count * shape.heads_per_unit for count in head_counts]
             padded = shape.attention_unit == "query_head" and shape.group_size > 1
             group_counts = [min(count, shape.kv_heads) for count in head_counts] if padded else head_counts
-        else:  # the scores decide how many: one read of every count
+        else:  # the scores (or a batch's union) decide how many: one read of every count
             counts = torch.stack([queries.sum(-1), groups.sum(-1), neurons.sum(-1)]).tolist()
             query_counts, group_counts, neuron_counts = counts
             padded = False

@@ -123,40 +123,41 @@ def token_predictor(model, name: str, lookahead: bool = False, attention_unit: s
     return Predictor(shape, shape.attention_width, groups, "mlp", 32, 32, False).eval()
 
 
-def decode_and_check(model, predictor: Predictor, policy: Policy, new_tokens: int = 10):
-    """Decode per token; every step's logits must equal the masked model's on the same sequence and masks, up to
-    rounding, and so must its greedy tokens where rounding cannot decide between two. In float32 the kernels'
-    other summation order moves logits by less than 1e-4. In half precision the per-token path may run other
-    kernels than the masked model (it does on CUDA), so its rounding is its own: its logits must be at most twice as
-    far from the float32 masked model (the same weights, upcast) as the half-precision masked model's are, in root
-    mean square over all logits (a maximum over single logits is too noisy to bound)."""
-    ids = torch.randint(4, 8192, (1, 9), generator=torch.Generator().manual_seed(6))
+def decode_and_check(model, predictor: Predictor, policy: Policy, new_tokens: int = 10, batch: int = 1):
+    """Decode per token a batch of prompts; every step's logits must equal the masked model's on the same
+    sequences and masks (the batch's union, shared), up to rounding, and so must its greedy tokens where rounding
+    cannot decide between two. In float32 the kernels' other summation order moves logits by less than 1e-4. In
+    half precision the per-token path may run other kernels than the masked model (it does on CUDA), so its
+    rounding is its own: its logits must be at most twice as far from the float32 masked model (the same weights,
+    upcast) as the half-precision masked model's are, in root mean square over all logits (a maximum over single
+    logits is too noisy to bound). Returns the generation and the (B, S) sequences decoded."""
+    ids = torch.randint(4, 8192, (batch, 9), generator=torch.Generator().manual_seed(6))
     out = TokenDecoder(model, predictor, policy).generate(ids, new_tokens)
-    assert len(out.tokens) == new_tokens and out.logits.shape[0] == new_tokens - 1
-    sequence = torch.cat([ids[0], out.tokens[:-1]])[None]
+    assert out.tokens.shape == (batch, new_tokens) and out.logits.shape[:2] == (batch, new_tokens - 1)
+    sequences = torch.cat([ids, out.tokens[:, :-1]], 1)
     prompt = ids.shape[1]
-    heads = torch.ones(1, sequence.shape[1], *out.masks.heads.shape[1:], dtype=torch.bool)
-    neurons = torch.ones(1, sequence.shape[1], *out.masks.neurons.shape[1:], dtype=torch.bool)
-    heads[0, prompt:], neurons[0, prompt:] = out.masks.heads, out.masks.neurons
+    heads = torch.ones(batch, sequences.shape[1], *out.masks.heads.shape[1:], dtype=torch.bool)
+    neurons = torch.ones(batch, sequences.shape[1], *out.masks.neurons.shape[1:], dtype=torch.bool)
+    heads[:, prompt:], neurons[:, prompt:] = out.masks.heads, out.masks.neurons
     masks = Masks(heads, neurons)
     with torch.no_grad(), apply_masks(model, masks):
-        masked = model(sequence.to(model.device)).logits[0].cpu()
-    assert int(masked[prompt - 1].argmax()) == out.tokens[0]
+        masked = model(sequences.to(model.device)).logits.cpu()
+    assert torch.equal(masked[:, prompt - 1].argmax(-1), out.tokens[:, 0])
     if model.dtype == torch.float32:
-        torch.testing.assert_close(out.logits, masked[prompt:], rtol=1e-4, atol=1e-4)
-        top = masked[prompt:].topk(2, dim=-1).values
-        decided = top[:, 0] - top[:, 1] > 2e-4
-        assert decided.any() and torch.equal(out.tokens[1:][decided], masked[prompt:].argmax(-1)[decided])
+        torch.testing.assert_close(out.logits, masked[:, prompt:], rtol=1e-4, atol=1e-4)
+        top = masked[:, prompt:].topk(2, dim=-1).values
+        decided = top[..., 0] - top[..., 1] > 2e-4
+        assert decided.any() and torch.equal(out.tokens[:, 1:][decided], masked[:, prompt:].argmax(-1)[decided])
     else:
         full = copy.deepcopy(model).float()
         with torch.no_grad(), apply_masks(full, masks):
-            exact = full(sequence.to(full.device)).logits[0, prompt:].cpu()
+            exact = full(sequences.to(full.device)).logits[:, prompt:].cpu()
 
         def distance(logits: torch.Tensor) -> float:
             return (logits.float() - exact).pow(2).mean().sqrt().item()
 
-        assert distance(out.logits) <= 2 * distance(masked[prompt:])
-    return out, sequence
+        assert distance(out.logits) <= 2 * distance(masked[:, prompt:])
+    return out, sequences
 
 
 def per_layer_agreement(half: torch.Tensor, full: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,13 @@ def test_rows_into_writes_exactly_the_asked_entries(name, with_bias):
         asked[row, start:last + 1] = True
     torch.testing.assert_close(out[asked], dense[asked])
     assert out[~asked].isnan().all()  # nothing else is touched
+    # a batch of three requests, each a span of 9 positions: the same rows and positions in every span
+    batch = torch.randn(27, 37, generator=gen)
+    out = torch.full((40, 27), float("nan"))
+    backend_named(name).rows_into(out, weight, bias, index, batch, first, last, 3)
+    dense, asked = weight @ batch.t() + (bias[:, None] if with_bias else 0), asked.repeat(1, 3)
+    torch.testing.assert_close(out[asked], dense[asked])
+    assert out[~asked].isnan().all()
 
 
 @pytest.mark.parametrize("name", BACKENDS)
@@ -53,10 +60,10 @@ def test_rows_into_writes_exactly_the_asked_entries(name, with_bias):
 def test_rows_are_the_kept_outputs(name, with_bias):
     gen = torch.Generator().manual_seed(6)
     linear = torch.nn.Linear(37, 42, bias=with_bias)
-    x = torch.randn(37, generator=gen)
-    for index in (torch.tensor([0, 3, 4, 17, 41]), torch.arange(42), torch.tensor([7]), torch.arange(0)):
-        got = backend_named(name).rows(linear.weight.detach(), linear.bias, index, x)
-        torch.testing.assert_close(got, linear(x).detach()[index])
+    for x in (torch.randn(1, 37, generator=gen), torch.randn(5, 37, generator=gen)):  # a request, a batch
+        for index in (torch.tensor([0, 3, 4, 17, 41]), torch.arange(42), torch.tensor([7]), torch.arange(0)):
+            got = backend_named(name).rows(linear.weight.detach(), linear.bias, index, x)
+            torch.testing.assert_close(got, linear(x).detach()[:, index])
 
 
 @pytest.mark.parametrize("name", BACKENDS)
@@ -64,28 +71,29 @@ def test_rows_are_the_kept_outputs(name, with_bias):
 def test_columns_sum_exactly_the_kept_columns(name, with_bias):
     gen = torch.Generator().manual_seed(4)
     down = torch.nn.Linear(40, 300, bias=with_bias)  # 300 outputs: the threads split them unevenly
-    y = torch.randn(40, generator=gen)
+    y = torch.randn(3, 40, generator=gen)  # a batch of three requests
     index = torch.tensor([0, 3, 4, 17, 39])
     weight_t = down.weight.t().contiguous()
     masked = down(y * torch.zeros(40).index_fill_(0, index, 1))
-    torch.testing.assert_close(backend_named(name).columns(weight_t, down.bias, index, y[index]), masked)
-    empty = backend_named(name).columns(weight_t, down.bias, index[:0], y[:0])
-    assert torch.equal(empty, down.bias if with_bias else torch.zeros(300))
+    torch.testing.assert_close(backend_named(name).columns(weight_t, down.bias, index, y[:, index]), masked)
+    torch.testing.assert_close(backend_named(name).columns(weight_t, down.bias, index, y[:1, index]), masked[:1])
+    empty = backend_named(name).columns(weight_t, down.bias, index[:0], y[:, :0])
+    assert torch.equal(empty, (down.bias if with_bias else torch.zeros(300)).expand(3, -1))
 
 
 def test_compiled_and_torch_kernels_agree_at_model_size():
     gen = torch.Generator().manual_seed(5)
     fc1 = torch.nn.Linear(512, 2048)
-    x = torch.randn(512, generator=gen)
+    x = torch.randn(1, 512, generator=gen)
     index = torch.randperm(2048, generator=gen)[:1024].sort().values
     out = {name: torch.zeros(2048, 1) for name in backends()}
     for name, backend in backends().items():
-        backend.rows_into(out[name], fc1.weight, fc1.bias, index, x[None], torch.zeros_like(index), 0)
+        backend.rows_into(out[name], fc1.weight, fc1.bias, index, x, torch.zeros_like(index), 0)
     torch.testing.assert_close(out["native"], out["torch"])
     torch.testing.assert_close(out["triton"], out["torch"])
-    torch.testing.assert_close(kernels.rows(fc1, index, x), fc1(x)[index])
+    torch.testing.assert_close(kernels.rows(fc1, index, x), fc1(x)[:, index])
     weight_t = fc1.weight.detach().contiguous()  # (2048, 512) read as the transposed weight of a 2048 → 512 layer
-    z = torch.randn(1024, generator=gen)
+    z = torch.randn(2, 1024, generator=gen)
     native, *others = [backend.columns(weight_t, None, index, z) for backend in backends().values()]
     for other in others:
         torch.testing.assert_close(other, native, rtol=1e-5, atol=1e-5)
@@ -109,10 +117,10 @@ def test_torch_kernels_in_half_precision_equal_the_dense_products(dtype):
     assert out[~asked].isnan().all()
     TorchGather.rows_into(out, weight, bias, index[:0], inputs, first[:0], last)  # nothing kept: nothing written
     assert out[~asked].isnan().all()
-    torch.testing.assert_close(TorchGather.rows(weight, bias, index, inputs[0]), dense[index, 0])
-    y = torch.randn(40, generator=gen).to(dtype)
+    torch.testing.assert_close(TorchGather.rows(weight, bias, index, inputs[:2]), dense[index, :2].t())
+    y = torch.randn(2, 40, generator=gen).to(dtype)
     masked = torch.nn.functional.linear(y * torch.zeros(40, dtype=dtype).index_fill_(0, index, 1), weight.t())
-    torch.testing.assert_close(TorchGather.columns(weight, None, index, y[index]), masked, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(TorchGather.columns(weight, None, index, y[:, index]), masked, rtol=2e-2, atol=2e-2)
     keys, values = torch.randn(6 * 8, 11, generator=gen).to(dtype), torch.randn(6 * 8, 11, generator=gen).to(dtype)
     query = torch.randn(2 * 8, generator=gen).to(dtype)
     want = TorchGather.attend(query.float(), keys.float(), values.float(), torch.tensor([1, 5]), 8, 7)
@@ -150,15 +158,22 @@ def test_triton_kernels_round_the_float32_products_once(dtype):
     assert out[~asked].isnan().all()
     TritonGather.rows_into(out, weight, bias, index[:0], inputs, first[:0], last)
     assert out[~asked].isnan().all()
-    close(TritonGather.rows(weight, None, index, inputs[3]), (weight.float() @ inputs[3].float())[index])
-    assert TritonGather.rows(weight, bias, index[:0], inputs[3]).shape == (0,)
+    out = torch.full((70, 12), float("nan"), dtype=dtype)  # two requests of 6 positions
+    TritonGather.rows_into(out, weight, bias, index, inputs, first.clamp(max=6) - 1, 4, 2)
+    asked = torch.zeros(70, 6, dtype=torch.bool)
+    for row, start in zip(index.tolist(), (first.clamp(max=6) - 1).clamp(min=0).tolist(), strict=True):
+        asked[row, start:5] = True
+    close(out[asked.repeat(1, 2)], exact[asked.repeat(1, 2)])
+    assert out[~asked.repeat(1, 2)].isnan().all()
+    close(TritonGather.rows(weight, None, index, inputs[3:5]), (inputs[3:5].float() @ weight.float().t())[:, index])
+    assert TritonGather.rows(weight, bias, index[:0], inputs[3:5]).shape == (2, 0)
 
     weight_t = torch.randn(600, 100, generator=gen).to(dtype)  # 300 kept rows: two splits of the sum
     kept = torch.randperm(600, generator=gen)[:300].sort().values
-    scale, out_bias = torch.randn(300, generator=gen).to(dtype), torch.randn(100, generator=gen).to(dtype)
+    scale, out_bias = torch.randn(2, 300, generator=gen).to(dtype), torch.randn(100, generator=gen).to(dtype)
     close(TritonGather.columns(weight_t, out_bias, kept, scale),
           scale.float() @ weight_t.float()[kept] + out_bias.float())
-    close(TritonGather.columns(weight_t, out_bias, kept[:0], scale[:0]), out_bias.float())
+    close(TritonGather.columns(weight_t, out_bias, kept[:0], scale[:, :0]), out_bias.float().expand(2, -1))
 
     D, positions, length = 24, 50, 45  # two blocks of positions
     keys, values = (torch.randn(3 * D, positions, generator=gen).to(dtype) for _ in range(2))
@@ -169,6 +184,8 @@ def test_triton_kernels_round_the_float32_products_once(dtype):
         for j, h in enumerate(heads.tolist())])
     close(TritonGather.attend(query, keys, values, heads, D, length), exact)
     assert TritonGather.attend(query[:0], keys, values, heads[:0], D, length).shape == (0,)
+    store_k, store_v = (torch.cat([torch.randn_like(t), t], dim=1) for t in (keys, values))  # request 1 of two
+    close(TritonGather.attend(query, store_k[:, positions:], store_v[:, positions:], heads, D, length), exact)
 
 
 def test_other_dtypes_and_the_switch_use_torch_kernels(monkeypatch):
@@ -202,6 +219,10 @@ def test_attend_is_attention_over_the_kept_heads(name):
     heads = torch.tensor([1, 2, 5])
     query = torch.randn(len(heads) * D, generator=gen)
     got = backend_named(name).attend(query, keys, values, heads, D, length)
+    # the same cache as the second request's span of a batch's store: read in place, rows strided
+    store_k, store_v = (torch.cat([torch.randn_like(t), t], dim=1) for t in (keys, values))
+    in_place = backend_named(name).attend(query, store_k[:, positions:], store_v[:, positions:], heads, D, length)
+    torch.testing.assert_close(in_place, got)
     for j, head in enumerate(heads.tolist()):
         k, v = keys[head * D:(head + 1) * D, :length], values[head * D:(head + 1) * D, :length]
         weights = torch.softmax(query[j * D:(j + 1) * D] @ k, dim=0)  # positions past length are not read

@@ -190,6 +190,15 @@ def test_dejavu_per_token_decoding_equals_the_masked_model(attention_unit, gathe
     decode_and_check(model, token_predictor(model, "dejavu", True, attention_unit), Policy("local", 0.5, 0.5))
 
 
+@pytest.mark.parametrize("attention_unit", UNITS)
+@pytest.mark.parametrize("placement,policy", [("shadow", "global"), ("dejavu", "local")])
+def test_a_batch_decodes_as_the_masked_model_under_its_union_mask(attention_unit, placement, policy, gather):
+    model = tiny("gqa")
+    predictor = token_predictor(model, placement, placement == "dejavu", attention_unit)
+    out, _ = decode_and_check(model, predictor, Policy(policy, 0.5, 0.5), batch=3)
+    assert out.masks.heads.float().mean() > 0.5  # the union keeps more than one request's half
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_half_precision_per_token_decoding_equals_the_masked_model(dtype, backend, monkeypatch):

@@ -89,6 +89,21 @@ def test_shadow_per_token_decoding_equals_the_masked_model(tiny_opt, policy, gat
     assert came_back
 
 
+@pytest.mark.parametrize("placement,policy", [("shadow", "local"), ("shadow", "global"), ("dejavu", "local")])
+def test_a_batch_decodes_as_the_masked_model_under_its_union_mask(tiny_opt, placement, policy, gather):
+    """Each step keeps, per layer, the union of the requests' predicted units: the masks returned are that union
+    (each request's own mask is inside it), and every request's logits are the masked model's under it."""
+    predictor = token_predictor(tiny_opt, placement, lookahead=True)
+    out, sequences = decode_and_check(tiny_opt, predictor, Policy(policy, 0.5, 0.5), batch=3)
+    features = layer_features(tiny_opt, sequences, torch.ones_like(sequences), None, predictor.feature_layers)
+    own = Policy(policy, 0.5, 0.5).select(*predictor(features))
+    prompt = sequences.shape[1] - out.masks.heads.shape[0]
+    if placement == "shadow":  # DejaVu-style predictors read the union-masked model's features, not the dense one's
+        assert torch.equal(out.masks.neurons, own.neurons[:, prompt:].any(0))
+        assert torch.equal(out.masks.heads, own.heads[:, prompt:].any(0))
+    assert (out.masks.neurons.sum(-1) > own.neurons[:, prompt:].sum(-1).amax(0)).any()  # more than any one request
+
+
 def test_per_token_decoding_with_an_int8_predictor_equals_the_masked_model(tiny_opt):
     decode_and_check(tiny_opt, token_predictor(tiny_opt, "shadow").run_as("int8"), Policy("local", 0.5, 0.5))
 

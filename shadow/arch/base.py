@@ -88,7 +88,7 @@ class Activation:
         return slope
 
 
-Attention = Callable[[int, Tensor], Tensor]  # (layer index, normalised input (E,)) → attention output (E,)
+Attention = Callable[[int, Tensor], Tensor]  # (layer index, normalised inputs (B, E)) → attention outputs (B, E)
 Kept = Callable[[int], Tensor]  # layer index → the indices of its kept FFN units
 Fetch = Callable[[int], AbstractContextManager]  # layer index → its weights made resident for the block
 
@@ -151,12 +151,12 @@ class Family(ABC):
         return states
 
     @abstractmethod
-    def decode_step(self, model: nn.Module, token: Tensor, position: int, attention: Attention, kept: Kept,
+    def decode_step(self, model: nn.Module, tokens: Tensor, position: int, attention: Attention, kept: Kept,
                     fetch: Fetch) -> Tensor:
-        """One token (a 0-dim tensor, left on the device) through the decoder at ``position``: each layer's
-        attention is ``attention(index, h)``, its FFN reads only the units ``kept(index)`` (asked after the
-        attention) through ``shadow.kernels``; each layer runs inside ``fetch(index)`` on its own device. Returns
-        the float32 logits (V,)."""
+        """One token per request (a (B,) tensor, left on the device) through the decoder at ``position``: each
+        layer's attention is ``attention(index, h)`` on the (B, E) inputs, its FFN reads only the units
+        ``kept(index)`` (asked after the attention) through ``shadow.kernels``; each layer runs inside
+        ``fetch(index)`` on its own device. Returns the float32 logits (B, V)."""
 
     def module(self, layer: nn.Module, role: str) -> nn.Linear:
         return layer.get_submodule(self.paths[role])

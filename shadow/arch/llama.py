@@ -104,7 +104,7 @@ class Llama(Family):
         cos, sin = self.backbone(model).rotary_emb(states, positions[None])
         return states * cos + rotate_half(states) * sin
 
-    def decode_step(self, model: nn.Module, token: Tensor, position: int, attention: Attention, kept: Kept,
+    def decode_step(self, model: nn.Module, tokens: Tensor, position: int, attention: Attention, kept: Kept,
                     fetch: Fetch) -> Tensor:
         window = self.sliding_window(model.config)
         if window is not None and position >= window:
@@ -113,7 +113,7 @@ class Llama(Family):
         backbone = self.backbone(model)
         with resident(backbone.embed_tokens):
             weight = backbone.embed_tokens.weight
-            x = nn.functional.embedding(token.to(weight.device), weight)  # a tensor index: no host read
+            x = nn.functional.embedding(tokens.to(weight.device), weight)  # a tensor index: no host read
         for index, layer in enumerate(backbone.layers):
             with fetch(index):
                 mlp = layer.mlp

@@ -26,12 +26,12 @@ from shadow.kernels import TorchGather
 
 def products(rows: bool, native, x: torch.Tensor, scale: torch.Tensor, index: torch.Tensor) -> dict:
     """Each kernel as a function of one weight ((out, in) for rows, the transposed weight for columns)."""
-    kept = len(index)
+    kept, batch = len(index), x[None]  # the kernels take a batch of one
     if rows:
         return {"dense": lambda w: w @ x, "dense, first": lambda w: w[:kept] @ x,
-                "torch": lambda w: TorchGather.rows(w, None, index, x),
-                "compiled": lambda w: native.rows(w, None, index, x)}
-    kept_scale = scale[index].contiguous()
+                "torch": lambda w: TorchGather.rows(w, None, index, batch),
+                "compiled": lambda w: native.rows(w, None, index, batch)}
+    kept_scale = scale[None, index].contiguous()
     return {"dense": lambda w: w.t() @ scale, "dense, first": lambda w: w[:kept].t() @ scale[:kept],
             "torch": lambda w: TorchGather.columns(w, None, index, kept_scale),
             "compiled": lambda w: native.columns(w, None, index, kept_scale)}

@@ -36,13 +36,23 @@ class TorchGather:
 
     @staticmethod
     def rows_into(out: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, inputs: Tensor, first: Tensor,
-                  last: int) -> None:
-        """``out[index[i], p] = weight[index[i]] · inputs[p] + bias[index[i]]`` for p in [first[i], last]; ``index``
-        sorted. Computes only those entries: a CSR pattern of them, filled by ``sampled_addmm``; in half precision,
-        which ``sampled_addmm`` lacks, the kept rows' products over the positions from the earliest first."""
-        if weight.dtype in (torch.float16, torch.bfloat16):
-            TorchGather._rows_into_span(out, weight, bias, index, inputs, first, last)
-            return
+                  last: int, requests: int = 1) -> None:
+        """``out[index[i], b·span + p] = weight[index[i]] · inputs[b·span + p] + bias[index[i]]`` for p in
+        [first[i], last], for each of the ``requests`` spans of ``out``'s columns and ``inputs``' rows (one per
+        request of a batch); ``index`` sorted. Computes only those entries: a CSR pattern of them per request,
+        filled by ``sampled_addmm``; in half precision, which ``sampled_addmm`` lacks, the kept rows' products over
+        the positions from the earliest first."""
+        span = out.shape[1] // requests
+        for b in range(requests):
+            out_b, inputs_b = out[:, b * span:(b + 1) * span], inputs[b * span:(b + 1) * span]
+            if weight.dtype in (torch.float16, torch.bfloat16):
+                TorchGather._rows_into_span(out_b, weight, bias, index, inputs_b, first, last)
+            else:
+                TorchGather._rows_into_sampled(out_b, weight, bias, index, inputs_b, first, last)
+
+    @staticmethod
+    def _rows_into_sampled(out: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, inputs: Tensor,
+                           first: Tensor, last: int) -> None:
         counts = (last + 1 - first.clamp(min=0)).clamp(min=0)
         crow = torch.zeros(out.shape[0] + 1, dtype=torch.long, device=out.device)
         crow[index + 1] = counts
@@ -69,25 +79,31 @@ class TorchGather:
 
     @staticmethod
     def rows(weight: Tensor, bias: Tensor | None, index: Tensor, x: Tensor) -> Tensor:
-        """``(weight @ x + bias)[index]``, computing only those rows."""
-        out = x.new_empty(weight.shape[0], 1)
-        TorchGather.rows_into(out, weight, bias, index, x[None], torch.zeros_like(index), 0)
-        return out[index, 0]
+        """``(x @ weightᵀ + bias)[:, index]`` for a batch x (B, in), computing only those rows: the batch is the
+        positions of ``rows_into``."""
+        out = x.new_empty(weight.shape[0], x.shape[0])
+        TorchGather.rows_into(out, weight, bias, index, x, torch.zeros_like(index), x.shape[0] - 1)
+        return out[index].t().contiguous()
 
     @staticmethod
     def columns(weight_t: Tensor, bias: Tensor | None, index: Tensor, scale: Tensor) -> Tensor:
-        """``bias + Σ_i scale[i] · weight_t[index[i]]``: the columns ``index`` of W = weight_tᵀ times ``scale``, a
-        weighted sum of those rows by ``embedding_bag``, split into bags so that every thread takes a share."""
-        offsets = torch.arange(COLUMN_BAGS, device=index.device) * len(index) // COLUMN_BAGS
-        out = nn.functional.embedding_bag(index, weight_t, offsets, mode="sum", per_sample_weights=scale).sum(0)
+        """``bias + Σ_i scale[:, i] · weight_t[index[i]]`` for a batch of scales (B, kept): the columns ``index`` of
+        W = weight_tᵀ times each request's scale, a weighted sum of those rows by ``embedding_bag``, each request's
+        split into bags so that every thread takes a share."""
+        batch, kept = scale.shape
+        bags = torch.arange(COLUMN_BAGS, device=index.device) * kept // COLUMN_BAGS
+        offsets = (torch.arange(batch, device=index.device)[:, None] * kept + bags).flatten()
+        out = nn.functional.embedding_bag(index.repeat(batch), weight_t, offsets, mode="sum",
+                                          per_sample_weights=scale.flatten()).view(batch, COLUMN_BAGS, -1).sum(1)
         return out if bias is None else out + bias
 
     @staticmethod
     def attend(query: Tensor, keys: Tensor, values: Tensor, heads: Tensor, head_dim: int, length: int) -> Tensor:
         """One position's attention output for the kept ``heads``: ``query`` (n · head_dim,) already scaled,
-        ``keys`` and ``values`` (H · head_dim, positions) with one row per unit; positions [0, length)."""
+        ``keys`` and ``values`` (H · head_dim, positions) with one row per unit (perhaps column slices of a larger
+        store); positions [0, length)."""
         total = keys.shape[0] // head_dim
-        keys, values = (store.view(total, head_dim, -1)[heads, :, :length].transpose(1, 2)[None]
+        keys, values = (store.unflatten(0, (total, head_dim))[heads, :, :length].transpose(1, 2)[None]
                         for store in (keys, values))
         return nn.functional.scaled_dot_product_attention(query.view(1, -1, 1, head_dim), keys, values,
                                                           scale=1.0).flatten()
@@ -137,14 +153,18 @@ def backend(weight: Tensor) -> ModuleType | type:
     return TorchGather
 
 
-def rows_into(out: Tensor, linear: nn.Linear, index: Tensor, inputs: Tensor, first: Tensor, last: int) -> None:
+def rows_into(out: Tensor, linear: nn.Linear, index: Tensor, inputs: Tensor, first: Tensor, last: int,
+              requests: int = 1) -> None:
     """Write ``linear(inputs[p])[index[i]]`` to ``out[index[i], p]`` for p in [first[i], last], reading only the
-    rows ``index`` (sorted) of the weight. ``out``: (out_features, positions), ``inputs``: (positions, in)."""
-    backend(linear.weight).rows_into(out, linear.weight, linear.bias, index, inputs, first, last)
+    rows ``index`` (sorted) of the weight, each once. ``out``: (out_features, positions), ``inputs``: (positions,
+    in); with ``requests`` > 1, both hold that many requests' equal spans of positions one after another, and the
+    positions are those of each span."""
+    backend(linear.weight).rows_into(out, linear.weight, linear.bias, index, inputs, first, last, requests)
 
 
 def rows(linear: nn.Linear, index: Tensor, x: Tensor) -> Tensor:
-    """``linear(x)[index]`` for one input vector, reading only the rows ``index`` (sorted) of the weight."""
+    """``linear(x)[..., index]`` for a batch (B, in) of inputs, reading only the rows ``index`` (sorted) of the
+    weight, each once for the batch."""
     return backend(linear.weight).rows(linear.weight, linear.bias, index, x.contiguous())
 
 
@@ -155,8 +175,8 @@ def attend(query: Tensor, keys: Tensor, values: Tensor, heads: Tensor, head_dim:
 
 
 def columns(linear: nn.Linear, index: Tensor, x: Tensor) -> Tensor:
-    """``W[:, index] @ x + b``, reading only the columns ``index`` of W, stored transposed (``weight.t()``
-    contiguous) so that each column is one contiguous row."""
+    """``x @ W[:, index]ᵀ + b`` for a batch (B, kept), reading only the columns ``index`` of W, stored transposed
+    (``weight.t()`` contiguous) so that each column is one contiguous row, each once for the batch."""
     weight_t = linear.weight.t()
     if not weight_t.is_contiguous():  # a weight fetched from an offload, not stored transposed: one copy
         weight_t = weight_t.contiguous()

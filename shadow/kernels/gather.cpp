@@ -52,12 +52,14 @@ void check(const torch::Tensor& t, const char* name, int64_t dim, c10::ScalarTyp
 
 }  // namespace
 
-// For each kept row i and each position p in [first(i), last]: store(i, p, weight[index[i]] · inputs[p]).
+// For each kept row i, each request b and each position p in [first(i), last]: store(i, b · span + p,
+// weight[index[i]] · inputs[b · span + p]); inputs hold `requests` spans of positions one after another.
 template <typename First, typename Store>
 void kept_dots(const torch::Tensor& weight, const torch::Tensor& index, const torch::Tensor& inputs, First first,
-               int64_t last, Store store) {
-  const int64_t kept = index.size(0), width = weight.size(1);
-  TORCH_CHECK(inputs.size(1) == width && last < inputs.size(0), "inputs do not match the weight");
+               int64_t last, int64_t requests, Store store) {
+  const int64_t kept = index.size(0), width = weight.size(1), span = inputs.size(0) / requests;
+  TORCH_CHECK(inputs.size(1) == width && last < span && span * requests == inputs.size(0),
+              "inputs do not match the weight");
   const float* w = weight.data_ptr<float>();
   const float* x = inputs.data_ptr<float>();
   const int64_t* rows = index.data_ptr<int64_t>();
@@ -72,89 +74,98 @@ void kept_dots(const torch::Tensor& weight, const torch::Tensor& index, const to
         weights[r] = w + rows[row] * width;
         start = std::min(start, first(row));
       }
-      for (int64_t p = start; p <= last; ++p) {
-        float dots[kBlock];
-        dot_block(weights, x + p * width, width, dots);
-        for (int64_t r = 0; r < count; ++r)
-          if (p >= first(i + r)) store(i + r, p, dots[r]);
-      }
+      for (int64_t b = 0; b < requests; ++b)
+        for (int64_t p = start; p <= last; ++p) {
+          float dots[kBlock];
+          dot_block(weights, x + (b * span + p) * width, width, dots);
+          for (int64_t r = 0; r < count; ++r)
+            if (p >= first(i + r)) store(i + r, b * span + p, dots[r]);
+        }
     }
   });
 }
 
-// out[index[i], p] = weight[index[i]] · inputs[p] + bias[index[i]] for p in [first[i], last], for every i.
+// out[index[i], b · span + p] = weight[index[i]] · inputs[b · span + p] + bias[index[i]] for p in [first[i], last],
+// for every i and each of the `requests` spans of out's columns (and inputs' rows).
 void rows_into(torch::Tensor out, torch::Tensor weight, c10::optional<torch::Tensor> bias, torch::Tensor index,
-               torch::Tensor inputs, torch::Tensor first, int64_t last) {
+               torch::Tensor inputs, torch::Tensor first, int64_t last, int64_t requests) {
   check(out, "out", 2, torch::kFloat);
   check(weight, "weight", 2, torch::kFloat);
   check(index, "index", 1, torch::kLong);
   check(inputs, "inputs", 2, torch::kFloat);
   check(first, "first", 1, torch::kLong);
   if (bias) check(*bias, "bias", 1, torch::kFloat);
-  TORCH_CHECK(out.size(0) == weight.size(0) && first.size(0) == index.size(0) && last < out.size(1),
-              "rows_into: out, weight, index and first do not match");
+  TORCH_CHECK(out.size(0) == weight.size(0) && first.size(0) == index.size(0) && out.size(1) == inputs.size(0),
+              "rows_into: out, weight, index, inputs and first do not match");
   const int64_t positions = out.size(1);
   const int64_t* rows = index.data_ptr<int64_t>();
   const int64_t* from = first.data_ptr<int64_t>();
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
   float* y = out.data_ptr<float>();
-  kept_dots(weight, index, inputs, [&](int64_t i) { return std::max<int64_t>(from[i], 0); }, last,
+  kept_dots(weight, index, inputs, [&](int64_t i) { return std::max<int64_t>(from[i], 0); }, last, requests,
             [&](int64_t i, int64_t p, float dot) { y[rows[i] * positions + p] = dot + (b ? b[rows[i]] : 0.f); });
 }
 
-// (weight · x + bias)[index]: only the kept rows are read.
+// (x · weightᵀ + bias)[:, index] for a batch x (B, in): only the kept rows are read, each once for the batch.
 torch::Tensor rows(torch::Tensor weight, c10::optional<torch::Tensor> bias, torch::Tensor index, torch::Tensor x) {
   check(weight, "weight", 2, torch::kFloat);
   check(index, "index", 1, torch::kLong);
-  check(x, "x", 1, torch::kFloat);
+  check(x, "x", 2, torch::kFloat);
   if (bias) check(*bias, "bias", 1, torch::kFloat);
-  torch::Tensor out = torch::empty({index.size(0)}, x.options());
-  const int64_t* kept = index.data_ptr<int64_t>();
+  const int64_t kept = index.size(0);
+  torch::Tensor out = torch::empty({x.size(0), kept}, x.options());
+  const int64_t* rows = index.data_ptr<int64_t>();
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
   float* y = out.data_ptr<float>();
-  kept_dots(weight, index, x.view({1, -1}), [](int64_t) { return int64_t{0}; }, 0,
-            [&](int64_t i, int64_t, float dot) { y[i] = dot + (b ? b[kept[i]] : 0.f); });
+  kept_dots(weight, index, x, [](int64_t) { return int64_t{0}; }, 0, x.size(0),
+            [&](int64_t i, int64_t p, float dot) { y[p * kept + i] = dot + (b ? b[rows[i]] : 0.f); });
   return out;
 }
 
-// bias + Σ_i scale[i] · weight_t[index[i]]: the columns index of W = weight_tᵀ times scale.
+// bias + Σ_i scale[:, i] · weight_t[index[i]] for a batch of scales (B, kept): the columns index of W = weight_tᵀ
+// times each request's scale.
 torch::Tensor columns(torch::Tensor weight_t, c10::optional<torch::Tensor> bias, torch::Tensor index,
                       torch::Tensor scale) {
   check(weight_t, "weight_t", 2, torch::kFloat);
   check(index, "index", 1, torch::kLong);
-  check(scale, "scale", 1, torch::kFloat);
+  check(scale, "scale", 2, torch::kFloat);
   if (bias) check(*bias, "bias", 1, torch::kFloat);
-  const int64_t kept = index.size(0), width = weight_t.size(1);
-  TORCH_CHECK(scale.size(0) == kept, "columns: index and scale differ in length");
-  torch::Tensor out = bias ? bias->clone() : torch::zeros({width}, scale.options());
+  const int64_t kept = index.size(0), width = weight_t.size(1), batch = scale.size(0);
+  TORCH_CHECK(scale.size(1) == kept, "columns: index and scale differ in length");
+  torch::Tensor out = bias ? bias->repeat({batch, 1}) : torch::zeros({batch, width}, scale.options());
   const float* w = weight_t.data_ptr<float>();
   const float* s = scale.data_ptr<float>();
   const int64_t* rows = index.data_ptr<int64_t>();
   float* y = out.data_ptr<float>();
-  // Threads split the output, so each sums its own slice of every kept row and no reduction is needed.
+  // Threads split the output, so each sums its own slice of every kept row and no reduction is needed; a block
+  // of slices serves every request while it is in the cache.
   at::parallel_for(0, width, 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = 0; i < kept; i += kBlock) {
       const int64_t count = std::min(kBlock, kept - i);
       const float* slices[kBlock];
       for (int64_t r = 0; r < count; ++r) slices[r] = w + rows[i + r] * width + begin;
-      axpy_block(s + i, slices, count, y + begin, end - begin);
+      for (int64_t b = 0; b < batch; ++b)
+        axpy_block(s + b * kept + i, slices, count, y + b * width + begin, end - begin);
     }
   });
   return out;
 }
 
 // Attention of one query position over the cache, for the heads `heads` only. keys, values: (H · head_dim,
-// positions), one row per unit, so each head's block is read in place; query: the kept heads' (n · head_dim)
-// query, already scaled. Returns their (n · head_dim) attention output over positions [0, length).
+// positions), one row per unit (rows contiguous, perhaps a column slice of a larger store), so each head's block
+// is read in place; query: the kept heads' (n · head_dim) query, already scaled. Returns their (n · head_dim)
+// attention output over positions [0, length).
 torch::Tensor attend(torch::Tensor query, torch::Tensor keys, torch::Tensor values, torch::Tensor heads,
                      int64_t head_dim, int64_t length) {
   check(query, "query", 1, torch::kFloat);
-  check(keys, "keys", 2, torch::kFloat);
-  check(values, "values", 2, torch::kFloat);
   check(heads, "heads", 1, torch::kLong);
-  const int64_t kept = heads.size(0), positions = keys.size(1);
+  for (const auto* t : {&keys, &values})
+    TORCH_CHECK(t->device().is_cpu() && t->dim() == 2 && t->stride(1) == 1 && t->scalar_type() == torch::kFloat,
+                "keys and values must be CPU float tensors of 2 dimensions with contiguous rows");
+  const int64_t kept = heads.size(0), positions = keys.stride(0);
   TORCH_CHECK(head_dim % kBlock == 0 && query.size(0) == kept * head_dim && values.sizes() == keys.sizes() &&
-              length <= positions && length > 0, "attend: query, keys, values and heads do not match");
+              values.strides() == keys.strides() && length <= keys.size(1) && length > 0,
+              "attend: query, keys, values and heads do not match");
   torch::Tensor out = torch::empty_like(query);
   const float* q = query.data_ptr<float>();
   const float* k = keys.data_ptr<float>();
@@ -187,7 +198,9 @@ torch::Tensor attend(torch::Tensor query, torch::Tensor keys, torch::Tensor valu
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rows_into", &rows_into);
+  m.def("rows_into", &rows_into, "", pybind11::arg("out"), pybind11::arg("weight"), pybind11::arg("bias"),
+        pybind11::arg("index"), pybind11::arg("inputs"), pybind11::arg("first"), pybind11::arg("last"),
+        pybind11::arg("requests") = 1);
   m.def("rows", &rows);
   m.def("columns", &columns);
   m.def("attend", &attend);

@@ -22,11 +22,13 @@ BLOCK_POSITIONS = 32  # cached positions per step of attention
 
 
 @triton.jit
-def _rows_kernel(out, weight, bias, index, inputs, first, kept, in_features, out_stride, weight_stride,
-                 inputs_stride, SCATTER: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+def _rows_kernel(out, weight, bias, index, inputs, first, kept, in_features, span, out_stride, column_stride,
+                 weight_stride, inputs_stride, SCATTER: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
                  BLOCK_K: tl.constexpr):
-    """Program (r, p): kept rows [r·BLOCK_R, (r+1)·BLOCK_R) at position p, for the rows whose first <= p."""
-    block, position = tl.program_id(0), tl.program_id(1)
+    """Program (r, p, b): kept rows [r·BLOCK_R, (r+1)·BLOCK_R) at position p of request b (input row and output
+    column b·span + p), for the rows whose first <= p."""
+    block, position, request = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    column = request * span + position
     slot = block * BLOCK_R + tl.arange(0, BLOCK_R)
     row = tl.load(index + slot, mask=slot < kept, other=0)
     wanted = (slot < kept) & (tl.load(first + slot, mask=slot < kept, other=position + 1) <= position)
@@ -36,20 +38,20 @@ def _rows_kernel(out, weight, bias, index, inputs, first, kept, in_features, out
         k = start + tl.arange(0, BLOCK_K)
         w = tl.load(weight + row[:, None] * weight_stride + k[None, :],
                     mask=wanted[:, None] & (k[None, :] < in_features), other=0.0)
-        x = tl.load(inputs + position * inputs_stride + k, mask=k < in_features, other=0.0)
+        x = tl.load(inputs + column * inputs_stride + k, mask=k < in_features, other=0.0)
         total += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
     if HAS_BIAS:
         total += tl.load(bias + row, mask=wanted, other=0.0).to(tl.float32)
     target = row if SCATTER else slot
-    tl.store(out + target * out_stride + position, total.to(out.dtype.element_ty), mask=wanted)
+    tl.store(out + target * out_stride + column * column_stride, total.to(out.dtype.element_ty), mask=wanted)
 
 
 @triton.jit
 def _columns_kernel(partial, weight_t, index, scale, kept, out_features, weight_stride, per_split,
                     BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr):
-    """Program (n, s): outputs [n·BLOCK_N, (n+1)·BLOCK_N) summed over split s of the kept columns, added to
-    ``partial`` (float32) atomically."""
-    block, split = tl.program_id(0), tl.program_id(1)
+    """Program (n, s, b): request b's outputs [n·BLOCK_N, (n+1)·BLOCK_N) summed over split s of the kept columns,
+    added to ``partial`` (float32, (B, out_features)) atomically."""
+    block, split, request = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     column = block * BLOCK_N + tl.arange(0, BLOCK_N)
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
     end = tl.minimum((split + 1) * per_split, kept)
@@ -57,11 +59,11 @@ def _columns_kernel(partial, weight_t, index, scale, kept, out_features, weight_
         slot = start + tl.arange(0, BLOCK_I)
         present = slot < end
         row = tl.load(index + slot, mask=present, other=0)
-        s = tl.load(scale + slot, mask=present, other=0.0).to(tl.float32)
+        s = tl.load(scale + request * kept + slot, mask=present, other=0.0).to(tl.float32)
         w = tl.load(weight_t + row[:, None] * weight_stride + column[None, :],
                     mask=present[:, None] & (column[None, :] < out_features), other=0.0)
         total += tl.sum(w.to(tl.float32) * s[:, None], axis=0)
-    tl.atomic_add(partial + column, total, mask=column < out_features)
+    tl.atomic_add(partial + request * out_features + column, total, mask=column < out_features)
 
 
 @triton.jit
@@ -97,39 +99,40 @@ class TritonGather:
 
     @staticmethod
     def rows_into(out: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, inputs: Tensor, first: Tensor,
-                  last: int) -> None:
-        """``out[index[i], p] = weight[index[i]] · inputs[p] + bias[index[i]]`` for p in [first[i], last]: one
-        program per block of kept rows and position up to ``last`` (sizes the host knows); a program none of whose
-        rows needs its position returns at once."""
+                  last: int, requests: int = 1) -> None:
+        """``out[index[i], b·span + p] = weight[index[i]] · inputs[b·span + p] + bias[index[i]]`` for p in
+        [first[i], last] and each request b: one program per block of kept rows, position up to ``last`` and
+        request (sizes the host knows); a program none of whose rows needs its position returns at once."""
         if out.stride(1) != 1:
             raise ValueError("rows_into writes in place: out must have contiguous rows")
         if len(index):
-            grid = (triton.cdiv(len(index), BLOCK_ROWS), last + 1)
+            grid = (triton.cdiv(len(index), BLOCK_ROWS), last + 1, requests)
             weight, inputs = weight.contiguous(), inputs.contiguous()  # no copy when they are (as the decoder's are)
             _rows_kernel[grid](out, weight, bias, index, inputs, first.contiguous(), len(index), weight.shape[1],
-                               out.stride(0), weight.stride(0), inputs.stride(0), SCATTER=True,
-                               HAS_BIAS=bias is not None, BLOCK_R=BLOCK_ROWS, BLOCK_K=BLOCK_K)
+                               out.shape[1] // requests, out.stride(0), 1, weight.stride(0), inputs.stride(0),
+                               SCATTER=True, HAS_BIAS=bias is not None, BLOCK_R=BLOCK_ROWS, BLOCK_K=BLOCK_K)
 
     @staticmethod
     def rows(weight: Tensor, bias: Tensor | None, index: Tensor, x: Tensor) -> Tensor:
-        """``(weight @ x + bias)[index]``, computing only those rows."""
-        out = x.new_empty(len(index))
+        """``(x @ weightᵀ + bias)[:, index]`` for a batch x (B, in), computing only those rows."""
+        out = x.new_empty(x.shape[0], len(index))
         if len(index):
             weight, x = weight.contiguous(), x.contiguous()
-            _rows_kernel[(triton.cdiv(len(index), BLOCK_ROWS), 1)](
-                out, weight, bias, index, x, torch.zeros_like(index), len(index), weight.shape[1], 1,
-                weight.stride(0), 0, SCATTER=False, HAS_BIAS=bias is not None, BLOCK_R=BLOCK_ROWS, BLOCK_K=BLOCK_K)
+            _rows_kernel[(triton.cdiv(len(index), BLOCK_ROWS), 1, x.shape[0])](
+                out, weight, bias, index, x, torch.zeros_like(index), len(index), weight.shape[1], 1, 1,
+                len(index), weight.stride(0), x.stride(0), SCATTER=False, HAS_BIAS=bias is not None,
+                BLOCK_R=BLOCK_ROWS, BLOCK_K=BLOCK_K)
         return out
 
     @staticmethod
     def columns(weight_t: Tensor, bias: Tensor | None, index: Tensor, scale: Tensor) -> Tensor:
-        """``bias + Σ_i scale[i] · weight_t[index[i]]``, the kept columns split over programs that add their
-        partial sums in float32."""
-        partial = torch.zeros(weight_t.shape[1], dtype=torch.float32, device=weight_t.device)
+        """``bias + Σ_i scale[:, i] · weight_t[index[i]]`` for a batch of scales (B, kept), the kept columns split
+        over programs that add their partial sums in float32."""
+        partial = torch.zeros(scale.shape[0], weight_t.shape[1], dtype=torch.float32, device=weight_t.device)
         if len(index):
             weight_t, scale = weight_t.contiguous(), scale.contiguous()
             splits = triton.cdiv(len(index), KEPT_PER_SPLIT)
-            _columns_kernel[(triton.cdiv(weight_t.shape[1], BLOCK_COLUMNS), splits)](
+            _columns_kernel[(triton.cdiv(weight_t.shape[1], BLOCK_COLUMNS), splits, scale.shape[0])](
                 partial, weight_t, index, scale, len(index), weight_t.shape[1], weight_t.stride(0), KEPT_PER_SPLIT,
                 BLOCK_N=BLOCK_COLUMNS, BLOCK_I=BLOCK_KEPT)
         out = partial if bias is None else partial + bias.float()
@@ -137,10 +140,12 @@ class TritonGather:
 
     @staticmethod
     def attend(query: Tensor, keys: Tensor, values: Tensor, heads: Tensor, head_dim: int, length: int) -> Tensor:
-        """One position's attention output for the kept query heads, each over its cache rows ``heads[i]``."""
+        """One position's attention output for the kept query heads, each over its cache rows ``heads[i]``; keys and
+        values may be column slices of a larger store (rows contiguous)."""
+        if keys.stride(1) != 1 or keys.stride() != values.stride():
+            raise ValueError("attend reads the cache in place: keys and values must have contiguous rows alike")
         out = query.new_empty(len(heads) * head_dim)
         if len(heads):
-            keys, values = keys.contiguous(), values.contiguous()
             _attend_kernel[(len(heads),)](out, query.contiguous(), keys, values, heads, length, keys.stride(0),
                                           head_dim, BLOCK_T=BLOCK_POSITIONS,
                                           BLOCK_D=triton.next_power_of_2(head_dim))
