@@ -26,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from shadow.benchmarks.latency import COLUMNS, predictor_dtype, run
+from shadow.config import ConfigError
 from shadow.masking import apply_masks
 from shadow.placements import PLACEMENTS
 from shadow.policy import Masks, Policy
@@ -263,6 +264,24 @@ def test_latency_benchmark_writes_its_table(tmp_path, dtype):
     assert (tmp_path / "latency.md").read_text().count("\n| ") == len(rows) + 1
 
 
+def test_latency_benchmark_rows_per_batch_size(tmp_path):
+    """Above batch 1: dense, static and per-token rows, each against the dense row of its batch size."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="latency", overrides=["arch=opt-125m", "prompt=6", "new_tokens=3",
+                                                        "min_run_time=0.01", "rounds=1", "sparsity=[0.5]",
+                                                        "batch=[1,3]", "logger=none"])
+    rows = run(cfg, tmp_path)
+    assert [(r["method"], r["granularity"], r["batch"]) for r in rows] == [
+        ("dense", "-", 1), ("static", "request", 1), ("shadow", "request", 1), ("dejavu", "request", 1),
+        ("shadow", "token", 1), ("dejavu", "token", 1),
+        ("dense", "-", 3), ("static", "request", 3), ("shadow", "token", 3), ("dejavu", "token", 3)]
+    assert all(r["decode_speedup"] == pytest.approx(rows[6]["step_ms"] / r["step_ms"]) for r in rows[6:])
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        bad = compose(config_name="latency", overrides=["batch=[0]", "logger=none"])
+    with pytest.raises(ConfigError, match=r"^batch=\[0\] must list batch sizes"):
+        run(bad, tmp_path)
+
+
 def test_latency_benchmark_runs_each_row_twice_per_round_interleaved():
     """Each measurement is one untimed run, then one timed run; the rows take turns round by round."""
     from omegaconf import OmegaConf
@@ -272,7 +291,7 @@ def test_latency_benchmark_runs_each_row_twice_per_round_interleaved():
     calls = []
     bench = Bench.__new__(Bench)  # no model: the cases only record their runs
     bench.cfg = OmegaConf.create({"rounds": 3, "new_tokens": 4, "min_run_time": 0.01})
-    cases = [Case(name, "-", 0.0, lambda n, name=name: calls.append((name, n))) for name in ("dense", "static")]
+    cases = [Case(name, "-", 0.0, 1, lambda n, name=name: calls.append((name, n))) for name in ("dense", "static")]
     rows = bench.measure(cases)
     one_round = [("dense", 4)] * 2 + [("dense", 1)] * 2 + [("static", 4)] * 2 + [("static", 1)] * 2
     assert calls == one_round * 3

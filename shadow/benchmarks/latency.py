@@ -8,9 +8,9 @@ Settings: conf/latency.yaml (Hydra, so ``-m`` sweeps and launchers work as for `
 
 Random weights and untrained predictors (timing does not depend on them, as in the paper), run in
 ``predictor.dtype``: by default int8 on the CPU (dynamic quantisation, whose cost in quality is negligible) and
-the model's dtype on GPUs. Batch 1, a ``prompt``-token prompt, then ``new_tokens`` greedy tokens (``timing=quick``:
-fewer tokens and rounds). Rows, at each sparsity of heads and neurons (local policy: every layer keeps the same
-share):
+the model's dtype on GPUs. A batch of ``batch`` requests (1 by default; ``batch=[1,4,8]`` adds rows per size),
+each a ``prompt``-token prompt, then ``new_tokens`` greedy tokens (``timing=quick``: fewer tokens and rounds).
+Rows, at each sparsity of heads and neurons (local policy: every layer keeps the same share):
   dense             Hugging Face ``generate``, no sparsity;
   static  request   one fixed mask, no predictor; its kept weights gathered once before timing;
   shadow  request   one predictor reads layer 0's attention output at the last prompt token; the kept weights
@@ -19,17 +19,20 @@ share):
   shadow  token     dense prompt, then at every step the predictor runs after layer 0 and each layer reads only
                     the kept rows in place (``shadow.sparse.TokenDecoder``);
   dejavu  token     the same with one predictor per layer, each reading the previous layer's attention output.
-Every row is timed once per round, right after one untimed run of it, the rows interleaved so that the machine's
-drifts touch them alike; reported are the medians over ``rounds`` rounds (``torch.utils.benchmark``): end-to-end
-ms, ms to the first token, ms per decoding step (end-to-end minus first token, over the remaining steps),
-decoding speed-up over dense, and the predictor's share of the time: of the request's time per request, of each
-decoding step per token. Written to the job's directory as latency.csv, latency.md and latency.json, and logged
+Above batch 1 the per-request rows with predictors are left out, and per token each layer keeps the union of the
+batch's units, so the gain shrinks with the batch. Every row is timed once per round, right after one untimed run
+of it, the rows interleaved so that the machine's drifts touch them alike; reported are the medians over
+``rounds`` rounds (``torch.utils.benchmark``): end-to-end ms, ms to the first token, ms per decoding step
+(end-to-end minus first token, over the remaining steps), decoding speed-up over dense at the same batch size,
+and the predictor's share of the time: of the request's time per request, of each decoding step per token.
+Written to the job's directory as latency.csv, latency.md and latency.json, and logged
 to W&B as a table (offline without a key; logger=none turns it off).
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import platform
@@ -56,7 +59,7 @@ from shadow.predictors import Predictor
 from shadow.sparse import TokenDecoder, pruned
 from shadow.traces import layer_features
 
-COLUMNS = ["method", "granularity", "sparsity", "total_ms", "first_token_ms", "step_ms", "decode_speedup",
+COLUMNS = ["method", "granularity", "sparsity", "batch", "total_ms", "first_token_ms", "step_ms", "decode_speedup",
            "predictor_share"]
 
 
@@ -159,6 +162,7 @@ class Case:
     method: str
     granularity: str
     sparsity: float
+    batch: int
     run: Callable[[int], None]
     context: Callable[[], AbstractContextManager] = nullcontext
     predict: Callable[[], None] | None = None
@@ -174,48 +178,53 @@ class Bench:
         self.model = build(cfg.arch, str(cfg.device), TORCH_DTYPES[cfg.dtype],
                            placement(cfg, free_memory(str(cfg.device), cfg.device_map)))
         self.shape = family_of(self.model.config).shape(self.model.config, cfg.attention_unit)
-        self.ids = torch.randint(4, 50000, (1, cfg.prompt), device=cfg.device)
+        self.ids = torch.randint(4, 50000, (max(cfg.batch), cfg.prompt), device=cfg.device)  # a prompt per request
         self.predictors = predictors(self.shape, cfg.predictor)
         for predictor in self.predictors.values():
             predictor.to(cfg.device).eval().run_as(predictor_dtype(cfg))
 
-    def generate(self, new_tokens: int) -> None:
-        self.model.generate(self.ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                            pad_token_id=1)
+    def generate(self, new_tokens: int, batch: int = 1) -> None:
+        self.model.generate(self.ids[:batch], max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                            do_sample=False, pad_token_id=1)
 
     def predict_request(self, name: str, policy: Policy):
         predictor = self.predictors[name]
-        last = torch.tensor([self.cfg.prompt - 1])
-        features = layer_features(self.model, self.ids, torch.ones_like(self.ids), last, predictor.feature_layers)
+        ids, last = self.ids[:1], torch.tensor([self.cfg.prompt - 1])
+        features = layer_features(self.model, ids, torch.ones_like(ids), last, predictor.feature_layers)
         return policy.select(*(x.cpu() for x in predictor(features.to(self.cfg.device))))
 
-    def predict_step(self, name: str, policy: Policy) -> None:
-        """What one decoding step spends on predictors: every group on one position's features."""
+    def predict_step(self, name: str, policy: Policy, batch: int) -> None:
+        """What one decoding step spends on predictors: every group on one position's features per request."""
         predictor = self.predictors[name]
-        feature = torch.randn(1, self.shape.attention_width, device=self.cfg.device)
+        feature = torch.randn(batch, self.shape.attention_width, device=self.cfg.device)
         for group in range(len(predictor.groups)):
             policy.select(*predictor.group_scores(group, feature))
 
     def cases(self) -> list[Case]:
-        """Dense, then at each sparsity: static, and every trained placement per request and per token."""
-        cases = [Case("dense", "-", 0.0, self.generate)]
-        for sparsity in map(float, self.cfg.sparsity):
-            policy = Policy("local", sparsity, sparsity)
-            static = policy.select(torch.rand(1, self.shape.layers, self.shape.heads),
-                                   torch.rand(1, self.shape.layers, self.shape.neurons))
-            cases.append(Case("static", "request", sparsity, self.generate,
-                              lambda static=static: pruned(self.model, static, self.shape)))
-            for name in self.predictors:
-                def request(n: int, name=name, policy=policy) -> None:
-                    with pruned(self.model, self.predict_request(name, policy), self.shape):
-                        self.generate(n)
-                cases.append(Case(name, "request", sparsity, request,
-                                  predict=lambda name=name, policy=policy: self.predict_request(name, policy)))
-            for name in self.predictors:
-                decoder = TokenDecoder(self.model, self.predictors[name], policy)
-                cases.append(Case(name, "token", sparsity, lambda n, d=decoder: d.generate(self.ids, n),
-                                  lambda d=decoder: d,
-                                  lambda name=name, policy=policy: self.predict_step(name, policy)))
+        """At each batch size, dense, then at each sparsity: static, every trained placement per request (at
+        batch 1) and per token."""
+        cases = []
+        for batch in map(int, self.cfg.batch):
+            generate = functools.partial(self.generate, batch=batch)
+            cases.append(Case("dense", "-", 0.0, batch, generate))
+            for sparsity in map(float, self.cfg.sparsity):
+                policy = Policy("local", sparsity, sparsity)
+                static = policy.select(torch.rand(1, self.shape.layers, self.shape.heads),
+                                       torch.rand(1, self.shape.layers, self.shape.neurons))
+                cases.append(Case("static", "request", sparsity, batch, generate,
+                                  lambda static=static: pruned(self.model, static, self.shape)))
+                for name in self.predictors if batch == 1 else ():
+                    def request(n: int, name=name, policy=policy) -> None:
+                        with pruned(self.model, self.predict_request(name, policy), self.shape):
+                            self.generate(n)
+                    cases.append(Case(name, "request", sparsity, batch, request,
+                                      predict=lambda name=name, policy=policy: self.predict_request(name, policy)))
+                for name in self.predictors:
+                    decoder, ids = TokenDecoder(self.model, self.predictors[name], policy), self.ids[:batch]
+                    cases.append(Case(name, "token", sparsity, batch, lambda n, d=decoder, ids=ids: d.generate(ids, n),
+                                      lambda d=decoder: d,
+                                      lambda name=name, policy=policy, batch=batch: self.predict_step(name, policy,
+                                                                                                      batch)))
         return cases
 
     def measure(self, cases: list[Case]) -> list[dict]:
@@ -234,21 +243,21 @@ class Bench:
                                                     num_threads=torch.get_num_threads())
                             times.append(timer.blocked_autorange(min_run_time=0))
             costs = [median_ms(case.predict, cfg.min_run_time) if case.predict else None for case in cases]
-        rows = []
+        rows, dense_step = [], {}
         for case, total, first, cost in zip(cases, totals, firsts, costs, strict=True):
             total_ms, first_ms = (benchmark.Measurement.merge(m)[0].median * 1e3 for m in (total, first))
             step = (total_ms - first_ms) / max(new - 1, 1)
-            dense_step = rows[0]["step_ms"] if rows else step
+            dense_step.setdefault(case.batch, step)  # each batch size's dense row comes first
             share = None if cost is None else cost / (step if case.granularity == "token" else total_ms)
             rows.append({"method": case.method, "granularity": case.granularity, "sparsity": case.sparsity,
-                         "total_ms": total_ms, "first_token_ms": first_ms, "step_ms": step,
-                         "decode_speedup": dense_step / step, "predictor_share": share})
+                         "batch": case.batch, "total_ms": total_ms, "first_token_ms": first_ms, "step_ms": step,
+                         "decode_speedup": dense_step[case.batch] / step, "predictor_share": share})
         return rows
 
 
 def format_row(r: dict) -> str:
     share = f"{r['predictor_share']:.1%}" if r["predictor_share"] is not None else "-"
-    return (f"| {r['method']} | {r['granularity']} | {r['sparsity']:.0%} | {r['total_ms']:.0f} | "
+    return (f"| {r['method']} | {r['granularity']} | {r['sparsity']:.0%} | {r['batch']} | {r['total_ms']:.0f} | "
             f"{r['first_token_ms']:.0f} | {r['step_ms']:.1f} | {r['decode_speedup']:.2f}× | {share} |")
 
 
@@ -266,8 +275,8 @@ def write(out: Path, header: str, rows: list[dict]) -> None:
         tmp.replace(out / name)
 
 
-TABLE_HEAD = ("| method | masks | sparsity | total ms | first token ms | ms / step | decode × dense | predictor |\n"
-              "|---|---|---|---|---|---|---|---|")
+TABLE_HEAD = ("| method | masks | sparsity | batch | total ms | first token ms | ms / step | decode × dense "
+              "| predictor |\n|---|---|---|---|---|---|---|---|---|")
 
 
 def predictor_dtype(cfg: DictConfig) -> str:
@@ -286,6 +295,8 @@ def check(cfg: DictConfig) -> None:
     for s in cfg.sparsity:
         if not isinstance(s, (int, float)) or not 0 <= s < 1:
             raise ConfigError(f"sparsity={list(cfg.sparsity)} holds {s!r}; each sparsity must be a number in [0, 1)")
+    if not cfg.batch or any(not isinstance(b, int) or b < 1 for b in cfg.batch):
+        raise ConfigError(f"batch={list(cfg.batch)} must list batch sizes, whole numbers of at least 1, e.g. [1,4,8]")
     if not isinstance(cfg.rounds, int) or cfg.rounds < 1:
         raise ConfigError(f"rounds={cfg.rounds} must be a whole number of rounds, at least 1")
     if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
