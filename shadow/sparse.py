@@ -8,8 +8,8 @@ decoding step then run on the smaller layers.
 
 Per token, ``TokenDecoder`` decodes greedily with a fresh mask at every step, as DejaVu does, and copies no weights:
 the gather kernels of ``shadow.kernels`` read the kept rows (query, key, value, gate, up) and the kept columns
-(output, down: stored transposed) in place; the family's ``decode_step`` is the model's forward for one token.
-Copying the kept weights at every step would cost more than the dense product.
+(output, down: stored transposed) in place; the family's ``decode_step`` is the model's forward for one token per
+request of a batch. Copying the kept weights at every step would cost more than the dense product.
 """
 
 from __future__ import annotations

@@ -319,7 +319,8 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
     machine = (torch.cuda.get_device_name(device) if device.startswith("cuda")
                else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     header = (f"{cfg.arch} architecture (random weights), {cfg.dtype} on {device} ({machine}), torch "
-              f"{torch.__version__}, batch 1, prompt {cfg.prompt} + {cfg.new_tokens} generated")
+              f"{torch.__version__}, batch {', '.join(map(str, cfg.batch))}, prompt {cfg.prompt} + {cfg.new_tokens} "
+              f"generated, predictors in {predictor_dtype(cfg)}")
     print(header, flush=True)
     rows = bench.measure(bench.cases())
     print("\n" + TABLE_HEAD + "\n" + "\n".join(map(format_row, rows)), flush=True)
