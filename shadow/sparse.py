@@ -14,9 +14,10 @@ request of a batch. Copying the kept weights at every step would cost more than 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -141,6 +142,36 @@ def _leading(masks: Tensor, counts: list[int]) -> list[Tensor]:
     return [order[i, :count] for i, count in enumerate(counts)]
 
 
+class _CapturedStep:
+    """A decoding step as a CUDA graph. The first call runs eagerly on a side stream (compiling the kernels and
+    warming the allocator, as a capture needs), the second captures the step and replays it, and so does every
+    later call: the token is copied into the captured input, and the caller advances the position in place."""
+
+    def __init__(self, step: Callable[[Tensor], tuple[Tensor, Masks]]):
+        self.step, self.warm = step, False
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.tokens: Tensor | None = None
+        self.out: tuple[Tensor, Masks] | None = None
+
+    def __call__(self, tokens: Tensor) -> tuple[Tensor, Masks]:
+        if not self.warm:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.step(tokens)
+            torch.cuda.current_stream().wait_stream(side)
+            self.warm = True
+            return out
+        if self.graph is None:
+            self.tokens, self.graph = tokens.clone(), torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self.step(self.tokens)
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        logits, masks = self.out  # the graph's own memory, rewritten by the next replay
+        return logits.clone(), Masks(masks.heads.clone(), masks.neurons.clone())
+
+
 class TokenDecoder:
     """Greedy decoding with per-token masks, reading only the kept units' weights at each step.
 
@@ -163,10 +194,20 @@ class TokenDecoder:
     for ShadowLLM's single predictor). With query-head units and grouped-query attention, how many key-value groups
     the kept query heads fall in varies too: under a local policy the step computes the keys and values of as many
     groups as it keeps query heads (at most all), the groups in use first, which is correct for any extra group.
+
+    A static step launches the same kernels with the same arguments at every position: the position is a device
+    tensor the kernels read, the row gathers that fill the KV cache launch over its whole length (programs past the
+    position return at once) and rotary keys are rotated over it. On CUDA a static step is captured once as a CUDA
+    graph and replayed for every later token, which removes the launch overhead of its hundreds of small kernels.
+    That needs the kept counts known in advance (a local policy, a batch of one: a batch's union varies), the
+    Triton kernels, and the model and predictor on one GPU with nothing offloaded; under a global or hybrid policy
+    the step runs eagerly, its launches sized by the position.
     """
 
-    def __init__(self, model: nn.Module, predictor: Predictor, policy: Policy):
-        """``predictor.shape`` says the attention unit its head masks address."""
+    def __init__(self, model: nn.Module, predictor: Predictor, policy: Policy, static: bool | None = None):
+        """``predictor.shape`` says the attention unit its head masks address. ``static``: run static steps (see
+        the class), captured as CUDA graphs on CUDA, run as they are elsewhere (that is how the tests check them on
+        the CPU); by default, wherever a CUDA graph can capture them."""
         if len(predictor.groups) > 1 and policy.name != "local":
             raise ValueError(f"policy={policy.name}: per-token execution selects each layer's units when its own "
                              "predictor runs, so only policy=local applies to per-layer predictors")
@@ -174,7 +215,7 @@ class TokenDecoder:
             if min(targets) < feature_layer:
                 raise ValueError(f"predictor.layer={feature_layer}: per-token execution needs every layer's mask "
                                  f"before the layer runs, and layer {min(targets)} runs first; use layer=0")
-        self.model, self.predictor, self.policy = model, predictor, policy
+        self.model, self.predictor, self.policy, self.static = model, predictor, policy, static
         self.family = family_of(model.config)
         self.layers = self.family.layers(model)
         self.groups_at = {layer: [g for g, (f, _) in enumerate(predictor.groups) if f == layer]
@@ -208,13 +249,26 @@ class TokenDecoder:
             with self:
                 return self.generate(input_ids, new_tokens)
         requests, prompt = input_ids.shape
+        window = self.family.sliding_window(self.model.config)
+        if window is not None and prompt + new_tokens - 2 >= window:
+            raise ValueError(f"a {prompt}-token prompt and new_tokens={new_tokens} reach position "
+                             f"{prompt + new_tokens - 2}, past the {window}-token sliding window, which per-token "
+                             "decoding does not apply; use shorter prompts and continuations")
+        static = self._static_steps(requests)
         out = self.model(input_ids.to(input_device(self.model)), use_cache=True)
         # newer transformers name the returned cache ``cache``, earlier 5.x ``past_key_values``
         caches = self._caches(out["cache" if "cache" in out else "past_key_values"], prompt + new_tokens)
         tokens = [out.logits[:, -1].argmax(-1)]  # on the device: read once, at the end
+        position = torch.tensor(prompt, device=tokens[0].device)  # advanced in place: the steps read it there
+        graph = (_CapturedStep(partial(self._step, position=position, last=position, caches=caches))
+                 if static and position.is_cuda else None)
         logits, heads, neurons = [], [], []
-        for position in range(prompt, prompt + new_tokens - 1):
-            step_logits, masks = self._step(tokens[-1], position, caches)
+        for last in range(prompt, prompt + new_tokens - 1):
+            if graph is not None:
+                step_logits, masks = graph(tokens[-1])
+            else:
+                step_logits, masks = self._step(tokens[-1], position, position if static else last, caches)
+            position += 1
             tokens.append(step_logits.argmax(-1))
             logits.append(step_logits)
             heads.append(masks.heads)
@@ -224,6 +278,32 @@ class TokenDecoder:
                           torch.zeros(requests, 0, self.model.config.vocab_size),
                           Masks(torch.stack(heads).cpu() if heads else empty,
                                 torch.stack(neurons).cpu() if neurons else empty))
+
+    def _static_steps(self, requests: int) -> bool:
+        """Whether this generation's steps are static: as asked, or by default where a CUDA graph can capture them
+        (an error where it was asked on CUDA and cannot)."""
+        cuda = input_device(self.model).type == "cuda"
+        blocker = self._capture_blocker(requests) if cuda else "the model is not on CUDA"
+        if self.static is None:
+            return blocker is None
+        if self.static and cuda and blocker is not None:
+            raise ValueError(f"static=True: a CUDA graph cannot capture this decoding step: {blocker}; use "
+                             "static=None to decide by itself")
+        return self.static
+
+    def _capture_blocker(self, requests: int) -> str | None:
+        """Why a CUDA graph cannot capture this decoder's step for a batch of ``requests``, or None."""
+        devices = {str(p.device) for p in self.model.parameters()} | {str(self.predictor.device)}
+        if len(devices) > 1:
+            return f"the model and predictor lie on {', '.join(sorted(devices))}; put them on one GPU, not offloaded"
+        if self.policy.name != "local":
+            return f"under policy={self.policy.name} the scores decide how many units a layer keeps; use policy=local"
+        if requests > 1:
+            return f"a batch of {requests} keeps the union of its masks, of varying size; decode one request at a time"
+        if not getattr(kernels.backend(self.family.module(self.layers[0], "query").weight), "positions_on_device",
+                       False):
+            return "the Triton kernels are not in use; install triton and leave SHADOW_GATHER unset"
+        return None
 
     def _caches(self, cache, positions: int) -> list[_LayerCache]:
         caches = []
@@ -238,21 +318,23 @@ class TokenDecoder:
             caches.append(_LayerCache(*stores, inputs, torch.full((H,), T, device=prompt.device), T, B))
         return caches
 
-    def _step(self, tokens: Tensor, position: int, caches: list[_LayerCache]) -> tuple[Tensor, Masks]:
-        """One token per request through the model family's decoding step, each layer's attention and FFN reading
-        only the kept units."""
+    def _step(self, tokens: Tensor, position: Tensor, last: int | Tensor, caches: list[_LayerCache]
+              ) -> tuple[Tensor, Masks]:
+        """One token per request at ``position`` (a 0-d device tensor) through the model family's decoding step,
+        each layer's attention and FFN reading only the kept units. ``last`` is the position as the launches take
+        it: the host's int, sizing them, or the tensor itself in a static step."""
         kept: dict[int, _Kept] = {}  # filled as predictors run
 
         def attention(index: int, h: Tensor) -> Tensor:
-            return self._attention(index, self.layers[index], h, position, caches[index], kept)
+            return self._attention(index, self.layers[index], h, position, last, caches[index], kept)
 
         logits = self.family.decode_step(self.model, tokens, position, attention, lambda index: kept[index].units,
                                          lambda index: self.fetch[index](self.layers[index]))
         return logits, Masks(torch.stack([kept[i].heads.to(logits.device) for i in range(len(self.layers))]),
                              torch.stack([kept[i].neurons.to(logits.device) for i in range(len(self.layers))]))
 
-    def _attention(self, index: int, layer: nn.Module, h: Tensor, position: int, cache: _LayerCache,
-                   kept: dict[int, _Kept]) -> Tensor:
+    def _attention(self, index: int, layer: nn.Module, h: Tensor, position: Tensor, last: int | Tensor,
+                   cache: _LayerCache, kept: dict[int, _Kept]) -> Tensor:
         """One position's attention output after the output projection, (B, E) for the batch's (B, E) inputs, over
         the kept heads (all of them when the layer's mask is not known yet); runs the predictors that read this
         layer. Query heads read their group's key-value head, whose keys and values are computed first (for more
@@ -265,22 +347,23 @@ class TokenDecoder:
         else:
             queries = torch.arange(shape.query_heads, device=device)
             kv_heads = torch.arange(shape.kv_heads, device=device)
-        cache.inputs.view(B, -1, h.shape[1])[:, position] = h
+        position = position.to(device)  # a no-op but across the GPUs of a split model
+        last = position if isinstance(last, Tensor) else last
+        cache.inputs.view(B, -1, h.shape[1]).index_copy_(1, position.view(1), h[:, None])
         first = cache.done[kv_heads]  # a head kept again catches up on skipped positions
         kv_dims, first_rows = _head_dims(kv_heads, D), first.repeat_interleave(D)
-        kernels.rows_into(cache.keys, key, kv_dims, cache.inputs, first_rows, position, B)
-        kernels.rows_into(cache.values, value, kv_dims, cache.inputs, first_rows, position, B)
+        kernels.rows_into(cache.keys, key, kv_dims, cache.inputs, first_rows, last, B)
+        kernels.rows_into(cache.values, value, kv_dims, cache.inputs, first_rows, last, B)
         if self.family.rotary:
-            self._rotate_new_keys(layer, cache, kv_heads, first, position)
-        cache.done.index_fill_(0, kv_heads, position + 1)
+            self._rotate_new_keys(layer, cache, kv_heads, first, position, last)
+        cache.done.index_put_((kv_heads,), position + 1)
         dims = _head_dims(queries, D)
         out = kernels.rows(query, dims, h)  # (B, kept query heads · D)
         if self.family.rotary:
-            out = self.family.rotate(self.model, layer, "query", out.view(-1, 1, D),
-                                     torch.arange(position, position + 1, device=device)).view(B, -1)
+            out = self.family.rotate(self.model, layer, "query", out.view(-1, 1, D), position.view(1)).view(B, -1)
         out = out * self.family.scaling(layer)
         groups = queries // shape.group_size
-        out = torch.stack([kernels.attend(out[b], *cache.request(b), groups, D, position + 1) for b in range(B)])
+        out = torch.stack([kernels.attend(out[b], *cache.request(b), groups, D, last + 1) for b in range(B)])
         for group in self.groups_at.get(index, []):
             feature = h.new_zeros(B, output.in_features).index_copy_(1, dims, out)
             self._predict(group, feature, kept)
@@ -290,18 +373,19 @@ class TokenDecoder:
         return kernels.columns(output, dims, out)
 
     def _rotate_new_keys(self, layer: nn.Module, cache: _LayerCache, kv_heads: Tensor, first: Tensor,
-                         last: int) -> None:
-        """Rotate the keys just written, positions [first[i], last] of each head ``kv_heads[i]`` in every request,
-        in place. Every first[i] is past the prompt, so the span from there is rotated where written: its length
-        the host knows."""
+                         position: Tensor, last: int | Tensor) -> None:
+        """Rotate the keys just written, positions [first[i], position] of each head ``kv_heads[i]`` in every
+        request, in place. Every first[i] is past the prompt, so the span from there to ``last`` (the whole cache
+        in a static step) is rotated where written: its length the host knows."""
         D, B = self.shape.head_dim, cache.requests
         store = cache.keys.view(-1, D, B, cache.keys.shape[1] // B)
-        span = store[kv_heads, :, :, cache.prompt:last + 1].permute(0, 2, 3, 1).flatten(0, 1)  # (heads·B, T, D)
-        positions = torch.arange(cache.prompt, last + 1, device=span.device)
+        end = store.shape[-1] if isinstance(last, Tensor) else last + 1
+        span = store[kv_heads, :, :, cache.prompt:end].permute(0, 2, 3, 1).flatten(0, 1)  # (heads·B, T, D)
+        positions = torch.arange(cache.prompt, end, device=span.device)
         rotated = self.family.rotate(self.model, layer, "key", span, positions)
-        wanted = (positions[None] >= first.repeat_interleave(B)[:, None])[..., None]
-        store[kv_heads, :, :, cache.prompt:last + 1] = (torch.where(wanted, rotated, span)
-                                                         .unflatten(0, (len(kv_heads), B)).permute(0, 3, 1, 2))
+        wanted = ((positions[None] >= first.repeat_interleave(B)[:, None]) & (positions <= position))[..., None]
+        store[kv_heads, :, :, cache.prompt:end] = (torch.where(wanted, rotated, span)
+                                                    .unflatten(0, (len(kv_heads), B)).permute(0, 3, 1, 2))
 
     def _predict(self, group: int, feature: Tensor, kept: dict[int, _Kept]) -> None:
         """Run one predictor on the batch's (B, E) features and select its target layers' units: the union of

@@ -43,13 +43,13 @@ def test_per_token_decoding_on_cuda_equals_the_masked_model(dtype, name, family)
 @pytest.mark.parametrize("family", ["opt", "llama"])
 @pytest.mark.parametrize("name", ["shadow", "dejavu"])
 def test_a_decoding_step_on_cuda_never_waits_for_the_device(family, name, monkeypatch):
-    """Under a local policy every step runs with CUDA's synchronisation check raising on any host read."""
+    """Under a local policy every eager step runs with CUDA's synchronisation check raising on any host read."""
     from shadow import kernels
 
     assert kernels.triton_kernels() is not None, "triton must import on a CUDA machine"
     model = tiny(family, torch.float16)
     decoder = TokenDecoder(model, token_predictor(model, name, lookahead=True).cuda().half(),
-                           Policy("local", 0.5, 0.5))
+                           Policy("local", 0.5, 0.5), static=False)
     step, steps = decoder._step, []
 
     def strict(*args):
@@ -63,6 +63,34 @@ def test_a_decoding_step_on_cuda_never_waits_for_the_device(family, name, monkey
     monkeypatch.setattr(decoder, "_step", strict)
     decoder.generate(torch.randint(4, 8192, (1, 9), generator=torch.Generator().manual_seed(2)), 6)
     assert len(steps) == 5
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+@pytest.mark.parametrize("name", ["shadow", "dejavu"])
+def test_steps_replayed_as_cuda_graphs_equal_eager_steps(family, name, monkeypatch):
+    """Under a local policy a batch of one decodes by default with its step captured once as a CUDA graph and
+    replayed for every later token (the first step warms up): the tokens, logits and masks of eager steps."""
+    replays = []
+    replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: replays.append(1) or replay(graph))
+    model = tiny(family, torch.float16)
+    predictor = token_predictor(model, name, lookahead=True).cuda().half()
+    ids = torch.randint(4, 8192, (1, 9), generator=torch.Generator().manual_seed(3))
+    graphs = TokenDecoder(model, predictor, Policy("local", 0.5, 0.5)).generate(ids, 12)
+    assert len(replays) == 10
+    eager = TokenDecoder(model, predictor, Policy("local", 0.5, 0.5), static=False).generate(ids, 12)
+    assert torch.equal(graphs.tokens, eager.tokens)
+    assert torch.equal(graphs.masks.heads, eager.masks.heads) and torch.equal(graphs.masks.neurons,
+                                                                               eager.masks.neurons)
+    torch.testing.assert_close(graphs.logits, eager.logits, rtol=1e-3, atol=1e-3)
+
+
+def test_cuda_graphs_asked_for_where_they_cannot_capture():
+    model = tiny("opt", torch.float16)
+    predictor = token_predictor(model, "shadow").cuda().half()
+    with pytest.raises(ValueError, match="static=True: .* use policy=local"):
+        TokenDecoder(model, predictor, Policy("global", 0.5, 0.5), static=True).generate(
+            torch.randint(4, 8192, (1, 9)), 4)
 
 
 @pytest.mark.parametrize("family", ["opt", "llama"])

@@ -229,6 +229,27 @@ def test_attend_is_attention_over_the_kept_heads(name):
         torch.testing.assert_close(got[j * D:(j + 1) * D], v @ weights)
 
 
+@pytest.mark.parametrize("name", BACKENDS)
+def test_positions_may_come_as_tensors(name, monkeypatch):
+    """A static step's positions, 0-d tensors: the same entries as ints, through ``shadow.kernels`` on every
+    backend (Triton's read them on the device, launched over every position; the others read them on the host)."""
+    monkeypatch.setattr(kernels, "backend", lambda weight: backend_named(name))
+    gen = torch.Generator().manual_seed(4)
+    linear, inputs = torch.nn.Linear(37, 40), torch.randn(9, 37, generator=gen)
+    index, first = torch.tensor([0, 3, 4, 17, 39]), torch.tensor([0, 5, 8, 9, 2])
+    for last in (3, 8):
+        told, read = torch.full((40, 9), float("nan")), torch.full((40, 9), float("nan"))
+        kernels.rows_into(told, linear, index, inputs, first, last)
+        kernels.rows_into(read, linear, index, inputs, first, torch.tensor(last))
+        assert torch.equal(told.isnan(), read.isnan()) and told[:, last + 1:].isnan().all()
+        assert torch.equal(told.nan_to_num(), read.nan_to_num())
+    keys, values = torch.randn(6 * 8, 11, generator=gen), torch.randn(6 * 8, 11, generator=gen)
+    heads, query = torch.tensor([1, 2, 5]), torch.randn(3 * 8, generator=gen)
+    for length in (1, 7):
+        assert torch.equal(kernels.attend(query, keys, values, heads, 8, length),
+                           kernels.attend(query, keys, values, heads, 8, torch.tensor(length)))
+
+
 def test_gather_benchmark_prints_every_kernel(monkeypatch, capsys):
     from shadow.benchmarks import gather
 

@@ -210,5 +210,5 @@ def test_half_precision_per_token_decoding_equals_the_masked_model(dtype, backen
 
 def test_per_token_decoding_stops_at_a_sliding_window():
     model = tiny("mistral-one-kv-head", sliding_window=12)
-    with pytest.raises(ValueError, match="position 12 is past the 12-token sliding window"):
+    with pytest.raises(ValueError, match="reach position 13, past the 12-token sliding window"):
         TokenDecoder(model, token_predictor(model, "shadow"), Policy("global", 0.5, 0.5)).generate(ids_of(5, 9), 6)

@@ -25,6 +25,7 @@ from hydra import compose, initialize_config_dir
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from shadow import kernels
 from shadow.benchmarks.latency import COLUMNS, predictor_dtype, run
 from shadow.config import ConfigError
 from shadow.masking import apply_masks
@@ -216,6 +217,95 @@ def test_a_decoding_step_reads_nothing_back_from_the_device(family, backend, pla
     assert len(counted) == 5 and all(len(step_reads) == reads for step_reads in counted), counted
 
 
+def signature(value):
+    """What a CUDA graph bakes into a launch: a tensor's layout and place in its storage (not its values), any
+    other argument's value."""
+    if isinstance(value, torch.Tensor):
+        return "tensor", tuple(value.shape), tuple(value.stride()), value.storage_offset(), value.dtype
+    if isinstance(value, torch.UntypedStorage):
+        return "storage", value.nbytes()
+    if isinstance(value, (list, tuple)):
+        return tuple(signature(v) for v in value)
+    return repr(value)
+
+
+class Launches(TorchDispatchMode):
+    """Every operation with its arguments' signatures."""
+
+    def __init__(self):
+        super().__init__()
+        self.log: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.log.append((str(func), signature(args), signature(sorted(kwargs.items()))))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_a_static_step_launches_the_same_work_at_every_position(family, monkeypatch):
+    """What a CUDA graph replays: every step of a static decoding runs the same operations and kernels on tensors
+    of the same layouts at the same places, with the same other arguments, and reads nothing back."""
+    from shadow.kernels.triton_gather import TritonGather
+
+    launches = Launches()
+
+    class Recorded:  # the Triton kernels (in the interpreter), their calls logged with the other operations
+        positions_on_device = True
+
+        def __getattr__(self, name):
+            def call(*args):
+                launches.log.append((name, signature(args)))
+                return getattr(TritonGather, name)(*args)
+            return call
+
+    pytest.importorskip("triton")
+    monkeypatch.setattr(kernels, "backend", lambda weight: Recorded())
+    model = make_tiny_opt() if family == "opt" else make_tiny_llama()
+    decoder = TokenDecoder(model, token_predictor(model, "shadow", attention_unit="query_head"),
+                           Policy("local", 0.5, 0.5), static=True)
+    step, steps = decoder._step, []
+
+    def logged(*args):
+        launches.log = []
+        with launches, HostReads() as reads, MethodReads(reads.reads):
+            out = step(*args)
+        steps.append((launches.log, reads.reads))
+        return out
+
+    monkeypatch.setattr(decoder, "_step", logged)
+    decoder.generate(torch.randint(4, 8192, (1, 7), generator=torch.Generator().manual_seed(1)), 6)
+    assert len(steps) == 5 and all(reads == [] for _, reads in steps)
+    first = steps[0][0]
+    for log, _ in steps[1:]:
+        assert len(log) == len(first)
+        differing = [(a, b) for a, b in zip(first, log, strict=True) if a != b]
+        assert not differing, differing[0]
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_static_steps_equal_the_masked_model(family, backend, monkeypatch):
+    """Static steps (those CUDA graphs capture) keep the masked model's outputs: run as they are here, with the
+    position read on the device by Triton's kernels, on the host by the compiled ones."""
+    if backend == "triton":
+        use_triton_kernels(monkeypatch)
+    model = make_tiny_opt() if family == "opt" else make_tiny_llama()
+    predictor = token_predictor(model, "shadow", attention_unit="query_head")
+    decode_and_check(model, predictor, Policy("local", 0.5, 0.5), static=True)
+
+
+def test_what_keeps_a_step_from_cuda_graphs_is_named(tiny_opt):
+    """Asked for CUDA graphs where they cannot capture the step, the decoder says why (checked here on the CPU,
+    where the compiled kernels are not Triton's)."""
+    local = TokenDecoder(tiny_opt, token_predictor(tiny_opt, "shadow"), Policy("local", 0.5, 0.5))
+    assert "use policy=local" in TokenDecoder(tiny_opt, token_predictor(tiny_opt, "shadow"),
+                                              Policy("global", 0.5, 0.5))._capture_blocker(1)
+    assert "decode one request at a time" in local._capture_blocker(2)
+    assert "the Triton kernels are not in use" in local._capture_blocker(1)
+    assert not local._static_steps(1)  # by default, only on CUDA
+
+
 def test_host_reads_are_counted():
     """The counter of the test above sees each kind of read it looks for."""
     x, counts = torch.randn(6), torch.tensor([1, 2])
@@ -245,12 +335,12 @@ def test_latency_benchmark_timing_presets():
     assert predictor_dtype(full) == "bfloat16"
 
 
-@pytest.mark.parametrize("dtype", ["float32", "int8"])
-def test_latency_benchmark_writes_its_table(tmp_path, dtype):
+def test_latency_benchmark_writes_its_table(tmp_path):
+    """With float32 predictors (the CPU's default, int8, runs in the test below)."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="latency", overrides=["arch=opt-125m", "prompt=6", "new_tokens=3",
                                                         "min_run_time=0.01", "rounds=2", "sparsity=[0.5]",
-                                                        "logger=none", f"predictor.dtype={dtype}"])
+                                                        "logger=none", "predictor.dtype=float32"])
     rows = run(cfg, tmp_path)
     assert [(r["method"], r["granularity"]) for r in rows] == [
         ("dense", "-"), ("static", "request"), ("shadow", "request"), ("dejavu", "request"),
@@ -265,7 +355,8 @@ def test_latency_benchmark_writes_its_table(tmp_path, dtype):
 
 
 def test_latency_benchmark_rows_per_batch_size(tmp_path):
-    """Above batch 1: dense, static and per-token rows, each against the dense row of its batch size."""
+    """Above batch 1: dense, static and per-token rows, each against the dense row of its batch size (int8
+    predictors, the CPU's default)."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="latency", overrides=["arch=opt-125m", "prompt=6", "new_tokens=3",
                                                         "min_run_time=0.01", "rounds=1", "sparsity=[0.5]",

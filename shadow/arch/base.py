@@ -150,13 +150,17 @@ class Family(ABC):
         the input)."""
         return states
 
+    def sliding_window(self, config) -> int | None:
+        """The attention span, where a sliding window limits it."""
+        return None
+
     @abstractmethod
-    def decode_step(self, model: nn.Module, tokens: Tensor, position: int, attention: Attention, kept: Kept,
+    def decode_step(self, model: nn.Module, tokens: Tensor, position: Tensor, attention: Attention, kept: Kept,
                     fetch: Fetch) -> Tensor:
-        """One token per request (a (B,) tensor, left on the device) through the decoder at ``position``: each
-        layer's attention is ``attention(index, h)`` on the (B, E) inputs, its FFN reads only the units
-        ``kept(index)`` (asked after the attention) through ``shadow.kernels``; each layer runs inside
-        ``fetch(index)`` on its own device. Returns the float32 logits (B, V)."""
+        """One token per request (a (B,) tensor, left on the device) through the decoder at ``position`` (a 0-d
+        tensor on the device, read there): each layer's attention is ``attention(index, h)`` on the (B, E) inputs,
+        its FFN reads only the units ``kept(index)`` (asked after the attention) through ``shadow.kernels``; each
+        layer runs inside ``fetch(index)`` on its own device. Returns the float32 logits (B, V)."""
 
     def module(self, layer: nn.Module, role: str) -> nn.Linear:
         return layer.get_submodule(self.paths[role])

@@ -90,7 +90,6 @@ class Llama(Family):
         return AutoConfig.for_model(self.model_type, **self.architectures[architecture])
 
     def sliding_window(self, config) -> int | None:
-        """The attention span, where a sliding window limits it."""
         layer_types = getattr(config, "layer_types", None)
         if layer_types is not None and "sliding_attention" not in layer_types:
             return None
@@ -104,12 +103,8 @@ class Llama(Family):
         cos, sin = self.backbone(model).rotary_emb(states, positions[None])
         return states * cos + rotate_half(states) * sin
 
-    def decode_step(self, model: nn.Module, tokens: Tensor, position: int, attention: Attention, kept: Kept,
+    def decode_step(self, model: nn.Module, tokens: Tensor, position: Tensor, attention: Attention, kept: Kept,
                     fetch: Fetch) -> Tensor:
-        window = self.sliding_window(model.config)
-        if window is not None and position >= window:
-            raise ValueError(f"position {position} is past the {window}-token sliding window, which per-token "
-                             "decoding does not apply; use shorter prompts and continuations")
         backbone = self.backbone(model)
         with resident(backbone.embed_tokens):
             weight = backbone.embed_tokens.weight

@@ -58,13 +58,14 @@ class OPT(Family):
                          vocab_size=50272, max_position_embeddings=2048,
                          do_layer_norm_before=architecture != "opt-350m")
 
-    def decode_step(self, model: nn.Module, tokens: Tensor, position: int, attention: Attention, kept: Kept,
+    def decode_step(self, model: nn.Module, tokens: Tensor, position: Tensor, attention: Attention, kept: Kept,
                     fetch: Fetch) -> Tensor:
         decoder = self.backbone(model)
         with resident(decoder.embed_tokens), resident(decoder.embed_positions):
             weight = decoder.embed_tokens.weight
             x = nn.functional.embedding(tokens.to(weight.device), weight)  # a tensor index: no host read
-            positions = decoder.embed_positions.weight[position + decoder.embed_positions.offset]
+            table = decoder.embed_positions.weight
+            positions = nn.functional.embedding(position.to(table.device) + decoder.embed_positions.offset, table)
         if decoder.project_in is not None:
             x = decoder.project_in(x)
         x = x + positions.to(x.device)

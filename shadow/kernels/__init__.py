@@ -153,13 +153,20 @@ def backend(weight: Tensor) -> ModuleType | type:
     return TorchGather
 
 
-def rows_into(out: Tensor, linear: nn.Linear, index: Tensor, inputs: Tensor, first: Tensor, last: int,
+def _on_host(kernels: ModuleType | type, value: int | Tensor) -> int | Tensor:
+    """A position as ``kernels`` take it: Triton's read a 0-d device tensor where it is; the others, on the host."""
+    return int(value) if isinstance(value, Tensor) and not getattr(kernels, "positions_on_device", False) else value
+
+
+def rows_into(out: Tensor, linear: nn.Linear, index: Tensor, inputs: Tensor, first: Tensor, last: int | Tensor,
               requests: int = 1) -> None:
     """Write ``linear(inputs[p])[index[i]]`` to ``out[index[i], p]`` for p in [first[i], last], reading only the
     rows ``index`` (sorted) of the weight, each once. ``out``: (out_features, positions), ``inputs``: (positions,
     in); with ``requests`` > 1, both hold that many requests' equal spans of positions one after another, and the
-    positions are those of each span."""
-    backend(linear.weight).rows_into(out, linear.weight, linear.bias, index, inputs, first, last, requests)
+    positions are those of each span. ``last`` may be a 0-d tensor on the weight's device: the Triton kernels then
+    launch over the whole span whatever its value (a host read for the others)."""
+    kernels = backend(linear.weight)
+    kernels.rows_into(out, linear.weight, linear.bias, index, inputs, first, _on_host(kernels, last), requests)
 
 
 def rows(linear: nn.Linear, index: Tensor, x: Tensor) -> Tensor:
@@ -168,10 +175,11 @@ def rows(linear: nn.Linear, index: Tensor, x: Tensor) -> Tensor:
     return backend(linear.weight).rows(linear.weight, linear.bias, index, x.contiguous())
 
 
-def attend(query: Tensor, keys: Tensor, values: Tensor, heads: Tensor, head_dim: int, length: int) -> Tensor:
+def attend(query: Tensor, keys: Tensor, values: Tensor, heads: Tensor, head_dim: int, length: int | Tensor) -> Tensor:
     """Attention of one position over the first ``length`` cached positions, for the kept ``heads`` only (see
-    ``TorchGather.attend``)."""
-    return backend(keys).attend(query, keys, values, heads, head_dim, length)
+    ``TorchGather.attend``); ``length`` may be a 0-d device tensor, as ``last`` of ``rows_into``."""
+    kernels = backend(keys)
+    return kernels.attend(query, keys, values, heads, head_dim, _on_host(kernels, length))
 
 
 def columns(linear: nn.Linear, index: Tensor, x: Tensor) -> Tensor:
