@@ -11,6 +11,8 @@ bench ask it rather than its name.
 - ``static``: one mask for every input, from importance averaged over the calibration set.
 - ``oracle``: the criterion's own scores on each request, the upper bound of any predictor.
 - ``dense``: no mask.
+- ``teal`` and ``cats``: training-free, no mask per request: magnitude thresholds per layer, calibrated on the
+  dense model, zero small activations at every token (``shadow.thresholds``).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class Placement(ABC):
     name: str
     uses_traces = False  # scores the calibration set (cached traces)
     trains = False  # trains predictor networks: ``groups`` are not empty
+    thresholds = False  # zeroes small activations by calibrated thresholds (its name is a shadow.thresholds method)
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -112,3 +115,21 @@ class DejaVu(Trained):
 
     def groups(self, layers: int, layer: int, lookahead: bool) -> Groups:
         return tuple((max(target - 1, 0) if lookahead else target, (target,)) for target in range(layers))
+
+
+class Thresholded(Placement):
+    """A training-free placement: no mask per request; the job runs the model under magnitude thresholds
+    calibrated on the dense model (``shadow.thresholds``)."""
+
+    thresholds = True
+
+    def masks(self, job: MaskJob) -> MaskFn:
+        return lambda requests: None
+
+
+class Teal(Thresholded):
+    name = "teal"
+
+
+class Cats(Thresholded):
+    name = "cats"

@@ -27,6 +27,12 @@ class Masks:
         return {"head_sparsity": 1 - self.heads.float().mean().item(),
                 "neuron_sparsity": 1 - self.neurons.float().mean().item()}
 
+    def kv_heads(self, count: int) -> Tensor:
+        """(…, L, count) the key-value heads in use: with query-head units (more heads than ``count``), a key-value
+        head is in use when any of its query heads is kept; otherwise the heads themselves."""
+        heads = self.heads.shape[-1]
+        return self.heads if heads == count else self.heads.unflatten(-1, (count, heads // count)).any(-1)
+
     def kept_per_layer(self) -> tuple[Tensor, Tensor, int]:
         """(L,) kept fraction of heads and of neurons in each layer summed over the masks, and how many masks."""
         heads = self.heads.float().mean(-1).reshape(-1, self.heads.shape[-2])
@@ -36,10 +42,13 @@ class Masks:
 
 @dataclass
 class SparsityMeter:
-    """Achieved sparsity over many requests, overall and per layer."""
+    """Achieved sparsity over many requests, overall and per layer. With ``kv_heads`` (the model's key-value
+    heads), masks of query-head units also count the key-value heads in use (``kv_head_sparsity``)."""
 
+    kv_heads: int | None = None
     heads: Tensor | None = None  # (L,) kept fractions summed over masks
     neurons: Tensor | None = None
+    kv: Tensor | None = None
     requests: int = 0  # masks counted: requests, or tokens with per-token masks
 
     def add(self, masks: Masks) -> None:
@@ -47,12 +56,16 @@ class SparsityMeter:
         self.heads = heads if self.heads is None else self.heads + heads
         self.neurons = neurons if self.neurons is None else self.neurons + neurons
         self.requests += count
+        if self.kv_heads is not None and masks.heads.shape[-1] != self.kv_heads:
+            kv = masks.kv_heads(self.kv_heads).float().mean(-1).reshape(-1, masks.heads.shape[-2]).sum(0)
+            self.kv = kv if self.kv is None else self.kv + kv
 
     def per_layer(self) -> dict[str, list[float]]:
         if not self.requests:
             return {}
+        kv = {} if self.kv is None else {"kv_head_sparsity": (1 - self.kv / self.requests).tolist()}
         return {"head_sparsity": (1 - self.heads / self.requests).tolist(),
-                "neuron_sparsity": (1 - self.neurons / self.requests).tolist()}
+                "neuron_sparsity": (1 - self.neurons / self.requests).tolist(), **kv}
 
     def overall(self) -> dict[str, float]:
         layers = self.per_layer()

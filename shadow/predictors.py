@@ -80,6 +80,13 @@ def network(arch: str, inputs: int, hidden: int, outputs: int, rank: int | None 
     return nn.Sequential(*first, *output)  # built in this order: a seed gives the same networks as ever
 
 
+def _input_weight(net: nn.Sequential) -> Tensor | None:
+    """The weight of a network's first layer; None for an int8 layer (dynamically quantised: on the CPU, taking
+    float32 inputs), whose ``weight`` is a method."""
+    weight = net[0].weight
+    return weight if isinstance(weight, Tensor) else None
+
+
 class Predictor(nn.Module):
     """One head network and one neuron network per group; together they cover every layer once."""
 
@@ -102,8 +109,8 @@ class Predictor(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        weight = self.heads[0][0].weight
-        return weight.device if isinstance(weight, Tensor) else torch.device("cpu")  # int8 layers: CPU only
+        weight = _input_weight(self.heads[0])
+        return weight.device if weight is not None else torch.device("cpu")
 
     def run_as(self, dtype: str) -> Predictor:
         """Convert the trained float32 networks in place to run in ``dtype`` (config.PREDICTOR_DTYPES): float16 or
@@ -128,9 +135,8 @@ class Predictor(nn.Module):
         """(..., len(targets) · units) float32 scores of a group's ``kind`` network ("heads" or "neurons") from its
         feature layer's raw (..., E) attention output."""
         net = (self.heads if kind == "heads" else self.neurons)[group]
-        weight = net[0].weight
-        x = normalise_inputs(feature)
-        return net(x.to(weight.dtype) if isinstance(weight, Tensor) else x).float()  # int8 layers take float32
+        weight, x = _input_weight(net), normalise_inputs(feature)
+        return net(x if weight is None else x.to(weight.dtype)).float()
 
     def group_scores(self, group: int, feature: Tensor) -> tuple[Tensor, Tensor]:
         """One group's (..., len(targets), H) head and (..., len(targets), F) neuron scores from its feature

@@ -10,14 +10,17 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from lm_eval.utils import make_table
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
+from torch import Tensor
 
+from shadow import thresholds
 from shadow.arch import Shape, family_of
 from shadow.artifacts import cache_key, cached, check_space, find
 from shadow.config import ConfigError, check_devices, resolved_sparsities, validate
@@ -33,6 +36,7 @@ from shadow.policy import Policy
 from shadow.predictors import fit_predictor, held_out_report, load_predictor, save_predictor
 from shadow.traces import TraceShards, compute_traces
 from shadow.tracking import Tracker, flat_config, write_results
+from shadow.weights_read import unit_reads, weights_read
 
 log = logging.getLogger(__name__)
 NO_REPORT: dict = {"metrics": {}, "per_layer": {}}
@@ -54,15 +58,37 @@ def make_policy(cfg: DictConfig, heads_only: bool) -> Policy:
     return Policy(cfg.policy, head, neuron, cfg.min_heads, cfg.min_neurons, cfg.dense_first_layer)
 
 
+def calibrated_thresholds(cfg: DictConfig, model, model_id: dict, examples: list[Example], padding: int) -> Tensor:
+    """The (sites, L) thresholds of a thresholded placement (``shadow.thresholds``) at the job's sparsities, from
+    histograms of the dense model's activations on the calibration set (a cached artifact)."""
+    method = cfg.predictor.name
+    inputs = {"model": model_id, "examples": examples_fingerprint(examples), "method": method,
+              "batch_size": cfg.calibration.batch_size, "bins": thresholds.BINS}
+
+    def build(out: Path) -> dict:
+        histograms = thresholds.calibrate(model, examples, method, cfg.calibration.batch_size, padding)
+        save_file({"counts": histograms.counts}, str(out / "histograms.safetensors"))
+        return {}
+
+    with stage("calibration"):
+        directory, _ = cached(cfg.cache_dir, "histograms", inputs, build)
+    head, neuron = resolved_sparsities(cfg)
+    shares = [head if site.share == "head" else neuron for site in thresholds.sites(model, method)]
+    return thresholds.Histograms(load_file(str(directory / "histograms.safetensors"))["counts"]).thresholds(shares)
+
+
 def mask_source(cfg: DictConfig, model, model_id: dict, examples: list[Example], criterion: Criterion,
-                shape: Shape, policy: Policy, padding: int) -> tuple[MaskFn, dict]:
-    """The configured predictor placement as a mask source, and the predictor's held-out quality (``metrics``
-    overall, ``per_layer`` lists). Traces and the trained predictor are cached artifacts, made only for the
-    placements that use them. ``model_id``: the weights' ``model_fingerprint``."""
+                shape: Shape, policy: Policy, padding: int) -> tuple[MaskFn, dict, Tensor | None]:
+    """The configured predictor placement as a mask source, the predictor's held-out quality (``metrics``
+    overall, ``per_layer`` lists) and a thresholded placement's thresholds (else None). Traces, the trained
+    predictor and activation histograms are cached artifacts, made only for the placements that use them.
+    ``model_id``: the weights' ``model_fingerprint``."""
     placement = PLACEMENTS[cfg.predictor.name]
     job = MaskJob(model, criterion, shape, policy, cfg.predictor, padding, cfg.seed)
+    if placement.thresholds:
+        return placement.masks(job), NO_REPORT, calibrated_thresholds(cfg, model, model_id, examples, padding)
     if not placement.uses_traces:
-        return placement.masks(job), NO_REPORT
+        return placement.masks(job), NO_REPORT, None
     trace_inputs = {"model": model_id, "examples": examples_fingerprint(examples),
                     "criterion": OmegaConf.to_container(cfg.criterion), "batch_size": cfg.calibration.batch_size,
                     "seed": cfg.seed, "units": asdict(shape)}
@@ -71,7 +97,7 @@ def mask_source(cfg: DictConfig, model, model_id: dict, examples: list[Example],
             model, examples, criterion, shape, cfg.calibration.batch_size, padding, out, cfg.seed)})
     job.traces = TraceShards.load(traces_dir)
     if not placement.trains:
-        return placement.masks(job), NO_REPORT
+        return placement.masks(job), NO_REPORT, None
     device = torch.device(cfg.predictor.device) if cfg.predictor.device else input_device(model)
     training = {**{k: v for k, v in OmegaConf.to_container(cfg.predictor).items() if k not in ("granularity", "dtype")},
                 "device": device.type}  # training on another kind of device gives other weights
@@ -93,7 +119,7 @@ def mask_source(cfg: DictConfig, model, model_id: dict, examples: list[Example],
         with stage("predictor in " + cfg.predictor.dtype):
             report = held_out_report(job.traces, documents, job.predictor.run_as(cfg.predictor.dtype), cfg.predictor,
                                      cfg.seed)
-    return placement.masks(job), report
+    return placement.masks(job), report, None
 
 
 def predictor_parameters(cfg: DictConfig, shape: Shape, hidden: int, heads_only: bool) -> int:
@@ -132,13 +158,16 @@ def save_record(directory: Path, record: dict) -> dict:
     return {}
 
 
+RECORD_VERSION = 2  # raised when a job's record gains or changes a metric: older cached records are then rerun
+
+
 def job_inputs(cfg: DictConfig, model_id: dict) -> dict:
-    """What determines a job's results: the weights and every setting but where things go and how they are
-    logged."""
+    """What determines a job's results: the weights, every setting but where things go and how they are logged,
+    and the record's version."""
     settings = OmegaConf.to_container(cfg, resolve=True)
     for key in ("cache_dir", "logger", "force"):
         settings.pop(key, None)
-    return {"model": model_id, "job": settings}
+    return {"model": model_id, "job": settings, "record": RECORD_VERSION}
 
 
 def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_name: str = "") -> dict[str, float]:
@@ -178,9 +207,11 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
     with Tracker(cfg, output_dir, group=group, name=job_name or output_dir.name) as tracker:
         with stage("load"):
             model, _ = load_model(cfg.model, cfg.device)
-        masks, report = mask_source(cfg, model, model_id, examples, criterion, shape, policy, pad_id(tokenizer))
+        masks, report, limits = mask_source(cfg, model, model_id, examples, criterion, shape, policy,
+                                            pad_id(tokenizer))
         extra = {}
-        with stage("evaluate"):
+        under = nullcontext() if limits is None else thresholds.thresholded(model, cfg.predictor.name, limits)
+        with stage("evaluate"), under as kept:
             if cfg.eval.name == "perplexity":
                 metrics, per_layer = evaluate_perplexity(model, tokenizer, masks, cfg.eval, eval_input)
             else:
@@ -188,6 +219,11 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
                 extra = {"lm_eval": out["results"]}
                 log.info("lm-eval results\n%s", make_table(out))
                 tracker.lm_eval(out)
+        if kept is None:
+            metrics["weights_read"] = weights_read(model, unit_reads(model, per_layer))
+        else:  # no unit masks: sparsity and weights read from the entries the thresholds kept
+            achieved, per_layer = thresholds.report(model, cfg.predictor.name, kept.shares())
+            metrics.update(achieved)
         metrics.update(report["metrics"])
         record = {**{k: v for k, v in flat_config(cfg).items() if k != "config"}, "metrics": metrics,
                   "sparsity_per_layer": per_layer, "predictor_per_layer": report["per_layer"], **extra,

@@ -350,6 +350,9 @@ def test_latency_benchmark_writes_its_table(tmp_path):
         assert r["step_ms"] == pytest.approx((r["total_ms"] - r["first_token_ms"]) / 2)
         assert r["decode_speedup"] == pytest.approx(rows[0]["step_ms"] / r["step_ms"])
     assert all(r["predictor_share"] > 0 for r in rows if r["method"] in ("shadow", "dejavu"))
+    # every layer keeps half its key-value groups and FFN units, whichever ones: the same weights read
+    assert rows[0]["weights_read"] == 1 and 0.5 < rows[1]["weights_read"] < 1
+    assert all(r["weights_read"] == pytest.approx(rows[1]["weights_read"]) for r in rows[1:])
     assert (tmp_path / "latency.csv").read_text().splitlines()[0] == ",".join(COLUMNS)
     assert (tmp_path / "latency.md").read_text().count("\n| ") == len(rows) + 1
 
@@ -373,20 +376,21 @@ def test_latency_benchmark_rows_per_batch_size(tmp_path):
         run(bad, tmp_path)
 
 
-def test_latency_benchmark_runs_each_row_twice_per_round_interleaved():
+def test_latency_benchmark_runs_each_row_twice_per_round_interleaved(tiny_opt):
     """Each measurement is one untimed run, then one timed run; the rows take turns round by round."""
     from omegaconf import OmegaConf
 
     from shadow.benchmarks.latency import Bench, Case
 
     calls = []
-    bench = Bench.__new__(Bench)  # no model: the cases only record their runs
+    bench = Bench.__new__(Bench)  # the cases only record their runs (and apply no masks: all weights read)
+    bench.model = tiny_opt
     bench.cfg = OmegaConf.create({"rounds": 3, "new_tokens": 4, "min_run_time": 0.01})
     cases = [Case(name, "-", 0.0, 1, lambda n, name=name: calls.append((name, n))) for name in ("dense", "static")]
     rows = bench.measure(cases)
     one_round = [("dense", 4)] * 2 + [("dense", 1)] * 2 + [("static", 4)] * 2 + [("static", 1)] * 2
     assert calls == one_round * 3
-    assert [r["method"] for r in rows] == ["dense", "static"]
+    assert [r["method"] for r in rows] == ["dense", "static"] and all(r["weights_read"] == 1 for r in rows)
 
 
 def test_latency_benchmark_places_layers_with_accelerate(tmp_path):

@@ -104,6 +104,7 @@ class Family(ABC):
     head_columns: ClassVar[tuple[str, ...]] = ("output",)
     neuron_rows: ClassVar[tuple[str, ...]]  # roles whose rows belong to an FFN unit: ("up",) or ("gate", "up")
     neuron_columns: ClassVar[tuple[str, ...]] = ("down",)
+    activation_path: ClassVar[str]  # the FFN activation module inside a decoder layer
     architectures: ClassVar[dict[str, dict]]  # released sizes by name → config fields (the latency bench's arch)
     rotary: ClassVar[bool] = False  # queries and keys are rotated by position (``rotate``)
 

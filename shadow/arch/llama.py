@@ -36,6 +36,7 @@ class Llama(Family):
     paths = {"query": "self_attn.q_proj", "key": "self_attn.k_proj", "value": "self_attn.v_proj",
              "output": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
     neuron_rows = ("gate", "up")
+    activation_path = "mlp.act_fn"
     rotary = True
     head_norms = False  # an RMSNorm on each query and key head (Qwen3)
     architectures = {

@@ -14,6 +14,7 @@ class OPT(Family):
     paths = {"query": "self_attn.q_proj", "key": "self_attn.k_proj", "value": "self_attn.v_proj",
              "output": "self_attn.out_proj", "up": "fc1", "down": "fc2"}
     neuron_rows = ("up",)
+    activation_path = "activation_fn"
     architectures = {name: {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads}
                      for name, hidden, layers, heads in (
                          ("opt-125m", 768, 12, 12), ("opt-350m", 1024, 24, 16), ("opt-1.3b", 2048, 24, 32),

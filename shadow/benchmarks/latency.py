@@ -24,7 +24,9 @@ batch's units, so the gain shrinks with the batch. Every row is timed once per r
 of it, the rows interleaved so that the machine's drifts touch them alike; reported are the medians over
 ``rounds`` rounds (``torch.utils.benchmark``): end-to-end ms, ms to the first token, ms per decoding step
 (end-to-end minus first token, over the remaining steps), decoding speed-up over dense at the same batch size,
-and the predictor's share of the time: of the request's time per request, of each decoding step per token.
+the share of the dense step's weights read per token under the masks the row applied (``shadow.weights_read``;
+per token, the mean over its steps of the batch's union) and the predictor's share of the time: of the request's
+time per request, of each decoding step per token.
 Written to the job's directory as latency.csv, latency.md and latency.json, and logged
 to W&B as a table (offline without a key; logger=none turns it off).
 """
@@ -54,13 +56,14 @@ from shadow.cli import check_argv, fail, fix_argv
 from shadow.config import ATTENTION_UNITS, DTYPES, PREDICTOR_DTYPES, ConfigError
 from shadow.models import TORCH_DTYPES
 from shadow.placements import PLACEMENTS
-from shadow.policy import Policy
+from shadow.policy import Masks, Policy
 from shadow.predictors import Predictor
 from shadow.sparse import TokenDecoder, pruned
 from shadow.traces import layer_features
+from shadow.weights_read import masks_read
 
 COLUMNS = ["method", "granularity", "sparsity", "batch", "total_ms", "first_token_ms", "step_ms", "decode_speedup",
-           "predictor_share"]
+           "weights_read", "predictor_share"]
 
 
 def predictors(shape: Shape, predictor_cfg: DictConfig) -> dict[str, Predictor]:
@@ -156,14 +159,14 @@ def median_ms(fn, min_run_time: float) -> float:
 
 @dataclass
 class Case:
-    """One row: ``run(n)`` generates n tokens inside ``context()``; ``predict`` is the predictor's work per
-    request (request) or per decoding step (token)."""
+    """One row: ``run(n)`` generates n tokens inside ``context()`` and returns the masks it applied (None:
+    dense); ``predict`` is the predictor's work per request (request) or per decoding step (token)."""
 
     method: str
     granularity: str
     sparsity: float
     batch: int
-    run: Callable[[int], None]
+    run: Callable[[int], Masks | None]
     context: Callable[[], AbstractContextManager] = nullcontext
     predict: Callable[[], None] | None = None
 
@@ -211,18 +214,24 @@ class Bench:
                 policy = Policy("local", sparsity, sparsity)
                 static = policy.select(torch.rand(1, self.shape.layers, self.shape.heads),
                                        torch.rand(1, self.shape.layers, self.shape.neurons))
-                cases.append(Case("static", "request", sparsity, batch, generate,
+
+                def fixed(n: int, static=static, batch=batch) -> Masks:
+                    self.generate(n, batch)
+                    return static
+                cases.append(Case("static", "request", sparsity, batch, fixed,
                                   lambda static=static: pruned(self.model, static, self.shape)))
                 for name in self.predictors if batch == 1 else ():
-                    def request(n: int, name=name, policy=policy) -> None:
-                        with pruned(self.model, self.predict_request(name, policy), self.shape):
+                    def request(n: int, name=name, policy=policy) -> Masks:
+                        masks = self.predict_request(name, policy)
+                        with pruned(self.model, masks, self.shape):
                             self.generate(n)
+                        return masks
                     cases.append(Case(name, "request", sparsity, batch, request,
                                       predict=lambda name=name, policy=policy: self.predict_request(name, policy)))
                 for name in self.predictors:
                     decoder, ids = TokenDecoder(self.model, self.predictors[name], policy), self.ids[:batch]
-                    cases.append(Case(name, "token", sparsity, batch, lambda n, d=decoder, ids=ids: d.generate(ids, n),
-                                      lambda d=decoder: d,
+                    cases.append(Case(name, "token", sparsity, batch,
+                                      lambda n, d=decoder, ids=ids: d.generate(ids, n).masks, lambda d=decoder: d,
                                       lambda name=name, policy=policy, batch=batch: self.predict_step(name, policy,
                                                                                                       batch)))
         return cases
@@ -234,31 +243,35 @@ class Bench:
         three times)."""
         cfg, new = self.cfg, self.cfg.new_tokens
         totals, firsts = [[] for _ in cases], [[] for _ in cases]
+        applied: list[list] = [[None] for _ in cases]  # the masks of each case's last full generation
         with torch.no_grad():
             for _ in tqdm(range(cfg.rounds), desc="rounds", disable=None):
-                for case, total, first in zip(cases, totals, firsts, strict=True):
+                for case, total, first, masks in zip(cases, totals, firsts, applied, strict=True):
                     with case.context():
-                        for n, times in ((new, total), (1, first)):
-                            timer = benchmark.Timer(stmt="run(n)", globals={"run": case.run, "n": n},
+                        for n, times, out in ((new, total, masks), (1, first, [None])):
+                            timer = benchmark.Timer(stmt="out[0] = run(n)",
+                                                    globals={"run": case.run, "n": n, "out": out},
                                                     num_threads=torch.get_num_threads())
                             times.append(timer.blocked_autorange(min_run_time=0))
             costs = [median_ms(case.predict, cfg.min_run_time) if case.predict else None for case in cases]
         rows, dense_step = [], {}
-        for case, total, first, cost in zip(cases, totals, firsts, costs, strict=True):
+        for case, total, first, cost, masks in zip(cases, totals, firsts, costs, applied, strict=True):
             total_ms, first_ms = (benchmark.Measurement.merge(m)[0].median * 1e3 for m in (total, first))
             step = (total_ms - first_ms) / max(new - 1, 1)
             dense_step.setdefault(case.batch, step)  # each batch size's dense row comes first
             share = None if cost is None else cost / (step if case.granularity == "token" else total_ms)
             rows.append({"method": case.method, "granularity": case.granularity, "sparsity": case.sparsity,
                          "batch": case.batch, "total_ms": total_ms, "first_token_ms": first_ms, "step_ms": step,
-                         "decode_speedup": dense_step[case.batch] / step, "predictor_share": share})
+                         "decode_speedup": dense_step[case.batch] / step,
+                         "weights_read": masks_read(self.model, masks[0]), "predictor_share": share})
         return rows
 
 
 def format_row(r: dict) -> str:
     share = f"{r['predictor_share']:.1%}" if r["predictor_share"] is not None else "-"
     return (f"| {r['method']} | {r['granularity']} | {r['sparsity']:.0%} | {r['batch']} | {r['total_ms']:.0f} | "
-            f"{r['first_token_ms']:.0f} | {r['step_ms']:.1f} | {r['decode_speedup']:.2f}× | {share} |")
+            f"{r['first_token_ms']:.0f} | {r['step_ms']:.1f} | {r['decode_speedup']:.2f}× | {r['weights_read']:.1%} | "
+            f"{share} |")
 
 
 def write(out: Path, header: str, rows: list[dict]) -> None:
@@ -276,7 +289,7 @@ def write(out: Path, header: str, rows: list[dict]) -> None:
 
 
 TABLE_HEAD = ("| method | masks | sparsity | batch | total ms | first token ms | ms / step | decode × dense "
-              "| predictor |\n|---|---|---|---|---|---|---|---|---|")
+              "| weights read | predictor |\n|---|---|---|---|---|---|---|---|---|---|")
 
 
 def predictor_dtype(cfg: DictConfig) -> str:

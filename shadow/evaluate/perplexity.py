@@ -24,7 +24,7 @@ from shadow.config import ConfigError, PerplexityEvalConfig
 from shadow.evaluate.requests import MaskFn, Request, prompt_before, rolling_requests, score
 from shadow.models import pad_id
 from shadow.opt_mini import PERPLEXITY_FILE
-from shadow.policy import SparsityMeter
+from shadow.weights_read import sparsity_meter
 
 
 @dataclass
@@ -80,7 +80,7 @@ def evaluate_perplexity(model: nn.Module, tokenizer, mask_fn: MaskFn, cfg: Perpl
     seq_len = cfg.seq_len or model.config.max_position_embeddings
     padding = pad_id(tokenizer)
     metrics: dict[str, float] = {}
-    meter = SparsityMeter()
+    meter = sparsity_meter(model)
     if "token" in cfg.protocols:
         requests = token_requests(data.text, tokenizer, seq_len, cfg.limit)
         nll, _ = score(model, requests, mask_fn, cfg.batch_size, padding, meter, "token perplexity",

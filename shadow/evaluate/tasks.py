@@ -19,6 +19,7 @@ from shadow.data import load_tasks
 from shadow.evaluate.requests import MaskFn, Request, rolling_requests, score
 from shadow.models import pad_id
 from shadow.policy import SparsityMeter
+from shadow.weights_read import sparsity_meter
 
 
 class SparseHFLM(HFLM):
@@ -65,7 +66,7 @@ def evaluate_tasks(model: nn.Module, tokenizer, mask_fn: MaskFn, cfg: TasksEvalC
     """Task metrics (``<task>/<metric>`` and ``tasks/mean_acc``), achieved sparsity per layer, lm-eval's output."""
     import lm_eval
 
-    meter = SparsityMeter()
+    meter = sparsity_meter(model)
     lm = SparseHFLM(model, tokenizer, mask_fn, cfg.batch_size, meter, cfg.mask_from)
     out = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot, limit=cfg.limit,
                                   task_manager=manager, random_seed=seed, numpy_random_seed=seed,
