@@ -10,6 +10,10 @@ Reads each directory's results.jsonl (one line per job) and writes into ``--out`
   its sparsity) is a dotted horizontal line labelled "dense" with its value; the oracle is dashed: in its
   criterion's colour on every predictor panel, and its own line on the criterion panels. Perplexity spanning
   more than 3× is on a log axis; ticks read as plain numbers (30, 50, 100, 200);
+- <metric>_by_weights_read.png: the same metric against the weights read per token (the share of the dense
+  step's parameters, ``shadow.weights_read``), one line per predictor (a panel per criterion): the axis on
+  which methods that skip different things (heads and neurons, input or intermediate channels) compare; each
+  point sits at its repeats' mean weights read;
 - layer_sparsity.png: heatmaps of the achieved head and neuron sparsity of every job (rows, seeds averaged,
   dense runs left out) in every layer (columns), one shared colour bar; the figure grows with jobs and layers,
   cells carry their values up to 16 layers, layer ticks are thinned beyond.
@@ -41,6 +45,7 @@ DEFAULT_METRICS = ("tasks/mean_acc", "token_perplexity", "word_perplexity", "ach
 PLOTTED = ("tasks/mean_acc", "token_perplexity", "word_perplexity")
 METRIC_NAMES = {"tasks/mean_acc": "mean task accuracy", "token_perplexity": "token perplexity",
                 "word_perplexity": "word perplexity"}
+X_NAMES = {"sparsity": "sparsity", "weights_read": "weights read per token (share of the dense step)"}
 BARE = ("model", "criterion", "predictor", "dtype")  # values that say what they are (others: compat=none, …)
 SHORT = {"sparsity": "s", "head_sparsity": "heads", "neuron_sparsity": "neurons", "criterion_variant": "variant"}
 DENSE_KEYS = ("model", "dtype", "eval", "compat")  # what changes a dense run's result: it has no masks
@@ -102,20 +107,29 @@ def pyplot():
 
 
 class Point(NamedTuple):
-    """One point of a line: the mean of the repeats at this sparsity, and their min and max (the band)."""
+    """One point of a line: the mean of the repeats at this sparsity, and their min and max (the band); ``x``: the
+    sparsity, or the repeats' mean of another x (weights read)."""
     x: float
     mean: float
     low: float
     high: float
 
 
-def series(rows: list[dict], metric: str, keys: list[str]) -> dict[str, list[Point]]:
-    """The metric against sparsity, one line per label of ``keys``; repeats (seeds) are aggregated into a Point."""
-    values: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+def series(rows: list[dict], metric: str, keys: list[str], x: str = "sparsity") -> dict[str, list[Point]]:
+    """The metric against ``x``, one line per label of ``keys``; repeats (seeds) of a sparsity are aggregated
+    into a Point at their mean ``x``."""
+    values: dict[str, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        values[label(r, keys)][r["sparsity"]].append(r[metric])
-    return {name: [Point(x, sum(v) / len(v), min(v), max(v)) for x, v in sorted(by_x.items())]
-            for name, by_x in values.items()}
+        values[label(r, keys)][r["sparsity"]].append(r)
+    lines = {}
+    for name, by_sparsity in values.items():
+        points = []
+        for sparsity, repeats in by_sparsity.items():
+            ys = [r[metric] for r in repeats]
+            at = sparsity if x == "sparsity" else sum(r[x] for r in repeats) / len(repeats)
+            points.append(Point(at, sum(ys) / len(ys), min(ys), max(ys)))
+        lines[name] = sorted(points)
+    return lines
 
 
 def log_ticks(low: float, high: float) -> list[float]:
@@ -149,13 +163,14 @@ def y_axis(ax: Axes, metric: str, values: list[float]) -> None:
         ax.set_ylabel(METRIC_NAMES.get(metric, metric))
 
 
-def plot_metric(rows: list[dict], metric: str, lines_by: str, panels_by: str) -> Figure:
-    """The metric against sparsity: a panel per value of ``panels_by``, a line per value of ``lines_by`` and of the
-    other varying keys (not seeds: their mean is the line, their min–max the band); dense and oracle as references."""
+def plot_metric(rows: list[dict], metric: str, lines_by: str, panels_by: str, x: str = "sparsity") -> Figure:
+    """The metric against ``x`` (sparsity, or weights read): a panel per value of ``panels_by``, a line per value
+    of ``lines_by`` and of the other varying keys (not seeds: their mean is the line, their min–max the band);
+    dense and oracle as references."""
     plt = pyplot()
     from matplotlib.lines import Line2D
 
-    rows = [r for r in rows if metric in r]
+    rows = [r for r in rows if metric in r and x in r]
     dense = [r for r in rows if r["predictor"] == "dense"]
     masked = [r for r in rows if r["predictor"] != "dense"]
     # the oracle bounds every predictor: drawn on each predictor's panel rather than in a panel of its own
@@ -180,7 +195,7 @@ def plot_metric(rows: list[dict], metric: str, lines_by: str, panels_by: str) ->
         for oracle in (False, True):
             members = [r for r in masked if (r["predictor"] == "oracle") == oracle
                        and (str(r[panels_by]) == panel or (overlay and oracle))]
-            for name, points in sorted(series(members, metric, split).items()):
+            for name, points in sorted(series(members, metric, split, x).items()):
                 colour, marker = styles[name]
                 xs, mean, low, high = (list(column) for column in zip(*points, strict=True))
                 ax.plot(xs, mean, color=colour, marker=marker, markersize=4, linestyle="--" if oracle else "-",
@@ -199,10 +214,10 @@ def plot_metric(rows: list[dict], metric: str, lines_by: str, panels_by: str) ->
             ax.text(0.98, mean, f"{text} {mean:.1f}" if mean >= 10 else f"{text} {mean:.3g}", color=colour,
                     transform=ax.get_yaxis_transform(), ha="right", va="bottom", fontsize="small")
             ys += values
-        ax.set(title=f"{panels_by}: {panel}", xlabel="sparsity")
+        ax.set(title=f"{panels_by}: {panel}", xlabel=X_NAMES[x])
         ax.grid(alpha=0.3)
     xs = sorted({r["sparsity"] for r in masked})
-    for ax in axes[0] if len(xs) <= 8 else ():  # the sweep's sparsities as the ticks, when they are few
+    for ax in axes[0] if len(xs) <= 8 and x == "sparsity" else ():  # the sweep's sparsities, when they are few
         ax.set_xticks(xs, [plain(x) for x in xs])
     if ys:
         y_axis(axes[0][0], metric, ys)  # the panels share it (sharey)
@@ -266,6 +281,9 @@ def write_plots(rows: list[dict], out: Path) -> list[Path]:
             stem = metric.replace("/", "_")
             save(plot_metric(rows, metric, "criterion", "predictor"), f"{stem}_by_criterion.png")
             save(plot_metric(rows, metric, "predictor", "criterion"), f"{stem}_by_predictor.png")
+            if any(metric in r and "weights_read" in r and r["predictor"] != "dense" for r in rows):
+                save(plot_metric(rows, metric, "predictor", "criterion", "weights_read"),
+                     f"{stem}_by_weights_read.png")
     if any(r["layers"] and r["predictor"] != "dense" for r in rows):
         save(plot_layers(rows), "layer_sparsity.png")
     return written

@@ -81,6 +81,22 @@ def test_seeds_are_one_line_at_their_mean_in_a_min_max_band():
     assert tuple(band.get_facecolor()[0][:3]) == pytest.approx(to_rgb(plainact.get_color()))
 
 
+def test_methods_compare_on_weights_read():
+    """Against weights read: a line per predictor, each point at its repeats' mean weights read; rows without the
+    metric (older records) are left out."""
+    from shadow.report import plot_metric
+
+    rows = [job(predictor="teal", sparsity=0.5, seed=0, acc=0.6, weights_read=0.62),
+            job(predictor="teal", sparsity=0.5, seed=1, acc=0.5, weights_read=0.64),
+            job(predictor="shadow", sparsity=0.5, acc=0.7, weights_read=0.65),
+            job(predictor="shadow", sparsity=0.3, acc=0.8), job(predictor="dense", sparsity=0.0, acc=0.9,
+                                                                  weights_read=1.0)]
+    ax = plot_metric(rows, "acc", "predictor", "criterion", "weights_read").axes[0]
+    assert lines_of(ax) == {"teal": ([pytest.approx(0.63)], [pytest.approx(0.55)]), "shadow": ([0.65], [0.7]),
+                            "dense": ([0, 1], [0.9, 0.9])}  # the dense reference, across the panel
+    assert ax.get_xlabel().startswith("weights read")
+
+
 def test_lines_split_by_the_other_varying_keys_in_one_colour_across_panels():
     from shadow.report import plot_metric
 
