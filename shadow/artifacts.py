@@ -13,6 +13,7 @@ import json
 import logging
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -89,8 +90,9 @@ def cached(cache_dir: str | Path, kind: str, inputs: dict, build: Callable[[Path
             shutil.rmtree(final)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}-"))
         try:
+            start = time.perf_counter()
             extra = build(tmp)
-            meta = {"kind": kind, "inputs": inputs, **extra,
+            meta = {"kind": kind, "inputs": inputs, **extra, "build_seconds": round(time.perf_counter() - start, 3),
                     "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
             if final.exists():

@@ -42,6 +42,14 @@ log = logging.getLogger(__name__)
 NO_REPORT: dict = {"metrics": {}, "per_layer": {}}
 
 
+def with_setup(report: dict, metas: list[dict]) -> dict:
+    """The report with ``setup_seconds``: what building the artifacts behind the mask source took (scoring and
+    training, or calibration), as recorded when each was built, reused or not; None if one predates that record.
+    A time, not a result: it goes into the job's record beside its metrics, not among them."""
+    seconds = [meta.get("build_seconds") for meta in metas]
+    return {**report, "setup_seconds": None if None in seconds else sum(seconds)}
+
+
 @contextmanager
 def stage(name: str) -> Iterator[None]:
     start = time.perf_counter()
@@ -58,9 +66,11 @@ def make_policy(cfg: DictConfig, heads_only: bool) -> Policy:
     return Policy(cfg.policy, head, neuron, cfg.min_heads, cfg.min_neurons, cfg.dense_first_layer)
 
 
-def calibrated_thresholds(cfg: DictConfig, model, model_id: dict, examples: list[Example], padding: int) -> Tensor:
+def calibrated_thresholds(cfg: DictConfig, model, model_id: dict, examples: list[Example], padding: int
+                          ) -> tuple[Tensor, dict]:
     """The (sites, L) thresholds of a thresholded placement (``shadow.thresholds``) at the job's sparsities, from
-    histograms of the dense model's activations on the calibration set (a cached artifact)."""
+    histograms of the dense model's activations on the calibration set (a cached artifact), and that artifact's
+    metadata."""
     method = cfg.predictor.name
     inputs = {"model": model_id, "examples": examples_fingerprint(examples), "method": method,
               "batch_size": cfg.calibration.batch_size, "bins": thresholds.BINS}
@@ -71,33 +81,36 @@ def calibrated_thresholds(cfg: DictConfig, model, model_id: dict, examples: list
         return {}
 
     with stage("calibration"):
-        directory, _ = cached(cfg.cache_dir, "histograms", inputs, build)
+        directory, meta = cached(cfg.cache_dir, "histograms", inputs, build)
     head, neuron = resolved_sparsities(cfg)
     shares = [head if site.share == "head" else neuron for site in thresholds.sites(model, method)]
-    return thresholds.Histograms(load_file(str(directory / "histograms.safetensors"))["counts"]).thresholds(shares)
+    histograms = thresholds.Histograms(load_file(str(directory / "histograms.safetensors"))["counts"])
+    return histograms.thresholds(shares), meta
 
 
 def mask_source(cfg: DictConfig, model, model_id: dict, examples: list[Example], criterion: Criterion,
                 shape: Shape, policy: Policy, padding: int) -> tuple[MaskFn, dict, Tensor | None]:
-    """The configured predictor placement as a mask source, the predictor's held-out quality (``metrics``
-    overall, ``per_layer`` lists) and a thresholded placement's thresholds (else None). Traces, the trained
-    predictor and activation histograms are cached artifacts, made only for the placements that use them.
-    ``model_id``: the weights' ``model_fingerprint``."""
+    """The configured predictor placement as a mask source, a report (the predictor's held-out quality:
+    ``metrics`` overall, ``per_layer`` lists; ``setup_seconds``) and a thresholded placement's thresholds (else
+    None). Traces, the trained predictor and activation histograms are cached artifacts, made only for the
+    placements that use them. ``model_id``: the weights' ``model_fingerprint``."""
     placement = PLACEMENTS[cfg.predictor.name]
     job = MaskJob(model, criterion, shape, policy, cfg.predictor, padding, cfg.seed)
     if placement.thresholds:
-        return placement.masks(job), NO_REPORT, calibrated_thresholds(cfg, model, model_id, examples, padding)
+        limits, meta = calibrated_thresholds(cfg, model, model_id, examples, padding)
+        return placement.masks(job), with_setup(NO_REPORT, [meta]), limits
     if not placement.uses_traces:
-        return placement.masks(job), NO_REPORT, None
+        return placement.masks(job), with_setup(NO_REPORT, []), None
     trace_inputs = {"model": model_id, "examples": examples_fingerprint(examples),
                     "criterion": OmegaConf.to_container(cfg.criterion), "batch_size": cfg.calibration.batch_size,
                     "seed": cfg.seed, "units": asdict(shape)}
     with stage("scoring"):
-        traces_dir, _ = cached(cfg.cache_dir, "traces", trace_inputs, lambda out: {"shards": compute_traces(
-            model, examples, criterion, shape, cfg.calibration.batch_size, padding, out, cfg.seed)})
+        traces_dir, traces_meta = cached(cfg.cache_dir, "traces", trace_inputs, lambda out: {
+            "shards": compute_traces(model, examples, criterion, shape, cfg.calibration.batch_size, padding, out,
+                                     cfg.seed)})
     job.traces = TraceShards.load(traces_dir)
     if not placement.trains:
-        return placement.masks(job), NO_REPORT, None
+        return placement.masks(job), with_setup(NO_REPORT, [traces_meta]), None
     device = torch.device(cfg.predictor.device) if cfg.predictor.device else input_device(model)
     training = {**{k: v for k, v in OmegaConf.to_container(cfg.predictor).items() if k not in ("granularity", "dtype")},
                 "device": device.type}  # training on another kind of device gives other weights
@@ -119,7 +132,7 @@ def mask_source(cfg: DictConfig, model, model_id: dict, examples: list[Example],
         with stage("predictor in " + cfg.predictor.dtype):
             report = held_out_report(job.traces, documents, job.predictor.run_as(cfg.predictor.dtype), cfg.predictor,
                                      cfg.seed)
-    return placement.masks(job), report, None
+    return placement.masks(job), with_setup(report, [traces_meta, predictor_meta]), None
 
 
 def predictor_parameters(cfg: DictConfig, shape: Shape, hidden: int, heads_only: bool) -> int:
@@ -226,8 +239,8 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
             metrics.update(achieved)
         metrics.update(report["metrics"])
         record = {**{k: v for k, v in flat_config(cfg).items() if k != "config"}, "metrics": metrics,
-                  "sparsity_per_layer": per_layer, "predictor_per_layer": report["per_layer"], **extra,
-                  "output_dir": str(output_dir)}
+                  "sparsity_per_layer": per_layer, "predictor_per_layer": report["per_layer"],
+                  "setup_seconds": report["setup_seconds"], **extra, "output_dir": str(output_dir)}
         write_results(output_dir, sweep_dir, record)
         cached(cfg.cache_dir, "results", results_inputs, lambda out: save_record(out, record),
                rebuild=True)  # it ran: any record there was missing, corrupt or forced

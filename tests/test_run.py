@@ -118,6 +118,8 @@ def test_every_placement_runs_under_every_protocol(job, tmp_path, placement, pro
     assert metrics["achieved_head_sparsity"] == pytest.approx(0.5 if sparse else 0.0)
     assert metrics["achieved_neuron_sparsity"] == pytest.approx(0.5 if sparse else 0.0)
     assert (0.5 < metrics["weights_read"] < 1) if sparse else metrics["weights_read"] == 1
+    setup = json.loads((tmp_path / "job" / "metrics.json").read_text())["setup_seconds"]
+    assert setup > 0 if placement[0] in ("predictor=static", "predictor=shadow", "predictor=dejavu") else setup == 0
     if cfg.eval.name == "tasks":
         assert 0 <= metrics["tasks/mean_acc"] <= 1
     else:
@@ -139,6 +141,8 @@ def test_thresholded_placements_run_under_every_protocol(job, tmp_path, method, 
     again = run(job(f"predictor={method}", *protocol, "sparsity=0.5", "logger=none", "force=true"), tmp_path / "b")
     assert again == metrics
     assert len([p for p in (tmp_path / "cache" / "histograms").iterdir() if p.is_dir()]) == 1  # computed once
+    setup = [json.loads((tmp_path / d / "metrics.json").read_text())["setup_seconds"] for d in ("job", "b")]
+    assert setup[0] > 0 and setup[1] == setup[0]  # the calibration's time, as recorded when it ran
 
 
 def test_task_evaluation_job(job, tmp_path, monkeypatch):
