@@ -31,7 +31,6 @@ from shadow.weights_read import weights_read
 
 BINS = 4096
 LOWEST, HIGHEST = -40.0, 24.0  # log2 range of the binned magnitudes; zeros fall in the first bin, larger in the last
-METHODS = {"teal": ("attention", "output", "ffn", "down"), "cats": ("activation",)}
 
 
 @dataclass(frozen=True)
@@ -45,6 +44,7 @@ class Site:
 
 
 def sites(model: nn.Module, method: str) -> list[Site]:
+    """The method's sites in each layer of the model, in the order of its thresholds' rows."""
     family = family_of(model.config)
     if method == "cats":
         return [Site("activation", (), "neuron")]
