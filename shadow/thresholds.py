@@ -131,7 +131,7 @@ def calibrate(model: nn.Module, examples: list[Example], method: str, batch_size
 
 
 @dataclass
-class Kept:
+class KeptCounts:
     """Entries kept and entries seen per site and layer, summed over the forwards run under the thresholds."""
 
     kept: Tensor  # (sites, L) float64, on the model's device: no read back per forward
@@ -143,11 +143,11 @@ class Kept:
 
 
 @contextmanager
-def thresholded(model: nn.Module, method: str, thresholds: Tensor) -> Iterator[Kept]:
+def thresholded(model: nn.Module, method: str, thresholds: Tensor) -> Iterator[KeptCounts]:
     """Run the model with every site's entries below its layer's threshold zeroed, inside the block; yields the
     count of entries kept (every position of every forward, padding included)."""
     device = input_device(model)
-    counts = Kept(*(torch.zeros(thresholds.shape, dtype=torch.float64, device=device) for _ in range(2)))
+    counts = KeptCounts(*(torch.zeros(thresholds.shape, dtype=torch.float64, device=device) for _ in range(2)))
 
     def zero_small(s: int, index: int, x: Tensor) -> Tensor:
         keep = x.abs() >= thresholds[s, index].to(x.device, x.dtype)
