@@ -14,6 +14,7 @@ request of a batch. Copying the kept weights at every step would cost more than 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
@@ -23,10 +24,12 @@ import torch
 from torch import Tensor, nn
 
 from shadow import kernels
-from shadow.arch import Shape, family_of
+from shadow.arch import Family, Shape, family_of
 from shadow.offload import input_device, offloaded, resident
 from shadow.policy import Masks, Policy
 from shadow.predictors import Predictor
+from shadow.thresholds import reads, sites, thresholded
+from shadow.weights_read import masks_read, weights_read
 
 
 def _linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
@@ -102,8 +105,9 @@ def pruned(model: nn.Module, masks: Masks, shape: Shape) -> Iterator[None]:
 @dataclass
 class Generation:
     tokens: Tensor  # (B, N) the greedy continuations
-    logits: Tensor  # (B, N - 1, V) of the sparse decoding steps (the first token comes from the dense prompt pass)
-    masks: Masks  # heads (N - 1, L, H), neurons (N - 1, L, F): each decoding step's mask, shared by the batch
+    logits: Tensor  # (B, N - 1, V) of the sparse decoding steps (the first token comes from the prompt pass)
+    masks: Masks | None = None  # per-token masks: heads (N - 1, L, H), neurons (N - 1, L, F), each step's
+    kept: Tensor | None = None  # thresholds: (N - 1, sites, L) each step's share of every site's channels read
 
 
 @dataclass
@@ -112,7 +116,7 @@ class _LayerCache:
 
     keys: Tensor  # (key-value heads · head_dim, B · P): one row per key unit, as the gather kernel writes them
     values: Tensor
-    inputs: Tensor  # (B · P, E) attention inputs, to compute a head's skipped keys and values later
+    inputs: Tensor | None  # (B · P, E) attention inputs, to compute a head's skipped keys and values later
     done: Tensor  # (key-value heads,) per head: positions [0, done) have keys and values in every request
     prompt: int  # positions [0, prompt) have every head's keys and values (the dense prompt pass wrote them)
     requests: int  # B
@@ -172,7 +176,117 @@ class _CapturedStep:
         return logits.clone(), Masks(masks.heads.clone(), masks.neurons.clone())
 
 
-class TokenDecoder:
+def _gated_down(family: Family, layer: nn.Module, h: Tensor, units: Tensor, activations: Tensor) -> Tensor:
+    """An FFN's output from its kept units' activations (B, kept), act(gate) or act(up): times their up rows in a
+    gated FFN, through their down columns."""
+    if family.gated:
+        activations = activations * kernels.rows(family.module(layer, "up"), units, h)
+    return kernels.columns(family.ffn_output(layer), units, activations)
+
+
+class _Decoder(ABC):
+    """Greedy decoding, one token per request at each step through the family's ``decode_step``, on a KV cache of
+    its own, reading the weights a step needs in place through ``shadow.kernels``. A subclass says which
+    projections it reads by columns (stored transposed while the decoder is entered), runs the prompt and the
+    steps, and says what the steps applied."""
+
+    catch_up = False  # heads skipped at some steps compute their keys and values later, from cached inputs
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.family = family_of(model.config)
+        self.layers = self.family.layers(model)
+        self.active = False
+        self.fetch = [resident if offloaded(layer) else nullcontext for layer in self.layers]  # once, not per step
+
+    def __enter__(self) -> _Decoder:
+        """Store the column-read weights transposed in place (rows = input units) for ``kernels.columns``; the
+        values are untouched and the model runs as before. ``generate`` does this itself when not inside."""
+        for m in self._column_modules():
+            m.weight.data = m.weight.data.t().contiguous().t()
+        self.active = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for m in self._column_modules():
+            m.weight.data = m.weight.data.contiguous()
+        self.active = False
+
+    @abstractmethod
+    def _column_roles(self) -> tuple[str, ...]:
+        """The roles of the projections read by columns."""
+
+    def _column_modules(self) -> list[nn.Linear]:
+        return [self.family.module(layer, role) for layer in self.layers for role in self._column_roles()]
+
+    def _prompt(self, input_ids: Tensor):
+        """The model's output on the prompts, with its KV cache."""
+        return self.model(input_ids.to(input_device(self.model)), use_cache=True)
+
+    def _static_steps(self, requests: int) -> bool:
+        return False
+
+    @abstractmethod
+    def _step(self, tokens: Tensor, position: Tensor, last: int | Tensor, caches: list[_LayerCache]) -> tuple:
+        """One token per request at ``position``: the (B, V) logits and what the step applied."""
+
+    @abstractmethod
+    def _applied(self, steps: list) -> dict:
+        """The Generation's fields for what the steps applied."""
+
+    @abstractmethod
+    def weights_read(self, generation: Generation) -> float:
+        """The share of the dense step's weights a step of this generation read, on average."""
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, new_tokens: int) -> Generation:
+        """Greedily continue a batch of (B, T) prompts, all of length T, by ``new_tokens`` tokens."""
+        if not self.active:
+            with self:
+                return self.generate(input_ids, new_tokens)
+        requests, prompt = input_ids.shape
+        window = self.family.sliding_window(self.model.config)
+        if window is not None and prompt + new_tokens - 2 >= window:
+            raise ValueError(f"a {prompt}-token prompt and new_tokens={new_tokens} reach position "
+                             f"{prompt + new_tokens - 2}, past the {window}-token sliding window, which per-token "
+                             "decoding does not apply; use shorter prompts and continuations")
+        static = self._static_steps(requests)
+        out = self._prompt(input_ids)
+        # newer transformers name the returned cache ``cache``, earlier 5.x ``past_key_values``
+        caches = self._caches(out["cache" if "cache" in out else "past_key_values"], prompt + new_tokens)
+        tokens = [out.logits[:, -1].argmax(-1)]  # on the device: read once, at the end
+        position = torch.tensor(prompt, device=tokens[0].device)  # advanced in place: the steps read it there
+        graph = (_CapturedStep(partial(self._step, position=position, last=position, caches=caches))
+                 if static and position.is_cuda else None)
+        logits, steps = [], []
+        for last in range(prompt, prompt + new_tokens - 1):
+            if graph is not None:
+                step_logits, applied = graph(tokens[-1])
+            else:
+                step_logits, applied = self._step(tokens[-1], position, position if static else last, caches)
+            position += 1
+            tokens.append(step_logits.argmax(-1))
+            logits.append(step_logits)
+            steps.append(applied)
+        return Generation(torch.stack(tokens, 1).cpu(), torch.stack(logits, 1).cpu() if logits else
+                          torch.zeros(requests, 0, self.model.config.vocab_size), **self._applied(steps))
+
+    def _caches(self, cache, positions: int) -> list[_LayerCache]:
+        caches = []
+        for index, layer in enumerate(self.layers):
+            stores = []
+            for prompt in (cache.layers[index].keys, cache.layers[index].values):  # (B, kv heads, T, head_dim)
+                B, H, T, D = prompt.shape
+                store = prompt.new_zeros(H, D, B, positions)
+                store[..., :T] = prompt.permute(1, 3, 0, 2)
+                stores.append(store.view(H * D, B * positions))
+            width = self.family.module(layer, "query").in_features
+            inputs = prompt.new_zeros(B * positions, width) if self.catch_up else None
+            caches.append(_LayerCache(*stores, inputs, torch.full((H,), T, device=prompt.device), T, B))
+        return caches
+
+
+class TokenDecoder(_Decoder):
     """Greedy decoding with per-token masks, reading only the kept units' weights at each step.
 
     The prompt runs densely. At every decoding step the predictor runs where its features appear: ShadowLLM's once,
@@ -215,69 +329,24 @@ class TokenDecoder:
             if min(targets) < feature_layer:
                 raise ValueError(f"predictor.layer={feature_layer}: per-token execution needs every layer's mask "
                                  f"before the layer runs, and layer {min(targets)} runs first; use layer=0")
-        self.model, self.predictor, self.policy, self.static = model, predictor, policy, static
-        self.family = family_of(model.config)
-        self.layers = self.family.layers(model)
+        super().__init__(model)
+        self.predictor, self.policy, self.static = predictor, policy, static
         self.groups_at = {layer: [g for g, (f, _) in enumerate(predictor.groups) if f == layer]
                           for layer in predictor.feature_layers}
         self.shape = predictor.shape
-        self.active = False
-        self.fetch = [resident if offloaded(layer) else nullcontext for layer in self.layers]  # once, not per step
 
-    def __enter__(self) -> TokenDecoder:
-        """Store the column-read weights (output and down projections) transposed in place (rows = input units) for
-        ``kernels.columns``; the values are untouched and the model runs as before. ``generate`` does this itself
-        when not inside."""
-        for m in self._column_modules():
-            m.weight.data = m.weight.data.t().contiguous().t()
-        self.active = True
-        return self
+    catch_up = True
 
-    def __exit__(self, *exc) -> None:
-        for m in self._column_modules():
-            m.weight.data = m.weight.data.contiguous()
-        self.active = False
+    def _column_roles(self) -> tuple[str, ...]:
+        return self.family.head_columns + self.family.neuron_columns
 
-    def _column_modules(self) -> list[nn.Linear]:
-        roles = self.family.head_columns + self.family.neuron_columns
-        return [self.family.module(layer, role) for layer in self.layers for role in roles]
-
-    @torch.no_grad()
-    def generate(self, input_ids: Tensor, new_tokens: int) -> Generation:
-        """Greedily continue a batch of (B, T) prompts, all of length T, by ``new_tokens`` tokens."""
-        if not self.active:
-            with self:
-                return self.generate(input_ids, new_tokens)
-        requests, prompt = input_ids.shape
-        window = self.family.sliding_window(self.model.config)
-        if window is not None and prompt + new_tokens - 2 >= window:
-            raise ValueError(f"a {prompt}-token prompt and new_tokens={new_tokens} reach position "
-                             f"{prompt + new_tokens - 2}, past the {window}-token sliding window, which per-token "
-                             "decoding does not apply; use shorter prompts and continuations")
-        static = self._static_steps(requests)
-        out = self.model(input_ids.to(input_device(self.model)), use_cache=True)
-        # newer transformers name the returned cache ``cache``, earlier 5.x ``past_key_values``
-        caches = self._caches(out["cache" if "cache" in out else "past_key_values"], prompt + new_tokens)
-        tokens = [out.logits[:, -1].argmax(-1)]  # on the device: read once, at the end
-        position = torch.tensor(prompt, device=tokens[0].device)  # advanced in place: the steps read it there
-        graph = (_CapturedStep(partial(self._step, position=position, last=position, caches=caches))
-                 if static and position.is_cuda else None)
-        logits, heads, neurons = [], [], []
-        for last in range(prompt, prompt + new_tokens - 1):
-            if graph is not None:
-                step_logits, masks = graph(tokens[-1])
-            else:
-                step_logits, masks = self._step(tokens[-1], position, position if static else last, caches)
-            position += 1
-            tokens.append(step_logits.argmax(-1))
-            logits.append(step_logits)
-            heads.append(masks.heads)
-            neurons.append(masks.neurons)
+    def _applied(self, steps: list[Masks]) -> dict:
         empty = torch.zeros(0, self.shape.layers, 0, dtype=torch.bool)
-        return Generation(torch.stack(tokens, 1).cpu(), torch.stack(logits, 1).cpu() if logits else
-                          torch.zeros(requests, 0, self.model.config.vocab_size),
-                          Masks(torch.stack(heads).cpu() if heads else empty,
-                                torch.stack(neurons).cpu() if neurons else empty))
+        return {"masks": Masks(torch.stack([m.heads for m in steps]).cpu() if steps else empty,
+                               torch.stack([m.neurons for m in steps]).cpu() if steps else empty)}
+
+    def weights_read(self, generation: Generation) -> float:
+        return masks_read(self.model, generation.masks)
 
     def _static_steps(self, requests: int) -> bool:
         """Whether this generation's steps are static: as asked, or by default where a CUDA graph can capture them
@@ -305,19 +374,6 @@ class TokenDecoder:
             return "the Triton kernels are not in use; install triton and leave SHADOW_GATHER unset"
         return None
 
-    def _caches(self, cache, positions: int) -> list[_LayerCache]:
-        caches = []
-        for index, layer in enumerate(self.layers):
-            stores = []
-            for prompt in (cache.layers[index].keys, cache.layers[index].values):  # (B, kv heads, T, head_dim)
-                B, H, T, D = prompt.shape
-                store = prompt.new_zeros(H, D, B, positions)
-                store[..., :T] = prompt.permute(1, 3, 0, 2)
-                stores.append(store.view(H * D, B * positions))
-            inputs = prompt.new_zeros(B * positions, self.family.module(layer, "query").in_features)
-            caches.append(_LayerCache(*stores, inputs, torch.full((H,), T, device=prompt.device), T, B))
-        return caches
-
     def _step(self, tokens: Tensor, position: Tensor, last: int | Tensor, caches: list[_LayerCache]
               ) -> tuple[Tensor, Masks]:
         """One token per request at ``position`` (a 0-d device tensor) through the model family's decoding step,
@@ -328,7 +384,13 @@ class TokenDecoder:
         def attention(index: int, h: Tensor) -> Tensor:
             return self._attention(index, self.layers[index], h, position, last, caches[index], kept)
 
-        logits = self.family.decode_step(self.model, tokens, position, attention, lambda index: kept[index].units,
+        def ffn(index: int, h: Tensor) -> Tensor:
+            layer, units = self.layers[index], kept[index].units.to(h.device)
+            activations = layer.get_submodule(self.family.activation_path)(
+                kernels.rows(self.family.ffn_input(layer), units, h))
+            return _gated_down(self.family, layer, h, units, activations)
+
+        logits = self.family.decode_step(self.model, tokens, position, attention, ffn,
                                          lambda index: self.fetch[index](self.layers[index]))
         return logits, Masks(torch.stack([kept[i].heads.to(logits.device) for i in range(len(self.layers))]),
                              torch.stack([kept[i].neurons.to(logits.device) for i in range(len(self.layers))]))
@@ -411,3 +473,107 @@ class TokenDecoder:
         for i, (layer, q, g, u) in enumerate(zip(targets, _leading(queries, query_counts), kv_heads,
                                                   _leading(neurons, neuron_counts), strict=True)):
             kept[layer] = _Kept(heads[i], neurons[i], q, g.sort().values if padded else g, u)
+
+
+class ThresholdDecoder(_Decoder):
+    """Greedy decoding under TEAL's or CATS' thresholds (``shadow.thresholds``), each step reading only the weights
+    of the channels it keeps. The prompt runs under the thresholds too, so the generation is the thresholded
+    model's.
+
+    At each step TEAL zeroes each site's entries below its threshold and reads only the kept channels' columns of
+    the projections the site feeds (all of them stored transposed). CATS computes the FFN input projection (gate;
+    OPT's up) whole, zeroes the activations below its threshold and reads only the kept units' up rows and down
+    columns; its attention is dense. Every head is computed at every step.
+
+    A batch zeroes each request's own small entries and reads, per site, the columns of the channels any of its
+    requests keeps. How many a step keeps is known only once it has thresholded: each site reads its count back
+    (on CUDA a host sync per site and layer), so the steps are not static and not captured as CUDA graphs."""
+
+    def __init__(self, model: nn.Module, method: str, thresholds: Tensor):
+        """``thresholds``: (sites, L), as ``Histograms.thresholds`` gives them for ``method`` (teal or cats)."""
+        super().__init__(model)
+        self.method, self.sites = method, sites(model, method)
+        if thresholds.shape != (len(self.sites), len(self.layers)):
+            raise ValueError(f"thresholds of shape {tuple(thresholds.shape)} for method={method}; it has "
+                             f"{len(self.sites)} sites in each of {len(self.layers)} layers: calibrate them with "
+                             "shadow.thresholds.calibrate on this model")
+        self.thresholds = thresholds
+        self.shape = self.family.shape(model.config, "query_head")
+
+    def _column_roles(self) -> tuple[str, ...]:
+        if self.method == "teal":
+            return tuple(role for site in self.sites for role in site.roles)
+        return self.family.neuron_columns
+
+    def _prompt(self, input_ids: Tensor):
+        with thresholded(self.model, self.method, self.thresholds):
+            return super()._prompt(input_ids)
+
+    def _applied(self, steps: list[Tensor]) -> dict:
+        return {"kept": torch.stack(steps) if steps else torch.zeros(0, *self.thresholds.shape)}
+
+    def weights_read(self, generation: Generation) -> float:
+        return weights_read(self.model, *reads(self.model, self.method, generation.kept.mean(0)))
+
+    def _kept(self, site: int, index: int, x: Tensor, read: Tensor) -> tuple[Tensor, Tensor]:
+        """A site's (B, channels) entries with those below its threshold zeroed, as (B, kept) on the channels some
+        request keeps, and those channels; their share goes to ``read``."""
+        keep = x.abs() >= self.thresholds[site, index].to(x.device, x.dtype)
+        channels = keep.any(0).nonzero().flatten()
+        read[site, index] = len(channels) / x.shape[1]
+        return (x * keep).index_select(1, channels), channels
+
+    def _step(self, tokens: Tensor, position: Tensor, last: int | Tensor, caches: list[_LayerCache]
+              ) -> tuple[Tensor, Tensor]:
+        read = torch.ones(self.thresholds.shape)  # on the host: each site's count is read back anyway
+
+        def attention(index: int, h: Tensor) -> Tensor:
+            return self._attention(index, h, position, last, caches[index], read)
+
+        def ffn(index: int, h: Tensor) -> Tensor:
+            layer = self.layers[index]
+            activation = layer.get_submodule(self.family.activation_path)
+            if self.method == "cats":
+                activations, units = self._kept(0, index, activation(self.family.ffn_input(layer)(h)), read)
+                return _gated_down(self.family, layer, h, units, activations)
+            x, channels = self._kept(2, index, h, read)
+            inner = activation(kernels.columns(self.family.ffn_input(layer), channels, x))
+            if self.family.gated:
+                inner = inner * kernels.columns(self.family.module(layer, "up"), channels, x)
+            inner, units = self._kept(3, index, inner, read)
+            return kernels.columns(self.family.ffn_output(layer), units, inner)
+
+        logits = self.family.decode_step(self.model, tokens, position, attention, ffn,
+                                         lambda index: self.fetch[index](self.layers[index]))
+        return logits, read
+
+    def _attention(self, index: int, h: Tensor, position: Tensor, last: int, cache: _LayerCache, read: Tensor
+                   ) -> Tensor:
+        """One position's attention output after the output projection, (B, E), every head computed: its key and
+        value written to the cache at ``position``."""
+        layer, shape, B = self.layers[index], self.shape, cache.requests
+        D = shape.head_dim
+        teal = self.method == "teal"
+        if teal:
+            x, channels = self._kept(0, index, h, read)
+
+        def project(role: str) -> Tensor:
+            module = self.family.module(layer, role)
+            return kernels.columns(module, channels, x) if teal else module(h)
+
+        position = position.to(h.device)  # a no-op but across the GPUs of a split model
+        keys, values = project("key"), project("value")  # (B, key-value heads · D)
+        if self.family.rotary:
+            keys = self.family.rotate(self.model, layer, "key", keys.view(-1, 1, D), position.view(1)).view(B, -1)
+        for store, new in ((cache.keys, keys), (cache.values, values)):
+            store.view(store.shape[0], B, -1).index_copy_(2, position.view(1), new.t()[..., None].to(store.dtype))
+        queries = project("query")
+        if self.family.rotary:
+            queries = self.family.rotate(self.model, layer, "query", queries.view(-1, 1, D), position.view(1))
+        queries = queries.reshape(B, -1) * self.family.scaling(layer)
+        groups = torch.arange(shape.query_heads, device=h.device) // shape.group_size
+        out = torch.stack([kernels.attend(queries[b], *cache.request(b), groups, D, last + 1) for b in range(B)])
+        if not teal:
+            return self.family.head_output(layer)(out)
+        out, channels = self._kept(1, index, out, read)
+        return kernels.columns(self.family.head_output(layer), channels, out)

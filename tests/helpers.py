@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from shadow import kernels
 from shadow.arch import Shape, family_of
 from shadow.config import compose_config
+from shadow.data import Example
 from shadow.masking import apply_masks
 from shadow.placements import PLACEMENTS
 from shadow.policy import Masks, Policy
@@ -121,6 +122,12 @@ def token_predictor(model, name: str, lookahead: bool = False, attention_unit: s
     shape = shape_of(model, attention_unit)
     groups = PLACEMENTS[name].groups(shape.layers, 0, lookahead)
     return Predictor(shape, shape.attention_width, groups, "mlp", 32, 32, False).eval()
+
+
+def calibration_examples(count: int = 12, length: int = 16) -> list[Example]:
+    """Of one length: no padding, so the shares kept count only real tokens."""
+    gen = torch.Generator().manual_seed(5)
+    return [Example(tuple(torch.randint(4, 8192, (length,), generator=gen).tolist()), 1) for _ in range(count)]
 
 
 def decode_and_check(model, predictor: Predictor, policy: Policy, new_tokens: int = 10, batch: int = 1,

@@ -12,7 +12,9 @@ import torch
 from helpers import (
     CONF_DIR,
     ROOT,
+    calibration_examples,
     decode_and_check,
+    layers_of,
     make_tiny_llama,
     make_tiny_opt,
     masked_and_pruned_logits,
@@ -32,7 +34,8 @@ from shadow.masking import apply_masks
 from shadow.placements import PLACEMENTS
 from shadow.policy import Masks, Policy
 from shadow.predictors import Predictor
-from shadow.sparse import TokenDecoder, pruned
+from shadow.sparse import ThresholdDecoder, TokenDecoder, pruned
+from shadow.thresholds import calibrate, sites, thresholded
 from shadow.traces import layer_features
 
 
@@ -104,6 +107,36 @@ def test_a_batch_decodes_as_the_masked_model_under_its_union_mask(tiny_opt, plac
         assert torch.equal(out.masks.neurons, own.neurons[:, prompt:].any(0))
         assert torch.equal(out.masks.heads, own.heads[:, prompt:].any(0))
     assert (out.masks.neurons.sum(-1) > own.neurons[:, prompt:].sum(-1).amax(0)).any()  # more than any one request
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+@pytest.mark.parametrize("method", ["teal", "cats"])
+def test_thresholded_decoding_equals_the_thresholded_model(family, method, gather):
+    """TEAL and CATS per token, two requests: the prompt and every step are the thresholded model's on the same
+    sequences (logits up to the kernels' summation order), while each step reads only some of each site's
+    channels, the union of the two requests' (TEAL's calibrated sites keep about half each)."""
+    model = {"opt": make_tiny_opt, "llama": make_tiny_llama}[family]()
+    found = sites(model, method)
+    limits = calibrate(model, calibration_examples(), method, 4, 1).thresholds([0.5] * len(found))
+    ids = torch.randint(4, 8192, (2, 9), generator=torch.Generator().manual_seed(6))
+    decoder = ThresholdDecoder(model, method, limits)
+    out = decoder.generate(ids, 8)
+    assert out.tokens.shape == (2, 8) and out.kept.shape == (7, len(found), len(layers_of(model)))
+    sequences = torch.cat([ids, out.tokens[:, :-1]], 1)
+    with torch.no_grad(), thresholded(model, method, limits):
+        expected = model(sequences).logits
+    assert torch.equal(expected[:, 8].argmax(-1), out.tokens[:, 0])
+    torch.testing.assert_close(out.logits, expected[:, 9:], rtol=1e-4, atol=1e-4)
+    assert (out.kept < 1).any() and (out.kept > 0).all()
+    if method == "teal":
+        assert 0.3 < out.kept[:, 0].mean() < 0.9  # layer inputs: half each, the union of two a little more
+    assert decoder.weights_read(out) < 1
+
+
+def test_thresholded_decoding_rejects_thresholds_of_another_method(tiny_opt):
+    limits = calibrate(tiny_opt, calibration_examples(), "cats", 4, 1).thresholds([0.5])
+    with pytest.raises(ValueError, match=r"^thresholds of shape \(1, 3\) for method=teal; it has 4 sites"):
+        ThresholdDecoder(tiny_opt, "teal", limits)
 
 
 def test_per_token_decoding_with_an_int8_predictor_equals_the_masked_model(tiny_opt):
@@ -344,15 +377,18 @@ def test_latency_benchmark_writes_its_table(tmp_path):
     rows = run(cfg, tmp_path)
     assert [(r["method"], r["granularity"]) for r in rows] == [
         ("dense", "-"), ("static", "request"), ("shadow", "request"), ("dejavu", "request"),
-        ("shadow", "token"), ("dejavu", "token")]
+        ("shadow", "token"), ("dejavu", "token"), ("teal", "token"), ("cats", "token")]
     assert all(r["total_ms"] > 0 and r["first_token_ms"] > 0 for r in rows)
     for r in rows:  # steps after the first token, timed as the difference (noisy at 3 tokens, exact at 128)
         assert r["step_ms"] == pytest.approx((r["total_ms"] - r["first_token_ms"]) / 2)
         assert r["decode_speedup"] == pytest.approx(rows[0]["step_ms"] / r["step_ms"])
     assert all(r["predictor_share"] > 0 for r in rows if r["method"] in ("shadow", "dejavu"))
-    # every layer keeps half its key-value groups and FFN units, whichever ones: the same weights read
+    # every layer keeps half its key-value groups and FFN units, whichever ones: the same weights read; TEAL
+    # reads fewer than every column of each projection (at 3 tokens the thresholds keep about half), CATS all of
+    # the attention and the FFN's up projection (OPT), so more
     assert rows[0]["weights_read"] == 1 and 0.5 < rows[1]["weights_read"] < 1
-    assert all(r["weights_read"] == pytest.approx(rows[1]["weights_read"]) for r in rows[1:])
+    assert all(r["weights_read"] == pytest.approx(rows[1]["weights_read"]) for r in rows[1:6])
+    assert 0.5 < rows[6]["weights_read"] < 0.9 and rows[1]["weights_read"] < rows[7]["weights_read"] < 1
     assert (tmp_path / "latency.csv").read_text().splitlines()[0] == ",".join(COLUMNS)
     assert (tmp_path / "latency.md").read_text().count("\n| ") == len(rows) + 1
 
@@ -367,12 +403,25 @@ def test_latency_benchmark_rows_per_batch_size(tmp_path):
     rows = run(cfg, tmp_path)
     assert [(r["method"], r["granularity"], r["batch"]) for r in rows] == [
         ("dense", "-", 1), ("static", "request", 1), ("shadow", "request", 1), ("dejavu", "request", 1),
-        ("shadow", "token", 1), ("dejavu", "token", 1),
-        ("dense", "-", 3), ("static", "request", 3), ("shadow", "token", 3), ("dejavu", "token", 3)]
-    assert all(r["decode_speedup"] == pytest.approx(rows[6]["step_ms"] / r["step_ms"]) for r in rows[6:])
+        ("shadow", "token", 1), ("dejavu", "token", 1), ("teal", "token", 1), ("cats", "token", 1),
+        ("dense", "-", 3), ("static", "request", 3), ("shadow", "token", 3), ("dejavu", "token", 3),
+        ("teal", "token", 3), ("cats", "token", 3)]
+    assert all(r["decode_speedup"] == pytest.approx(rows[8]["step_ms"] / r["step_ms"]) for r in rows[8:])
+    assert rows[12]["weights_read"] > rows[6]["weights_read"]  # three requests' union of TEAL's channels
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         bad = compose(config_name="latency", overrides=["batch=[0]", "logger=none"])
     with pytest.raises(ConfigError, match=r"^batch=\[0\] must list batch sizes"):
+        run(bad, tmp_path)
+
+
+def test_latency_benchmark_runs_the_methods_asked(tmp_path):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="latency", overrides=["arch=opt-125m", "prompt=6", "new_tokens=3", "rounds=1",
+                                                        "min_run_time=0.01", "methods=[cats,static]", "logger=none"])
+        bad = compose(config_name="latency", overrides=["methods=[deja_vu,teal]", "logger=none"])
+    assert [r["method"] for r in run(cfg, tmp_path)] == ["dense", "static", "cats"]
+    with pytest.raises(ConfigError, match=r"^methods=\['deja_vu', 'teal'\] holds \['deja_vu'\]; list rows among "
+                                          r"static, shadow, dejavu, teal, cats"):
         run(bad, tmp_path)
 
 
@@ -400,7 +449,7 @@ def test_latency_benchmark_places_layers_with_accelerate(tmp_path):
         cfg = compose(config_name="latency", overrides=["arch=opt-125m", "prompt=6", "new_tokens=3", "rounds=1",
                                                         "min_run_time=0.01", "device_map=auto", "logger=none"])
     rows = run(cfg, tmp_path)
-    assert len(rows) == 6 and all(r["total_ms"] > 0 for r in rows)
+    assert len(rows) == 8 and all(r["total_ms"] > 0 for r in rows)
 
 
 def test_latency_benchmark_says_what_it_needs_when_it_cannot_fit(tmp_path):

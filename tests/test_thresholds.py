@@ -5,19 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import layers_of, make_tiny_llama, make_tiny_opt
+from helpers import calibration_examples, layers_of, make_tiny_llama, make_tiny_opt
 
 from shadow.arch import family_of
-from shadow.data import Example
 from shadow.thresholds import calibrate, sites, thresholded
 
 FAMILIES = {"opt": make_tiny_opt, "llama": make_tiny_llama}
-
-
-def examples(count: int = 12, length: int = 16) -> list[Example]:
-    """Of one length: no padding, so the shares kept count only real tokens."""
-    gen = torch.Generator().manual_seed(5)
-    return [Example(tuple(torch.randint(4, 8192, (length,), generator=gen).tolist()), 1) for _ in range(count)]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -28,7 +21,7 @@ def test_thresholds_zero_the_asked_share_of_the_calibration_activations(family, 
     zeroes on the calibration set is the asked one, to the histograms' resolution. Later sites see sparser inputs
     and land near it."""
     model = FAMILIES[family]()
-    data = examples()
+    data = calibration_examples()
     found = sites(model, method)
     limits = calibrate(model, data, method, 4, 1).thresholds([share] * len(found))
     assert limits.shape == (len(found), len(layers_of(model))) and (limits > 0).all()

@@ -89,7 +89,7 @@ class Activation:
 
 
 Attention = Callable[[int, Tensor], Tensor]  # (layer index, normalised inputs (B, E)) → attention outputs (B, E)
-Kept = Callable[[int], Tensor]  # layer index → the indices of its kept FFN units
+FFN = Callable[[int, Tensor], Tensor]  # (layer index, normalised inputs (B, E)) → FFN outputs (B, E)
 Fetch = Callable[[int], AbstractContextManager]  # layer index → its weights made resident for the block
 
 
@@ -156,12 +156,13 @@ class Family(ABC):
         return None
 
     @abstractmethod
-    def decode_step(self, model: nn.Module, tokens: Tensor, position: Tensor, attention: Attention, kept: Kept,
+    def decode_step(self, model: nn.Module, tokens: Tensor, position: Tensor, attention: Attention, ffn: FFN,
                     fetch: Fetch) -> Tensor:
         """One token per request (a (B,) tensor, left on the device) through the decoder at ``position`` (a 0-d
-        tensor on the device, read there): each layer's attention is ``attention(index, h)`` on the (B, E) inputs,
-        its FFN reads only the units ``kept(index)`` (asked after the attention) through ``shadow.kernels``; each
-        layer runs inside ``fetch(index)`` on its own device. Returns the float32 logits (B, V)."""
+        tensor on the device, read there): each layer's attention is ``attention(index, h)`` and its FFN
+        ``ffn(index, h)`` on their (B, E) normalised inputs (the decoder reads the weights they need through
+        ``shadow.kernels``); the family adds the norms, residuals, embeddings and LM head. Each layer runs inside
+        ``fetch(index)`` on its own device. Returns the float32 logits (B, V)."""
 
     def module(self, layer: nn.Module, role: str) -> nn.Linear:
         return layer.get_submodule(self.paths[role])

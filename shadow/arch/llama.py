@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from shadow import kernels
-from shadow.arch.base import Activation, Attention, Family, Fetch, Kept, Shape
+from shadow.arch.base import FFN, Activation, Attention, Family, Fetch, Shape
 from shadow.offload import resident
 
 
@@ -104,7 +103,7 @@ class Llama(Family):
         cos, sin = self.backbone(model).rotary_emb(states, positions[None])
         return states * cos + rotate_half(states) * sin
 
-    def decode_step(self, model: nn.Module, tokens: Tensor, position: Tensor, attention: Attention, kept: Kept,
+    def decode_step(self, model: nn.Module, tokens: Tensor, position: Tensor, attention: Attention, ffn: FFN,
                     fetch: Fetch) -> Tensor:
         backbone = self.backbone(model)
         with resident(backbone.embed_tokens):
@@ -112,13 +111,9 @@ class Llama(Family):
             x = nn.functional.embedding(tokens.to(weight.device), weight)  # a tensor index: no host read
         for index, layer in enumerate(backbone.layers):
             with fetch(index):
-                mlp = layer.mlp
-                x = x.to(mlp.down_proj.weight.device)
+                x = x.to(layer.mlp.down_proj.weight.device)
                 x = x + attention(index, layer.input_layernorm(x))
-                h = layer.post_attention_layernorm(x)
-                units = kept(index).to(x.device)
-                gated = mlp.act_fn(kernels.rows(mlp.gate_proj, units, h)) * kernels.rows(mlp.up_proj, units, h)
-                x = x + kernels.columns(mlp.down_proj, units, gated)
+                x = x + ffn(index, layer.post_attention_layernorm(x))
         return model.lm_head(backbone.norm(x)).float()
 
 

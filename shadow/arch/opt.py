@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from shadow import kernels
-from shadow.arch.base import Activation, Attention, Family, Fetch, Kept, Shape
+from shadow.arch.base import FFN, Activation, Attention, Family, Fetch, Shape
 from shadow.offload import resident
 
 
@@ -59,7 +58,7 @@ class OPT(Family):
                          vocab_size=50272, max_position_embeddings=2048,
                          do_layer_norm_before=architecture != "opt-350m")
 
-    def decode_step(self, model: nn.Module, tokens: Tensor, position: Tensor, attention: Attention, kept: Kept,
+    def decode_step(self, model: nn.Module, tokens: Tensor, position: Tensor, attention: Attention, ffn: FFN,
                     fetch: Fetch) -> Tensor:
         decoder = self.backbone(model)
         with resident(decoder.embed_tokens), resident(decoder.embed_positions):
@@ -78,9 +77,7 @@ class OPT(Family):
                 x = x + attention(index, h)
                 if not norm_first:
                     x = layer.self_attn_layer_norm(x)
-                h = layer.final_layer_norm(x) if norm_first else x
-                units = kept(index).to(x.device)
-                x = x + kernels.columns(layer.fc2, units, layer.activation_fn(kernels.rows(layer.fc1, units, h)))
+                x = x + ffn(index, layer.final_layer_norm(x) if norm_first else x)
                 if not norm_first:
                     x = layer.final_layer_norm(x)
         if decoder.final_layer_norm is not None:

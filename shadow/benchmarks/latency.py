@@ -1,4 +1,4 @@
-"""Generation latency of real sparse execution: dense, static, ShadowLLM and DejaVu-style, side by side.
+"""Generation latency of real sparse execution: dense, static, ShadowLLM, DejaVu-style, TEAL and CATS, side by side.
 
     python -m shadow.benchmarks.latency                                   # OPT-1.3B architecture, CPU, fp32
     python -m shadow.benchmarks.latency arch=opt-6.7b device=cuda dtype=float16 sparsity=[0.3,0.5,0.7]
@@ -18,7 +18,13 @@ Rows, at each sparsity of heads and neurons (local policy: every layer keeps the
   dejavu  request   one predictor per layer, on every layer's attention output of a dense pass over the prompt;
   shadow  token     dense prompt, then at every step the predictor runs after layer 0 and each layer reads only
                     the kept rows in place (``shadow.sparse.TokenDecoder``);
-  dejavu  token     the same with one predictor per layer, each reading the previous layer's attention output.
+  dejavu  token     the same with one predictor per layer, each reading the previous layer's attention output;
+  teal    token     the prompt and every step under TEAL's thresholds, each projection reading only the columns of
+                    the input channels kept (``shadow.sparse.ThresholdDecoder``);
+  cats    token     the same under CATS' thresholds: the gate (OPT: up) whole, the kept units' up rows and down
+                    columns, attention dense.
+``methods`` picks the rows besides dense. TEAL's and CATS' thresholds zero ``sparsity`` of each site's entries
+on random prompts through the random model (``shadow.thresholds.calibrate``), before timing.
 Above batch 1 the per-request rows with predictors are left out, and per token each layer keeps the union of the
 batch's units, so the gain shrinks with the batch. Every row is timed once per round, right after one untimed run
 of it, the rows interleaved so that the machine's drifts touch them alike; reported are the medians over
@@ -34,7 +40,6 @@ to W&B as a table (offline without a key; logger=none turns it off).
 from __future__ import annotations
 
 import csv
-import functools
 import io
 import json
 import platform
@@ -42,26 +47,32 @@ import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils import benchmark
 from tqdm import tqdm
 
 from shadow.arch import Shape, architecture_config, architectures, family_of
 from shadow.cli import check_argv, fail, fix_argv
 from shadow.config import ATTENTION_UNITS, DTYPES, PREDICTOR_DTYPES, ConfigError
+from shadow.data import Example
 from shadow.models import TORCH_DTYPES
 from shadow.placements import PLACEMENTS
 from shadow.policy import Masks, Policy
 from shadow.predictors import Predictor
-from shadow.sparse import TokenDecoder, pruned
+from shadow.sparse import ThresholdDecoder, TokenDecoder, pruned
+from shadow.thresholds import Histograms, calibrate, sites
 from shadow.traces import layer_features
 from shadow.weights_read import masks_read
 
+THRESHOLDS = ("teal", "cats")
+METHODS = ("static", *(name for name, placement in PLACEMENTS.items() if placement.trains), *THRESHOLDS)
 COLUMNS = ["method", "granularity", "sparsity", "batch", "total_ms", "first_token_ms", "step_ms", "decode_speedup",
            "weights_read", "predictor_share"]
 
@@ -159,16 +170,18 @@ def median_ms(fn, min_run_time: float) -> float:
 
 @dataclass
 class Case:
-    """One row: ``run(n)`` generates n tokens inside ``context()`` and returns the masks it applied (None:
-    dense); ``predict`` is the predictor's work per request (request) or per decoding step (token)."""
+    """One row: ``run(n)`` generates n tokens inside ``context()`` and returns what it applied, from which
+    ``read`` gives the share of weights read per token (by default ``masks_read``: masks, or None for dense);
+    ``predict`` is the predictor's work per request (request) or per decoding step (token)."""
 
     method: str
     granularity: str
     sparsity: float
     batch: int
-    run: Callable[[int], Masks | None]
+    run: Callable[[int], Any]
     context: Callable[[], AbstractContextManager] = nullcontext
     predict: Callable[[], None] | None = None
+    read: Callable[[Any], float] | None = None
 
 
 class Bench:
@@ -182,9 +195,16 @@ class Bench:
                            placement(cfg, free_memory(str(cfg.device), cfg.device_map)))
         self.shape = family_of(self.model.config).shape(self.model.config, cfg.attention_unit)
         self.ids = torch.randint(4, 50000, (max(cfg.batch), cfg.prompt), device=cfg.device)  # a prompt per request
-        self.predictors = predictors(self.shape, cfg.predictor)
+        self.predictors = {name: predictor for name, predictor in predictors(self.shape, cfg.predictor).items()
+                           if name in cfg.methods}
         for predictor in self.predictors.values():
             predictor.to(cfg.device).eval().run_as(predictor_dtype(cfg))
+        self.histograms = {method: self.calibrate(method) for method in THRESHOLDS if method in cfg.methods}
+
+    def calibrate(self, method: str) -> Histograms:
+        """The method's histograms on 8 random prompts (their own tokens, not the timed ones)."""
+        ids = torch.randint(4, 50000, (8, self.cfg.prompt), generator=torch.Generator().manual_seed(1))
+        return calibrate(self.model, [Example(tuple(row), 1) for row in ids.tolist()], method, 4, 1)
 
     def generate(self, new_tokens: int, batch: int = 1) -> None:
         self.model.generate(self.ids[:batch], max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -204,11 +224,11 @@ class Bench:
             policy.select(*predictor.group_scores(group, feature))
 
     def cases(self) -> list[Case]:
-        """At each batch size, dense, then at each sparsity: static, every trained placement per request (at
-        batch 1) and per token."""
+        """At each batch size, dense, then at each sparsity the rows of ``methods``: static, every trained
+        placement per request (at batch 1) and per token, TEAL and CATS per token."""
         cases = []
         for batch in map(int, self.cfg.batch):
-            generate = functools.partial(self.generate, batch=batch)
+            generate = partial(self.generate, batch=batch)
             cases.append(Case("dense", "-", 0.0, batch, generate))
             for sparsity in map(float, self.cfg.sparsity):
                 policy = Policy("local", sparsity, sparsity)
@@ -218,8 +238,9 @@ class Bench:
                 def fixed(n: int, static=static, batch=batch) -> Masks:
                     self.generate(n, batch)
                     return static
-                cases.append(Case("static", "request", sparsity, batch, fixed,
-                                  lambda static=static: pruned(self.model, static, self.shape)))
+                if "static" in self.cfg.methods:
+                    cases.append(Case("static", "request", sparsity, batch, fixed,
+                                      lambda static=static: pruned(self.model, static, self.shape)))
                 for name in self.predictors if batch == 1 else ():
                     def request(n: int, name=name, policy=policy) -> Masks:
                         masks = self.predict_request(name, policy)
@@ -228,12 +249,17 @@ class Bench:
                         return masks
                     cases.append(Case(name, "request", sparsity, batch, request,
                                       predict=lambda name=name, policy=policy: self.predict_request(name, policy)))
+                ids = self.ids[:batch]
                 for name in self.predictors:
-                    decoder, ids = TokenDecoder(self.model, self.predictors[name], policy), self.ids[:batch]
-                    cases.append(Case(name, "token", sparsity, batch,
-                                      lambda n, d=decoder, ids=ids: d.generate(ids, n).masks, lambda d=decoder: d,
-                                      lambda name=name, policy=policy, batch=batch: self.predict_step(name, policy,
-                                                                                                      batch)))
+                    decoder = TokenDecoder(self.model, self.predictors[name], policy)
+                    predict = partial(self.predict_step, name, policy, batch)
+                    cases.append(Case(name, "token", sparsity, batch, partial(decoder.generate, ids),
+                                      lambda d=decoder: d, predict, decoder.weights_read))
+                for method, histograms in self.histograms.items():
+                    limits = histograms.thresholds([sparsity] * len(sites(self.model, method)))
+                    decoder = ThresholdDecoder(self.model, method, limits)
+                    cases.append(Case(method, "token", sparsity, batch, partial(decoder.generate, ids),
+                                      lambda d=decoder: d, read=decoder.weights_read))
         return cases
 
     def measure(self, cases: list[Case]) -> list[dict]:
@@ -263,7 +289,8 @@ class Bench:
             rows.append({"method": case.method, "granularity": case.granularity, "sparsity": case.sparsity,
                          "batch": case.batch, "total_ms": total_ms, "first_token_ms": first_ms, "step_ms": step,
                          "decode_speedup": dense_step[case.batch] / step,
-                         "weights_read": masks_read(self.model, masks[0]), "predictor_share": share})
+                         "weights_read": (case.read or partial(masks_read, self.model))(masks[0]),
+                         "predictor_share": share})
         return rows
 
 
@@ -320,6 +347,10 @@ def check(cfg: DictConfig) -> None:
     if cfg.predictor.dtype == "int8" and str(cfg.device).startswith("cuda"):
         raise ConfigError("predictor.dtype=int8 runs on the CPU only (torch's dynamic quantisation); use "
                           "predictor.dtype=float16 or bfloat16 with device=cuda")
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown or not isinstance(cfg.methods, ListConfig):
+        raise ConfigError(f"methods={cfg.methods} holds {unknown or cfg.methods}; list rows among "
+                          f"{', '.join(METHODS)}, e.g. methods=[shadow,teal]")
     if cfg.device_map not in (None, "auto"):
         raise ConfigError(f"device_map={cfg.device_map} is not a placement here; use device_map=auto (layers over "
                           "the visible GPUs) or leave it unset (one device)")
