@@ -74,6 +74,7 @@ class PredictorConfig:
     dtype: str = MISSING  # as it runs, trained in float32: float32, float16/bfloat16 (GPUs), int8 (CPU, dynamic)
     neuron_rank: int | None = MISSING  # the neuron network's output layer factored through this rank; None: full
     block_gb: float = MISSING  # traces held at once in training; a set that fits is shuffled whole
+    allocation: str = MISSING  # teal: uniform (every site its share) or greedy (TEAL's per-layer allocation)
 
 
 @dataclass
@@ -177,6 +178,7 @@ ATTENTION_UNITS = ("kv_group", "query_head")
 PREDICTOR_ARCHS = ("mlp", "lowrank")
 PREDICTOR_DTYPES = ("float32", "float16", "bfloat16", "int8")
 GRANULARITIES = ("request", "token")
+ALLOCATIONS = ("uniform", "greedy")
 EVALS = ("perplexity", "tasks")
 EVAL_DATASETS = ("opt_mini", "wikitext2")
 CALIBRATION_SOURCES = ("opt_mini", "tasks")
@@ -263,6 +265,10 @@ def validate(cfg: DictConfig | Config) -> None:
     _choice("predictor.arch", cfg.predictor.arch, PREDICTOR_ARCHS)
     _choice("predictor.granularity", cfg.predictor.granularity, GRANULARITIES)
     _choice("predictor.dtype", cfg.predictor.dtype, PREDICTOR_DTYPES)
+    _choice("predictor.allocation", cfg.predictor.allocation, ALLOCATIONS)
+    if cfg.predictor.allocation == "greedy" and cfg.predictor.name != "teal":
+        raise ConfigError(f"predictor.allocation=greedy allocates TEAL's sites, not predictor={cfg.predictor.name}'s; "
+                          "use predictor=teal, or predictor.allocation=uniform")
     rank = cfg.predictor.neuron_rank
     if rank is not None and not (isinstance(rank, int) and 1 <= rank < cfg.predictor.neuron_hidden):
         raise ConfigError(f"predictor.neuron_rank={rank} must be an integer from 1 to predictor.neuron_hidden - 1 "

@@ -67,9 +67,10 @@ def make_policy(cfg: DictConfig, heads_only: bool) -> Policy:
 
 
 def calibrated_thresholds(cfg: DictConfig, model, model_id: dict, examples: list[Example], padding: int
-                          ) -> tuple[Tensor, dict]:
+                          ) -> tuple[Tensor, list[dict]]:
     """The (sites, L) thresholds of a thresholded placement (``shadow.thresholds``) at the job's sparsities, from
-    histograms of the dense model's activations on the calibration set (a cached artifact), and that artifact's
+    histograms of the dense model's activations on the calibration set, each site at its share or, with
+    ``predictor.allocation=greedy``, at TEAL's greedy allocation of it (both cached artifacts), and the artifacts'
     metadata."""
     method = cfg.predictor.name
     inputs = {"model": model_id, "examples": examples_fingerprint(examples), "method": method,
@@ -85,7 +86,21 @@ def calibrated_thresholds(cfg: DictConfig, model, model_id: dict, examples: list
     head, neuron = resolved_sparsities(cfg)
     shares = [head if site.share == "head" else neuron for site in thresholds.sites(model, method)]
     histograms = thresholds.Histograms(load_file(str(directory / "histograms.safetensors"))["counts"])
-    return histograms.thresholds(shares), meta
+    if cfg.predictor.allocation == "uniform":
+        return histograms.thresholds(shares), [meta]
+
+    def allocate(out: Path) -> dict:
+        allocated = thresholds.greedy_shares(model, histograms, examples[:thresholds.GREEDY_EXAMPLES], shares,
+                                             cfg.calibration.batch_size, padding)
+        save_file({"shares": allocated}, str(out / "shares.safetensors"))
+        return {}
+
+    with stage("allocation"):
+        allocation_dir, allocation_meta = cached(cfg.cache_dir, "allocation", {
+            **inputs, "shares": shares, "step": thresholds.GREEDY_STEP,
+            "examples_used": thresholds.GREEDY_EXAMPLES}, allocate)
+    allocated = load_file(str(allocation_dir / "shares.safetensors"))["shares"]
+    return histograms.thresholds(allocated), [meta, allocation_meta]
 
 
 def mask_source(cfg: DictConfig, model, model_id: dict, examples: list[Example], criterion: Criterion,
@@ -97,8 +112,8 @@ def mask_source(cfg: DictConfig, model, model_id: dict, examples: list[Example],
     placement = PLACEMENTS[cfg.predictor.name]
     job = MaskJob(model, criterion, shape, policy, cfg.predictor, padding, cfg.seed)
     if placement.thresholds:
-        limits, meta = calibrated_thresholds(cfg, model, model_id, examples, padding)
-        return placement.masks(job), with_setup(NO_REPORT, [meta]), limits
+        limits, metas = calibrated_thresholds(cfg, model, model_id, examples, padding)
+        return placement.masks(job), with_setup(NO_REPORT, metas), limits
     if not placement.uses_traces:
         return placement.masks(job), with_setup(NO_REPORT, []), None
     trace_inputs = {"model": model_id, "examples": examples_fingerprint(examples),

@@ -1,4 +1,5 @@
-"""Sparse execution: the pruned units' weights are not read at all. Outputs equal the masked model's (tested).
+"""Sparse execution: the pruned units' (or zeroed channels') weights are not read at all. Outputs equal the masked
+(or thresholded) model's (tested).
 
 Per request, ``pruned(model, masks, shape)`` swaps, for the duration of a block, each layer's projections for
 smaller ones that hold only the kept units' weights, gathered once: the query, key and value rows and the output
@@ -9,7 +10,11 @@ decoding step then run on the smaller layers.
 Per token, ``TokenDecoder`` decodes greedily with a fresh mask at every step, as DejaVu does, and copies no weights:
 the gather kernels of ``shadow.kernels`` read the kept rows (query, key, value, gate, up) and the kept columns
 (output, down: stored transposed) in place; the family's ``decode_step`` is the model's forward for one token per
-request of a batch. Copying the kept weights at every step would cost more than the dense product.
+request of a batch, the decoder supplying each layer's attention and FFN. Copying the kept weights at every step
+would cost more than the dense product.
+
+Under TEAL's or CATS' thresholds, ``ThresholdDecoder`` decodes the same way, each step reading only the columns of
+the input channels kept (TEAL) or the up rows and down columns of the FFN units kept (CATS).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ is the magnitude below which the target share of that site's entries fall.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +30,8 @@ from shadow.offload import input_device
 from shadow.weights_read import weights_read
 
 BINS = 4096
+GREEDY_STEP = 0.025  # how much a round of the greedy allocation raises a layer's weighted sparsity
+GREEDY_EXAMPLES = 32  # calibration examples whose layer outputs the greedy allocation compares
 LOWEST, HIGHEST = -40.0, 24.0  # log2 range of the binned magnitudes; zeros fall in the first bin, larger in the last
 
 
@@ -87,12 +89,14 @@ class Histograms:
 
     counts: Tensor  # (sites, L, BINS) float64
 
-    def thresholds(self, shares: list[float]) -> Tensor:
-        """(sites, L) magnitudes below which ``shares[s]`` of site s's entries fall (interpolated in log2 within
-        their bin; 0 for a share of 0)."""
+    def thresholds(self, shares: list[float] | Tensor) -> Tensor:
+        """(sites, L) magnitudes below which ``shares[s]`` of site s's entries fall in every layer, or
+        ``shares[s, l]`` in layer l when given per layer (interpolated in log2 within their bin; 0 for a share of
+        0)."""
         cumulative = self.counts.cumsum(-1)
         total = cumulative[..., -1:]
-        target = torch.tensor(shares, dtype=torch.float64)[:, None, None] * total
+        shares = torch.as_tensor(shares, dtype=torch.float64)
+        target = (shares[:, None] if shares.dim() == 1 else shares)[..., None] * total
         bin_ = torch.searchsorted(cumulative, target).clamp(max=BINS - 1)  # the first bin reaching the target
         before = torch.where(bin_ > 0, cumulative.gather(-1, (bin_ - 1).clamp(min=0)), torch.zeros_like(target))
         inside = self.counts.gather(-1, bin_)
@@ -128,6 +132,86 @@ def calibrate(model: nn.Module, examples: list[Example], method: str, batch_size
         for handle in handles:
             handle.remove()
     return Histograms(counts.cpu())
+
+
+def _weights_per_site(model: nn.Module, method: str) -> Tensor:
+    """(sites,) parameters each site's zeros let a layer skip: the projections it feeds (CATS: the down one)."""
+    family, layer = family_of(model.config), family_of(model.config).layers(model)[0]
+    return torch.tensor([float(sum(family.module(layer, role).weight.numel()
+                                   for role in site.roles or family.neuron_columns))
+                         for site in sites(model, method)], dtype=torch.float64)
+
+
+def _first_layer_inputs(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int
+                        ) -> list[tuple[tuple, dict, Tensor]]:
+    """Layer 0's positional and keyword arguments for each batch of the examples on the dense model, with the
+    batch's (B, T) mask of real tokens: every layer takes the same keywords (attention mask, positions)."""
+    family, device = family_of(model.config), input_device(model)
+    captured: list[tuple[tuple, dict, Tensor]] = []
+    mask: list[Tensor] = []
+
+    def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append((args, kwargs, mask[0]))
+        raise _Captured
+
+    handle = family.layers(model)[0].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        for start in range(0, len(examples), batch_size):
+            batch = collate(examples[start:start + batch_size], pad_id)
+            mask[:] = [batch.attention_mask.bool().to(device)]
+            with suppress(_Captured):
+                model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                      use_cache=False)
+    finally:
+        handle.remove()
+    return captured
+
+
+class _Captured(Exception):
+    """Stops a forward once layer 0's inputs are captured."""
+
+
+def _hidden(output) -> Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _moved(model: nn.Module, layer: nn.Module, limits: Tensor, batches: list, dense: list[Tensor]) -> float:
+    """How far the layer's output moves from ``dense`` under TEAL's ``limits``: the mean L2 norm of the change
+    over the real tokens of the batches."""
+    with thresholded(model, "teal", limits):
+        moved = [(_hidden(layer(*args, **kwargs)) - out).norm(dim=-1)[mask]
+                 for (args, kwargs, mask), out in zip(batches, dense, strict=True)]
+    return torch.cat(moved).mean().item()
+
+
+@torch.no_grad()
+def greedy_shares(model: nn.Module, histograms: Histograms, examples: list[Example], shares: list[float],
+                  batch_size: int, pad_id: int, step: float = GREEDY_STEP) -> Tensor:
+    """TEAL's greedy allocation: per layer, the (sites,) shares to zero that reach the layer's target sparsity
+    (``shares``' mean weighted by the parameters each site's zeros skip) with the least change in the layer's
+    output. From nothing zeroed, each round tries raising each site's share so that the layer's weighted sparsity
+    grows by ``step``, and keeps the one whose output, on the dense model's inputs to the layer over the
+    examples, moves least from the dense output (mean L2 norm over real tokens); thresholds from ``histograms``.
+    Each layer's inputs are the previous layer's dense outputs. Returns (sites, L)."""
+    family = family_of(model.config)
+    layers = family.layers(model)
+    weights = _weights_per_site(model, "teal")
+    target = float((weights * torch.tensor(shares, dtype=torch.float64)).sum() / weights.sum())
+    allocated = torch.zeros(len(weights), len(layers), dtype=torch.float64)
+    batches = _first_layer_inputs(model, examples, batch_size, pad_id)
+    for index, layer in enumerate(tqdm(layers, desc="greedy allocation", unit="layer")):
+        dense = [_hidden(layer(*args, **kwargs)) for args, kwargs, _ in batches]
+        while (weights @ allocated[:, index]) / weights.sum() < target - 1e-9:
+            trials = []
+            for s in range(len(weights)):
+                if allocated[s, index] < 1:
+                    trial = allocated.clone()
+                    trial[s, index] = min(1.0, trial[s, index] + step * weights.sum() / weights[s])
+                    trials.append(trial)
+            allocated = min(trials, key=lambda trial: _moved(model, layer, histograms.thresholds(trial), batches,
+                                                             dense))
+        batches = [((out, *args[1:]), kwargs, mask) for (args, kwargs, mask), out in zip(batches, dense, strict=True)]
+    return allocated.float()
 
 
 @dataclass

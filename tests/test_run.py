@@ -145,6 +145,23 @@ def test_thresholded_placements_run_under_every_protocol(job, tmp_path, method, 
     assert setup[0] > 0 and setup[1] == setup[0]  # the calibration's time, as recorded when it ran
 
 
+def test_teal_with_the_greedy_allocation(job, tmp_path):
+    """Each layer's sites get their own shares, whose parameter-weighted mean is the asked sparsity: the achieved
+    sparsities differ between sites but the weights read stay near the uniform allocation's. The allocation is a
+    cached artifact beside the histograms, its time part of the job's setup."""
+    uniform = run(job("predictor=teal", "sparsity=0.5", "logger=none"), tmp_path / "uniform")
+    greedy = run(job("predictor=teal", "predictor.allocation=greedy", "sparsity=0.5", "logger=none"),
+                 tmp_path / "greedy")
+    sites = [greedy[f"achieved_{site}_sparsity"] for site in ("attention", "output", "ffn", "down")]
+    assert max(sites) - min(sites) > 0.1
+    assert greedy["weights_read"] == pytest.approx(uniform["weights_read"], abs=0.05)
+    assert greedy["token_perplexity"] != uniform["token_perplexity"]
+    assert len([p for p in (tmp_path / "cache" / "histograms").iterdir() if p.is_dir()]) == 1
+    assert len([p for p in (tmp_path / "cache" / "allocation").iterdir() if p.is_dir()]) == 1
+    setup = [json.loads((tmp_path / d / "metrics.json").read_text())["setup_seconds"] for d in ("uniform", "greedy")]
+    assert setup[1] > setup[0] > 0
+
+
 def test_task_evaluation_job(job, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     metrics = run(job("eval=tasks", "eval.limit=8", "sparsity=0.3"), tmp_path / "tasks")

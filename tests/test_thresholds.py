@@ -8,7 +8,7 @@ import torch
 from helpers import calibration_examples, layers_of, make_tiny_llama, make_tiny_opt
 
 from shadow.arch import family_of
-from shadow.thresholds import calibrate, sites, thresholded
+from shadow.thresholds import GREEDY_STEP, calibrate, greedy_shares, sites, thresholded
 
 FAMILIES = {"opt": make_tiny_opt, "llama": make_tiny_llama}
 
@@ -80,3 +80,29 @@ def test_teal_at_one_token_is_the_kept_columns_alone(family):
         for role in ("query", "key", "value"):
             fam.module(layers_of(deleted)[0], role).weight[:, zeroed] = 0
         torch.testing.assert_close(got, deleted(ids).logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_greedy_allocation_zeroes_first_what_changes_nothing(family):
+    """With every output projection zeroed, no zero at the attention sites changes a layer's output: the greedy
+    allocation zeroes them whole before any FFN site, and each layer reaches the asked parameter-weighted
+    sparsity (to one step)."""
+    model = FAMILIES[family]()
+    fam = family_of(model.config)
+    layers = layers_of(model)
+    with torch.no_grad():
+        for layer in layers:
+            fam.module(layer, "output").weight.zero_()
+    data = calibration_examples()
+    histograms = calibrate(model, data, "teal", 4, 1)
+    shares = greedy_shares(model, histograms, data, [0.5] * 4, 4, 1)
+    weights = torch.tensor([[sum(fam.module(layer, role).weight.numel() for role in site.roles)
+                             for layer in layers] for site in sites(model, "teal")], dtype=torch.float32)
+    reached = (weights * shares).sum(0) / weights.sum(0)
+    assert ((reached >= 0.5 - 1e-6) & (reached < 0.5 + GREEDY_STEP)).all(), reached
+    attention = weights[:2].sum(0) / weights.sum(0)  # the most the attention sites can zero
+    for index in range(len(layers)):
+        if attention[index] >= 0.5:
+            assert (shares[2:, index] == 0).all(), shares
+        else:
+            assert (shares[:2, index] == 1).all() and (shares[2:, index] > 0).any(), shares
