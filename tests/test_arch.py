@@ -124,3 +124,17 @@ def test_llama_family_parameter_count_shape_and_roles_match_the_model(layout):
 def test_released_llama_family_sizes_count_their_published_parameters(name, billions):
     config = architecture_config(name)
     assert family_of(config).parameter_count(config) / 1e9 == pytest.approx(billions, abs=5e-4)
+
+
+def test_the_llama_mini_architecture_is_the_embedded_model():
+    """The latency benchmark's random-weight llama-mini has the embedded model's shape."""
+    from transformers import AutoConfig
+
+    import shadow
+
+    embedded = AutoConfig.from_pretrained(Path(shadow.__file__).parent / "llama_mini" / "model")
+    built = architecture_config("llama-mini")
+    fields = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+              "intermediate_size", "vocab_size", "tie_word_embeddings", "max_position_embeddings", "rope_parameters")
+    assert {f: getattr(built, f) for f in fields} == {f: getattr(embedded, f) for f in fields}
+    assert family_of(built).parameter_count(built) == family_of(embedded).parameter_count(embedded)

@@ -30,7 +30,7 @@ def family_of(config) -> Family:
 
 
 def architectures() -> list[str]:
-    """Every released architecture by name (``opt-1.3b``), for random-weight models."""
+    """Every known architecture by name (``opt-1.3b``; released sizes and llama-mini), for random-weight models."""
     return [name for family in FAMILIES.values() for name in family.architectures]
 
 

@@ -44,6 +44,7 @@ class Llama(Family):
         "llama-3.1-8b": _sizes(4096, 32, 32, 8, 14336, 128256, False, **_rope(5e5, 131072, 8.0)),
         "llama-2-7b": _sizes(4096, 32, 32, 32, 11008, 32000, False, **_rope(1e4, 4096)),
         "llama-2-13b": _sizes(5120, 40, 40, 40, 13824, 32000, False, **_rope(1e4, 4096)),
+        "llama-mini": _sizes(256, 6, 8, 2, 768, 8192, True, head_dim=32, **_rope(1e4, 512)),  # shadow's own
     }
 
     def shape(self, config, attention_unit: str) -> Shape:

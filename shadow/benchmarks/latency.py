@@ -194,7 +194,8 @@ class Bench:
         self.model = build(cfg.arch, str(cfg.device), TORCH_DTYPES[cfg.dtype],
                            placement(cfg, free_memory(str(cfg.device), cfg.device_map)))
         self.shape = family_of(self.model.config).shape(self.model.config, cfg.attention_unit)
-        self.ids = torch.randint(4, 50000, (max(cfg.batch), cfg.prompt), device=cfg.device)  # a prompt per request
+        self.vocab = min(50000, self.model.config.vocab_size)
+        self.ids = torch.randint(4, self.vocab, (max(cfg.batch), cfg.prompt), device=cfg.device)  # one per request
         self.predictors = {name: predictor for name, predictor in predictors(self.shape, cfg.predictor).items()
                            if name in cfg.methods}
         for predictor in self.predictors.values():
@@ -203,7 +204,7 @@ class Bench:
 
     def calibrate(self, method: str) -> Histograms:
         """The method's histograms on 8 random prompts (their own tokens, not the timed ones)."""
-        ids = torch.randint(4, 50000, (8, self.cfg.prompt), generator=torch.Generator().manual_seed(1))
+        ids = torch.randint(4, self.vocab, (8, self.cfg.prompt), generator=torch.Generator().manual_seed(1))
         return calibrate(self.model, [Example(tuple(row), 1) for row in ids.tolist()], method, 4, 1)
 
     def generate(self, new_tokens: int, batch: int = 1) -> None:
