@@ -21,7 +21,8 @@ from shadow.masking import apply_masks
 from shadow.placements import PLACEMENTS
 from shadow.policy import Masks, Policy
 from shadow.predictors import Predictor, spearman
-from shadow.sparse import TokenDecoder, pruned
+from shadow.sparse import ThresholdDecoder, TokenDecoder, pruned
+from shadow.thresholds import calibrate, sites, thresholded
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = str(ROOT / "conf")
@@ -166,6 +167,28 @@ def decode_and_check(model, predictor: Predictor, policy: Policy, new_tokens: in
 
         assert distance(out.logits) <= 2 * distance(masked[:, prompt:])
     return out, sequences
+
+
+def threshold_decode_and_check(model, method: str) -> None:
+    """TEAL or CATS per token, two requests, thresholds at half of each site's calibration entries: the prompt and
+    every step are the thresholded model's on the same sequences (logits up to the kernels' summation order),
+    while each step reads only some of each site's channels, the union of the two requests' (TEAL's sites keep
+    about half each)."""
+    found = sites(model, method)
+    limits = calibrate(model, calibration_examples(), method, 4, 1).thresholds([0.5] * len(found))
+    ids = torch.randint(4, 8192, (2, 9), generator=torch.Generator().manual_seed(6))
+    decoder = ThresholdDecoder(model, method, limits)
+    out = decoder.generate(ids, 8)
+    assert out.tokens.shape == (2, 8) and out.kept.shape == (7, len(found), len(layers_of(model)))
+    sequences = torch.cat([ids, out.tokens[:, :-1]], 1)
+    with torch.no_grad(), thresholded(model, method, limits):
+        expected = model(sequences.to(model.device)).logits.cpu()
+    assert torch.equal(expected[:, 8].argmax(-1), out.tokens[:, 0])
+    torch.testing.assert_close(out.logits, expected[:, 9:], rtol=1e-4, atol=1e-4)
+    assert (out.kept < 1).any() and (out.kept > 0).all()
+    if method == "teal":
+        assert 0.3 < out.kept[:, 0].mean() < 0.9  # layer inputs: half each, the union of two a little more
+    assert decoder.weights_read(out) < 1
 
 
 def per_layer_agreement(half: torch.Tensor, full: torch.Tensor) -> torch.Tensor:

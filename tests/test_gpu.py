@@ -15,6 +15,7 @@ from helpers import (
     request_masks,
     settings,
     shape_of,
+    threshold_decode_and_check,
     token_predictor,
 )
 
@@ -38,6 +39,13 @@ def test_per_token_decoding_on_cuda_equals_the_masked_model(dtype, name, family)
     model = tiny(family, dtype)
     predictor = token_predictor(model, name, lookahead=name == "dejavu").cuda()
     decode_and_check(model, predictor, Policy("local" if name == "dejavu" else "global", 0.5, 0.5))
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+@pytest.mark.parametrize("method", ["teal", "cats"])
+def test_thresholded_decoding_on_cuda_equals_the_thresholded_model(family, method):
+    """In float32: in half precision, entries at a threshold round to either side of it."""
+    threshold_decode_and_check(tiny(family, torch.float32), method)
 
 
 @pytest.mark.parametrize("family", ["opt", "llama"])

@@ -14,12 +14,12 @@ from helpers import (
     ROOT,
     calibration_examples,
     decode_and_check,
-    layers_of,
     make_tiny_llama,
     make_tiny_opt,
     masked_and_pruned_logits,
     request_masks,
     shape_of,
+    threshold_decode_and_check,
     token_predictor,
     use_triton_kernels,
 )
@@ -35,7 +35,7 @@ from shadow.placements import PLACEMENTS
 from shadow.policy import Masks, Policy
 from shadow.predictors import Predictor
 from shadow.sparse import ThresholdDecoder, TokenDecoder, pruned
-from shadow.thresholds import calibrate, sites, thresholded
+from shadow.thresholds import calibrate
 from shadow.traces import layer_features
 
 
@@ -112,25 +112,8 @@ def test_a_batch_decodes_as_the_masked_model_under_its_union_mask(tiny_opt, plac
 @pytest.mark.parametrize("family", ["opt", "llama"])
 @pytest.mark.parametrize("method", ["teal", "cats"])
 def test_thresholded_decoding_equals_the_thresholded_model(family, method, gather):
-    """TEAL and CATS per token, two requests: the prompt and every step are the thresholded model's on the same
-    sequences (logits up to the kernels' summation order), while each step reads only some of each site's
-    channels, the union of the two requests' (TEAL's calibrated sites keep about half each)."""
     model = {"opt": make_tiny_opt, "llama": make_tiny_llama}[family]()
-    found = sites(model, method)
-    limits = calibrate(model, calibration_examples(), method, 4, 1).thresholds([0.5] * len(found))
-    ids = torch.randint(4, 8192, (2, 9), generator=torch.Generator().manual_seed(6))
-    decoder = ThresholdDecoder(model, method, limits)
-    out = decoder.generate(ids, 8)
-    assert out.tokens.shape == (2, 8) and out.kept.shape == (7, len(found), len(layers_of(model)))
-    sequences = torch.cat([ids, out.tokens[:, :-1]], 1)
-    with torch.no_grad(), thresholded(model, method, limits):
-        expected = model(sequences).logits
-    assert torch.equal(expected[:, 8].argmax(-1), out.tokens[:, 0])
-    torch.testing.assert_close(out.logits, expected[:, 9:], rtol=1e-4, atol=1e-4)
-    assert (out.kept < 1).any() and (out.kept > 0).all()
-    if method == "teal":
-        assert 0.3 < out.kept[:, 0].mean() < 0.9  # layer inputs: half each, the union of two a little more
-    assert decoder.weights_read(out) < 1
+    threshold_decode_and_check(model, method)
 
 
 def test_thresholded_decoding_rejects_thresholds_of_another_method(tiny_opt):
