@@ -146,9 +146,10 @@ def resolved_sparsities(cfg: DictConfig | Config) -> tuple[float, float]:
 
 
 def gpus_for(model: str, dtype: str) -> int:
-    """GPUs a job needs for a model named as a released architecture (``opt-1.3b``, ``llama-3.1-8b``): its weights,
+    """GPUs a job needs for a model named as a known architecture (``opt-1.3b``, ``llama-3.1-8b``): its weights,
     counted by its family from the architecture's config, + 20% over GPUs of SHADOW_GPU_GB (default 80) GB, rounded
-    up to a power of two; 0 for any other model (opt-mini and llama-mini run on the CPU)."""
+    up to a power of two; 0 for weights under 100 MB and for any other model (opt-mini and llama-mini run on the
+    CPU)."""
     from shadow.arch import architecture_config, architectures, family_of
     from shadow.models import TORCH_DTYPES
 
@@ -156,6 +157,8 @@ def gpus_for(model: str, dtype: str) -> int:
         return 0
     config = architecture_config(model)
     weights = family_of(config).weight_bytes(config, TORCH_DTYPES[dtype])
+    if weights < CPU_SIZED_BYTES:
+        return 0
     need = weights * 1.2 / (float(os.environ.get("SHADOW_GPU_GB", 80)) * 1e9)
     return 1 << max(0, math.ceil(math.log2(need))) if need > 1 else 1
 
@@ -179,6 +182,7 @@ PREDICTOR_ARCHS = ("mlp", "lowrank")
 PREDICTOR_DTYPES = ("float32", "float16", "bfloat16", "int8")
 GRANULARITIES = ("request", "token")
 ALLOCATIONS = ("uniform", "greedy")
+CPU_SIZED_BYTES = 100e6  # weights a job runs on the CPU without asking for a GPU
 EVALS = ("perplexity", "tasks")
 EVAL_DATASETS = ("opt_mini", "wikitext2")
 CALIBRATION_SOURCES = ("opt_mini", "tasks")

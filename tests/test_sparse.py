@@ -351,6 +351,7 @@ def test_latency_benchmark_timing_presets():
     assert predictor_dtype(full) == "bfloat16"
 
 
+@pytest.mark.slow
 def test_latency_benchmark_writes_its_table(tmp_path):
     """With float32 predictors (the CPU's default, int8, runs in the test below)."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
