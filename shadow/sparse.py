@@ -323,6 +323,8 @@ class TokenDecoder(_Decoder):
     the step runs eagerly, its launches sized by the position.
     """
 
+    catch_up = True
+
     def __init__(self, model: nn.Module, predictor: Predictor, policy: Policy, static: bool | None = None):
         """``predictor.shape`` says the attention unit its head masks address. ``static``: run static steps (see
         the class), captured as CUDA graphs on CUDA, run as they are elsewhere (that is how the tests check them on
@@ -339,8 +341,6 @@ class TokenDecoder(_Decoder):
         self.groups_at = {layer: [g for g, (f, _) in enumerate(predictor.groups) if f == layer]
                           for layer in predictor.feature_layers}
         self.shape = predictor.shape
-
-    catch_up = True
 
     def _column_roles(self) -> tuple[str, ...]:
         return self.family.head_columns + self.family.neuron_columns
