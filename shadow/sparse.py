@@ -201,6 +201,7 @@ class _Decoder(ABC):
         self.model = model
         self.family = family_of(model.config)
         self.layers = self.family.layers(model)
+        self.activations = [layer.get_submodule(self.family.activation_path) for layer in self.layers]
         self.active = False
         self.fetch = [resident if offloaded(layer) else nullcontext for layer in self.layers]  # once, not per step
 
@@ -391,8 +392,7 @@ class TokenDecoder(_Decoder):
 
         def ffn(index: int, h: Tensor) -> Tensor:
             layer, units = self.layers[index], kept[index].units.to(h.device)
-            activations = layer.get_submodule(self.family.activation_path)(
-                kernels.rows(self.family.ffn_input(layer), units, h))
+            activations = self.activations[index](kernels.rows(self.family.ffn_input(layer), units, h))
             return _gated_down(self.family, layer, h, units, activations)
 
         logits = self.family.decode_step(self.model, tokens, position, attention, ffn,
@@ -536,8 +536,7 @@ class ThresholdDecoder(_Decoder):
             return self._attention(index, h, position, last, caches[index], read)
 
         def ffn(index: int, h: Tensor) -> Tensor:
-            layer = self.layers[index]
-            activation = layer.get_submodule(self.family.activation_path)
+            layer, activation = self.layers[index], self.activations[index]
             if self.method == "cats":
                 activations, units = self._kept(0, index, activation(self.family.ffn_input(layer)(h)), read)
                 return _gated_down(self.family, layer, h, units, activations)
@@ -559,12 +558,11 @@ class ThresholdDecoder(_Decoder):
         layer, shape, B = self.layers[index], self.shape, cache.requests
         D = shape.head_dim
         teal = self.method == "teal"
-        if teal:
-            x, channels = self._kept(0, index, h, read)
+        x, channels = self._kept(0, index, h, read) if teal else (h, None)
 
-        def project(role: str) -> Tensor:
+        def project(role: str) -> Tensor:  # TEAL: the kept channels' columns; CATS: dense
             module = self.family.module(layer, role)
-            return kernels.columns(module, channels, x) if teal else module(h)
+            return module(x) if channels is None else kernels.columns(module, channels, x)
 
         position = position.to(h.device)  # a no-op but across the GPUs of a split model
         keys, values = project("key"), project("value")  # (B, key-value heads · D)

@@ -136,7 +136,8 @@ def calibrate(model: nn.Module, examples: list[Example], method: str, batch_size
 
 def _weights_per_site(model: nn.Module, method: str) -> Tensor:
     """(sites,) parameters each site's zeros let a layer skip: the projections it feeds (CATS: the down one)."""
-    family, layer = family_of(model.config), family_of(model.config).layers(model)[0]
+    family = family_of(model.config)
+    layer = family.layers(model)[0]
     return torch.tensor([float(sum(family.module(layer, role).weight.numel()
                                    for role in site.roles or family.neuron_columns))
                          for site in sites(model, method)], dtype=torch.float64)
