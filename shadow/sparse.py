@@ -61,6 +61,16 @@ def _head_dims(heads: Tensor, head_dim: int) -> Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).flatten()
 
 
+def _pruned_groups(shape: Shape, heads: Tensor) -> tuple[Tensor, Tensor]:
+    """A layer's kept query heads (a mask) under its (H,) head mask, and the key-value groups ``pruned`` keeps
+    (indices): those with a kept query head, or group 0 alone when none has one."""
+    query_kept = shape.query_mask(heads.bool())
+    groups = query_kept.view(shape.kv_heads, shape.group_size).any(-1)
+    if not groups.any():
+        groups[0] = True
+    return query_kept, groups.nonzero().flatten()
+
+
 @contextmanager
 def pruned(model: nn.Module, masks: Masks, shape: Shape) -> Iterator[None]:
     """Run the model with only the units kept by a single request's masks ((1, L, heads) and (1, L, F) in the
@@ -79,11 +89,7 @@ def pruned(model: nn.Module, masks: Masks, shape: Shape) -> Iterator[None]:
             saved.append((layer, {role: family.module(layer, role) for role in family.paths}))
             with resident(layer):  # the copies live on the layer's execution device, offloaded or not
                 device = family.head_output(layer).weight.device
-                query_kept = shape.query_mask(masks.heads[0, index].to(device).bool())
-                groups = query_kept.view(shape.kv_heads, shape.group_size).any(-1)
-                if not groups.any():
-                    groups[0] = True
-                groups = groups.nonzero().flatten()
+                query_kept, groups = _pruned_groups(shape, masks.heads[0, index].to(device))
                 queries = _head_dims(groups, shape.group_size)  # every query head of the kept groups
                 query_dims = _head_dims(queries, shape.head_dim)
                 neurons = masks.neurons[0, index].nonzero().flatten().to(device)
@@ -149,6 +155,29 @@ def _leading(masks: Tensor, counts: list[int]) -> list[Tensor]:
     the kept units when ``counts[i]`` is how many row i keeps, padded with removed ones when it is more."""
     order = masks.to(torch.int8).sort(dim=-1, descending=True, stable=True).indices
     return [order[i, :count] for i, count in enumerate(counts)]
+
+
+def _kept_sets(shape: Shape, heads: Tensor, neurons: Tensor, counts: tuple[list[int], list[int]] | None
+               ) -> list[_Kept]:
+    """The kept sets of n layers from their (n, H) head masks (in attention units) and (n, F) neuron masks.
+    ``counts``: how many heads and neurons each layer keeps, where the host knows (a local policy); else the masks
+    are read for them, once for all n layers. With query-head units and grouped-query attention under known
+    counts, as many key-value groups are computed as query heads are kept (at most all), those in use first."""
+    n = len(heads)
+    queries = shape.query_mask(heads)
+    groups = queries.view(n, shape.kv_heads, shape.group_size).any(-1)
+    padded = False
+    if counts is not None:
+        head_counts, neuron_counts = counts
+        query_counts = [count * shape.heads_per_unit for count in head_counts]
+        padded = shape.attention_unit == "query_head" and shape.group_size > 1
+        group_counts = [min(count, shape.kv_heads) for count in head_counts] if padded else head_counts
+    else:  # one read of every count
+        query_counts, group_counts, neuron_counts = torch.stack(
+            [queries.sum(-1), groups.sum(-1), neurons.sum(-1)]).tolist()
+    return [_Kept(heads[i], neurons[i], q, g.sort().values if padded else g, u)
+            for i, (q, g, u) in enumerate(zip(_leading(queries, query_counts), _leading(groups, group_counts),
+                                              _leading(neurons, neuron_counts), strict=True))]
 
 
 class _CapturedStep:
@@ -225,9 +254,12 @@ class _Decoder(ABC):
     def _column_modules(self) -> list[nn.Linear]:
         return [self.family.module(layer, role) for layer in self.layers for role in self._column_roles()]
 
-    def _prompt(self, input_ids: Tensor):
-        """The model's output on the prompts, with its KV cache."""
-        return self.model(input_ids.to(input_device(self.model)), use_cache=True)
+    def _prompt(self, input_ids: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """The model's (B, V) logits at the prompts' last position, and each layer's keys and values, (B, key-value
+        heads, T, head_dim) each."""
+        out = self.model(input_ids.to(input_device(self.model)), use_cache=True)
+        cache = out["cache" if "cache" in out else "past_key_values"]  # newer transformers name it ``cache``
+        return out.logits[:, -1], [(layer.keys, layer.values) for layer in cache.layers]
 
     def _static_steps(self, requests: int) -> bool:
         return False
@@ -244,12 +276,13 @@ class _Decoder(ABC):
     def weights_read(self, generation: Generation) -> float:
         """The share of the dense step's weights a step of this generation read, on average."""
 
-    @torch.no_grad()
     def generate(self, input_ids: Tensor, new_tokens: int) -> Generation:
         """Greedily continue a batch of (B, T) prompts, all of length T, by ``new_tokens`` tokens."""
-        if not self.active:
-            with self:
-                return self.generate(input_ids, new_tokens)
+        with nullcontext() if self.active else self:
+            return self._generate(input_ids, new_tokens)
+
+    @torch.no_grad()
+    def _generate(self, input_ids: Tensor, new_tokens: int) -> Generation:
         requests, prompt = input_ids.shape
         window = self.family.sliding_window(self.model.config)
         if window is not None and prompt + new_tokens - 2 >= window:
@@ -257,10 +290,9 @@ class _Decoder(ABC):
                              f"{prompt + new_tokens - 2}, past the {window}-token sliding window, which per-token "
                              "decoding does not apply; use shorter prompts and continuations")
         static = self._static_steps(requests)
-        out = self._prompt(input_ids)
-        # newer transformers name the returned cache ``cache``, earlier 5.x ``past_key_values``
-        caches = self._caches(out["cache" if "cache" in out else "past_key_values"], prompt + new_tokens)
-        tokens = [out.logits[:, -1].argmax(-1)]  # on the device: read once, at the end
+        last_logits, prompt_cache = self._prompt(input_ids)
+        caches = self._caches(prompt_cache, prompt + new_tokens)
+        tokens = [last_logits.argmax(-1)]  # on the device: read once, at the end
         position = torch.tensor(prompt, device=tokens[0].device)  # advanced in place: the steps read it there
         graph = (_CapturedStep(partial(self._step, position=position, last=position, caches=caches))
                  if static and position.is_cuda else None)
@@ -277,11 +309,11 @@ class _Decoder(ABC):
         return Generation(torch.stack(tokens, 1).cpu(), torch.stack(logits, 1).cpu() if logits else
                           torch.zeros(requests, 0, self.model.config.vocab_size), **self._applied(steps))
 
-    def _caches(self, cache, positions: int) -> list[_LayerCache]:
+    def _caches(self, prompt_cache: list[tuple[Tensor, Tensor]], positions: int) -> list[_LayerCache]:
         caches = []
-        for index, layer in enumerate(self.layers):
+        for layer, keys_and_values in zip(self.layers, prompt_cache, strict=True):
             stores = []
-            for prompt in (cache.layers[index].keys, cache.layers[index].values):  # (B, kv heads, T, head_dim)
+            for prompt in keys_and_values:  # (B, kv heads, T, head_dim)
                 B, H, T, D = prompt.shape
                 store = prompt.new_zeros(H, D, B, positions)
                 store[..., :T] = prompt.permute(1, 3, 0, 2)
@@ -292,56 +324,30 @@ class _Decoder(ABC):
         return caches
 
 
-class TokenDecoder(_Decoder):
-    """Greedy decoding with per-token masks, reading only the kept units' weights at each step.
-
-    The prompt runs densely. At every decoding step the predictor runs where its features appear: ShadowLLM's once,
-    on layer 0's attention output; DejaVu-style ones at every layer (with ``lookahead``, layer l's reads layer l −
-    1's). A layer whose mask is not yet known when it starts computes all its heads. Its features are its output
-    projection's input, pruned heads zeroed. Keys and values of a head at positions where it was pruned are computed
-    when it is next kept, from the cached attention input, so each head attends to exactly the keys and values of
-    the masked model, whose pruned heads still write their cache.
-
-    A batch of B prompts of one length decodes together: each layer keeps the union of the units the requests'
-    masks keep, so every kept weight is read once for the batch, and each request's output is the masked model's
-    under that union mask. The union grows with B (B = 8 untrained predictors keep nearly every unit), which is
-    how per-token sparsity's gain shrinks with batch size.
-
-    A step reads nothing back from the device (with the compiled or Triton kernels; torch's sparse kernels size
-    their patterns on the host): tokens stay on the device until the end, and the kept units' indices come from a
-    sort of the mask with lengths the host knows. Under a local policy it knows them in advance; under a global or
-    hybrid one they depend on the scores, so each predictor run reads its layers' counts once (one read per token
-    for ShadowLLM's single predictor). With query-head units and grouped-query attention, how many key-value groups
-    the kept query heads fall in varies too: under a local policy the step computes the keys and values of as many
-    groups as it keeps query heads (at most all), the groups in use first, which is correct for any extra group.
-
-    A static step launches the same kernels with the same arguments at every position: the position is a device
-    tensor the kernels read, the row gathers that fill the KV cache launch over its whole length (programs past the
-    position return at once) and rotary keys are rotated over it. On CUDA a static step is captured once as a CUDA
-    graph and replayed for every later token, which removes the launch overhead of its hundreds of small kernels.
-    That needs the kept counts known in advance (a local policy, a batch of one: a batch's union varies), the
-    Triton kernels, and the model and predictor on one GPU with nothing offloaded; under a global or hybrid policy
-    the step runs eagerly, its launches sized by the position.
-    """
+class _UnitDecoder(_Decoder):
+    """Decoding under masks of heads and FFN units (in ``shape``'s units): each step's attention and FFN read only
+    the kept units' weights, reading nothing back from the device, and a static step is captured as a CUDA graph on
+    CUDA (see ``TokenDecoder``). A subclass says which units a step keeps and what keeps its steps from being
+    static."""
 
     catch_up = True
 
-    def __init__(self, model: nn.Module, predictor: Predictor, policy: Policy, static: bool | None = None):
-        """``predictor.shape`` says the attention unit its head masks address. ``static``: run static steps (see
-        the class), captured as CUDA graphs on CUDA, run as they are elsewhere (that is how the tests check them on
-        the CPU); by default, wherever a CUDA graph can capture them."""
-        if len(predictor.groups) > 1 and policy.name != "local":
-            raise ValueError(f"policy={policy.name}: per-token execution selects each layer's units when its own "
-                             "predictor runs, so only policy=local applies to per-layer predictors")
-        for feature_layer, targets in predictor.groups:
-            if min(targets) < feature_layer:
-                raise ValueError(f"predictor.layer={feature_layer}: per-token execution needs every layer's mask "
-                                 f"before the layer runs, and layer {min(targets)} runs first; use layer=0")
+    def __init__(self, model: nn.Module, shape: Shape, static: bool | None):
         super().__init__(model)
-        self.predictor, self.policy, self.static = predictor, policy, static
-        self.groups_at = {layer: [g for g, (f, _) in enumerate(predictor.groups) if f == layer]
-                          for layer in predictor.feature_layers}
-        self.shape = predictor.shape
+        self.shape, self.static = shape, static
+        self.groups_at: dict[int, list[int]] = {}  # layer -> the predictor groups that read its attention output
+
+    @abstractmethod
+    def _step_kept(self) -> dict[int, _Kept]:
+        """The kept sets known as a step starts, by layer (a fresh dict: predictors that run add theirs)."""
+
+    def _other_devices(self) -> set[str]:
+        """Devices besides the model's that a step runs on."""
+        return set()
+
+    def _varying(self, requests: int) -> str | None:
+        """Why a step's kept counts are not known in advance for a batch of ``requests``, or None."""
+        return None
 
     def _column_roles(self) -> tuple[str, ...]:
         return self.family.head_columns + self.family.neuron_columns
@@ -368,13 +374,11 @@ class TokenDecoder(_Decoder):
 
     def _capture_blocker(self, requests: int) -> str | None:
         """Why a CUDA graph cannot capture this decoder's step for a batch of ``requests``, or None."""
-        devices = {str(p.device) for p in self.model.parameters()} | {str(self.predictor.device)}
+        devices = {str(p.device) for p in self.model.parameters()} | self._other_devices()
         if len(devices) > 1:
-            return f"the model and predictor lie on {', '.join(sorted(devices))}; put them on one GPU, not offloaded"
-        if self.policy.name != "local":
-            return f"under policy={self.policy.name} the scores decide how many units a layer keeps; use policy=local"
-        if requests > 1:
-            return f"a batch of {requests} keeps the union of its masks, of varying size; decode one request at a time"
+            return f"the weights lie on {', '.join(sorted(devices))}; put them on one GPU, not offloaded"
+        if (varying := self._varying(requests)) is not None:
+            return varying
         if not getattr(kernels.backend(self.family.module(self.layers[0], "query").weight), "positions_on_device",
                        False):
             return "the Triton kernels are not in use; install triton and leave SHADOW_GATHER unset"
@@ -385,7 +389,7 @@ class TokenDecoder(_Decoder):
         """One token per request at ``position`` (a 0-d device tensor) through the model family's decoding step,
         each layer's attention and FFN reading only the kept units. ``last`` is the position as the launches take
         it: the host's int, sizing them, or the tensor itself in a static step."""
-        kept: dict[int, _Kept] = {}  # filled as predictors run
+        kept = self._step_kept()  # predictors running in the step add theirs
 
         def attention(index: int, h: Tensor) -> Tensor:
             return self._attention(index, self.layers[index], h, position, last, caches[index], kept)
@@ -454,30 +458,132 @@ class TokenDecoder(_Decoder):
         store[kv_heads, :, :, cache.prompt:end] = (torch.where(wanted, rotated, span)
                                                     .unflatten(0, (len(kv_heads), B)).permute(0, 3, 1, 2))
 
+class TokenDecoder(_UnitDecoder):
+    """Greedy decoding with per-token masks, reading only the kept units' weights at each step.
+
+    The prompt runs densely. At every decoding step the predictor runs where its features appear: ShadowLLM's once,
+    on layer 0's attention output; DejaVu-style ones at every layer (with ``lookahead``, layer l's reads layer l −
+    1's). A layer whose mask is not yet known when it starts computes all its heads. Its features are its output
+    projection's input, pruned heads zeroed. Keys and values of a head at positions where it was pruned are computed
+    when it is next kept, from the cached attention input, so each head attends to exactly the keys and values of
+    the masked model, whose pruned heads still write their cache.
+
+    A batch of B prompts of one length decodes together: each layer keeps the union of the units the requests'
+    masks keep, so every kept weight is read once for the batch, and each request's output is the masked model's
+    under that union mask. The union grows with B (B = 8 untrained predictors keep nearly every unit), which is
+    how per-token sparsity's gain shrinks with batch size.
+
+    A step reads nothing back from the device (with the compiled or Triton kernels; torch's sparse kernels size
+    their patterns on the host): tokens stay on the device until the end, and the kept units' indices come from a
+    sort of the mask with lengths the host knows. Under a local policy it knows them in advance; under a global or
+    hybrid one they depend on the scores, so each predictor run reads its layers' counts once (one read per token
+    for ShadowLLM's single predictor). With query-head units and grouped-query attention, how many key-value groups
+    the kept query heads fall in varies too: under a local policy the step computes the keys and values of as many
+    groups as it keeps query heads (at most all), the groups in use first, which is correct for any extra group.
+
+    A static step launches the same kernels with the same arguments at every position: the position is a device
+    tensor the kernels read, the row gathers that fill the KV cache launch over its whole length (programs past the
+    position return at once) and rotary keys are rotated over it. On CUDA a static step is captured once as a CUDA
+    graph and replayed for every later token, which removes the launch overhead of its hundreds of small kernels.
+    That needs the kept counts known in advance (a local policy, a batch of one: a batch's union varies), the
+    Triton kernels, and the model and predictor on one GPU with nothing offloaded; under a global or hybrid policy
+    the step runs eagerly, its launches sized by the position.
+    """
+
+    def __init__(self, model: nn.Module, predictor: Predictor, policy: Policy, static: bool | None = None):
+        """``predictor.shape`` says the attention unit its head masks address. ``static``: run static steps (see
+        the class), captured as CUDA graphs on CUDA, run as they are elsewhere (that is how the tests check them on
+        the CPU); by default, wherever a CUDA graph can capture them."""
+        if len(predictor.groups) > 1 and policy.name != "local":
+            raise ValueError(f"policy={policy.name}: per-token execution selects each layer's units when its own "
+                             "predictor runs, so only policy=local applies to per-layer predictors")
+        for feature_layer, targets in predictor.groups:
+            if min(targets) < feature_layer:
+                raise ValueError(f"predictor.layer={feature_layer}: per-token execution needs every layer's mask "
+                                 f"before the layer runs, and layer {min(targets)} runs first; use layer=0")
+        super().__init__(model, predictor.shape, static)
+        self.predictor, self.policy = predictor, policy
+        self.groups_at = {layer: [g for g, (f, _) in enumerate(predictor.groups) if f == layer]
+                          for layer in predictor.feature_layers}
+
+    def _step_kept(self) -> dict[int, _Kept]:
+        return {}
+
+    def _other_devices(self) -> set[str]:
+        return {str(self.predictor.device)}
+
+    def _varying(self, requests: int) -> str | None:
+        if self.policy.name != "local":
+            return f"under policy={self.policy.name} the scores decide how many units a layer keeps; use policy=local"
+        if requests > 1:
+            return f"a batch of {requests} keeps the union of its masks, of varying size; decode one request at a time"
+        return None
+
     def _predict(self, group: int, feature: Tensor, kept: dict[int, _Kept]) -> None:
         """Run one predictor on the batch's (B, E) features and select its target layers' units: the union of
         the requests' masks."""
         targets = self.predictor.groups[group][1]
         policy = replace(self.policy, dense_first_layer=self.policy.dense_first_layer and targets[0] == 0)
         masks = policy.select(*self.predictor.group_scores(group, feature.to(self.predictor.device)))
-        heads, neurons = masks.heads.any(0), masks.neurons.any(0)  # (targets, H), (targets, F)
-        shape, n = self.shape, len(targets)
-        queries = shape.query_mask(heads)
-        groups = queries.view(n, shape.kv_heads, shape.group_size).any(-1)
-        head_counts = policy.kept_counts(n, shape.heads, policy.head_sparsity) if len(feature) == 1 else None
-        if head_counts is not None:
-            neuron_counts = policy.kept_counts(n, shape.neurons, policy.neuron_sparsity)
-            query_counts = [count * shape.heads_per_unit for count in head_counts]
-            padded = shape.attention_unit == "query_head" and shape.group_size > 1
-            group_counts = [min(count, shape.kv_heads) for count in head_counts] if padded else head_counts
-        else:  # the scores (or a batch's union) decide how many: one read of every count
-            counts = torch.stack([queries.sum(-1), groups.sum(-1), neurons.sum(-1)]).tolist()
-            query_counts, group_counts, neuron_counts = counts
-            padded = False
-        kv_heads = _leading(groups, group_counts)
-        for i, (layer, q, g, u) in enumerate(zip(targets, _leading(queries, query_counts), kv_heads,
-                                                  _leading(neurons, neuron_counts), strict=True)):
-            kept[layer] = _Kept(heads[i], neurons[i], q, g.sort().values if padded else g, u)
+        n = len(targets)
+        head_counts = policy.kept_counts(n, self.shape.heads, policy.head_sparsity) if len(feature) == 1 else None
+        counts = None if head_counts is None else (
+            head_counts, policy.kept_counts(n, self.shape.neurons, policy.neuron_sparsity))
+        # a batch keeps the union of its requests' masks, whose size the scores decide
+        sets = _kept_sets(self.shape, masks.heads.any(0), masks.neurons.any(0), counts)
+        kept.update(zip(targets, sets, strict=True))
+
+
+class RequestDecoder(_UnitDecoder):
+    """Greedy decoding with one mask per request, chosen before the prompt runs (ShadowLLM's or DejaVu-style
+    predictors' per-request masks, or a fixed one): the prompt runs on ``pruned``'s smaller layers, then every step
+    reads only the kept units' weights in place with ``TokenDecoder``'s step, without predictors and with the same
+    units at every step: the bytes of the smaller layers, without Hugging Face's per-step work. Its steps are
+    static, batches too, so on CUDA one is captured as a CUDA graph and replayed (with the Triton kernels, the
+    model on one GPU).
+
+    A batch keeps the union of its requests' masks, in the prompt and at every step: each request's output is the
+    masked model's under that union mask."""
+
+    def __init__(self, model: nn.Module, shape: Shape, static: bool | None = None):
+        """``shape`` says the attention unit the masks address; ``static`` as for ``TokenDecoder``."""
+        super().__init__(model, shape, static)
+        self.union: Masks | None = None
+        self.kept: dict[int, _Kept] = {}
+
+    def generate(self, input_ids: Tensor, new_tokens: int, masks: Masks | None = None) -> Generation:
+        """Greedily continue a batch of (B, T) prompts by ``new_tokens`` tokens under ``masks``: heads (B or 1, L,
+        H) and neurons (B or 1, L, F) in ``shape``'s units."""
+        layers, shape = len(self.layers), self.shape
+        if (masks is None or masks.heads.dim() != 3 or masks.heads.shape[1:] != (layers, shape.heads)
+                or masks.neurons.shape[1:] != (layers, shape.neurons)
+                or {masks.heads.shape[0], masks.neurons.shape[0]} - {1, len(input_ids)}):
+            got = "none" if masks is None else f"heads {tuple(masks.heads.shape)}, neurons {tuple(masks.neurons.shape)}"
+            raise ValueError(f"RequestDecoder.generate takes each request's masks, heads (B or 1, {layers}, "
+                             f"{shape.heads}) and neurons (B or 1, {layers}, {shape.neurons}) for B = "
+                             f"{len(input_ids)} prompts; got {got}")
+        self.union = Masks(masks.heads.bool().any(0, keepdim=True), masks.neurons.bool().any(0, keepdim=True))
+        device = input_device(self.model)
+        # one read of the kept counts per generation; the steps then know every size in advance
+        sets = _kept_sets(shape, self.union.heads[0].to(device), self.union.neurons[0].to(device), None)
+        self.kept = dict(enumerate(sets))
+        return super().generate(input_ids, new_tokens)
+
+    def _step_kept(self) -> dict[int, _Kept]:
+        return dict(self.kept)
+
+    def _prompt(self, input_ids: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """The prompt on the smaller layers of ``pruned`` (the kept key-value groups' cache rows), its cache then
+        laid out for every group, as the steps address it."""
+        with pruned(self.model, self.union, self.shape):
+            logits, kept_cache = super()._prompt(input_ids)
+        full_cache = []
+        for index, keys_and_values in enumerate(kept_cache):
+            groups = _pruned_groups(self.shape, self.union.heads[0, index])[1].to(keys_and_values[0].device)
+            full = [x.new_zeros(x.shape[0], self.shape.kv_heads, *x.shape[2:]).index_copy_(1, groups, x)
+                    for x in keys_and_values]
+            full_cache.append((full[0], full[1]))
+        return logits, full_cache
 
 
 class ThresholdDecoder(_Decoder):
@@ -510,7 +616,7 @@ class ThresholdDecoder(_Decoder):
             return tuple(role for site in self.sites for role in site.roles)
         return self.family.neuron_columns
 
-    def _prompt(self, input_ids: Tensor):
+    def _prompt(self, input_ids: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         with thresholded(self.model, self.method, self.thresholds):
             return super()._prompt(input_ids)
 

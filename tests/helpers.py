@@ -21,8 +21,9 @@ from shadow.masking import apply_masks
 from shadow.placements import PLACEMENTS
 from shadow.policy import Masks, Policy
 from shadow.predictors import Predictor, spearman
-from shadow.sparse import ThresholdDecoder, TokenDecoder, pruned
+from shadow.sparse import RequestDecoder, ThresholdDecoder, TokenDecoder, pruned
 from shadow.thresholds import calibrate, sites, thresholded
+from shadow.weights_read import masks_read
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = str(ROOT / "conf")
@@ -167,6 +168,33 @@ def decode_and_check(model, predictor: Predictor, policy: Policy, new_tokens: in
 
         assert distance(out.logits) <= 2 * distance(masked[:, prompt:])
     return out, sequences
+
+
+def request_decode_and_check(model, batch: int = 1, static: bool | None = None,
+                             attention_unit: str = "kv_group") -> None:
+    """Decode a batch of prompts under one mask per request: the prompt and every step are the masked model's
+    under the batch's union mask (logits up to the kernels' summation order, in float32), every step applies that
+    union, and it reads only the kept units' weights."""
+    shape = shape_of(model, attention_unit)
+    gen = torch.Generator().manual_seed(7)
+    scores = torch.rand(batch, shape.layers, shape.heads, generator=gen), torch.rand(batch, shape.layers,
+                                                                                      shape.neurons, generator=gen)
+    masks = Policy("local", 0.5, 0.5).select(*scores)
+    union = Masks(masks.heads.any(0, keepdim=True), masks.neurons.any(0, keepdim=True))
+    ids = torch.randint(4, 8192, (batch, 9), generator=gen)
+    decoder = RequestDecoder(model, shape, static)
+    out = decoder.generate(ids, 8, masks)
+    sequences = torch.cat([ids, out.tokens[:, :-1]], 1)
+    with torch.no_grad(), apply_masks(model, union):
+        masked = model(sequences.to(model.device)).logits.cpu()
+    assert torch.equal(masked[:, ids.shape[1] - 1].argmax(-1), out.tokens[:, 0])
+    torch.testing.assert_close(out.logits, masked[:, ids.shape[1]:], rtol=1e-4, atol=1e-4)
+    top = masked[:, ids.shape[1]:].topk(2, dim=-1).values
+    decided = top[..., 0] - top[..., 1] > 2e-4
+    assert decided.any() and torch.equal(out.tokens[:, 1:][decided], masked[:, ids.shape[1]:].argmax(-1)[decided])
+    assert torch.equal(out.masks.heads, union.heads.expand_as(out.masks.heads))
+    assert torch.equal(out.masks.neurons, union.neurons.expand_as(out.masks.neurons))
+    assert decoder.weights_read(out) == pytest.approx(masks_read(model, union)) and masks_read(model, union) < 1
 
 
 def threshold_decode_and_check(model, method: str) -> None:

@@ -17,6 +17,7 @@ from helpers import (
     make_tiny_llama,
     make_tiny_opt,
     masked_and_pruned_logits,
+    request_decode_and_check,
     request_masks,
     shape_of,
     threshold_decode_and_check,
@@ -34,7 +35,7 @@ from shadow.masking import apply_masks
 from shadow.placements import PLACEMENTS
 from shadow.policy import Masks, Policy
 from shadow.predictors import Predictor
-from shadow.sparse import ThresholdDecoder, TokenDecoder, pruned
+from shadow.sparse import RequestDecoder, ThresholdDecoder, TokenDecoder, pruned
 from shadow.thresholds import calibrate
 from shadow.traces import layer_features
 
@@ -71,6 +72,26 @@ def test_generation_with_the_kv_cache_equals_masked_generation(tiny_opt):
         with pruned(tiny_opt, masks, shape_of(tiny_opt)):
             sparse = tiny_opt.generate(ids, **settings)
     assert torch.equal(sparse, masked)
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_per_request_decoding_equals_the_masked_model(family, gather):
+    """One mask per request, read in place at every step: a batch of two under its union, on every kernel backend,
+    in eager and static steps (as CUDA graphs capture them); on the Llama with query-head units too."""
+    model = make_tiny_opt() if family == "opt" else make_tiny_llama()
+    request_decode_and_check(model, batch=2)
+    request_decode_and_check(model, batch=2, static=True)
+    if family == "llama":
+        request_decode_and_check(model, attention_unit="query_head")
+
+
+def test_per_request_decoding_names_the_masks_it_takes(tiny_opt):
+    decoder, ids = RequestDecoder(tiny_opt, shape_of(tiny_opt)), torch.randint(4, 8192, (2, 5))
+    with pytest.raises(ValueError, match=r"takes each request's masks, heads \(B or 1, 3, 4\).*got none"):
+        decoder.generate(ids, 3)
+    masks = request_masks(tiny_opt, 0)
+    with pytest.raises(ValueError, match=r"for B = 2 prompts; got heads \(3, 4\)"):
+        decoder.generate(ids, 3, Masks(masks.heads[0], masks.neurons[0]))
 
 
 def test_pruned_takes_one_request():

@@ -12,10 +12,12 @@ the model's dtype on GPUs. A batch of ``batch`` requests (1 by default; ``batch=
 each a ``prompt``-token prompt, then ``new_tokens`` greedy tokens (``timing=quick``: fewer tokens and rounds).
 Rows, at each sparsity of heads and neurons (local policy: every layer keeps the same share):
   dense             Hugging Face ``generate``, no sparsity;
-  static  request   one fixed mask, no predictor; its kept weights gathered once before timing;
-  shadow  request   one predictor reads layer 0's attention output at the last prompt token; the kept weights
-                    are gathered, then prefill and decoding run on the smaller layers (``shadow.sparse.pruned``);
-  dejavu  request   one predictor per layer, on every layer's attention output of a dense pass over the prompt;
+  static  request   one fixed mask, no predictor: the prompt runs on the kept units' weights, gathered (``shadow.
+                    sparse.pruned``), then every step reads the kept rows in place (``shadow.sparse.RequestDecoder``);
+  shadow  request   the same under the mask of one predictor that reads layer 0's attention output at the last
+                    prompt token;
+  dejavu  request   the same with one predictor per layer, on every layer's attention output of a dense pass over
+                    the prompt;
   shadow  token     dense prompt, then at every step the predictor runs after layer 0 and each layer reads only
                     the kept rows in place (``shadow.sparse.TokenDecoder``);
   dejavu  token     the same with one predictor per layer, each reading the previous layer's attention output;
@@ -64,9 +66,9 @@ from shadow.config import ATTENTION_UNITS, DTYPES, PREDICTOR_DTYPES, ConfigError
 from shadow.data import Example
 from shadow.models import TORCH_DTYPES
 from shadow.placements import PLACEMENTS
-from shadow.policy import Masks, Policy
+from shadow.policy import Policy
 from shadow.predictors import Predictor
-from shadow.sparse import ThresholdDecoder, TokenDecoder, pruned
+from shadow.sparse import Generation, RequestDecoder, ThresholdDecoder, TokenDecoder
 from shadow.thresholds import Histograms, calibrate, sites
 from shadow.traces import layer_features
 from shadow.weights_read import masks_read
@@ -201,6 +203,7 @@ class Bench:
         for predictor in self.predictors.values():
             predictor.to(cfg.device).eval().run_as(predictor_dtype(cfg))
         self.histograms = {method: self.calibrate(method) for method in THRESHOLDS if method in cfg.methods}
+        self.request = RequestDecoder(self.model, self.shape)  # every per-request row's
 
     def calibrate(self, method: str) -> Histograms:
         """The method's histograms on 8 random prompts (their own tokens, not the timed ones)."""
@@ -235,22 +238,17 @@ class Bench:
                 policy = Policy("local", sparsity, sparsity)
                 static = policy.select(torch.rand(1, self.shape.layers, self.shape.heads),
                                        torch.rand(1, self.shape.layers, self.shape.neurons))
-
-                def fixed(n: int, static=static, batch=batch) -> Masks:
-                    self.generate(n, batch)
-                    return static
-                if "static" in self.cfg.methods:
-                    cases.append(Case("static", "request", sparsity, batch, fixed,
-                                      lambda static=static: pruned(self.model, static, self.shape)))
-                for name in self.predictors if batch == 1 else ():
-                    def request(n: int, name=name, policy=policy) -> Masks:
-                        masks = self.predict_request(name, policy)
-                        with pruned(self.model, masks, self.shape):
-                            self.generate(n)
-                        return masks
-                    cases.append(Case(name, "request", sparsity, batch, request,
-                                      predict=lambda name=name, policy=policy: self.predict_request(name, policy)))
                 ids = self.ids[:batch]
+                if "static" in self.cfg.methods:
+                    cases.append(Case("static", "request", sparsity, batch,
+                                      partial(self.request.generate, ids, masks=static), lambda: self.request,
+                                      read=self.request.weights_read))
+                for name in self.predictors if batch == 1 else ():
+                    def request(n: int, name=name, policy=policy) -> Generation:
+                        return self.request.generate(self.ids[:1], n, self.predict_request(name, policy))
+                    cases.append(Case(name, "request", sparsity, batch, request, lambda: self.request,
+                                      lambda name=name, policy=policy: self.predict_request(name, policy),
+                                      self.request.weights_read))
                 for name in self.predictors:
                     decoder = TokenDecoder(self.model, self.predictors[name], policy)
                     predict = partial(self.predict_step, name, policy, batch)
