@@ -5,7 +5,9 @@ Per request, ``pruned(model, masks, shape)`` swaps, for the duration of a block,
 smaller ones that hold only the kept units' weights, gathered once: the query, key and value rows and the output
 projection's columns of the kept key-value groups (so the KV cache holds only those), and the rows (gate, up) and
 columns (down) of the kept FFN units; the model family names the projections of each role. Prefill and every
-decoding step then run on the smaller layers.
+decoding step then run on the smaller layers. ``RequestDecoder`` decodes under per-request masks faster: the
+prompt on those smaller layers, then every step with ``TokenDecoder``'s step on the same kept units, reading them
+in place.
 
 Per token, ``TokenDecoder`` decodes greedily with a fresh mask at every step, as DejaVu does, and copies no weights:
 the gather kernels of ``shadow.kernels`` read the kept rows (query, key, value, gate, up) and the kept columns
@@ -52,8 +54,13 @@ def _rows(layer: nn.Linear, index: Tensor) -> nn.Linear:
 
 
 def _columns(layer: nn.Linear, index: Tensor) -> nn.Linear:
+    """The kept columns, in the weight's own layout: a weight stored transposed (as the decoders store the ones they
+    read by columns) gives contiguous rows of its storage, which a product reads as they are."""
     bias = layer.bias.data.clone() if layer.bias is not None else None
-    return _linear(layer.weight.data.index_select(1, index).contiguous(), bias)
+    weight = layer.weight.data
+    if weight.t().is_contiguous():
+        return _linear(weight.t().index_select(0, index).t(), bias)
+    return _linear(weight.index_select(1, index).contiguous(), bias)
 
 
 def _head_dims(heads: Tensor, head_dim: int) -> Tensor:
@@ -335,7 +342,7 @@ class _UnitDecoder(_Decoder):
     def __init__(self, model: nn.Module, shape: Shape, static: bool | None):
         super().__init__(model)
         self.shape, self.static = shape, static
-        self.groups_at: dict[int, list[int]] = {}  # layer -> the predictor groups that read its attention output
+        self.groups_at: dict[int, list[int]] = {}  # layer -> groups of predictors run in the step (TokenDecoder)
 
     @abstractmethod
     def _step_kept(self) -> dict[int, _Kept]:
@@ -457,6 +464,7 @@ class _UnitDecoder(_Decoder):
         wanted = ((positions[None] >= first.repeat_interleave(B)[:, None]) & (positions <= position))[..., None]
         store[kv_heads, :, :, cache.prompt:end] = (torch.where(wanted, rotated, span)
                                                     .unflatten(0, (len(kv_heads), B)).permute(0, 3, 1, 2))
+
 
 class TokenDecoder(_UnitDecoder):
     """Greedy decoding with per-token masks, reading only the kept units' weights at each step.

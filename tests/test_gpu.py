@@ -12,6 +12,7 @@ from helpers import (
     make_tiny_opt,
     masked_and_pruned_logits,
     per_layer_agreement,
+    request_decode_and_check,
     request_masks,
     settings,
     shape_of,
@@ -39,6 +40,18 @@ def test_per_token_decoding_on_cuda_equals_the_masked_model(dtype, name, family)
     model = tiny(family, dtype)
     predictor = token_predictor(model, name, lookahead=name == "dejavu").cuda()
     decode_and_check(model, predictor, Policy("local" if name == "dejavu" else "global", 0.5, 0.5))
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_per_request_decoding_on_cuda_equals_the_masked_model(family, monkeypatch):
+    """In float32, its steps captured as CUDA graphs and replayed, for one request and for a batch of two."""
+    replays = []
+    replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: replays.append(1) or replay(graph))
+    model = tiny(family, torch.float32)
+    request_decode_and_check(model)
+    request_decode_and_check(model, batch=2)
+    assert len(replays) == 2 * 6  # 7 steps each, the first eager
 
 
 @pytest.mark.parametrize("family", ["opt", "llama"])
