@@ -586,11 +586,11 @@ class RequestDecoder(_UnitDecoder):
         with pruned(self.model, self.union, self.shape):
             logits, kept_cache = super()._prompt(input_ids)
         full_cache = []
-        for index, keys_and_values in enumerate(kept_cache):
-            groups = _pruned_groups(self.shape, self.union.heads[0, index])[1].to(keys_and_values[0].device)
-            full = [x.new_zeros(x.shape[0], self.shape.kv_heads, *x.shape[2:]).index_copy_(1, groups, x)
-                    for x in keys_and_values]
-            full_cache.append((full[0], full[1]))
+        for index, (keys, values) in enumerate(kept_cache):
+            groups = _pruned_groups(self.shape, self.union.heads[0, index])[1].to(keys.device)
+            keys, values = (x.new_zeros(x.shape[0], self.shape.kv_heads, *x.shape[2:]).index_copy_(1, groups, x)
+                            for x in (keys, values))
+            full_cache.append((keys, values))
         return logits, full_cache
 
 
