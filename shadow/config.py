@@ -24,7 +24,8 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    path: str = MISSING  # hub id (facebook/opt-1.3b) or a local directory
+    path: str = MISSING  # hub id (facebook/opt-1.3b), a local directory, or a local .gguf file
+    gguf_file: str | None = None  # a GGUF file inside path (a hub repository or a directory) to load instead
     dtype: str = MISSING  # float32, float16 or bfloat16
     device_map: str | None = MISSING  # None: one device (cfg.device); "auto": spread over GPUs by accelerate
     max_memory: Any = None  # device_map=auto: caps as accelerate takes them, e.g. {0: 70GiB, 1: 70GiB, cpu: 200GiB}
@@ -163,8 +164,22 @@ def gpus_for(model: str, dtype: str) -> int:
     return 1 << max(0, math.ceil(math.log2(need))) if need > 1 else 1
 
 
+def installed_file(relative: str) -> str:
+    """``<package>/<path>``: that file of an installed package, found without importing the package (its imports
+    may not be installed); where the package is missing, where pip would put it, so that the error names it."""
+    import importlib.util
+    import sysconfig
+
+    package, _, rest = relative.partition("/")
+    spec = importlib.util.find_spec(package)
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    root = Path(roots[0]) if roots else Path(sysconfig.get_paths()["purelib"]) / package
+    return str(root / rest)
+
+
 def register_configs() -> None:
     """The schema for conf/config.yaml; ${shadow_asset:<path>}: a path inside the installed package;
+    ${shadow_installed:<package>/<path>}: a file inside another installed package (not imported);
     ${shadow_gpus:<model>,<dtype>}: GPUs per job for the SLURM launcher preset."""
     store = ConfigStore.instance()
     store.store(name="shadow_schema", node=Config)
@@ -172,6 +187,7 @@ def register_configs() -> None:
         store.store(name=f"{kind}_eval_schema", node=schema)
     package = Path(__file__).resolve().parent
     OmegaConf.register_new_resolver("shadow_asset", lambda rel: str(package / rel), replace=True)
+    OmegaConf.register_new_resolver("shadow_installed", installed_file, replace=True)
     OmegaConf.register_new_resolver("shadow_gpus", gpus_for, replace=True)
 
 

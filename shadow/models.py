@@ -17,6 +17,7 @@ from shadow.config import DTYPES, ConfigError, ModelConfig
 log = logging.getLogger(__name__)
 TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 _LOADED: dict[tuple, tuple[nn.Module, object]] = {}
+GGUF = ".gguf"
 
 
 def hub_offline() -> bool:
@@ -24,35 +25,84 @@ def hub_offline() -> bool:
 
 
 def resolve_path(cfg: ModelConfig) -> str:
-    """The local directory of the weights: cfg.path itself, or the hub id's snapshot in the local cache."""
+    """The local checkpoint: a model directory, or a GGUF file (``model.path`` naming one, or ``model.gguf_file``
+    inside ``model.path``); a hub id is looked up in the local cache, and fetched where the hub is reachable."""
+    gguf = cfg.gguf_file
+    if cfg.path.endswith(GGUF):
+        if gguf is not None:
+            raise ConfigError(f"model.path={cfg.path!r} names a GGUF file and model.gguf_file={gguf!r} names another; "
+                              "drop model.gguf_file, or point model.path at the directory that holds it")
+        file = Path(cfg.path).expanduser()
+        if not file.is_file():
+            raise ConfigError(f"model.path={cfg.path!r} does not exist; point model.path at a .gguf file (the "
+                              "preset's comment says which package ships it) or at a model directory")
+        return str(file.resolve())
+    if gguf is not None and not gguf.endswith(GGUF):
+        raise ConfigError(f"model.gguf_file={gguf!r} is not a .gguf file; name the GGUF file inside model.path, "
+                          "or drop model.gguf_file for a safetensors checkpoint")
     path = Path(cfg.path).expanduser()
     looks_local = cfg.path.startswith((".", "/", "~")) or path.exists()
     if looks_local:
+        if gguf is not None:
+            if not (path / gguf).is_file():
+                raise ConfigError(f"model.gguf_file={gguf!r} is not in model.path={cfg.path!r}; name a .gguf file "
+                                  "of that directory")
+            return str((path / gguf).resolve())
         if not (path / "config.json").is_file():
             raise ConfigError(f"model.path={cfg.path!r} has no config.json; point model.path at a Hugging Face "
-                              "model directory or use a hub id such as facebook/opt-1.3b")
+                              "model directory or a .gguf file, or use a hub id such as facebook/opt-1.3b")
         return str(path.resolve())
     from huggingface_hub import snapshot_download
 
+    patterns = [gguf] if gguf is not None else ["*.json", "*.safetensors", "*.txt", "*.model", "merges.txt"]
     try:
-        return snapshot_download(cfg.path, revision=cfg.revision, local_files_only=hub_offline(),
-                                 allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "merges.txt"])
+        directory = snapshot_download(cfg.path, revision=cfg.revision, local_files_only=hub_offline(),
+                                      allow_patterns=patterns)
     except Exception as err:  # the hub client raises many types for "not there"
         where = "the hub is offline (HF_HUB_OFFLINE=1) and it is not in the local cache" if hub_offline() \
             else f"it could not be fetched ({type(err).__name__})"
         raise ConfigError(f"model.path={cfg.path!r}: {where}; download it where the hub is reachable "
                           "(huggingface-cli download) or set model.path to a local directory") from None
+    if gguf is not None and not (Path(directory) / gguf).is_file():
+        raise ConfigError(f"model.gguf_file={gguf!r} is not a file of {cfg.path}; name one of its .gguf files")
+    return str(Path(directory) / gguf) if gguf is not None else directory
+
+
+def is_gguf(path: str | Path) -> bool:
+    return str(path).endswith(GGUF)
+
+
+def _source(path: str) -> tuple[str, dict]:
+    """``from_pretrained``'s directory and keywords for a local checkpoint (a directory, or a GGUF file in one)."""
+    if not is_gguf(path):
+        return path, {}
+    try:
+        import gguf  # noqa: F401  (transformers reads GGUF files through it)
+    except ImportError:
+        raise ConfigError(f"model.path={path!r} is a GGUF file, and reading one needs the gguf package; "
+                          "pip install 'shadow[gguf]' (or pip install gguf)") from None
+    return str(Path(path).parent), {"gguf_file": Path(path).name}
+
+
+def gguf_storage(path: str) -> str:
+    """How a GGUF file stores its weights, as llama.cpp names its file types (``MOSTLY_Q4_1``, ``ALL_F32``)."""
+    from gguf import GGUFReader, LlamaFileType
+
+    field = GGUFReader(path).fields.get("general.file_type")
+    return "unknown" if field is None else LlamaFileType(int(field.parts[field.data[0]][0])).name
 
 
 def check_model(cfg: ModelConfig):
-    """The local path and the model's config, read without its weights: fail fast on a missing model or one of a
-    family shadow does not know."""
+    """The local checkpoint (``resolve_path``) and the model's config, read without its weights (from a GGUF file's
+    metadata: its architecture gives the family): fail fast on a missing model or one of a family shadow does not
+    know."""
     from transformers import AutoConfig
 
     path = resolve_path(cfg)
     if cfg.trust_remote_code:
         log.warning("model.trust_remote_code=true: Python code shipped with %s will run", cfg.path)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    directory, kwargs = _source(path)
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=cfg.trust_remote_code, **kwargs)
     if config.model_type in NOT_MODELLED:
         raise ConfigError(f"model.path={cfg.path!r} is a {config.model_type!r} model: "
                           f"{NOT_MODELLED[config.model_type]}, which shadow's llama family does not model; use a "
@@ -106,9 +156,11 @@ def check_memory(cfg: ModelConfig, config, device: str, beside: float = 0.0) -> 
 
 
 def load_tokenizer(path: str, trust_remote_code: bool):
+    """The tokenizer of a local checkpoint: a GGUF file carries its own."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    directory, kwargs = _source(path)
+    return AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code, **kwargs)
 
 
 def load_model(cfg: ModelConfig, device: str) -> tuple[nn.Module, object]:
@@ -116,14 +168,20 @@ def load_model(cfg: ModelConfig, device: str) -> tuple[nn.Module, object]:
     from transformers import AutoModelForCausalLM
 
     placement = (cfg.device_map, str(sorted((cfg.max_memory or {}).items(), key=str)), cfg.offload_folder, device)
-    key = (cfg.path, cfg.revision, cfg.dtype, *placement)
+    key = (cfg.path, cfg.gguf_file, cfg.revision, cfg.dtype, *placement)
     if key not in _LOADED:
         _LOADED.clear()  # keep one model resident: big models do not fit twice
         path, _ = check_model(cfg)
-        log.info("loading %s from %s (%s)", cfg.name, path, cfg.dtype)
-        kwargs = {"device_map": cfg.device_map, "max_memory": dict(cfg.max_memory or {}) or None,
-                  "offload_folder": cfg.offload_folder} if cfg.device_map else {}
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[cfg.dtype],
+        directory, kwargs = _source(path)
+        if is_gguf(path):
+            log.info("loading %s from %s: stored as %s, dequantised to %s", cfg.name, path, gguf_storage(path),
+                     cfg.dtype)
+        else:
+            log.info("loading %s from %s (%s)", cfg.name, path, cfg.dtype)
+        if cfg.device_map:
+            kwargs |= {"device_map": cfg.device_map, "max_memory": dict(cfg.max_memory or {}) or None,
+                       "offload_folder": cfg.offload_folder}
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=TORCH_DTYPES[cfg.dtype],
                                                      trust_remote_code=cfg.trust_remote_code, **kwargs)
         if not cfg.device_map:
             model.to(device)
@@ -140,8 +198,8 @@ def model_fingerprint(path: str | Path, config, cfg: ModelConfig) -> dict:
     """What identifies the weights for caching, read without loading them (``check_model``'s path and config): the
     config, dtype, and each weight file's name, size and mtime."""
     path = Path(path)
-    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.glob("*.safetensors")) \
-        if path.is_dir() else []
+    weights = [path] if is_gguf(path) else sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in weights]
     config = json.dumps(config.to_dict(), sort_keys=True, default=str)
     return {"path": str(path), "dtype": cfg.dtype, "files": files,
             "config_sha256": hashlib.sha256(config.encode()).hexdigest()}

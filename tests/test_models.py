@@ -1,10 +1,14 @@
 """Model loading: the parameter count behind the memory estimate, the early out-of-memory error, accelerate's
-placement settings and an offloaded model."""
+placement settings, an offloaded model and GGUF checkpoints."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
-from helpers import make_tiny_opt, run_shadow, settings
+import torch
+from helpers import make_tiny_llama, make_tiny_opt, run_shadow, settings
 
 from shadow.config import ConfigError
 from shadow.models import check_memory
@@ -73,3 +77,94 @@ def test_a_disk_offloaded_model_gives_the_resident_models_results(compose_cfg, t
     assert "disk" in set(model.hf_device_map.values())  # most of opt-mini's 28 MB is on disk
     for key in ("token_perplexity", "predictor/heads_val_spearman", "achieved_head_sparsity"):
         assert offloaded[key] == pytest.approx(resident[key], rel=1e-5), key
+
+
+def write_gguf(model, tokenizer, path: Path) -> None:
+    """``model`` (a Llama) and ``tokenizer`` (byte-level BPE) as llama.cpp's converter writes a GGUF file, float32:
+    llama.cpp's tensor names, query and key rows permuted as it stores them, the vocabulary and merges."""
+    gguf = pytest.importorskip("gguf")
+    config = model.config
+    heads, kv_heads, layers = config.num_attention_heads, config.num_key_value_heads, config.num_hidden_layers
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny")
+    writer.add_block_count(layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_rope_dimension_count(config.hidden_size // heads)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = sorted(spec["model"]["vocab"].items(), key=lambda item: item[1])
+    special = {token["id"] for token in spec["added_tokens"]}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([token for token, _ in vocab])
+    writer.add_token_types([3 if index in special else 1 for _, index in vocab])  # 3: control
+    writer.add_token_merges([" ".join(merge) for merge in spec["model"]["merges"]])
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_add_bos_token(True)
+
+    def stored(weight: torch.Tensor, count: int) -> torch.Tensor:  # llama.cpp's rotary layout of query/key rows
+        return weight.reshape(count, 2, weight.shape[0] // count // 2, -1).swapaxes(1, 2).reshape(weight.shape)
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, layers)
+    for name, weight in model.state_dict().items():
+        weight = weight.detach().float()
+        if name.endswith("q_proj.weight"):
+            weight = stored(weight, heads)
+        elif name.endswith("k_proj.weight"):
+            weight = stored(weight, kv_heads)
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight",)), weight.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_a_gguf_checkpoint_loads_equal_to_the_same_weights_from_safetensors(tmp_path, tokenizer):
+    """A GGUF file read as a model source: its family from the file's architecture, its tokenizer from the file, and
+    the same logits as the same weights saved as safetensors (float32, so exactly the same)."""
+    from shadow.models import check_model, load_model, load_tokenizer, model_fingerprint
+
+    model = make_tiny_llama(layers=2, heads=4, kv_heads=2, hidden=32, ffn=48, vocab=len(tokenizer), positions=64)
+    model.save_pretrained(tmp_path / "safetensors")
+    tokenizer.save_pretrained(tmp_path / "safetensors")
+    (tmp_path / "gguf").mkdir()
+    write_gguf(model, tokenizer, tmp_path / "gguf" / "tiny.F32.gguf")
+    as_file = settings("model", name="tiny", path=str(tmp_path / "gguf" / "tiny.F32.gguf"), dtype="float32")
+    in_directory = settings("model", name="tiny", path=str(tmp_path / "gguf"), gguf_file="tiny.F32.gguf",
+                            dtype="float32")
+    plain = settings("model", name="tiny", path=str(tmp_path / "safetensors"), dtype="float32")
+    path, config = check_model(as_file)
+    assert path == check_model(in_directory)[0] == str(tmp_path / "gguf" / "tiny.F32.gguf")
+    assert config.model_type == "llama" and config.num_key_value_heads == 2 and config.intermediate_size == 48
+    assert model_fingerprint(path, config, as_file)["files"][0][0] == "tiny.F32.gguf"
+    text = "The little boat sailed on, and the sea was calm."
+    assert load_tokenizer(path, False)(text)["input_ids"] == tokenizer(text)["input_ids"]
+    ids = torch.tensor([tokenizer(text)["input_ids"]])
+    with torch.no_grad():
+        expected = load_model(plain, "cpu")[0](ids).logits
+        for cfg in (as_file, in_directory):
+            loaded, _ = load_model(cfg, "cpu")
+            assert torch.equal(loaded(ids).logits, expected)
+
+
+def test_gguf_paths_that_cannot_work_fail_naming_the_key(tmp_path):
+    from shadow.models import check_model
+
+    (tmp_path / "model.gguf").write_bytes(b"")
+    cases = [({"path": str(tmp_path / "missing.gguf")}, "model.path='.*missing.gguf' does not exist; point model.path "
+                                                       "at a .gguf file"),
+             ({"path": str(tmp_path), "gguf_file": "other.gguf"}, "model.gguf_file='other.gguf' is not in model.path"),
+             ({"path": str(tmp_path / "model.gguf"), "gguf_file": "model.gguf"}, "names a GGUF file and "
+                                                                               "model.gguf_file='model.gguf' names"),
+             ({"path": str(tmp_path), "gguf_file": "model.safetensors"}, "is not a .gguf file")]
+    for values, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            check_model(settings("model", name="x", dtype="float32", **values))
