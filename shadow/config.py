@@ -44,6 +44,7 @@ class CriterionConfig:
 class CalibrationConfig:
     source: str = MISSING  # opt_mini (the embedded calibration split) or tasks (lm-eval tasks' training docs)
     limit: int | None = MISSING  # examples per task (or of the split); None: all
+    sample_from: int | None = None  # draw the limit at random (the job's seed) from the first N; None: the first
     batch_size: int = MISSING
     max_length: int | None = MISSING  # truncate contexts from the left to this many tokens; None: model limit
     tasks: list[str] | None = None  # source=tasks: lm-eval task names
@@ -129,6 +130,7 @@ class Config:
     neuron_sparsity: float | None = MISSING  # None: sparsity
     attention_unit: str = MISSING  # kv_group or query_head: what head masks keep (shadow.arch.base)
     policy: str = MISSING  # global, local (per layer) or hybrid (global with a per-layer floor)
+    layer_scale: str = MISSING  # calibrated (layers ranked on one scale) or none (as normalised per layer)
     min_heads: int = MISSING  # hybrid: heads kept in every layer at least
     min_neurons: int = MISSING  # hybrid: neurons kept in every layer at least
     dense_first_layer: bool = MISSING  # keep layer 0 whole, as ShadowLLM's code did
@@ -206,6 +208,7 @@ PROTOCOLS = ("token", "word")
 MASK_SOURCES = ("context", "scored")
 COMPAT = ("none", "reference")
 TARGET_NORMS = ("per_layer", "global")
+LAYER_SCALES = ("calibrated", "none")
 
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -279,6 +282,7 @@ def validate(cfg: DictConfig | Config) -> None:
         if cfg[key] is not None:
             _fraction(key, cfg[key])
     _choice("policy", cfg.policy, POLICIES)
+    _choice("layer_scale", cfg.layer_scale, LAYER_SCALES)
     _choice("attention_unit", cfg.attention_unit, ATTENTION_UNITS)
     _choice("predictor", cfg.predictor.name, sorted(PLACEMENTS))
     _choice("predictor.target_norm", cfg.predictor.target_norm, TARGET_NORMS)
@@ -324,6 +328,11 @@ def validate(cfg: DictConfig | Config) -> None:
                           "calibration.tasks=[piqa,copa], or use calibration=paper")
     if cfg.calibration.num_fewshot < 0:
         raise ConfigError(f"calibration.num_fewshot={cfg.calibration.num_fewshot} is negative; use 0, 3 or 5")
+    sample_from, limit = cfg.calibration.sample_from, cfg.calibration.limit
+    if sample_from is not None and (limit is None or sample_from < limit):
+        raise ConfigError(f"calibration.sample_from={sample_from} draws calibration.limit={limit} examples from the "
+                          f"first {sample_from}; set calibration.limit to at most {sample_from}, or "
+                          "calibration.sample_from=null")
     for key in ("calibration.batch_size", "eval.batch_size"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be at least 1; set {key}=8")

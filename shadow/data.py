@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -120,22 +121,32 @@ def gold_pair(task, doc: dict, num_fewshot: int) -> tuple[str, str]:
     return context, task.config.target_delimiter + str(target)
 
 
-def task_examples(cfg: CalibrationConfig) -> list[tuple[str, str, str]]:
-    """(context, continuation, document id) for the first ``limit`` calibration documents of each task."""
+def chosen(count: int, cfg: CalibrationConfig, seed: int) -> list[int]:
+    """Which of ``count`` documents in file order calibrate: the first ``limit``, or with ``sample_from``, ``limit``
+    drawn at random (seeded by the job's seed) from the first ``sample_from``, in file order."""
+    if cfg.sample_from is None:
+        return list(range(count))[: cfg.limit]
+    pool = min(count, cfg.sample_from)
+    return sorted(random.Random(seed).sample(range(pool), min(cfg.limit, pool)))
+
+
+def task_examples(cfg: CalibrationConfig, seed: int = 0) -> list[tuple[str, str, str]]:
+    """(context, continuation, document id) for the calibration documents of each task (``chosen``)."""
     _, tasks = load_tasks(list(cfg.tasks), cfg.include_path, cfg.num_fewshot, "calibration")
     docs = {name: calibration_docs(tasks[name], name) for name in cfg.tasks}  # every task checked before work
-    return [(*gold_pair(tasks[name], doc, cfg.num_fewshot), f"{name}/{index}")
-            for name in cfg.tasks for index, doc in enumerate(docs[name][: cfg.limit])]
+    return [(*gold_pair(tasks[name], docs[name][index], cfg.num_fewshot), f"{name}/{index}")
+            for name in cfg.tasks for index in chosen(len(docs[name]), cfg, seed)]
 
 
-def load_calibration(cfg: CalibrationConfig, tokenizer, model_max_length: int) -> list[Example]:
+def load_calibration(cfg: CalibrationConfig, tokenizer, model_max_length: int, seed: int = 0) -> list[Example]:
     """The calibration examples, each tagged with the document it comes from (the predictor's held-out split is
-    by document)."""
+    by document); ``seed``: the job's, for ``calibration.sample_from``."""
     if cfg.source == "tasks":
-        rows = task_examples(cfg)
+        rows = task_examples(cfg, seed)
     else:
         lines = [json.loads(line) for line in CALIBRATION_FILE.read_text().splitlines() if line.strip()]
-        rows = [(r["context"], r["continuation"], r["doc"]) for r in lines[: cfg.limit]]
+        rows = [(lines[i]["context"], lines[i]["continuation"], lines[i]["doc"])
+                for i in chosen(len(lines), cfg, seed)]
     max_length = min(cfg.max_length or model_max_length, model_max_length)
     return [encode(context, continuation, tokenizer, max_length, document)
             for context, continuation, document in rows]

@@ -26,7 +26,15 @@ from shadow.arch import Shape
 from shadow.criteria import Criterion
 from shadow.evaluate.requests import MaskFn
 from shadow.policy import Policy
-from shadow.predictors import Groups, OracleMasks, PredictedMasks, Predictor, StaticMasks, static_importance
+from shadow.predictors import (
+    Groups,
+    LayerScales,
+    OracleMasks,
+    PredictedMasks,
+    Predictor,
+    StaticMasks,
+    static_importance,
+)
 from shadow.traces import TraceShards
 
 PLACEMENTS: dict[str, Placement] = {}
@@ -44,6 +52,7 @@ class MaskJob:
     predictor_cfg: object  # the job's ``predictor`` config
     pad_id: int
     seed: int
+    layer_scale: str = "calibrated"  # the job's: how scores of different layers are compared (config.LAYER_SCALES)
     traces: TraceShards | None = None
     predictor: Predictor | None = None
 
@@ -81,8 +90,8 @@ class Oracle(Placement):
     name = "oracle"
 
     def masks(self, job: MaskJob) -> MaskFn:
-        return OracleMasks(job.model, job.criterion, job.shape, job.policy, job.predictor_cfg.target_norm, job.pad_id,
-                           job.seed)
+        how = "global" if job.layer_scale == "calibrated" else job.predictor_cfg.target_norm  # its own scale
+        return OracleMasks(job.model, job.criterion, job.shape, job.policy, how, job.pad_id, job.seed)
 
 
 class Static(Placement):
@@ -90,7 +99,9 @@ class Static(Placement):
     uses_traces = True
 
     def masks(self, job: MaskJob) -> MaskFn:
-        return StaticMasks(*static_importance(job.traces, job.predictor_cfg.target_norm), job.policy)
+        how = job.predictor_cfg.target_norm
+        scales = LayerScales.of(job.traces) if how == "per_layer" and job.layer_scale == "calibrated" else None
+        return StaticMasks(*static_importance(job.traces, how, scales), job.policy)
 
 
 class Trained(Placement):

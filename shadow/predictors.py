@@ -22,7 +22,7 @@ import math
 import warnings
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -58,16 +58,66 @@ def normalise_targets(scores: Tensor, how: str) -> Tensor:
     return minmax(scores, (2,) if how == "per_layer" else (1, 2))
 
 
-def static_importance(traces: TraceShards, how: str) -> tuple[Tensor, Tensor]:
+def example_scales(scores: Tensor) -> tuple[Tensor, Tensor]:
+    """(N, L, U) scores → each layer's (N, L) offset and span on its example's whole scale: where the layer's minimum
+    and its range sit within the example's overall [min, max], so that offset + p · span maps a per-layer normalised
+    score p back to the example's globally normalised one exactly."""
+    low, high = scores.amin(2), scores.amax(2)
+    bottom = low.amin(1, keepdim=True)
+    width = (high.amax(1, keepdim=True) - bottom).clamp(min=EPS)
+    return (low - bottom) / width, (high - low) / width
+
+
+@dataclass(frozen=True)
+class LayerScales:
+    """Where each layer's per-layer normalised scores sit on a scale shared by every layer: (2, L) offsets and
+    spans, heads then FFN units, the mean over calibration examples of each example's own (``example_scales``).
+
+    Per-layer normalisation (the paper's better target) leaves every layer of every example holding a 0 and a 1,
+    so ranking such scores across layers (a global or hybrid policy) compares shapes, not importance: with a few
+    units per layer (key-value groups) the choice falls to ties. ``restore`` puts them back on one scale; within a
+    layer it keeps their order, so a local policy's masks do not change."""
+
+    offset: Tensor
+    span: Tensor
+
+    @classmethod
+    def identity(cls, layers: int) -> LayerScales:
+        """Scores left as they are."""
+        return cls(torch.zeros(2, layers), torch.ones(2, layers))
+
+    @classmethod
+    def of(cls, traces: TraceShards) -> LayerScales:
+        """The calibration set's mean scales, read one shard at a time."""
+        layers = traces.shape("heads")[0]
+        offset, span = torch.zeros(2, layers), torch.zeros(2, layers)
+        for index in range(len(traces.sizes)):
+            shard = traces.read(index, ["heads", "neurons"])
+            for row, kind in enumerate(("heads", "neurons")):
+                example_offset, example_span = example_scales(shard[kind].float())
+                offset[row] += example_offset.sum(0)
+                span[row] += example_span.sum(0)
+        return cls(offset / len(traces), span / len(traces))
+
+    def restore(self, heads: Tensor, neurons: Tensor, layers: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+        """(..., L, H) head and (..., L, F) neuron scores normalised per layer (of ``layers``, by default all) on
+        the shared scale."""
+        pick = slice(None) if layers is None else list(layers)
+        offset, span = self.offset[:, pick].to(heads.device), self.span[:, pick].to(heads.device)
+        return offset[0, :, None] + heads * span[0, :, None], offset[1, :, None] + neurons * span[1, :, None]
+
+
+def static_importance(traces: TraceShards, how: str, scales: LayerScales | None = None) -> tuple[Tensor, Tensor]:
     """One (L, H) head and (L, F) neuron importance for every input: the mean over calibration examples of each
-    example's normalised scores, so that no example (a long one, a task with long answers) outweighs another.
-    Read one shard at a time."""
+    example's normalised scores, so that no example (a long one, a task with long answers) outweighs another;
+    with ``scales``, per-layer normalised scores put on the shared scale. Read one shard at a time."""
     sums = [torch.zeros(traces.shape(kind)) for kind in ("heads", "neurons")]
     for index in range(len(traces.sizes)):
         shard = traces.read(index, ["heads", "neurons"])
         for total, kind in zip(sums, ("heads", "neurons"), strict=True):
             total += normalise_targets(shard[kind].float(), how).sum(0)
-    return sums[0] / len(traces), sums[1] / len(traces)
+    heads, neurons = sums[0] / len(traces), sums[1] / len(traces)
+    return (heads, neurons) if scales is None else scales.restore(heads, neurons)
 
 
 Groups = tuple[tuple[int, tuple[int, ...]], ...]  # (feature layer, the layers it predicts), one per network
@@ -99,6 +149,21 @@ class Predictor(nn.Module):
         self.heads = nn.ModuleList(network(arch, hidden_size, head_hidden, len(t) * shape.heads) for _, t in groups)
         self.neurons = nn.ModuleList() if heads_only else nn.ModuleList(  # head-only criteria score no neuron
             network(arch, hidden_size, neuron_hidden, len(t) * shape.neurons, neuron_rank) for _, t in groups)
+        identity = LayerScales.identity(shape.layers)  # buffers: they follow the networks to their device
+        self.register_buffer("scale_offset", identity.offset)
+        self.register_buffer("scale_span", identity.span)
+
+    @property
+    def scales(self) -> LayerScales:
+        """How its per-layer normalised predictions are put on one scale across layers (identity: as predicted)."""
+        return LayerScales(self.scale_offset, self.scale_span)
+
+    def use_scales(self, scales: LayerScales | None) -> Predictor:
+        """Predict on ``scales``' shared scale (None: each layer's normalised scores as they are)."""
+        scales = scales or LayerScales.identity(self.shape.layers)
+        self.scale_offset.copy_(scales.offset)
+        self.scale_span.copy_(scales.span)
+        return self
 
     @classmethod
     def configured(cls, shape: Shape, hidden_size: int, groups: Groups, cfg: PredictorConfig,
@@ -140,12 +205,14 @@ class Predictor(nn.Module):
 
     def group_scores(self, group: int, feature: Tensor) -> tuple[Tensor, Tensor]:
         """One group's (..., len(targets), H) head and (..., len(targets), F) neuron scores from its feature
-        layer's raw (..., E) attention output."""
-        targets = len(self.groups[group][1])
-        heads = self.network_scores("heads", group, feature)
-        neurons = heads.new_zeros(*heads.shape[:-1], targets * self.shape.neurons) if self.heads_only else \
-            self.network_scores("neurons", group, feature)
-        return heads.unflatten(-1, (targets, -1)), neurons.unflatten(-1, (targets, -1))
+        layer's raw (..., E) attention output, on the predictor's ``scales``."""
+        targets = self.groups[group][1]
+        heads = self.network_scores("heads", group, feature).unflatten(-1, (len(targets), -1))
+        if self.heads_only:  # every unit kept: no score to restore
+            neurons = heads.new_zeros(*heads.shape[:-1], self.shape.neurons)
+            return self.scales.restore(heads, neurons, targets)[0], neurons
+        return self.scales.restore(heads, self.network_scores("neurons", group, feature).unflatten(
+            -1, (len(targets), -1)), targets)
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """(..., len(feature_layers), E) raw features → predicted (..., L, H) head and (..., L, F) neuron scores."""
@@ -315,7 +382,8 @@ def fit_predictor(traces: TraceShards, documents: Sequence[str], shape: Shape, g
                   seed: int, heads_only: bool, device: torch.device | str) -> tuple[Predictor, dict]:
     """Train networks for ``groups`` on ``device``, streaming the traces in blocks of at most ``cfg.block_gb``;
     report held-out quality overall and per layer. Examples are held out by ``documents`` (one per example);
-    ``heads_only``: no FFN-unit networks (nothing to predict)."""
+    ``heads_only``: no FFN-unit networks (nothing to predict). Per-layer normalised targets give the predictor the
+    calibration set's ``LayerScales``."""
     torch.manual_seed(seed)
     device = torch.device(device)
     predictor = Predictor.configured(shape, traces.shape("features")[-1], groups, cfg, heads_only).to(device)
@@ -326,6 +394,8 @@ def fit_predictor(traces: TraceShards, documents: Sequence[str], shape: Shape, g
             where = f" layer {targets[0]}" if len(groups) > 1 else ""
             train_network(nets[g], data, g, predictor, train, epochs, batch_size, cfg.lr, cfg.weight_decay, seed,
                           f"predictor ({kind}{where})")
+    if cfg.target_norm == "per_layer":  # targets normalised over all layers are on one scale already
+        predictor.use_scales(LayerScales.of(traces))
     predictor.eval()
     return predictor, held_out_report(traces, documents, predictor, cfg, seed)
 
@@ -383,7 +453,7 @@ class PredictedMasks:
 
 
 class StaticMasks:
-    """One mask for every request, from importance aggregated over the calibration set."""
+    """One mask for every request, from importance aggregated over the calibration set (``static_importance``)."""
 
     def __init__(self, heads: Tensor, neurons: Tensor, policy: Policy):
         self.masks = policy.select(heads[None], neurons[None])
@@ -395,7 +465,8 @@ class StaticMasks:
 
 class OracleMasks:
     """The upper bound of any predictor: the criterion's own scores on each request's text, its loss on the
-    tokens that are scored (so the mask has seen them), normalised as the predictor's targets are."""
+    tokens that are scored (so the mask has seen them), normalised as ``target_norm`` says (``global``: one scale
+    for every layer, what ``LayerScales`` restores per-layer normalised predictions to)."""
 
     def __init__(self, model: nn.Module, criterion: Criterion, shape: Shape, policy: Policy, target_norm: str,
                  pad_id: int, seed: int):

@@ -38,8 +38,9 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-CONFIG_KEYS = ("model", "criterion", "criterion_variant", "predictor", "policy", "dense_first_layer", "compat",
-               "calibration", "dtype", "sparsity", "head_sparsity", "neuron_sparsity", "eval", "mask_from", "seed")
+CONFIG_KEYS = ("model", "criterion", "criterion_variant", "predictor", "granularity", "allocation", "policy",
+               "layer_scale", "attention_unit", "dense_first_layer", "compat", "calibration", "dtype", "sparsity",
+               "head_sparsity", "neuron_sparsity", "eval", "mask_from", "seed")
 DEFAULT_METRICS = ("tasks/mean_acc", "token_perplexity", "word_perplexity", "achieved_head_sparsity",
                    "achieved_neuron_sparsity", "predictor/heads_val_spearman", "predictor/neurons_val_spearman")
 PLOTTED = ("tasks/mean_acc", "token_perplexity", "word_perplexity")

@@ -40,6 +40,7 @@ from shadow.weights_read import unit_reads, weights_read
 
 log = logging.getLogger(__name__)
 NO_REPORT: dict = {"metrics": {}, "per_layer": {}}
+PREDICTOR_VERSION = 2  # raised when a trained predictor's artifact changes (2: it carries its LayerScales)
 
 
 def with_setup(report: dict, metas: list[dict]) -> dict:
@@ -110,7 +111,7 @@ def mask_source(cfg: DictConfig, model, model_id: dict, examples: list[Example],
     None). Traces, the trained predictor and activation histograms are cached artifacts, made only for the
     placements that use them. ``model_id``: the weights' ``model_fingerprint``."""
     placement = PLACEMENTS[cfg.predictor.name]
-    job = MaskJob(model, criterion, shape, policy, cfg.predictor, padding, cfg.seed)
+    job = MaskJob(model, criterion, shape, policy, cfg.predictor, padding, cfg.seed, cfg.layer_scale)
     if placement.thresholds:
         limits, metas = calibrated_thresholds(cfg, model, model_id, examples, padding)
         return placement.masks(job), with_setup(NO_REPORT, metas), limits
@@ -118,7 +119,7 @@ def mask_source(cfg: DictConfig, model, model_id: dict, examples: list[Example],
         return placement.masks(job), with_setup(NO_REPORT, []), None
     trace_inputs = {"model": model_id, "examples": examples_fingerprint(examples),
                     "criterion": OmegaConf.to_container(cfg.criterion), "batch_size": cfg.calibration.batch_size,
-                    "seed": cfg.seed, "units": asdict(shape)}
+                    "seed": cfg.seed if criterion.seeded else None, "units": asdict(shape)}  # seeds share traces
     with stage("scoring"):
         traces_dir, traces_meta = cached(cfg.cache_dir, "traces", trace_inputs, lambda out: {
             "shards": compute_traces(model, examples, criterion, shape, cfg.calibration.batch_size, padding, out,
@@ -142,6 +143,8 @@ def mask_source(cfg: DictConfig, model, model_id: dict, examples: list[Example],
     with stage("predictor"):
         predictor_dir, predictor_meta = cached(cfg.cache_dir, "predictor", predictor_inputs, train)
     job.predictor = load_predictor(predictor_dir, predictor_meta).to(device)
+    if cfg.layer_scale == "none":
+        job.predictor.use_scales(None)
     report = {"metrics": predictor_meta["metrics"], "per_layer": predictor_meta["per_layer"]}
     if cfg.predictor.dtype != "float32":  # the quality reported is that of the predictor as it runs
         with stage("predictor in " + cfg.predictor.dtype):
@@ -223,7 +226,7 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
         raise ConfigError(f"predictor.layer={cfg.predictor.layer} is not a layer of this {shape.layers}-layer "
                          f"model; set predictor.layer between 0 and {shape.layers - 1}")
     tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
-    examples = load_calibration(cfg.calibration, tokenizer, config.max_position_embeddings)
+    examples = load_calibration(cfg.calibration, tokenizer, config.max_position_embeddings, cfg.seed)
     beside = 0.0 if cfg.predictor.device else training_bytes(cfg, shape, config.hidden_size, len(examples),
                                                              criterion.heads_only)
     check_memory(cfg.model, config, cfg.device, beside)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import settings
 
-from shadow.config import ConfigError
+from shadow.config import ConfigError, compose_config, validate
 from shadow.data import load_calibration
 from shadow.evaluate.tasks import check_tasks, evaluate_tasks
 from shadow.opt_mini import CALIBRATION_FILE
@@ -112,6 +112,22 @@ def test_a_document_is_never_among_its_own_shots(task_dir, tokenizer):
 def test_limit_is_per_task(task_dir, tokenizer):
     examples = calibrate(task_dir, ["quiz", "fillin"], tokenizer, limit=3)
     assert [e.document for e in examples] == ["quiz/0", "quiz/1", "quiz/2", "fillin/0", "fillin/1", "fillin/2"]
+
+
+def test_sample_from_draws_the_limit_at_random_from_the_first_documents_with_the_seed(task_dir, tokenizer):
+    """calibration=paper: 500 of each task's first 2500 training documents, at random with the job's seed, as
+    ShadowLLM's code drew them (here 3 of fillin's first 6 of 8)."""
+    cfg = settings("calibration=paper", tasks=["fillin"], include_path=str(task_dir), num_fewshot=0, limit=3,
+                   sample_from=6)
+    drawn = {seed: [e.document for e in load_calibration(cfg, tokenizer, 512, seed)] for seed in range(8)}
+    assert all(len(d) == 3 and d == sorted(d, key=lambda name: int(name.split("/")[1])) for d in drawn.values())
+    assert {name for d in drawn.values() for name in d} == {f"fillin/{i}" for i in range(6)}  # never past the 6th
+    assert len({tuple(d) for d in drawn.values()}) > 4 and drawn[1] == [
+        e.document for e in load_calibration(cfg, tokenizer, 512, 1)]
+    assert settings("calibration=paper").sample_from == 2500 and settings("calibration=paper").limit == 500
+    with pytest.raises(ConfigError, match=r"calibration.sample_from=2 draws calibration.limit=3 examples from the "
+                                          r"first 2; set calibration.limit to at most 2"):
+        validate(compose_config("+criterion=plainact", "calibration.limit=3", "calibration.sample_from=2"))
 
 
 def test_calibration_never_reads_the_documents_evaluation_scores(task_dir, tokenizer):

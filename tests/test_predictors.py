@@ -15,6 +15,7 @@ from shadow.data import Example, collate
 from shadow.placements import PLACEMENTS
 from shadow.policy import Policy
 from shadow.predictors import (
+    LayerScales,
     OracleMasks,
     PredictedMasks,
     Predictor,
@@ -86,6 +87,53 @@ def test_static_importance_weighs_every_example_equally():
     torch.testing.assert_close(static_importance(TraceShards([louder]), "per_layer")[1], neurons)
     expected = normalise_targets(traces["heads"], "per_layer").mean(0)
     torch.testing.assert_close(heads, expected)
+
+
+def scaled_traces(n: int = 16) -> dict:
+    """Two layers whose scores differ only in scale: layer 1's are a tenth of layer 0's, so that every unit of
+    layer 0 matters more than any of layer 1."""
+    gen = torch.Generator().manual_seed(0)
+    heads = 1 + torch.rand(n, 1, 3, generator=gen)  # three units a layer, as SmolLM2's key-value groups
+    neurons = 1 + torch.rand(n, 1, 8, generator=gen)
+    return {"features": torch.randn(n, 2, 4, generator=gen), "heads": torch.cat([heads, heads / 10], 1),
+            "neurons": torch.cat([neurons, neurons / 10], 1)}
+
+
+def test_global_ranking_compares_layers_on_their_calibrated_scale():
+    """Scores normalised per layer hold a 0 and a 1 in every layer: ranked across layers as they are (ShadowLLM's
+    code, ``layer_scale=none``), ties decide and layer 1 keeps units. Put back on one scale by the calibration
+    set's ``LayerScales``, the global half is layer 0, whichever mask source ranks them."""
+    traces = TraceShards([scaled_traces()])
+    policy = Policy("global", 0.5, 0.5)
+    today = StaticMasks(*static_importance(traces, "per_layer"), policy).masks
+    assert today.heads[0, 1].any() and today.neurons[0, 1].any()
+    scales = LayerScales.of(traces)
+    restored = StaticMasks(*static_importance(traces, "per_layer", scales), policy).masks
+    for kept in (restored.heads[0], restored.neurons[0]):
+        assert kept[0].all() and not kept[1].any()
+    predictor = Predictor(Shape(2, 3, 3, 1, 8, "kv_group"), 4, ((0, (0, 1)),), "mlp", 8, 8, heads_only=False)
+    per_layer = [normalise_targets(traces.shards[0][kind][:1], "per_layer") for kind in ("heads", "neurons")]
+    with torch.no_grad():  # a predictor that predicts the per-layer normalised targets exactly
+        predictor.heads[0][-1].weight.zero_(), predictor.neurons[0][-1].weight.zero_()
+        predictor.heads[0][-1].bias.copy_(per_layer[0].flatten()), predictor.neurons[0][-1].bias.copy_(
+            per_layer[1].flatten())
+    features = torch.randn(1, 1, 4)
+    as_normalised = policy.select(*predictor(features))
+    assert as_normalised.heads[0, 1].any() and as_normalised.neurons[0, 1].any()
+    predicted = policy.select(*predictor.use_scales(scales)(features))
+    assert predicted.heads[0, 0].all() and not predicted.heads[0, 1].any() and not predicted.neurons[0, 1].any()
+    assert torch.equal(policy.select(*predictor.use_scales(None)(features)).heads, as_normalised.heads)
+
+
+def test_an_examples_own_layer_scales_restore_its_global_normalisation():
+    """offset + p · span on the example's own statistics is exactly the example's scores normalised over all
+    layers: the oracle, which scores each request itself, ranks those."""
+    one = {k: v[:1] for k, v in synthetic_traces(4).items()}
+    scales = LayerScales.of(TraceShards([one]))
+    heads, neurons = scales.restore(normalise_targets(one["heads"], "per_layer"),
+                                    normalise_targets(one["neurons"], "per_layer"))
+    torch.testing.assert_close(heads, normalise_targets(one["heads"], "global"))
+    torch.testing.assert_close(neurons, normalise_targets(one["neurons"], "global"))
 
 
 def documents(n: int = 512) -> list[str]:

@@ -68,7 +68,9 @@ def test_a_rerun_skips_finished_jobs_unless_forced(job, tmp_path, caplog, monkey
     with pytest.raises(AssertionError, match="loaded its model again"):
         run(job("logger=none", "force=true"), tmp_path / "c", tmp_path / "sweep3")
     monkeypatch.undo()
+    caplog.clear()
     assert run(job("logger=none", "seed=1"), tmp_path / "d") != first  # another setting is another job
+    assert "traces: reusing" in caplog.text and "predictor: reusing" not in caplog.text  # a seed trains anew
 
 
 def test_sparsity_zero_is_the_dense_model(job, tmp_path):

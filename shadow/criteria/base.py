@@ -57,6 +57,7 @@ class Criterion:
     neurons: Score | None  # None: scored by the gate Hessian, or not at all (heads_only)
     needs: Needs = Needs.NOTHING
     heads_only: bool = False  # no FFN-unit definition: every unit is kept
+    seeded: bool = False  # draws random numbers (the job's seed): its scores, and traces, differ per seed
 
 
 CRITERIA: dict[str, dict[str, Criterion]] = {}  # name (conf/criterion/<name>.yaml) → variant → criterion

@@ -13,4 +13,4 @@ def uniform(u: Units) -> Tensor:
     return torch.rand(shape, generator=u.generator).to(u.act.device)
 
 
-register(Criterion("random", uniform, uniform))
+register(Criterion("random", uniform, uniform, seeded=True))
