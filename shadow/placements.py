@@ -74,6 +74,14 @@ class Placement(ABC):
         """The networks it trains: (feature layer, the layers it predicts) each; none for untrained placements."""
         return ()
 
+    def computed_whole(self, layers: int, layer: int, lookahead: bool) -> tuple[set[int], set[int]]:
+        """With per-token masks, the layers that run before their mask is known: those whose every head's query,
+        key and value are computed first (a network reads the layer's attention output and predicts the layer
+        itself), and those that run whole (predicted from a later layer)."""
+        groups = self.groups(layers, layer, lookahead)
+        return ({feature for feature, targets in groups if feature in targets},
+                {target for feature, targets in groups for target in targets if target < feature})
+
     @abstractmethod
     def masks(self, job: MaskJob) -> MaskFn:
         """The mask source: requests → one ``Masks`` per request (None: dense)."""

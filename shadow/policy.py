@@ -33,31 +33,48 @@ class Masks:
         heads = self.heads.shape[-1]
         return self.heads if heads == count else self.heads.unflatten(-1, (count, heads // count)).any(-1)
 
-    def kept_per_layer(self) -> tuple[Tensor, Tensor, int]:
-        """(L,) kept fraction of heads and of neurons in each layer summed over the masks, and how many masks."""
+    def kept_per_layer(self, real: Tensor | None = None) -> tuple[Tensor, Tensor, float]:
+        """(L,) kept fraction of heads and of neurons in each layer summed over the masks, and how many masks; with
+        ``real``, per-token masks (B, T, L, U) count only at the (B, T) real tokens (padding counts nowhere)."""
         heads = self.heads.float().mean(-1).reshape(-1, self.heads.shape[-2])
         neurons = self.neurons.float().mean(-1).reshape(-1, self.neurons.shape[-2])
-        return heads.sum(0), neurons.sum(0), len(heads)
+        weights = torch.ones(len(heads), device=heads.device) if real is None or self.heads.dim() == 3 else \
+            real.reshape(-1).float().to(heads.device)
+        return weights @ heads, weights @ neurons, weights.sum().item()
+
+    def kv_per_layer(self, count: int, real: Tensor | None = None) -> Tensor:
+        """(L,) share of the ``count`` key-value heads in use in each layer, summed as ``kept_per_layer`` sums."""
+        kv = self.kv_heads(count).float().mean(-1).reshape(-1, self.heads.shape[-2])
+        weights = torch.ones(len(kv), device=kv.device) if real is None or self.heads.dim() == 3 else \
+            real.reshape(-1).float().to(kv.device)
+        return weights @ kv
 
 
 @dataclass
 class SparsityMeter:
-    """Achieved sparsity over many requests, overall and per layer. With ``kv_heads`` (the model's key-value
-    heads), masks of query-head units also count the key-value heads in use (``kv_head_sparsity``)."""
+    """Achieved sparsity over many requests, overall and per layer, and the tokens they scored. With ``kv_heads``
+    (the model's key-value heads), masks of query-head units also count the key-value heads in use
+    (``kv_head_sparsity``)."""
 
     kv_heads: int | None = None
     heads: Tensor | None = None  # (L,) kept fractions summed over masks
     neurons: Tensor | None = None
     kv: Tensor | None = None
-    requests: int = 0  # masks counted: requests, or tokens with per-token masks
+    requests: float = 0  # masks counted: requests, or real tokens with per-token masks
+    scored: int = 0  # tokens scored, over every request (masked or not)
 
-    def add(self, masks: Masks) -> None:
-        heads, neurons, count = masks.kept_per_layer()
+    def add(self, masks: Masks | None, real: Tensor | None = None, scored: int = 0) -> None:
+        """Count ``masks`` (None: no masks, nothing to count), per-token ones at the (B, T) ``real`` tokens only,
+        and ``scored`` tokens."""
+        self.scored += scored
+        if masks is None:
+            return
+        heads, neurons, count = masks.kept_per_layer(real)
         self.heads = heads if self.heads is None else self.heads + heads
         self.neurons = neurons if self.neurons is None else self.neurons + neurons
         self.requests += count
         if self.kv_heads is not None and masks.heads.shape[-1] != self.kv_heads:
-            kv = masks.kv_heads(self.kv_heads).float().mean(-1).reshape(-1, masks.heads.shape[-2]).sum(0)
+            kv = masks.kv_per_layer(self.kv_heads, real)
             self.kv = kv if self.kv is None else self.kv + kv
 
     def per_layer(self) -> dict[str, list[float]]:

@@ -2,6 +2,9 @@
 
 Reads each directory's results.jsonl (one line per job) and writes into ``--out`` (default: the first directory):
 - results.csv and results.md, printed too: one row per job, the config keys that vary, then the metrics;
+- results_by_seed.md, where seeds vary (printed too): one row per setting, each metric's mean and [min, max]
+  over the seeds; within the settings that differ only in ``--compare`` (default: predictor), the best mean in
+  bold and the values whose band overlaps the best one's marked ≈ (a difference inside the spread);
 - <metric>_by_criterion.png and <metric>_by_predictor.png for accuracy and perplexity: the metric against
   sparsity, one line per criterion (a panel per predictor) and one line per predictor (a panel per criterion);
   other keys that vary (policy, model, head or neuron sparsity unlike sparsity, …) split lines further, with
@@ -42,7 +45,8 @@ CONFIG_KEYS = ("model", "criterion", "criterion_variant", "predictor", "granular
                "layer_scale", "attention_unit", "dense_first_layer", "compat", "calibration", "dtype", "sparsity",
                "head_sparsity", "neuron_sparsity", "eval", "mask_from", "seed")
 DEFAULT_METRICS = ("tasks/mean_acc", "token_perplexity", "word_perplexity", "achieved_head_sparsity",
-                   "achieved_neuron_sparsity", "predictor/heads_val_spearman", "predictor/neurons_val_spearman")
+                   "achieved_neuron_sparsity", "weights_read", "weights_read_effective", "kv_read",
+                   "predictor/heads_val_spearman", "predictor/neurons_val_spearman")
 PLOTTED = ("tasks/mean_acc", "token_perplexity", "word_perplexity")
 METRIC_NAMES = {"tasks/mean_acc": "mean task accuracy", "token_perplexity": "token perplexity",
                 "word_perplexity": "word perplexity"}
@@ -87,6 +91,56 @@ def table(rows: list[dict], metrics: list[str]) -> tuple[list[str], list[list]]:
     columns = varying_keys(rows) + [m for m in metrics if any(m in r for r in rows)]
     body = sorted(([r.get(c) for c in columns] for r in rows), key=lambda row: [str(x) for x in row])
     return columns, body
+
+
+LOWER_BETTER = ("perplexity", "bits_per_byte", "_mse")  # metrics where less is better; the others: more
+
+
+def better(metric: str) -> int:
+    """+1 where a larger value of ``metric`` is better, -1 where a smaller one is."""
+    return -1 if any(part in metric for part in LOWER_BETTER) else 1
+
+
+def seed_table(rows: list[dict], metrics: list[str], compare: str = "predictor") -> tuple[list[str], list[list]]:
+    """One row per setting, seeds aggregated: each metric as ``mean [min, max] (n)`` over the seeds. Within each
+    group of settings that differ only in ``compare``, the best mean of each metric is in bold, and a value whose
+    [min, max] band overlaps the best one's is marked ≈: the difference lies inside the spread over seeds (with a
+    single seed on both sides, any difference is marked ≈, as no spread is known)."""
+    keys = [k for k in varying_keys(rows) if k != "seed"]
+    metrics = [m for m in metrics if any(m in r for r in rows)]
+    settings: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        settings[tuple(json.dumps(r.get(k)) for k in keys)].append(r)
+    stats = {}
+    for setting, repeats in settings.items():
+        for m in metrics:
+            values = [r[m] for r in repeats if isinstance(r.get(m), int | float)]
+            if values:
+                stats[setting, m] = (sum(values) / len(values), min(values), max(values), len(values))
+    rivals: dict[tuple, list[tuple]] = defaultdict(list)  # settings alike but for ``compare``
+    where = keys.index(compare) if compare in keys else None
+    for setting in settings:
+        rivals[setting[:where] + setting[where + 1:] if where is not None else ()].append(setting)
+
+    def cell(setting: tuple, m: str) -> str:
+        if (setting, m) not in stats:
+            return ""
+        mean, low, high, n = stats[setting, m]
+        text = f"{mean:.4g}" if n == 1 else f"{mean:.4g} [{low:.4g}, {high:.4g}] ({n})"
+        group = [other for other in rivals[setting[:where] + setting[where + 1:] if where is not None else ()]
+                 if (other, m) in stats]
+        if len(group) < 2:
+            return text
+        best = max(group, key=lambda other: better(m) * stats[other, m][0])
+        if best == setting:
+            return f"**{text}**"
+        _, best_low, best_high, best_n = stats[best, m]
+        inside = (low <= best_high and best_low <= high) if n > 1 or best_n > 1 else True
+        return f"≈ {text}" if inside else text
+
+    body = [[json.loads(v) for v in setting] + [cell(setting, m) for m in metrics]
+            for setting in sorted(settings, key=lambda s: [str(x) for x in s])]
+    return keys + metrics, body
 
 
 def markdown(columns: list[str], body: list[list]) -> str:
@@ -295,6 +349,7 @@ def main() -> None:
     parser.add_argument("dirs", nargs="+", type=Path)
     parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS))
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--compare", default="predictor", help="the key compared in results_by_seed.md")
     args = parser.parse_args()
     rows = load_rows(args.dirs)
     columns, body = table(rows, args.metrics.split(","))
@@ -305,6 +360,11 @@ def main() -> None:
     text = markdown(columns, body)
     (out / "results.md").write_text(text)
     print(text, end="")
+    if "seed" in varying_keys(rows):
+        seeds = markdown(*seed_table(rows, args.metrics.split(","), args.compare))
+        (out / "results_by_seed.md").write_text(seeds)
+        print(f"\nover seeds: mean [min, max] (seeds); best of each {args.compare} comparison in bold, ≈ inside "
+              f"its spread\n{seeds}", end="")
     for path in write_plots(rows, out):
         print(f"plot: {path}")
 

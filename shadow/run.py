@@ -32,11 +32,20 @@ from shadow.evaluate.tasks import check_tasks, evaluate_tasks
 from shadow.models import check_memory, check_model, load_model, load_tokenizer, model_fingerprint, pad_id
 from shadow.offload import input_device
 from shadow.placements import PLACEMENTS, MaskJob
-from shadow.policy import Policy
-from shadow.predictors import fit_predictor, held_out_report, load_predictor, save_predictor
+from shadow.policy import Policy, SparsityMeter
+from shadow.predictors import Predictor, fit_predictor, held_out_report, load_predictor, save_predictor
 from shadow.traces import TraceShards, compute_traces
 from shadow.tracking import Tracker, flat_config, write_results
-from shadow.weights_read import unit_reads, weights_read
+from shadow.weights_read import (
+    InputCounter,
+    kv_shares,
+    read_whole,
+    row_roles,
+    sparsity_meter,
+    step_parameters,
+    token_reads,
+    unit_reads,
+)
 
 log = logging.getLogger(__name__)
 NO_REPORT: dict = {"metrics": {}, "per_layer": {}}
@@ -70,12 +79,12 @@ def make_policy(cfg: DictConfig, heads_only: bool) -> Policy:
 def calibrated_thresholds(cfg: DictConfig, model, model_id: dict, examples: list[Example], padding: int
                           ) -> tuple[Tensor, list[dict]]:
     """The (sites, L) thresholds of a thresholded placement (``shadow.thresholds``) at the job's sparsities, from
-    histograms of the dense model's activations on the calibration set, each site at its share or, with
-    ``predictor.allocation=greedy``, at TEAL's greedy allocation of it (both cached artifacts), and the artifacts'
-    metadata."""
+    histograms of the dense model's activations on the calibration set: each site at its share or, with
+    ``predictor.allocation=greedy``, each layer's row of TEAL's greedy path nearest their parameter-weighted mean
+    (both cached artifacts; one path serves every sparsity), and the artifacts' metadata."""
     method = cfg.predictor.name
     inputs = {"model": model_id, "examples": examples_fingerprint(examples), "method": method,
-              "batch_size": cfg.calibration.batch_size, "bins": thresholds.BINS}
+              "batch_size": cfg.calibration.batch_size, "bins": thresholds.BINS, "version": 2}
 
     def build(out: Path) -> dict:
         histograms = thresholds.calibrate(model, examples, method, cfg.calibration.batch_size, padding)
@@ -86,21 +95,24 @@ def calibrated_thresholds(cfg: DictConfig, model, model_id: dict, examples: list
         directory, meta = cached(cfg.cache_dir, "histograms", inputs, build)
     head, neuron = resolved_sparsities(cfg)
     shares = [head if site.share == "head" else neuron for site in thresholds.sites(model, method)]
-    histograms = thresholds.Histograms(load_file(str(directory / "histograms.safetensors"))["counts"])
+    counts = load_file(str(directory / "histograms.safetensors"))["counts"]
+    histograms = thresholds.Histograms.of(model, method, counts)
     if cfg.predictor.allocation == "uniform":
         return histograms.thresholds(shares), [meta]
 
     def allocate(out: Path) -> dict:
-        allocated = thresholds.greedy_shares(model, histograms, examples[:thresholds.GREEDY_EXAMPLES], shares,
-                                             cfg.calibration.batch_size, padding)
-        save_file({"shares": allocated}, str(out / "shares.safetensors"))
+        path, reached = thresholds.greedy_path(model, histograms, examples[:thresholds.GREEDY_EXAMPLES],
+                                               cfg.calibration.batch_size, padding)
+        save_file({"path": path, "reached": reached}, str(out / "path.safetensors"))
         return {}
 
     with stage("allocation"):
         allocation_dir, allocation_meta = cached(cfg.cache_dir, "allocation", {
-            **inputs, "shares": shares, "step": thresholds.GREEDY_STEP,
-            "examples_used": thresholds.GREEDY_EXAMPLES}, allocate)
-    allocated = load_file(str(allocation_dir / "shares.safetensors"))["shares"]
+            **inputs, "base": thresholds.GREEDY_BASE, "limit": thresholds.GREEDY_LIMIT,
+            "tail": thresholds.GREEDY_TAIL, "examples_used": thresholds.GREEDY_EXAMPLES}, allocate)
+    saved = load_file(str(allocation_dir / "path.safetensors"))
+    target = thresholds.weighted(torch.tensor(shares, dtype=torch.float64), thresholds.projection_weights(model))
+    allocated = thresholds.greedy_shares(saved["path"], saved["reached"], target.item())
     return histograms.thresholds(allocated), [meta, allocation_meta]
 
 
@@ -154,16 +166,41 @@ def mask_source(cfg: DictConfig, model, model_id: dict, examples: list[Example],
 
 
 def predictor_parameters(cfg: DictConfig, shape: Shape, hidden: int, heads_only: bool) -> int:
-    """Parameters of the configured placement's networks (0 for those without one)."""
+    """Parameters of the configured placement's networks (0 for those without one), counted on networks built
+    on the meta device (no memory)."""
     p = cfg.predictor
-    neuron_hidden = 0 if heads_only else p.neuron_hidden
+    groups = PLACEMENTS[p.name].groups(shape.layers, p.layer, p.lookahead)
+    if not groups:
+        return 0
+    with torch.device("meta"):
+        networks = Predictor.configured(shape, hidden, groups, p, heads_only)
+    return sum(parameter.numel() for parameter in networks.parameters())
 
-    def neuron_output(units: int) -> int:  # the output layer, factored through neuron_rank or not
-        return neuron_hidden * p.neuron_rank + p.neuron_rank * units if p.neuron_rank else neuron_hidden * units
 
-    return sum(hidden * p.head_hidden + p.head_hidden * len(targets) * shape.heads + hidden * neuron_hidden
-               + neuron_output(len(targets) * shape.neurons)
-               for _, targets in PLACEMENTS[p.name].groups(shape.layers, p.layer, p.lookahead))
+def reads_per_token(cfg: DictConfig, model, shape: Shape, per_layer: dict[str, list[float]], kept: Tensor | None,
+                    nonzero: dict[str, list[float]], meter: SparsityMeter, heads_only: bool) -> dict[str, float]:
+    """What a generated token reads (``shadow.weights_read``), from the evaluation: the unit masks' achieved
+    sparsity per layer, or a thresholded placement's (sites, L) shares ``kept``; each projection's ``nonzero``
+    input share; the predictor's networks (at every token, or once per request amortised over the tokens the
+    request scored); and, with per-token masks, the layers computed whole before their mask is known."""
+    layers = shape.layers
+    if kept is not None:
+        reads, rows = thresholds.reads(model, cfg.predictor.name, kept)
+        kv = [1.0] * layers
+    else:
+        reads, rows = unit_reads(model, per_layer), row_roles(model)
+        kv = kv_shares(per_layer) if per_layer else [1.0] * layers
+    predictor = 0.0
+    placement = PLACEMENTS[cfg.predictor.name]
+    if placement.trains:
+        per_token = cfg.predictor.granularity == "token"
+        runs = 1.0 if per_token else meter.requests / max(meter.scored, 1)
+        predictor = runs * predictor_parameters(cfg, shape, model.config.hidden_size, heads_only) / \
+            step_parameters(model)
+        if per_token:
+            reads, kv = read_whole(model, reads, kv, *placement.computed_whole(layers, cfg.predictor.layer,
+                                                                               cfg.predictor.lookahead))
+    return token_reads(model, reads, rows, nonzero, kv, predictor)
 
 
 def traces_bytes(shape: Shape, hidden: int, examples: int) -> float:
@@ -222,6 +259,10 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
     criterion = get_criterion(cfg.criterion.name, cfg.criterion.variant)
     policy = make_policy(cfg, criterion.heads_only)
     policy.check(shape.layers, shape.heads, shape.neurons)
+    if cfg.predictor.allocation == "greedy" and max(resolved_sparsities(cfg)) > thresholds.GREEDY_LIMIT:
+        raise ConfigError(f"predictor.allocation=greedy follows TEAL's greedy path up to a sparsity of "
+                          f"{thresholds.GREEDY_LIMIT}; lower sparsity to at most that, or use "
+                          "predictor.allocation=uniform")
     if not 0 <= cfg.predictor.layer < shape.layers:
         raise ConfigError(f"predictor.layer={cfg.predictor.layer} is not a layer of this {shape.layers}-layer "
                          f"model; set predictor.layer between 0 and {shape.layers - 1}")
@@ -241,20 +282,22 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
         masks, report, limits = mask_source(cfg, model, model_id, examples, criterion, shape, policy,
                                             pad_id(tokenizer))
         extra = {}
+        meter = sparsity_meter(model)
         under = nullcontext() if limits is None else thresholds.thresholded(model, cfg.predictor.name, limits)
-        with stage("evaluate"), under as kept:
+        with stage("evaluate"), under as kept, InputCounter(model) as inputs:
             if cfg.eval.name == "perplexity":
-                metrics, per_layer = evaluate_perplexity(model, tokenizer, masks, cfg.eval, eval_input)
+                metrics, per_layer = evaluate_perplexity(model, tokenizer, masks, cfg.eval, eval_input, meter)
             else:
-                metrics, per_layer, out = evaluate_tasks(model, tokenizer, masks, cfg.eval, eval_input, cfg.seed)
+                metrics, per_layer, out = evaluate_tasks(model, tokenizer, masks, cfg.eval, eval_input, cfg.seed,
+                                                         meter)
                 extra = {"lm_eval": out["results"]}
                 log.info("lm-eval results\n%s", make_table(out))
                 tracker.lm_eval(out)
-        if kept is None:
-            metrics["weights_read"] = weights_read(model, unit_reads(model, per_layer))
-        else:  # no unit masks: sparsity and weights read from the entries the thresholds kept
-            achieved, per_layer = thresholds.report(model, cfg.predictor.name, kept.shares())
+        if kept is not None:  # no unit masks: sparsity from the entries the thresholds kept
+            achieved, per_layer = thresholds.achieved(model, cfg.predictor.name, kept.shares())
             metrics.update(achieved)
+        metrics.update(reads_per_token(cfg, model, shape, per_layer, None if kept is None else kept.shares(),
+                                       inputs.shares(), meter, criterion.heads_only))
         metrics.update(report["metrics"])
         record = {**{k: v for k, v in flat_config(cfg).items() if k != "config"}, "metrics": metrics,
                   "sparsity_per_layer": per_layer, "predictor_per_layer": report["per_layer"],

@@ -35,7 +35,7 @@ from shadow.arch import Family, Shape, family_of
 from shadow.offload import input_device, offloaded, resident
 from shadow.policy import Masks, Policy
 from shadow.predictors import Predictor
-from shadow.thresholds import reads, sites, thresholded
+from shadow.thresholds import reads, site_index, sites, thresholded
 from shadow.weights_read import masks_read, weights_read
 
 
@@ -616,7 +616,7 @@ class ThresholdDecoder(_Decoder):
             raise ValueError(f"thresholds of shape {tuple(thresholds.shape)} for method={method}; it has "
                              f"{len(self.sites)} sites in each of {len(self.layers)} layers: calibrate them with "
                              "shadow.thresholds.calibrate on this model")
-        self.thresholds = thresholds
+        self.thresholds, self.site = thresholds, site_index(model, method)
         self.shape = self.family.shape(model.config, "query_head")
 
     def _column_roles(self) -> tuple[str, ...]:
@@ -634,13 +634,23 @@ class ThresholdDecoder(_Decoder):
     def weights_read(self, generation: Generation) -> float:
         return weights_read(self.model, *reads(self.model, self.method, generation.kept.mean(0)))
 
-    def _kept(self, site: int, index: int, x: Tensor, read: Tensor) -> tuple[Tensor, Tensor]:
+    def _kept(self, site: str, index: int, x: Tensor, read: Tensor) -> tuple[Tensor, Tensor]:
         """A site's (B, channels) entries with those below its threshold zeroed, as (B, kept) on the channels some
         request keeps, and those channels; their share goes to ``read``."""
-        keep = x.abs() >= self.thresholds[site, index].to(x.device, x.dtype)
+        s = self.site[site]
+        keep = x.abs() >= self.thresholds[s, index].to(x.device, x.dtype)
         channels = keep.any(0).nonzero().flatten()
-        read[site, index] = len(channels) / x.shape[1]
+        read[s, index] = len(channels) / x.shape[1]
         return (x * keep).index_select(1, channels), channels
+
+    def _project(self, role: str, index: int, x: Tensor, read: Tensor) -> Tensor:
+        """Projection ``role`` of layer ``index`` on the (B, channels) ``x``: under TEAL the columns of the channels
+        its threshold keeps; otherwise dense."""
+        module = self.family.module(self.layers[index], role)
+        if self.method != "teal":
+            return module(x)
+        kept, channels = self._kept(role, index, x, read)
+        return kernels.columns(module, channels, kept)
 
     def _step(self, tokens: Tensor, position: Tensor, last: int | Tensor, caches: list[_LayerCache]
               ) -> tuple[Tensor, Tensor]:
@@ -652,14 +662,13 @@ class ThresholdDecoder(_Decoder):
         def ffn(index: int, h: Tensor) -> Tensor:
             layer, activation = self.layers[index], self.activations[index]
             if self.method == "cats":
-                activations, units = self._kept(0, index, activation(self.family.ffn_input(layer)(h)), read)
+                activations, units = self._kept("activation", index, activation(self.family.ffn_input(layer)(h)),
+                                                read)
                 return _gated_down(self.family, layer, h, units, activations)
-            x, channels = self._kept(2, index, h, read)
-            inner = activation(kernels.columns(self.family.ffn_input(layer), channels, x))
+            inner = activation(self._project("gate" if self.family.gated else "up", index, h, read))
             if self.family.gated:
-                inner = inner * kernels.columns(self.family.module(layer, "up"), channels, x)
-            inner, units = self._kept(3, index, inner, read)
-            return kernels.columns(self.family.ffn_output(layer), units, inner)
+                inner = inner * self._project("up", index, h, read)
+            return self._project("down", index, inner, read)
 
         logits = self.family.decode_step(self.model, tokens, position, attention, ffn,
                                          lambda index: self.fetch[index](self.layers[index]))
@@ -671,26 +680,16 @@ class ThresholdDecoder(_Decoder):
         value written to the cache at ``position``."""
         layer, shape, B = self.layers[index], self.shape, cache.requests
         D = shape.head_dim
-        teal = self.method == "teal"
-        x, channels = self._kept(0, index, h, read) if teal else (h, None)
-
-        def project(role: str) -> Tensor:  # TEAL: the kept channels' columns; CATS: dense
-            module = self.family.module(layer, role)
-            return module(x) if channels is None else kernels.columns(module, channels, x)
-
         position = position.to(h.device)  # a no-op but across the GPUs of a split model
-        keys, values = project("key"), project("value")  # (B, key-value heads · D)
+        keys, values = self._project("key", index, h, read), self._project("value", index, h, read)
         if self.family.rotary:
             keys = self.family.rotate(self.model, layer, "key", keys.view(-1, 1, D), position.view(1)).view(B, -1)
         for store, new in ((cache.keys, keys), (cache.values, values)):
             store.view(store.shape[0], B, -1).index_copy_(2, position.view(1), new.t()[..., None].to(store.dtype))
-        queries = project("query")
+        queries = self._project("query", index, h, read)
         if self.family.rotary:
             queries = self.family.rotate(self.model, layer, "query", queries.view(-1, 1, D), position.view(1))
         queries = queries.reshape(B, -1) * self.family.scaling(layer)
         groups = torch.arange(shape.query_heads, device=h.device) // shape.group_size
         out = torch.stack([kernels.attend(queries[b], *cache.request(b), groups, D, last + 1) for b in range(B)])
-        if not teal:
-            return self.family.head_output(layer)(out)
-        out, channels = self._kept(1, index, out, read)
-        return kernels.columns(self.family.head_output(layer), channels, out)
+        return self._project("output", index, out, read)

@@ -75,7 +75,22 @@ CASES = [
          "sparsty is not a setting; check its spelling (python -m shadow --cfg job lists them all)"),
     Case("missing local model path", "+criterion=plainact model.path=/nonexistent/opt-1.3b",
          "model.path='/nonexistent/opt-1.3b' has no config.json; point model.path at a Hugging Face model directory "
-         "or use a hub id such as facebook/opt-1.3b"),
+         "or a .gguf file, or use a hub id such as facebook/opt-1.3b"),
+    Case("missing GGUF file", "+criterion=plainact model.path=/nonexistent/model.Q4_1.gguf",
+         "model.path='/nonexistent/model.Q4_1.gguf' does not exist; point model.path at a .gguf file (the preset's "
+         "comment says which package ships it) or at a model directory"),
+    Case("GGUF file not in the model directory", "+criterion=plainact model.path={tmp} model.gguf_file=model.gguf",
+         "model.gguf_file='model.gguf' is not in model.path='{tmp}'; name a .gguf file of that directory"),
+    Case("unknown layer scale", "+criterion=plainact layer_scale=per_layer",
+         "layer_scale='per_layer' is not one of calibrated, none; pick one, e.g. layer_scale=calibrated"),
+    Case("calibration sample larger than its pool", "+criterion=plainact calibration.limit=300 "
+         "calibration.sample_from=100",
+         "calibration.sample_from=100 draws calibration.limit=300 examples from the first 100; set "
+         "calibration.limit to at most 100, or calibration.sample_from=null"),
+    Case("greedy allocation beyond TEAL's path", "+criterion=plainact predictor=teal predictor.allocation=greedy "
+         "sparsity=0.95",
+         "predictor.allocation=greedy follows TEAL's greedy path up to a sparsity of 0.9; lower sparsity to at most "
+         "that, or use predictor.allocation=uniform"),
     Case("hub name while offline", "+criterion=plainact model=opt-1.3b",
          "model.path='facebook/opt-1.3b': the hub is offline (HF_HUB_OFFLINE=1) and it is not in the local cache; "
          "download it where the hub is reachable (huggingface-cli download) or set model.path to a local directory"),

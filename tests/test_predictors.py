@@ -355,8 +355,8 @@ def test_a_low_rank_neuron_network_factors_its_output_layer_and_learns(fitted, f
     rank, output = predictor.neurons[0][2], predictor.neurons[0][3]  # after Linear(16, 64), ReLU
     assert (rank.in_features, rank.out_features, rank.bias) == (64, 16, None)
     assert (output.in_features, output.out_features) == (16, SHAPE.layers * SHAPE.neurons)
-    weights = sum(p.numel() for name, p in predictor.named_parameters() if name.endswith("weight"))
-    assert predictor_parameters(SimpleNamespace(predictor=cfg), SHAPE, 16, False) == weights
+    parameters = sum(p.numel() for p in predictor.parameters())  # weights and biases; not the layer scales
+    assert predictor_parameters(SimpleNamespace(predictor=cfg), SHAPE, 16, False) == parameters
     full = fitted[1]["metrics"]["predictor/neurons_val_spearman"]
     assert report["metrics"]["predictor/neurons_val_spearman"] > full - 0.05, full  # targets: functions of 16 numbers
     loaded = load_predictor(tmp_path, save_predictor(predictor, tmp_path))

@@ -201,3 +201,24 @@ def test_wandb_workspace_uses_the_keys_runs_log(compose_cfg):
         assert panel.x.name == "sparsity" and panel.groupby.name in config_keys
         assert [y.name for y in panel.y] and all(y.name in DEFAULT_METRICS for y in panel.y)
     assert [g.name for g in workspace.runset_settings.groupby] == ["criterion", "predictor"]
+
+
+def test_the_seed_table_marks_differences_inside_the_spread():
+    """Seeds aggregate into mean [min, max] (n); within each sparsity the best predictor is bold, one whose band
+    overlaps it is marked ≈, one clear of it is not; a metric where less is better ranks the other way."""
+    from shadow.report import seed_table
+
+    rows = [job(predictor="shadow", seed=s, token_perplexity=p) for s, p in enumerate((80.0, 82.0, 84.0))]
+    rows += [job(predictor="dejavu", seed=s, token_perplexity=p) for s, p in enumerate((83.0, 85.0, 87.0))]
+    rows += [job(predictor="static", token_perplexity=95.0)]
+    rows += [job(predictor="shadow", sparsity=0.7, seed=s, token_perplexity=p) for s, p in enumerate((100, 101))]
+    rows += [job(predictor="static", sparsity=0.7, token_perplexity=100.8)]
+    columns, body = seed_table(rows, ["token_perplexity", "acc"])
+    assert columns[-1] == "token_perplexity" and "seed" not in columns  # acc: in no row
+    cells = {(row[columns.index("predictor")], row[columns.index("sparsity")]): row[-1] for row in body}
+    assert cells["shadow", 0.5] == "**82 [80, 84] (3)**"
+    assert cells["dejavu", 0.5] == "≈ 85 [83, 87] (3)"  # 83 ≤ 84: inside shadow's band
+    assert cells["static", 0.5] == "95"  # clear of it
+    assert cells["shadow", 0.7] == "**100.5 [100, 101] (2)**" and cells["static", 0.7] == "≈ 100.8"
+    columns, body = seed_table([job(predictor="shadow", acc=0.6), job(predictor="dejavu", acc=0.7)], ["acc"])
+    assert [row[-1] for row in body] == ["**0.7**", "≈ 0.6"]  # more is better; one seed each: no spread known

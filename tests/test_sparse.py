@@ -139,7 +139,7 @@ def test_thresholded_decoding_equals_the_thresholded_model(family, method, gathe
 
 def test_thresholded_decoding_rejects_thresholds_of_another_method(tiny_opt):
     limits = calibrate(tiny_opt, calibration_examples(), "cats", 4, 1).thresholds([0.5])
-    with pytest.raises(ValueError, match=r"^thresholds of shape \(1, 3\) for method=teal; it has 4 sites"):
+    with pytest.raises(ValueError, match=r"^thresholds of shape \(1, 3\) for method=teal; it has 6 sites"):
         ThresholdDecoder(tiny_opt, "teal", limits)
 
 

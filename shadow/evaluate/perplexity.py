@@ -24,6 +24,7 @@ from shadow.config import ConfigError, PerplexityEvalConfig
 from shadow.evaluate.requests import MaskFn, Request, prompt_before, rolling_requests, score
 from shadow.models import pad_id
 from shadow.opt_mini import PERPLEXITY_FILE
+from shadow.policy import SparsityMeter
 from shadow.weights_read import sparsity_meter
 
 
@@ -75,12 +76,14 @@ def word_requests(doc: Document, tokenizer, seq_len: int) -> list[Request]:
 
 
 def evaluate_perplexity(model: nn.Module, tokenizer, mask_fn: MaskFn, cfg: PerplexityEvalConfig,
-                        data: EvalData) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """Perplexity metrics with the overall achieved sparsity, and the achieved sparsity of each layer."""
+                        data: EvalData, meter: SparsityMeter | None = None
+                        ) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Perplexity metrics with the overall achieved sparsity, and the achieved sparsity of each layer; the masks
+    applied and the tokens scored are counted in ``meter`` (by default a new one)."""
     seq_len = cfg.seq_len or model.config.max_position_embeddings
     padding = pad_id(tokenizer)
     metrics: dict[str, float] = {}
-    meter = sparsity_meter(model)
+    meter = meter or sparsity_meter(model)
     if "token" in cfg.protocols:
         requests = token_requests(data.text, tokenizer, seq_len, cfg.limit)
         nll, _ = score(model, requests, mask_fn, cfg.batch_size, padding, meter, "token perplexity",

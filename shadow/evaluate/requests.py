@@ -55,7 +55,8 @@ def score(model: nn.Module, requests: list[Request], mask_fn: MaskFn, batch_size
     """Each request's summed negative log-likelihood of its targets, and whether every target was the argmax.
 
     Requests run longest first, so that batches pad little; results come back in the order given. The masks
-    used are added to ``meter``. ``mask_from="scored"`` predicts each mask from the request's whole text, scored
+    used (per-token ones at real tokens only) and the tokens scored are added to ``meter``.
+    ``mask_from="scored"`` predicts each mask from the request's whole text, scored
     tokens included, as ShadowLLM's reference code did (a leak, for comparison only).
     """
     if mask_from == "scored":
@@ -77,6 +78,5 @@ def score(model: nn.Module, requests: list[Request], mask_fn: MaskFn, batch_size
             targets = torch.tensor(req.tokens[-req.n_targets:], device=rows.device)
             nll[i] = -rows.gather(1, targets[:, None]).sum().item()
             greedy[i] = bool((rows.argmax(-1) == targets).all())
-        if masks is not None:
-            meter.add(masks)
+        meter.add(masks, attention.bool(), scored=sum(r.n_targets for r in chunk))
     return nll, greedy

@@ -62,11 +62,13 @@ def check_tasks(cfg: TasksEvalConfig) -> Any:
 
 
 def evaluate_tasks(model: nn.Module, tokenizer, mask_fn: MaskFn, cfg: TasksEvalConfig, manager: Any,
-                   seed: int) -> tuple[dict[str, float], dict[str, list[float]], dict[str, Any]]:
-    """Task metrics (``<task>/<metric>`` and ``tasks/mean_acc``), achieved sparsity per layer, lm-eval's output."""
+                   seed: int, meter: SparsityMeter | None = None
+                   ) -> tuple[dict[str, float], dict[str, list[float]], dict[str, Any]]:
+    """Task metrics (``<task>/<metric>`` and ``tasks/mean_acc``), achieved sparsity per layer, lm-eval's output;
+    the masks applied and the tokens scored are counted in ``meter`` (by default a new one)."""
     import lm_eval
 
-    meter = sparsity_meter(model)
+    meter = meter or sparsity_meter(model)
     lm = SparseHFLM(model, tokenizer, mask_fn, cfg.batch_size, meter, cfg.mask_from)
     out = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot, limit=cfg.limit,
                                   task_manager=manager, random_seed=seed, numpy_random_seed=seed,
