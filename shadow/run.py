@@ -226,7 +226,7 @@ def save_record(directory: Path, record: dict) -> dict:
     return {}
 
 
-RECORD_VERSION = 2  # raised when a job's record gains or changes a metric: older cached records are then rerun
+RECORD_VERSION = 3  # raised when a job's record gains or changes a metric: older cached records are then rerun
 
 
 def job_inputs(cfg: DictConfig, model_id: dict) -> dict:
@@ -286,10 +286,11 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
         under = nullcontext() if limits is None else thresholds.thresholded(model, cfg.predictor.name, limits)
         with stage("evaluate"), under as kept, InputCounter(model) as inputs:
             if cfg.eval.name == "perplexity":
-                metrics, per_layer = evaluate_perplexity(model, tokenizer, masks, cfg.eval, eval_input, meter)
+                metrics, per_layer = evaluate_perplexity(model, tokenizer, masks, cfg.eval, eval_input, meter,
+                                                         inputs)
             else:
                 metrics, per_layer, out = evaluate_tasks(model, tokenizer, masks, cfg.eval, eval_input, cfg.seed,
-                                                         meter)
+                                                         meter, inputs)
                 extra = {"lm_eval": out["results"]}
                 log.info("lm-eval results\n%s", make_table(out))
                 tracker.lm_eval(out)

@@ -31,8 +31,8 @@ key-value heads in use; every head of a layer computed whole, and under TEAL, CA
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from contextlib import AbstractContextManager
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 from torch import Tensor, nn
 
@@ -152,13 +152,24 @@ class RealTokens:
 
 class InputCounter(AbstractContextManager):
     """Inside the block, counts the nonzero entries at real tokens in the input of every projection of every layer,
-    as the projection sees it (after masks and thresholds): what ``weights_read_effective`` reads. Counts stay on
-    the device until ``shares`` reads them."""
+    as the projection sees it (after masks and thresholds), in the forwards run inside ``counting()`` (the
+    evaluated ones, not those that compute masks): what ``weights_read_effective`` reads. Counts stay on the
+    device until ``shares`` reads them."""
 
     def __init__(self, model: nn.Module):
         self.model, self.family = model, family_of(model.config)
         self.counts: dict[tuple[str, int], list] = {}  # (role, layer) → [nonzero, seen]
         self.handles: list = []
+        self.active = False
+
+    @contextmanager
+    def counting(self) -> Iterator[None]:
+        """Count the forwards run inside the block."""
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
 
     def __enter__(self) -> InputCounter:
         tokens = RealTokens(self.model)
@@ -166,6 +177,8 @@ class InputCounter(AbstractContextManager):
         for role in self.family.paths:
             for index, layer in enumerate(self.family.layers(self.model)):
                 def count(module: nn.Module, args: tuple, out: Tensor, key=(role, index)) -> None:
+                    if not self.active:
+                        return
                     nonzero, seen = tokens.count(args[0] != 0)
                     totals = self.counts.setdefault(key, [0, 0])
                     totals[0], totals[1] = totals[0] + nonzero, totals[1] + seen

@@ -169,3 +169,25 @@ def test_per_token_masks_count_real_tokens_only():
     expected = 1 - masks.neurons[real].float().mean(-1).mean(0)
     torch.testing.assert_close(torch.tensor(meter.per_layer()["neuron_sparsity"]), expected)
     assert meter.requests == 7 and meter.scored == 7
+
+
+def test_effective_reads_count_the_scored_forwards_not_those_that_compute_masks(tiny_opt, tokenizer):
+    """A mask source that runs the model densely (as the oracle and the predictors' feature pass do) must not
+    count: the down projection's nonzero inputs are at most the half of the units the masks keep."""
+    from shadow.evaluate.perplexity import evaluate_perplexity, load_eval_data
+    from shadow.weights_read import InputCounter
+
+    cfg = settings("eval", limit=2, seq_len=32, protocols=["token"])
+    masks = request_masks(tiny_opt, seed=0, sparsity=0.5)
+
+    def mask_fn(requests):
+        with torch.no_grad():
+            tiny_opt(torch.tensor([r.prompt[-1:] for r in requests]))  # a dense pass, as a mask source's
+        return Masks(masks.heads.expand(len(requests), -1, -1), masks.neurons.expand(len(requests), -1, -1))
+
+    with InputCounter(tiny_opt) as inputs:
+        tiny_opt(torch.tensor([[5, 6, 7]]))  # outside the evaluation: not counted either
+        evaluate_perplexity(tiny_opt, tokenizer, mask_fn, cfg, load_eval_data(cfg), inputs=inputs)
+    down = inputs.shares()["down"]
+    assert all(0 < share <= 0.5 for share in down), down  # ReLU zeroes some of the kept half too
+    assert all(share == pytest.approx(1) for share in inputs.shares()["query"])

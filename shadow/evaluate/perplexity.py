@@ -25,7 +25,7 @@ from shadow.evaluate.requests import MaskFn, Request, prompt_before, rolling_req
 from shadow.models import pad_id
 from shadow.opt_mini import PERPLEXITY_FILE
 from shadow.policy import SparsityMeter
-from shadow.weights_read import sparsity_meter
+from shadow.weights_read import InputCounter, sparsity_meter
 
 
 @dataclass
@@ -76,10 +76,11 @@ def word_requests(doc: Document, tokenizer, seq_len: int) -> list[Request]:
 
 
 def evaluate_perplexity(model: nn.Module, tokenizer, mask_fn: MaskFn, cfg: PerplexityEvalConfig,
-                        data: EvalData, meter: SparsityMeter | None = None
+                        data: EvalData, meter: SparsityMeter | None = None, inputs: InputCounter | None = None
                         ) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Perplexity metrics with the overall achieved sparsity, and the achieved sparsity of each layer; the masks
-    applied and the tokens scored are counted in ``meter`` (by default a new one)."""
+    applied and the tokens scored are counted in ``meter`` (by default a new one), the scored forwards'
+    projection inputs in ``inputs``."""
     seq_len = cfg.seq_len or model.config.max_position_embeddings
     padding = pad_id(tokenizer)
     metrics: dict[str, float] = {}
@@ -87,13 +88,13 @@ def evaluate_perplexity(model: nn.Module, tokenizer, mask_fn: MaskFn, cfg: Perpl
     if "token" in cfg.protocols:
         requests = token_requests(data.text, tokenizer, seq_len, cfg.limit)
         nll, _ = score(model, requests, mask_fn, cfg.batch_size, padding, meter, "token perplexity",
-                       mask_from=cfg.mask_from)
+                       mask_from=cfg.mask_from, counter=inputs)
         metrics["token_perplexity"] = math.exp(sum(nll) / sum(r.n_targets for r in requests))
     if "word" in cfg.protocols:
         subset = data.documents[:cfg.limit]
         per_doc = [word_requests(d, tokenizer, seq_len) for d in subset]
         nll, _ = score(model, [r for rs in per_doc for r in rs], mask_fn, cfg.batch_size, padding, meter,
-                       "word perplexity", mask_from=cfg.mask_from)
+                       "word perplexity", mask_from=cfg.mask_from, counter=inputs)
         total = sum(nll)
         words, n_bytes = sum(d.words for d in subset), sum(d.bytes for d in subset)
         metrics.update(word_perplexity=math.exp(total / words), byte_perplexity=math.exp(total / n_bytes),

@@ -7,6 +7,7 @@ from. Requests are batched (right-padded), each with its own mask, and scored by
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
@@ -18,6 +19,7 @@ from shadow.data import pad
 from shadow.masking import apply_masks
 from shadow.offload import input_device
 from shadow.policy import Masks, SparsityMeter
+from shadow.weights_read import InputCounter
 
 
 @dataclass
@@ -50,12 +52,13 @@ def rolling_requests(tokens: list[int], prefix: int, seq_len: int) -> list[Reque
 
 @torch.no_grad()
 def score(model: nn.Module, requests: list[Request], mask_fn: MaskFn, batch_size: int, pad_id: int,
-          meter: SparsityMeter, desc: str, progress: bool = True,
-          mask_from: str = "context") -> tuple[list[float], list[bool]]:
+          meter: SparsityMeter, desc: str, progress: bool = True, mask_from: str = "context",
+          counter: InputCounter | None = None) -> tuple[list[float], list[bool]]:
     """Each request's summed negative log-likelihood of its targets, and whether every target was the argmax.
 
     Requests run longest first, so that batches pad little; results come back in the order given. The masks
-    used (per-token ones at real tokens only) and the tokens scored are added to ``meter``.
+    used (per-token ones at real tokens only) and the tokens scored are added to ``meter``, and the scored forwards'
+    projection inputs to ``counter`` (not the passes that compute masks).
     ``mask_from="scored"`` predicts each mask from the request's whole text, scored
     tokens included, as ShadowLLM's reference code did (a leak, for comparison only).
     """
@@ -69,7 +72,7 @@ def score(model: nn.Module, requests: list[Request], mask_fn: MaskFn, batch_size
         inputs = [r.tokens[:-1] for r in chunk]
         ids, attention = pad(inputs, pad_id)
         masks = mask_fn(chunk)
-        with apply_masks(model, masks):
+        with apply_masks(model, masks), counter.counting() if counter is not None else nullcontext():
             device = input_device(model)
             logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
         for i, r in zip(order[start:start + batch_size], range(len(chunk)), strict=True):

@@ -19,18 +19,18 @@ from shadow.data import load_tasks
 from shadow.evaluate.requests import MaskFn, Request, rolling_requests, score
 from shadow.models import pad_id
 from shadow.policy import SparsityMeter
-from shadow.weights_read import sparsity_meter
+from shadow.weights_read import InputCounter, sparsity_meter
 
 
 class SparseHFLM(HFLM):
     def __init__(self, model: nn.Module, tokenizer, mask_fn: MaskFn, batch_size: int, meter: SparsityMeter,
-                 mask_from: str = "context"):
+                 mask_from: str = "context", inputs: InputCounter | None = None):
         super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        self.mask_fn, self.meter, self.mask_from = mask_fn, meter, mask_from
+        self.mask_fn, self.meter, self.mask_from, self.inputs = mask_fn, meter, mask_from, inputs
 
     def _score(self, requests: list[Request], desc: str, batch_size: int, progress: bool) -> tuple[list, list]:
         return score(self.model, requests, self.mask_fn, batch_size, pad_id(self.tokenizer), self.meter, desc,
-                     progress=progress, mask_from=self.mask_from)
+                     progress=progress, mask_from=self.mask_from, counter=self.inputs)
 
     def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False,
                               override_bs: int | None = None) -> list[tuple[float, bool]]:
@@ -62,14 +62,15 @@ def check_tasks(cfg: TasksEvalConfig) -> Any:
 
 
 def evaluate_tasks(model: nn.Module, tokenizer, mask_fn: MaskFn, cfg: TasksEvalConfig, manager: Any,
-                   seed: int, meter: SparsityMeter | None = None
+                   seed: int, meter: SparsityMeter | None = None, inputs: InputCounter | None = None
                    ) -> tuple[dict[str, float], dict[str, list[float]], dict[str, Any]]:
     """Task metrics (``<task>/<metric>`` and ``tasks/mean_acc``), achieved sparsity per layer, lm-eval's output;
-    the masks applied and the tokens scored are counted in ``meter`` (by default a new one)."""
+    the masks applied and the tokens scored are counted in ``meter`` (by default a new one), the scored forwards'
+    projection inputs in ``inputs``."""
     import lm_eval
 
     meter = meter or sparsity_meter(model)
-    lm = SparseHFLM(model, tokenizer, mask_fn, cfg.batch_size, meter, cfg.mask_from)
+    lm = SparseHFLM(model, tokenizer, mask_fn, cfg.batch_size, meter, cfg.mask_from, inputs)
     out = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot, limit=cfg.limit,
                                   task_manager=manager, random_seed=seed, numpy_random_seed=seed,
                                   torch_random_seed=seed, fewshot_random_seed=seed)
