@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from shadow import kernels
 from shadow.arch import Shape, family_of
 from shadow.config import compose_config
+from shadow.criteria import CRITERIA
 from shadow.data import Example
 from shadow.masking import apply_masks
 from shadow.placements import PLACEMENTS
@@ -26,6 +27,9 @@ from shadow.thresholds import calibrate, sites, thresholded
 from shadow.weights_read import masks_read
 
 ROOT = Path(__file__).resolve().parent.parent
+ALL_CASES = [(name, variant) for name in sorted(CRITERIA) for variant in CRITERIA[name] if name != "random"]
+HALF_AGREEMENT = {"epenas": 0.85}  # log(|corr| + 1e-5) is ruled by near-zero correlations: rounding opt-mini's
+# weights to bfloat16 alone, computing in float32, moves its per-layer ranking to ρ = 0.92
 CONF_DIR = str(ROOT / "conf")
 FAST_CLI = ("logger=none calibration.limit=8 predictor.head_epochs=2 predictor.neuron_epochs=1 eval.limit=1 "
             "eval.protocols=[token]")  # the opt-mini pipeline in seconds

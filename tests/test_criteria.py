@@ -12,7 +12,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import layers_of, make_tiny_llama, make_tiny_opt, per_layer_agreement, settings, shape_of
+from helpers import (
+    ALL_CASES,
+    HALF_AGREEMENT,
+    layers_of,
+    make_tiny_llama,
+    make_tiny_opt,
+    per_layer_agreement,
+    settings,
+    shape_of,
+)
 
 from shadow.arch import Activation, Shape, family_of
 from shadow.criteria import CRITERIA, EPS, Units, get_criterion
@@ -414,9 +423,6 @@ def test_random_control_follows_the_seed(model, examples):
     assert not torch.equal(one, two) and one.min() >= 0 and one.max() < per_unit and two.max() < per_unit
 
 
-ALL_CASES = [(name, variant) for name in sorted(CRITERIA) for variant in CRITERIA[name] if name != "random"]
-HALF_AGREEMENT = {"epenas": 0.85}  # log(|corr| + 1e-5) is ruled by near-zero correlations: rounding opt-mini's
-# weights to bfloat16 alone, computing in float32, moves its per-layer ranking to ρ = 0.92
 
 
 @pytest.fixture(scope="module")
@@ -433,15 +439,15 @@ def opt_mini_in():
     from shadow.opt_mini import MODEL_DIR
 
     return {dtype: AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=dtype).eval()
-            for dtype in (torch.float32, torch.bfloat16, torch.float16)}
+            for dtype in (torch.float32, torch.bfloat16)}
 
 
-@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bfloat16"),
-                                   pytest.param(torch.float16, id="float16", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bfloat16")])
 @pytest.mark.parametrize("name,variant", ALL_CASES)
 def test_half_precision_ranks_units_as_float32(opt_mini_in, opt_mini_batch, name, variant, dtype):
-    """Every criterion on opt-mini in bfloat16 and float16 ranks each layer's units as float32 does (scores are
-    accumulated in float32; float16 gradients are loss-scaled, GraSP's gates are float32)."""
+    """Every criterion on opt-mini in bfloat16 ranks each layer's units as float32 does (scores are accumulated in
+    float32; GraSP's gates are float32). float16, which jobs refuse on the CPU, is checked on CUDA (test_gpu.py),
+    with its loss-scaled gradients."""
     criterion = get_criterion(name, variant)
     shape = shape_of(opt_mini_in[torch.float32])
     _, full_heads, full_neurons = score_batch(opt_mini_in[torch.float32], opt_mini_batch, criterion, shape)
