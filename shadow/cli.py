@@ -1,7 +1,7 @@
 """Command-line handling before Hydra runs: argv order, and every job of a sweep checked before any job starts.
 
-Hydra 1.3 rejects overrides on both sides of ``-m`` (hydra issue #3053), so value-less flags move to the front
-of argv first. Then each override is checked: a config group's option must exist, and every job must compose
+Hydra 1.3 rejects overrides on both sides of a flag (hydra issue #3053: ``-m``, ``--config-name x``), so flags,
+with their values, move to the front of argv first. Then each override is checked: a config group's option must exist, and every job must compose
 against the typed schema and pass ``validate``, so a typo in the last value of a sweep fails at once, in one
 line, not after the other jobs have run. The jobs are those Hydra's basic sweeper would launch: the sweep file's
 ``hydra.sweeper.params`` grid (``--config-dir sweeps --config-name paper_criteria``, in multirun mode) combined
@@ -29,7 +29,6 @@ from omegaconf.errors import OmegaConfBaseException
 
 from shadow.config import EVAL_SCHEMAS, ConfigError, conf_options, register_configs, validate
 
-FRONT_FLAGS = ("-m", "--multirun")
 LONG = {"-cd": "--config-dir", "-cn": "--config-name", "-cp": "--config-path", "-c": "--cfg", "-p": "--package",
         "-i": "--info", "-m": "--multirun", "-sc": "--shell-completion"}
 VALUE_FLAGS = ("--config-dir", "--config-name", "--config-path", "--cfg", "--package", "--experimental-rerun")
@@ -45,11 +44,23 @@ MAX_CHECKED = 256  # sweeps larger than this are checked on their first combinat
 
 
 def fix_argv(argv: list[str]) -> list[str]:
-    """Flags first, then everything else in order; ``--cfg``/``-c`` also get ``--resolve``."""
-    flags = [a for a in argv if a in FRONT_FLAGS]
-    rest = [a for a in argv if a not in FRONT_FLAGS]
-    if any(a in ("--cfg", "-c") for a in rest) and "--resolve" not in rest:
-        rest.append("--resolve")
+    """Flags first, each with its value (``--config-dir sweeps``), then the overrides in order; ``--cfg``/``-c`` also
+    get ``--resolve``."""
+    flags, rest, pending = [], [], None
+    for arg in argv:
+        if pending is not None and (pending != "--info" or arg in INFO_CHOICES):
+            flags.append(arg)
+            pending = None
+            continue
+        pending = None
+        if not arg.startswith("-"):
+            rest.append(arg)
+            continue
+        flags.append(arg)
+        name = LONG.get(arg, arg)
+        pending = name if name in (*VALUE_FLAGS, "--info") else None
+    if any(a in ("--cfg", "-c") for a in flags) and "--resolve" not in flags:
+        flags.append("--resolve")
     return flags + rest
 
 

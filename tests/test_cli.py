@@ -19,6 +19,9 @@ def test_flags_move_to_the_front():
     assert fix_argv(["+criterion=plainact", "-m", "sparsity=0.3,0.5"]) == ["-m", "+criterion=plainact",
                                                                           "sparsity=0.3,0.5"]
     assert fix_argv(["--cfg", "job"]) == ["--cfg", "job", "--resolve"]
+    assert fix_argv(["logger=none", "--config-dir", "sweeps", "-cn", "opt_mini_study", "seed=1", "--info",
+                     "defaults", "--config-name=x"]) == ["--config-dir", "sweeps", "-cn", "opt_mini_study", "--info",
+                                                         "defaults", "--config-name=x", "logger=none", "seed=1"]
 
 
 def test_flags_and_their_values_are_told_from_overrides():
