@@ -3,12 +3,12 @@
 Hydra 1.3 rejects overrides on both sides of a flag (hydra issue #3053: ``-m``, ``--config-name x``), so flags,
 with their values, move to the front of argv first. Then each override is checked: a config group's option must
 exist, and every job must compose against the typed schema and pass ``validate``, so a typo in the last value of
-a sweep fails at once, in one line, not after the other jobs have run. The jobs are those Hydra's basic sweeper would launch: the sweep file's
-``hydra.sweeper.params`` grid (``--config-dir sweeps --config-name paper_criteria``, in multirun mode) combined
-with the command line's overrides, which replace the grid's values of the same key. ``check_argv`` takes the
-primary config's name and the check to run, so other Hydra apps over conf/ (the latency benchmark:
-``check_argv(argv, "latency", check)``) check their sweeps the same way. Checks of this machine's devices
-(``devices``) run only for jobs launched here: a SLURM job checks its own node.
+a sweep fails at once, in one line, not after the other jobs have run. The jobs are those Hydra's basic sweeper
+would launch: the sweep file's ``hydra.sweeper.params`` grid (``--config-dir sweeps --config-name
+paper_criteria``, in multirun mode) combined with the command line's overrides, which replace the grid's values
+of the same key. ``check_argv`` takes the primary config's name and the check to run, so other Hydra apps over
+conf/ (the latency benchmark: ``check_argv(argv, "latency", check)``) check their sweeps the same way. Checks of
+this machine's devices (``devices``) run only for jobs launched here: a SLURM job checks its own node.
 """
 
 from __future__ import annotations
