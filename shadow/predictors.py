@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -466,7 +467,14 @@ class StaticMasks:
 class OracleMasks:
     """The upper bound of any predictor: the criterion's own scores on each request's text, its loss on the
     tokens that are scored (so the mask has seen them), normalised as ``target_norm`` says (``global``: one scale
-    for every layer, what ``LayerScales`` restores per-layer normalised predictions to)."""
+    for every layer, what ``LayerScales`` restores per-layer normalised predictions to).
+
+    Scoring a batch is a forward and a backward pass; its scores do not depend on the policy or the sparsity, so
+    the jobs of a sweep in one process (the basic launcher's) score each batch of the evaluation once: the scores
+    of the last model, criterion and seed are kept, the same computation's results."""
+
+    _scores: ClassVar[dict[tuple, tuple[Tensor, Tensor]]] = {}
+    _of: ClassVar[tuple | None] = None
 
     def __init__(self, model: nn.Module, criterion: Criterion, shape: Shape, policy: Policy, target_norm: str,
                  pad_id: int, seed: int):
@@ -475,13 +483,26 @@ class OracleMasks:
 
     def __call__(self, requests: Sequence) -> Masks:
         limit = self.model.config.max_position_embeddings  # a rolling window holds one token more than the input
-        windows = [r.tokens[-limit:] for r in requests]
-        batch = collate([Example(tuple(w), max(1, len(w) - r.n_targets)) for w, r in zip(windows, requests,
-                                                                                          strict=True)], self.pad_id)
-        generator = torch.Generator().manual_seed(self.seed)
-        _, heads, neurons = score_batch(self.model, batch, self.criterion, self.shape, generator)
+        examples = [Example(tuple(w), max(1, len(w) - r.n_targets))
+                    for w, r in zip((r.tokens[-limit:] for r in requests), requests, strict=True)]
+        heads, neurons = self.scores(examples)
         return self.policy.select(normalise_targets(heads, self.target_norm),
                                   normalise_targets(neurons, self.target_norm))
+
+    def scores(self, examples: list[Example]) -> tuple[Tensor, Tensor]:
+        """The criterion's (B, L, H) head and (B, L, F) neuron scores of one batch, scored once per process."""
+        of = (id(self.model), self.criterion, self.shape, self.pad_id, self.seed)
+        if OracleMasks._of != of:
+            OracleMasks._scores.clear()  # one model, criterion and seed at a time: a sweep's jobs share them
+            OracleMasks._of = of
+        key = tuple((e.input_ids, e.context_len) for e in examples)
+        if key not in OracleMasks._scores:
+            generator = torch.Generator().manual_seed(self.seed)
+            _, heads, neurons = score_batch(self.model, collate(examples, self.pad_id), self.criterion, self.shape,
+                                            generator)
+            OracleMasks._scores[key] = heads, neurons
+        heads, neurons = OracleMasks._scores[key]
+        return heads, neurons
 
 
 def save_predictor(predictor: Predictor, directory: Path) -> dict:

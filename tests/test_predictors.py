@@ -256,6 +256,31 @@ def test_oracle_masks_keep_the_criterions_own_top_units(tiny_opt, tokenizer):
     assert torch.equal(masks.neurons, policy.select(heads, neurons).neurons)
 
 
+def test_the_oracle_scores_a_batch_once_for_every_job_of_a_sweep(tiny_opt, tokenizer, monkeypatch):
+    """Another policy or sparsity on the same batch reuses its scores (the same masks as scoring anew); another
+    criterion, seed or model scores again."""
+    import shadow.predictors
+
+    calls = []
+    real = shadow.predictors.score_batch
+    monkeypatch.setattr(shadow.predictors, "score_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    shape, plainact = shape_of(tiny_opt), get_criterion("plainact", "textbook")
+    tokens = tokenizer("Four score and seven years ago our fathers brought forth")["input_ids"]
+    requests = [SimpleNamespace(prompt=tokens[:1], tokens=tokens, n_targets=len(tokens) - 1)]
+    masks = {}
+    for policy in (Policy("local", 0.5, 0.5), Policy("global", 0.3, 0.7)):
+        masks[policy] = OracleMasks(tiny_opt, plainact, shape, policy, "global", pad_id=1, seed=0)(requests)
+    assert len(calls) == 1
+    _, heads, neurons = real(tiny_opt, collate([Example(tuple(tokens), 1)], 1), plainact, shape)
+    for policy, got in masks.items():
+        want = policy.select(normalise_targets(heads, "global"), normalise_targets(neurons, "global"))
+        assert torch.equal(got.heads, want.heads) and torch.equal(got.neurons, want.neurons)
+    OracleMasks(tiny_opt, get_criterion("l2_norm", "textbook"), shape, Policy("local", 0.5, 0.5), "global", 1,
+                0)(requests)
+    OracleMasks(tiny_opt, plainact, shape, Policy("local", 0.5, 0.5), "global", 1, 1)(requests)
+    assert len(calls) == 3
+
+
 def test_oracle_reads_a_rolling_window_one_token_longer_than_the_model(tokenizer):
     """A word-perplexity window holds the model's whole context plus the last target: the oracle scores what the
     model reads, its loss on the scored tokens."""
