@@ -195,7 +195,7 @@ def reads_per_token(cfg: DictConfig, model, shape: Shape, per_layer: dict[str, l
     if placement.trains:
         per_token = cfg.predictor.granularity == "token"
         runs = 1.0 if per_token else meter.requests / max(meter.scored, 1)
-        predictor = runs * predictor_parameters(cfg, shape, model.config.hidden_size, heads_only) / \
+        predictor = runs * predictor_parameters(cfg, shape, shape.attention_width, heads_only) / \
             step_parameters(model)
         if per_token:
             reads, kv = read_whole(model, reads, kv, *placement.computed_whole(layers, cfg.predictor.layer,
