@@ -60,16 +60,17 @@ ANNOTATED_LAYERS = 16  # up to this many layers a cell is wide enough for its va
 
 
 def load_rows(dirs: list[Path]) -> list[dict]:
-    rows = []
+    """One row per job: a job run again into the same directory (a sweep resumed) counts once, as last run."""
+    records: dict[str, dict] = {}
     for directory in dirs:
         path = directory / "results.jsonl"
         if not path.is_file():
             raise SystemExit(f"error: {path} does not exist; pass a sweep directory that holds results.jsonl")
-        for line in path.read_text().splitlines():
+        for number, line in enumerate(path.read_text().splitlines()):
             record = json.loads(line)
-            rows.append({**{k: record.get(k) for k in CONFIG_KEYS}, **record["metrics"],
-                         "layers": record.get("sparsity_per_layer") or {}})
-    return rows
+            records[record.get("output_dir") or f"{path}:{number}"] = record
+    return [{**{k: record.get(k) for k in CONFIG_KEYS}, **record["metrics"],
+             "layers": record.get("sparsity_per_layer") or {}} for record in records.values()]
 
 
 def varying_keys(rows: list[dict]) -> list[str]:

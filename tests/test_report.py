@@ -222,3 +222,16 @@ def test_the_seed_table_marks_differences_inside_the_spread():
     assert cells["shadow", 0.7] == "**100.5 [100, 101] (2)**" and cells["static", 0.7] == "≈ 100.8"
     columns, body = seed_table([job(predictor="shadow", acc=0.6), job(predictor="dejavu", acc=0.7)], ["acc"])
     assert [row[-1] for row in body] == ["**0.7**", "≈ 0.6"]  # more is better; one seed each: no spread known
+
+
+def test_a_job_run_again_into_its_sweep_counts_once(tmp_path):
+    """A resumed sweep appends a job's line again: the table and the seed bands count it once, as last run."""
+    from shadow.report import load_rows
+
+    tmp_path.joinpath("s").mkdir()
+    line = {"model": "opt-mini", "criterion": "plainact", "predictor": "shadow", "sparsity": 0.5}
+    lines = [{**line, "output_dir": "s/0", "metrics": {"token_perplexity": 50.0}},
+             {**line, "output_dir": "s/1", "seed": 1, "metrics": {"token_perplexity": 60.0}},
+             {**line, "output_dir": "s/0", "metrics": {"token_perplexity": 52.0}}]
+    (tmp_path / "s" / "results.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert sorted(r["token_perplexity"] for r in load_rows([tmp_path / "s"])) == [52.0, 60.0]
