@@ -3,8 +3,9 @@
 Reads each directory's results.jsonl (one line per job) and writes into ``--out`` (default: the first directory):
 - results.csv and results.md, printed too: one row per job, the config keys that vary, then the metrics;
 - results_by_seed.md, where seeds vary (printed too): one row per setting, each metric's mean and [min, max]
-  over the seeds; within the settings that differ only in ``--compare`` (default: predictor), the best mean in
-  bold and the values whose band overlaps the best one's marked ≈ (a difference inside the spread);
+  over the seeds; within the settings that differ only in ``--compare`` (default: predictor), each quality
+  metric's best mean in bold and the values whose band overlaps the best one's marked ≈ (a difference inside the
+  spread);
 - <metric>_by_criterion.png and <metric>_by_predictor.png for accuracy and perplexity: the metric against
   sparsity, one line per criterion (a panel per predictor) and one line per predictor (a panel per criterion);
   other keys that vary (policy, model, head or neuron sparsity unlike sparsity, …) split lines further, with
@@ -94,19 +95,22 @@ def table(rows: list[dict], metrics: list[str]) -> tuple[list[str], list[list]]:
     return columns, body
 
 
-LOWER_BETTER = ("perplexity", "bits_per_byte", "_mse")  # metrics where less is better; the others: more
+LOWER_BETTER = ("perplexity", "bits_per_byte", "_mse")  # quality metrics where less is better; the others: more
+NOT_QUALITY = ("sparsity", "_read", "_examples", "_documents")  # what a run spends or uses, not how well it does
 
 
 def better(metric: str) -> int:
-    """+1 where a larger value of ``metric`` is better, -1 where a smaller one is."""
+    """+1 where a larger value of ``metric`` is better, -1 where a smaller one is, 0 where it is not a quality."""
+    if any(part in metric for part in NOT_QUALITY):
+        return 0
     return -1 if any(part in metric for part in LOWER_BETTER) else 1
 
 
 def seed_table(rows: list[dict], metrics: list[str], compare: str = "predictor") -> tuple[list[str], list[list]]:
     """One row per setting, seeds aggregated: each metric as ``mean [min, max] (n)`` over the seeds. Within each
-    group of settings that differ only in ``compare``, the best mean of each metric is in bold, and a value whose
-    [min, max] band overlaps the best one's is marked ≈: the difference lies inside the spread over seeds (with a
-    single seed on both sides, any difference is marked ≈, as no spread is known)."""
+    group of settings that differ only in ``compare``, the best mean of each quality metric is in bold, and a value
+    whose [min, max] band overlaps the best one's is marked ≈: the difference lies inside the spread over seeds (a
+    single run is a band of one point: the deterministic placements' results have no seed spread)."""
     keys = [k for k in varying_keys(rows) if k != "seed"]
     metrics = [m for m in metrics if any(m in r for r in rows)]
     settings: dict[tuple, list[dict]] = defaultdict(list)
@@ -130,14 +134,13 @@ def seed_table(rows: list[dict], metrics: list[str], compare: str = "predictor")
         text = f"{mean:.4g}" if n == 1 else f"{mean:.4g} [{low:.4g}, {high:.4g}] ({n})"
         group = [other for other in rivals[setting[:where] + setting[where + 1:] if where is not None else ()]
                  if (other, m) in stats]
-        if len(group) < 2:
+        if len(group) < 2 or not better(m):
             return text
         best = max(group, key=lambda other: better(m) * stats[other, m][0])
         if best == setting:
             return f"**{text}**"
-        _, best_low, best_high, best_n = stats[best, m]
-        inside = (low <= best_high and best_low <= high) if n > 1 or best_n > 1 else True
-        return f"≈ {text}" if inside else text
+        _, best_low, best_high, _ = stats[best, m]
+        return f"≈ {text}" if low <= best_high and best_low <= high else text
 
     body = [[json.loads(v) for v in setting] + [cell(setting, m) for m in metrics]
             for setting in sorted(settings, key=lambda s: [str(x) for x in s])]
