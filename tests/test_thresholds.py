@@ -47,7 +47,7 @@ def test_thresholds_zero_the_asked_share_of_the_calibration_activations(family, 
     found = sites(model, method)
     limits = calibrate(model, data, method, 4, 1).thresholds([share] * len(found))
     assert limits.shape == (len(found), len(layers_of(model))) and (limits > 0).all()
-    with torch.no_grad(), thresholded(model, method, limits), InputCounter(model) as inputs:
+    with torch.no_grad(), thresholded(model, method, limits), InputCounter(model) as inputs, inputs.counting():
         model(torch.tensor([e.input_ids for e in data]))
     nonzero = inputs.shares()
     zeroed = torch.tensor([[1 - v for v in nonzero[site.roles[0] if site.roles else "down"]] for site in found])
@@ -67,7 +67,8 @@ def test_a_site_thresholded_whole_is_its_weights_deleted(family, method):
     for s, site in enumerate(sites(model, method)):
         limits = torch.zeros(len(sites(model, method)), len(layers_of(model)))
         limits[s] = float("inf")
-        with torch.no_grad(), thresholded(model, method, limits) as kept, InputCounter(model) as inputs:
+        with (torch.no_grad(), thresholded(model, method, limits) as kept, InputCounter(model) as inputs,
+              inputs.counting()):
             got = model(ids).logits
         shares = kept.shares()
         already_zero = torch.tensor(inputs.shares()[site.roles[0] if site.roles else "down"])  # now all zero: 0
@@ -90,7 +91,7 @@ def test_exact_zeros_and_padding_are_not_counted_as_dropped():
     ids = torch.randint(4, 8192, (1, 12), generator=torch.Generator().manual_seed(3))
     limits = torch.zeros(len(sites(model, "teal")), len(layers_of(model)))
     limits[down] = 1e-30
-    with torch.no_grad(), thresholded(model, "teal", limits) as kept, InputCounter(model) as inputs:
+    with torch.no_grad(), thresholded(model, "teal", limits) as kept, InputCounter(model) as inputs, inputs.counting():
         model(ids)
     assert (kept.shares() == 1).all() and max(inputs.shares()["down"]) < 0.9  # ReLU zeroed some: not dropped
     limits[down, 0] = float("inf")  # layer 0 sees the inputs it saw above
