@@ -17,12 +17,13 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from shadow.cli import check_argv, fail, fix_argv
-from shadow.config import ConfigError, check_devices, register_configs
+from shadow.compose import CONF_DIR, check_devices, register_configs
+from shadow.errors import ConfigError
 
 log = logging.getLogger("shadow")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> dict[str, float]:
     from shadow.run import run  # late import: --help and --cfg stay fast
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from shadow.config import ConfigError
+from shadow.errors import ConfigError
 from shadow.models import readable
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from shadow.config import EVAL_SCHEMAS, ConfigError, conf_options, register_configs, validate
+from shadow.compose import CONF_DIR, conf_options, register_configs, validate
+from shadow.config import EVAL_SCHEMAS
+from shadow.errors import ConfigError
 
 LONG = {"-cd": "--config-dir", "-cn": "--config-name", "-cp": "--config-path", "-c": "--cfg", "-p": "--package",
         "-i": "--info", "-m": "--multirun", "-sc": "--shell-completion"}
@@ -36,7 +38,6 @@ INFO_CHOICES = ("all", "config", "defaults", "defaults-tree", "plugins", "search
 # these show or rerun a config and launch none of argv's jobs (--cfg job must work without +criterion: it lists
 # the settings); --config-path replaces conf/ by a directory relative to the app's file, which only Hydra knows
 UNCHECKED = ("--cfg", "--info", "--shell-completion", "--experimental-rerun", "--config-path")
-CONF = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("criterion", "predictor", "model", "calibration", "eval", "compat", "logger", "hydra/launcher")
 LAUNCHERS = ("basic", "joblib", "submitit_local", "submitit_slurm")  # provided by Hydra and its plugins
 TYPES = {"Float": "a number", "Integer": "a whole number", "Boolean": "true or false"}
@@ -165,7 +166,7 @@ def check_argv(argv: list[str], config_name: str = "config", check: Callable[[Di
     ``config_name`` (or --config-name) and passed to ``check``, and to ``devices`` when they run on this machine
     (not through a SLURM launcher: a job checks its node's devices itself); nothing is loaded."""
     overrides, flags = overrides_of(argv)
-    dirs = [CONF, *([Path(flags["--config-dir"]).absolute()] if flags.get("--config-dir") else [])]
+    dirs = [CONF_DIR, *([Path(flags["--config-dir"]).absolute()] if flags.get("--config-dir") else [])]
     cli = parsed(overrides)
     check_groups(cli, dirs)
     if set(UNCHECKED) & flags.keys():

@@ -1,24 +1,13 @@
-"""Typed configuration: the schema behind conf/, registered in Hydra's ConfigStore, and its checks.
-
-Hydra checks types and key names against these dataclasses while composing; `validate` checks values and
-cross-field rules before any model is loaded, with one-line errors that name the key, the value and the fix.
-"""
+"""The schema behind conf/: typed dataclasses (Hydra checks types and key names against them while composing) and
+the values each key allows. Composition, resolvers and the checks of values live in ``shadow.compose``, above the
+registries they consult; this module imports nothing of shadow's."""
 
 from __future__ import annotations
 
-import math
-import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
-
-
-class ConfigError(ValueError):
-    """A bad config value; its message is one line naming the key, the value and the fix."""
+from omegaconf import MISSING, DictConfig
 
 
 @dataclass
@@ -148,51 +137,6 @@ def resolved_sparsities(cfg: DictConfig | Config) -> tuple[float, float]:
     return head, neuron
 
 
-def gpus_for(model: str, dtype: str) -> int:
-    """GPUs a job needs for a model named as a known architecture (``opt-1.3b``, ``llama-3.1-8b``): its weights,
-    counted by its family from the architecture's config, + 20% over GPUs of SHADOW_GPU_GB (default 80) GB, rounded
-    up to a power of two; 0 for weights under 100 MB and for any other model (opt-mini and llama-mini run on the
-    CPU)."""
-    from shadow.arch import architecture_config, architectures, family_of
-    from shadow.models import TORCH_DTYPES
-
-    if model not in architectures():
-        return 0
-    config = architecture_config(model)
-    weights = family_of(config).weight_bytes(config, TORCH_DTYPES[dtype])
-    if weights < CPU_SIZED_BYTES:
-        return 0
-    need = weights * 1.2 / (float(os.environ.get("SHADOW_GPU_GB", 80)) * 1e9)
-    return 1 << max(0, math.ceil(math.log2(need))) if need > 1 else 1
-
-
-def installed_file(relative: str) -> str:
-    """``<package>/<path>``: that file of an installed package, found without importing the package (its imports
-    may not be installed); where the package is missing, where pip would put it, so that the error names it."""
-    import importlib.util
-    import sysconfig
-
-    package, _, rest = relative.partition("/")
-    spec = importlib.util.find_spec(package)
-    roots = list(spec.submodule_search_locations or []) if spec is not None else []
-    root = Path(roots[0]) if roots else Path(sysconfig.get_paths()["purelib"]) / package
-    return str(root / rest)
-
-
-def register_configs() -> None:
-    """The schema for conf/config.yaml; ${shadow_asset:<path>}: a path inside the installed package;
-    ${shadow_installed:<package>/<path>}: a file inside another installed package (not imported);
-    ${shadow_gpus:<model>,<dtype>}: GPUs per job for the SLURM launcher preset."""
-    store = ConfigStore.instance()
-    store.store(name="shadow_schema", node=Config)
-    for kind, schema in EVAL_SCHEMAS.items():  # conf/eval/<kind>.yaml extends /<kind>_eval_schema
-        store.store(name=f"{kind}_eval_schema", node=schema)
-    package = Path(__file__).resolve().parent
-    OmegaConf.register_new_resolver("shadow_asset", lambda rel: str(package / rel), replace=True)
-    OmegaConf.register_new_resolver("shadow_installed", installed_file, replace=True)
-    OmegaConf.register_new_resolver("shadow_gpus", gpus_for, replace=True)
-
-
 DTYPES = ("float32", "float16", "bfloat16")
 POLICIES = ("global", "local", "hybrid")
 ATTENTION_UNITS = ("kv_group", "query_head")
@@ -200,7 +144,6 @@ PREDICTOR_ARCHS = ("mlp", "lowrank")
 PREDICTOR_DTYPES = ("float32", "float16", "bfloat16", "int8")
 GRANULARITIES = ("request", "token")
 ALLOCATIONS = ("uniform", "greedy")
-CPU_SIZED_BYTES = 100e6  # weights a job runs on the CPU without asking for a GPU
 EVALS = ("perplexity", "tasks")
 EVAL_DATASETS = ("opt_mini", "wikitext2")
 CALIBRATION_SOURCES = ("opt_mini", "tasks")
@@ -209,136 +152,3 @@ MASK_SOURCES = ("context", "scored")
 COMPAT = ("none", "reference")
 TARGET_NORMS = ("per_layer", "global")
 LAYER_SCALES = ("calibrated", "none")
-
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-
-def conf_options(group: str) -> list[str]:
-    """The options of a conf/ group: the names of its YAML files."""
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-
-
-def compose_config(*overrides: str) -> DictConfig:
-    """The job config exactly as ``python -m shadow <overrides>`` composes it: conf/'s values over the schema.
-    For code that needs settings outside a job (benchmarks, tests); inside one, Hydra has composed it."""
-    from hydra import compose, initialize_config_dir
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
-
-
-def _choice(key: str, value: Any, allowed: tuple[str, ...] | list[str]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}; pick one, e.g. {key}={allowed[0]}")
-
-
-def _fraction(key: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise ConfigError(f"{key}={value!r} is outside [0, 1); set {key} to a fraction such as 0.5")
-
-
-def _placement(model: DictConfig | ModelConfig) -> None:
-    """max_memory and offload_folder: accelerate's placement settings, read only with a device_map."""
-    caps = model.max_memory
-    for key in ("max_memory", "offload_folder"):
-        if model[key] is not None and model.device_map is None:
-            raise ConfigError(f"model.{key} is read only with model.device_map=auto; add model.device_map=auto, or "
-                              f"drop model.{key}")
-    if caps is not None and (not isinstance(caps, (dict, DictConfig)) or not all(
-            isinstance(k, int) or k in ("cpu", "mps", "disk") for k in caps)):
-        raise ConfigError(f"model.max_memory={caps!r} is not a map from devices to sizes; write it as accelerate "
-                          "takes it, e.g. model.max_memory={0: 70GiB, 1: 70GiB, cpu: 200GiB}")
-
-
-def check_devices(cfg: DictConfig | Config) -> None:
-    """The devices the job names exist where it runs, and its dtype suits them: checked on the machine that runs
-    the job (a SLURM job on its node, not where it was submitted)."""
-    import torch
-
-    for key, device in (("device", cfg.device), ("predictor.device", cfg.predictor.get("device"))):
-        if str(device).startswith("cuda") and int(device.partition(":")[2] or 0) >= torch.cuda.device_count():
-            raise ConfigError(f"{key}={device} but {torch.cuda.device_count()} CUDA devices are visible; use "
-                              f"{key}={'cuda:0' if torch.cuda.is_available() else 'cpu'}")
-    on_cpu = cfg.device == "cpu" if cfg.model.device_map is None else not torch.cuda.is_available()
-    if on_cpu and cfg.model.dtype == "float16":
-        raise ConfigError("model.dtype='float16' is slow and inexact on the CPU; use model.dtype=float32 or "
-                          "bfloat16, or device=cuda")
-
-
-def validate(cfg: DictConfig | Config) -> None:
-    """Check values and cross-field rules, whatever machine runs the job; raise ConfigError before any expensive
-    work starts."""
-    from shadow.criteria import CRITERIA  # late imports: the registries import torch
-    from shadow.placements import PLACEMENTS
-
-    if cfg.criterion is None or OmegaConf.is_missing(cfg.criterion, "name"):
-        raise ConfigError(f"criterion is not set; add +criterion=<name> with one of: {', '.join(sorted(CRITERIA))}")
-    _choice("criterion", cfg.criterion.name, sorted(CRITERIA))
-    _choice("criterion.variant", cfg.criterion.variant, sorted(CRITERIA[cfg.criterion.name]))
-    _fraction("sparsity", cfg.sparsity)
-    for key in ("head_sparsity", "neuron_sparsity"):
-        if cfg[key] is not None:
-            _fraction(key, cfg[key])
-    _choice("policy", cfg.policy, POLICIES)
-    _choice("layer_scale", cfg.layer_scale, LAYER_SCALES)
-    _choice("attention_unit", cfg.attention_unit, ATTENTION_UNITS)
-    _choice("predictor", cfg.predictor.name, sorted(PLACEMENTS))
-    _choice("predictor.target_norm", cfg.predictor.target_norm, TARGET_NORMS)
-    _choice("predictor.arch", cfg.predictor.arch, PREDICTOR_ARCHS)
-    _choice("predictor.granularity", cfg.predictor.granularity, GRANULARITIES)
-    _choice("predictor.dtype", cfg.predictor.dtype, PREDICTOR_DTYPES)
-    _choice("predictor.allocation", cfg.predictor.allocation, ALLOCATIONS)
-    if cfg.predictor.allocation == "greedy" and cfg.predictor.name != "teal":
-        raise ConfigError(f"predictor.allocation=greedy allocates TEAL's sites, not predictor={cfg.predictor.name}'s; "
-                          "use predictor=teal, or predictor.allocation=uniform")
-    rank = cfg.predictor.neuron_rank
-    if rank is not None and not (isinstance(rank, int) and 1 <= rank < cfg.predictor.neuron_hidden):
-        raise ConfigError(f"predictor.neuron_rank={rank} must be an integer from 1 to predictor.neuron_hidden - 1 "
-                          f"({cfg.predictor.neuron_hidden - 1}) to save anything; use null for the full layer")
-    if cfg.predictor.dtype == "int8" and str(cfg.predictor.device or cfg.device).startswith("cuda"):
-        raise ConfigError(f"predictor.dtype=int8 runs on the CPU only (torch's dynamic quantisation) but the "
-                          f"predictor runs on {cfg.predictor.device or cfg.device}; use predictor.dtype=float16 or "
-                          "bfloat16 there, or predictor.device=cpu")
-    if cfg.predictor.granularity == "token" and not PLACEMENTS[cfg.predictor.name].trains:
-        trained = " or ".join(name for name, placement in PLACEMENTS.items() if placement.trains)
-        raise ConfigError(f"predictor.granularity=token needs a trained predictor, not predictor={cfg.predictor.name}; "
-                          f"use predictor={trained}, or predictor.granularity=request")
-    _choice("model.dtype", cfg.model.dtype, DTYPES)
-    _placement(cfg.model)
-    _choice("eval", cfg.eval.name, EVALS)
-    _choice("eval.mask_from", cfg.eval.mask_from, MASK_SOURCES)
-    if cfg.eval.name == "perplexity":
-        _choice("eval.dataset", cfg.eval.dataset, EVAL_DATASETS)
-        for protocol in cfg.eval.protocols:
-            _choice("eval.protocols", protocol, PROTOCOLS)
-    elif cfg.eval.num_fewshot < 0:
-        raise ConfigError(f"eval.num_fewshot={cfg.eval.num_fewshot} is negative; use 0, 3 or 5")
-    _choice("compat", cfg.compat, COMPAT)
-    _choice("calibration.source", cfg.calibration.source, CALIBRATION_SOURCES)
-    if cfg.calibration.source != "tasks":
-        unset = {"tasks": None, "num_fewshot": 0, "include_path": None}
-        for key, value in unset.items():
-            if cfg.calibration[key] != value:
-                raise ConfigError(f"calibration.{key} is read only with calibration.source=tasks; add "
-                                  f"calibration.source=tasks (or calibration=paper), or drop calibration.{key}")
-    elif not cfg.calibration.tasks:
-        raise ConfigError("calibration.tasks is empty with calibration.source=tasks; name lm-eval tasks, e.g. "
-                          "calibration.tasks=[piqa,copa], or use calibration=paper")
-    if cfg.calibration.num_fewshot < 0:
-        raise ConfigError(f"calibration.num_fewshot={cfg.calibration.num_fewshot} is negative; use 0, 3 or 5")
-    sample_from, limit = cfg.calibration.sample_from, cfg.calibration.limit
-    if sample_from is not None and (limit is None or sample_from < limit):
-        raise ConfigError(f"calibration.sample_from={sample_from} draws calibration.limit={limit} examples from the "
-                          f"first {sample_from}; set calibration.limit to at most {sample_from}, or "
-                          "calibration.sample_from=null")
-    for key in ("calibration.batch_size", "eval.batch_size"):
-        if OmegaConf.select(cfg, key) < 1:
-            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be at least 1; set {key}=8")
-    try:
-        Path(cfg.cache_dir).mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=cfg.cache_dir).close()
-    except OSError:
-        raise ConfigError(f"cache_dir={cfg.cache_dir!r} is not writable; set cache_dir or SHADOW_CACHE_DIR to a "
-                          "writable directory") from None

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from shadow.config import CalibrationConfig, ConfigError
+from shadow.config import CalibrationConfig
+from shadow.errors import ConfigError
 from shadow.opt_mini import CALIBRATION_FILE, TASKS_DIR
 
 

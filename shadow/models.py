@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from shadow.arch import FAMILIES, NOT_MODELLED, family_of
-from shadow.config import DTYPES, ConfigError, ModelConfig
+from shadow.config import DTYPES, ModelConfig
+from shadow.errors import ConfigError
 
 log = logging.getLogger(__name__)
 TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from shadow.config import ConfigError
+from shadow.errors import ConfigError
 
 
 @dataclass

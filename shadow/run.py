@@ -23,9 +23,11 @@ from torch import Tensor
 from shadow import thresholds
 from shadow.arch import Shape, family_of
 from shadow.artifacts import cache_key, cached, check_space, find
-from shadow.config import ConfigError, check_devices, resolved_sparsities, validate
+from shadow.compose import check_devices, validate
+from shadow.config import resolved_sparsities
 from shadow.criteria import Criterion, get_criterion
 from shadow.data import Example, examples_fingerprint, load_calibration
+from shadow.errors import ConfigError
 from shadow.evaluate.perplexity import evaluate_perplexity, load_eval_data
 from shadow.evaluate.requests import MaskFn
 from shadow.evaluate.tasks import check_tasks, evaluate_tasks

@@ -20,7 +20,7 @@ from helpers import CONF_DIR, make_tiny_opt, use_triton_kernels  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from shadow.config import register_configs  # noqa: E402
+from shadow.compose import register_configs  # noqa: E402
 from shadow.opt_mini import MODEL_DIR  # noqa: E402
 
 

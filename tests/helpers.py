@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from shadow import kernels
 from shadow.arch import Shape, family_of
-from shadow.config import compose_config
+from shadow.compose import compose_config
 from shadow.criteria import CRITERIA
 from shadow.data import Example
 from shadow.masking import apply_masks

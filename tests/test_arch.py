@@ -11,7 +11,7 @@ import torch
 from helpers import make_tiny_llama, make_tiny_opt
 
 from shadow.arch import architecture_config, architectures, family_of
-from shadow.config import ConfigError
+from shadow.errors import ConfigError
 
 SHADOW = Path(__file__).resolve().parent.parent / "shadow"
 MODULE_NAMES = re.compile(r"\b(fc1|fc2|out_proj|[qko]_proj|(gate|up|down)_proj|embed_positions|project_in|"

@@ -62,7 +62,7 @@ def test_too_little_disk_fails_before_any_work(tmp_path, monkeypatch, caplog):
     from collections import namedtuple
 
     from shadow.artifacts import check_space
-    from shadow.config import ConfigError
+    from shadow.errors import ConfigError
 
     caplog.set_level("INFO")
     check_space(tmp_path / "not" / "yet", 1e3, "traces and predictor")

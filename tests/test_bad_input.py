@@ -17,8 +17,10 @@ from helpers import ROOT
 from hydra import compose, initialize_config_dir
 
 from shadow.cli import LAUNCHERS, check_argv, fix_argv, overrides_of
-from shadow.config import ATTENTION_UNITS, DTYPES, EVAL_DATASETS, POLICIES, ConfigError, register_configs
+from shadow.compose import register_configs
+from shadow.config import ATTENTION_UNITS, DTYPES, EVAL_DATASETS, POLICIES
 from shadow.criteria import CRITERIA
+from shadow.errors import ConfigError
 from shadow.placements import PLACEMENTS
 from shadow.run import run
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from helpers import settings
 
-from shadow.config import ConfigError, compose_config, validate
+from shadow.compose import compose_config, validate
 from shadow.data import load_calibration
+from shadow.errors import ConfigError
 from shadow.evaluate.tasks import check_tasks, evaluate_tasks
 from shadow.opt_mini import CALIBRATION_FILE
 

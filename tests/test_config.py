@@ -6,8 +6,10 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from shadow.config import EVALS, ConfigError, check_devices, conf_options, validate
+from shadow.compose import check_devices, conf_options, validate
+from shadow.config import EVALS
 from shadow.criteria import CRITERIA
+from shadow.errors import ConfigError
 from shadow.models import check_model
 
 

@@ -10,7 +10,7 @@ from helpers import FAST_CLI, run_shadow
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from shadow.config import gpus_for, register_configs
+from shadow.compose import gpus_for, register_configs
 
 
 def results(sweep) -> list[dict]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import make_tiny_llama, make_tiny_opt, run_shadow, settings
 
-from shadow.config import ConfigError
+from shadow.errors import ConfigError
 from shadow.models import check_memory
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shadow.config import ConfigError
+from shadow.errors import ConfigError
 from shadow.policy import Policy, keep_top
 
 SCORES = torch.tensor([[[9.0, 8.0, 7.0, 6.0], [1.0, 2.0, 0.5, 0.1]]])  # layer 0 dominates

@@ -3,7 +3,7 @@ registered implementation has its option."""
 
 from __future__ import annotations
 
-from shadow.config import conf_options
+from shadow.compose import conf_options
 from shadow.criteria import CRITERIA, Needs
 from shadow.placements import PLACEMENTS
 

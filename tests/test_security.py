@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import shadow
-from shadow.config import compose_config
+from shadow.compose import compose_config
 from shadow.models import check_model
 
 PACKAGE = Path(shadow.__file__).resolve().parent

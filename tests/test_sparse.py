@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from shadow import kernels
 from shadow.benchmarks.latency import COLUMNS, predictor_dtype, run
-from shadow.config import ConfigError
+from shadow.errors import ConfigError
 from shadow.masking import apply_masks
 from shadow.placements import PLACEMENTS
 from shadow.policy import Masks, Policy
@@ -459,7 +459,7 @@ def test_latency_benchmark_places_layers_with_accelerate(tmp_path):
 
 def test_latency_benchmark_says_what_it_needs_when_it_cannot_fit(tmp_path):
     """Counted on meta before anything is built: OPT-66B in float32 does not fit this machine's RAM."""
-    from shadow.config import ConfigError
+    from shadow.errors import ConfigError
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="latency", overrides=["arch=opt-66b", "logger=none"])

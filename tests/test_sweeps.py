@@ -13,7 +13,8 @@ from omegaconf import DictConfig
 from shadow.benchmarks.latency import check as check_latency
 from shadow.benchmarks.latency import placement
 from shadow.cli import check_argv
-from shadow.config import ConfigError, check_devices, validate
+from shadow.compose import check_devices, validate
+from shadow.errors import ConfigError
 from shadow.placements import PLACEMENTS
 
 SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))

@@ -10,7 +10,7 @@ import torch
 from helpers import make_tiny_llama, make_tiny_opt, settings, shape_of
 from lm_eval.models.huggingface import HFLM
 
-from shadow.config import ConfigError
+from shadow.errors import ConfigError
 from shadow.evaluate.tasks import SparseHFLM, check_tasks, evaluate_tasks
 from shadow.placements import PLACEMENTS
 from shadow.policy import Policy, SparsityMeter

@@ -8,7 +8,7 @@ import torch
 from helpers import make_tiny_llama, make_tiny_opt, request_masks, settings, shape_of
 
 from shadow.arch import family_of
-from shadow.config import compose_config
+from shadow.compose import compose_config
 from shadow.policy import Masks, SparsityMeter
 from shadow.sparse import pruned
 from shadow.weights_read import sparsity_meter, step_parameters, unit_reads, weights_read

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from shadow.arch import llama, opt  # noqa: F401  (registers the families)
 from shadow.arch.base import FAMILIES, Activation, Family, Shape
-from shadow.config import ConfigError
+from shadow.errors import ConfigError
 
 __all__ = ["FAMILIES", "NOT_MODELLED", "Activation", "Family", "Shape", "architecture_config", "architectures",
            "family_of"]

@@ -16,7 +16,7 @@ import torch
 from torch.utils import benchmark
 
 from shadow.arch import architecture_config, family_of
-from shadow.config import compose_config
+from shadow.compose import compose_config
 from shadow.criteria import CRITERIA, get_criterion
 from shadow.data import Example, collate
 from shadow.traces import example_loss, score_batch

@@ -21,7 +21,7 @@ from lm_eval.tasks import get_task_dict
 from torch.utils import benchmark
 
 from shadow.arch import family_of
-from shadow.config import compose_config
+from shadow.compose import compose_config
 from shadow.data import load_tasks
 from shadow.evaluate.tasks import SparseHFLM
 from shadow.opt_mini import MODEL_DIR

@@ -62,8 +62,10 @@ from tqdm import tqdm
 
 from shadow.arch import Shape, architecture_config, architectures, family_of
 from shadow.cli import check_argv, fail, fix_argv
-from shadow.config import ATTENTION_UNITS, DTYPES, PREDICTOR_DTYPES, ConfigError
+from shadow.compose import CONF_DIR
+from shadow.config import ATTENTION_UNITS, DTYPES, PREDICTOR_DTYPES
 from shadow.data import Example
+from shadow.errors import ConfigError
 from shadow.models import TORCH_DTYPES
 from shadow.placements import PLACEMENTS
 from shadow.policy import Policy
@@ -381,7 +383,7 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
     return rows
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="latency")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="latency")
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg, Path(HydraConfig.get().runtime.output_dir))

@@ -27,7 +27,7 @@ import torch
 
 def child(examples: int, max_length: int, batch_size: int) -> None:
     from shadow.arch import family_of
-    from shadow.config import compose_config
+    from shadow.compose import compose_config
     from shadow.criteria import get_criterion
     from shadow.data import load_calibration
     from shadow.models import load_model, pad_id
@@ -52,7 +52,7 @@ def predictor_child(examples: int) -> None:
     from safetensors.torch import save_file
 
     from shadow.arch import Shape
-    from shadow.config import compose_config
+    from shadow.compose import compose_config
     from shadow.placements import PLACEMENTS
     from shadow.predictors import fit_predictor
     from shadow.traces import SHARD_SIZE, TraceShards

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from shadow.config import ConfigError, PerplexityEvalConfig
+from shadow.config import PerplexityEvalConfig
+from shadow.errors import ConfigError
 from shadow.evaluate.requests import MaskFn, Request, prompt_before, rolling_requests, score
 from shadow.models import pad_id
 from shadow.opt_mini import PERPLEXITY_FILE
