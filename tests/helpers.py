@@ -198,7 +198,7 @@ def request_decode_and_check(model, batch: int = 1, static: bool | None = None,
     assert decided.any() and torch.equal(out.tokens[:, 1:][decided], masked[:, ids.shape[1]:].argmax(-1)[decided])
     assert torch.equal(out.masks.heads, union.heads.expand_as(out.masks.heads))
     assert torch.equal(out.masks.neurons, union.neurons.expand_as(out.masks.neurons))
-    assert decoder.weights_read(out) == pytest.approx(masks_read(model, union)) and masks_read(model, union) < 1
+    assert decoder.share_read(out) == pytest.approx(masks_read(model, union)) and masks_read(model, union) < 1
 
 
 def threshold_decode_and_check(model, method: str) -> None:
@@ -220,7 +220,7 @@ def threshold_decode_and_check(model, method: str) -> None:
     assert (out.kept < 1).any() and (out.kept > 0).all()
     if method == "teal":
         assert 0.3 < out.kept[:, 0].mean() < 0.9  # layer inputs: half each, the union of two a little more
-    assert decoder.weights_read(out) < 1
+    assert decoder.share_read(out) < 1
 
 
 def per_layer_agreement(half: torch.Tensor, full: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ from shadow.criteria import get_criterion
 from shadow.data import collate
 from shadow.policy import Policy
 from shadow.sparse import TokenDecoder
+from shadow.sparse.steps import UnitStep
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 HALF_AND_FULL = [torch.float32, torch.float16, torch.bfloat16]
@@ -73,7 +74,7 @@ def test_a_decoding_step_on_cuda_never_waits_for_the_device(family, name, monkey
     model = tiny(family, torch.float16)
     decoder = TokenDecoder(model, token_predictor(model, name, lookahead=True).cuda().half(),
                            Policy("local", 0.5, 0.5), static=False)
-    step, steps = decoder._step, []
+    step, steps = UnitStep.__call__, []
 
     def strict(*args):
         torch.cuda.set_sync_debug_mode("error")
@@ -83,7 +84,7 @@ def test_a_decoding_step_on_cuda_never_waits_for_the_device(family, name, monkey
             torch.cuda.set_sync_debug_mode("default")
             steps.append(args[1])
 
-    monkeypatch.setattr(decoder, "_step", strict)
+    monkeypatch.setattr(UnitStep, "__call__", strict)
     decoder.generate(torch.randint(4, 8192, (1, 9), generator=torch.Generator().manual_seed(2)), 6)
     assert len(steps) == 5
 

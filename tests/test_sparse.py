@@ -36,6 +36,7 @@ from shadow.placements import PLACEMENTS
 from shadow.policy import Masks, Policy
 from shadow.predictors import Predictor
 from shadow.sparse import RequestDecoder, ThresholdDecoder, TokenDecoder, pruned
+from shadow.sparse.steps import UnitStep
 from shadow.thresholds import calibrate
 from shadow.traces import layer_features
 
@@ -240,7 +241,7 @@ def test_a_decoding_step_reads_nothing_back_from_the_device(family, backend, pla
     model = make_tiny_opt() if family == "opt" else make_tiny_llama()
     decoder = TokenDecoder(model, token_predictor(model, placement, lookahead=True,
                                                   attention_unit="query_head"), Policy(policy, 0.5, 0.5))
-    step, counted = decoder._step, []
+    step, counted = UnitStep.__call__, []
 
     def counting(*args):
         with HostReads() as log, MethodReads(log.reads):
@@ -248,7 +249,7 @@ def test_a_decoding_step_reads_nothing_back_from_the_device(family, backend, pla
         counted.append(log.reads)
         return out
 
-    monkeypatch.setattr(decoder, "_step", counting)
+    monkeypatch.setattr(UnitStep, "__call__", counting)
     ids = torch.randint(4, 8192, (1, 7), generator=torch.Generator().manual_seed(1))
     decoder.generate(ids, 6)
     assert len(counted) == 5 and all(len(step_reads) == reads for step_reads in counted), counted
@@ -301,7 +302,7 @@ def test_a_static_step_launches_the_same_work_at_every_position(family, monkeypa
     model = make_tiny_opt() if family == "opt" else make_tiny_llama()
     decoder = TokenDecoder(model, token_predictor(model, "shadow", attention_unit="query_head"),
                            Policy("local", 0.5, 0.5), static=True)
-    step, steps = decoder._step, []
+    step, steps = UnitStep.__call__, []
 
     def logged(*args):
         launches.log = []
@@ -310,7 +311,7 @@ def test_a_static_step_launches_the_same_work_at_every_position(family, monkeypa
         steps.append((launches.log, reads.reads))
         return out
 
-    monkeypatch.setattr(decoder, "_step", logged)
+    monkeypatch.setattr(UnitStep, "__call__", logged)
     decoder.generate(torch.randint(4, 8192, (1, 7), generator=torch.Generator().manual_seed(1)), 6)
     assert len(steps) == 5 and all(reads == [] for _, reads in steps)
     first = steps[0][0]
@@ -337,10 +338,10 @@ def test_what_keeps_a_step_from_cuda_graphs_is_named(tiny_opt):
     where the compiled kernels are not Triton's)."""
     local = TokenDecoder(tiny_opt, token_predictor(tiny_opt, "shadow"), Policy("local", 0.5, 0.5))
     assert "use policy=local" in TokenDecoder(tiny_opt, token_predictor(tiny_opt, "shadow"),
-                                              Policy("global", 0.5, 0.5))._capture_blocker(1)
-    assert "decode one request at a time" in local._capture_blocker(2)
-    assert "the Triton kernels are not in use" in local._capture_blocker(1)
-    assert not local._static_steps(1)  # by default, only on CUDA
+                                              Policy("global", 0.5, 0.5)).step.capture_blocker(1)
+    assert "decode one request at a time" in local.step.capture_blocker(2)
+    assert "the Triton kernels are not in use" in local.step.capture_blocker(1)
+    assert not local.step.static(1, None)  # by default, only on CUDA
 
 
 def test_host_reads_are_counted():

@@ -243,24 +243,24 @@ class Bench:
                 ids = self.ids[:batch]
                 if "static" in self.cfg.methods:
                     cases.append(Case("static", "request", sparsity, batch,
-                                      partial(self.request.generate, ids, masks=static), lambda: self.request,
-                                      read=self.request.weights_read))
+                                      partial(self.request.generate, ids, masks=static), self.request.column_layout,
+                                      read=self.request.share_read))
                 for name in self.predictors if batch == 1 else ():
                     def request(n: int, name=name, policy=policy) -> Generation:
                         return self.request.generate(self.ids[:1], n, self.predict_request(name, policy))
-                    cases.append(Case(name, "request", sparsity, batch, request, lambda: self.request,
+                    cases.append(Case(name, "request", sparsity, batch, request, self.request.column_layout,
                                       lambda name=name, policy=policy: self.predict_request(name, policy),
-                                      self.request.weights_read))
+                                      self.request.share_read))
                 for name in self.predictors:
                     decoder = TokenDecoder(self.model, self.predictors[name], policy)
                     predict = partial(self.predict_step, name, policy, batch)
                     cases.append(Case(name, "token", sparsity, batch, partial(decoder.generate, ids),
-                                      lambda d=decoder: d, predict, decoder.weights_read))
+                                      decoder.column_layout, predict, decoder.share_read))
                 for method, histograms in self.histograms.items():
                     limits = histograms.thresholds([sparsity] * len(sites(self.model, method)))
                     decoder = ThresholdDecoder(self.model, method, limits)
                     cases.append(Case(method, "token", sparsity, batch, partial(decoder.generate, ids),
-                                      lambda d=decoder: d, read=decoder.weights_read))
+                                      decoder.column_layout, read=decoder.share_read))
         return cases
 
     def measure(self, cases: list[Case]) -> list[dict]:

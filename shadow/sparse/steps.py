@@ -1,0 +1,235 @@
+"""Decoding steps: one token per request through the model family's ``decode_step``, each layer's attention and FFN
+reading only the weights of what the step keeps, in place, through the gather kernels of ``shadow.kernels``: the
+kept rows (query, key, value, gate, up) and the kept columns (output, down: stored transposed while decoding, see
+``loop.stored_transposed``). Copying the kept weights at every step would cost more than the dense product."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+from torch import Tensor, nn
+
+from shadow import kernels
+from shadow.arch import Family, Shape, family_of
+from shadow.offload import input_device, offloaded, resident
+from shadow.policy import Masks
+from shadow.sparse.kept import FixedUnits, PredictedUnits, ThresholdedChannels, UnitSet
+from shadow.sparse.loop import LayerCache
+from shadow.sparse.pruning import head_dims
+
+
+class ModelParts:
+    """The parts of a model a step calls directly, looked up once: its family, layers, their FFN activations,
+    and how to bring each layer's weights to where they run (offloaded layers)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.family = family_of(model.config)
+        self.layers = self.family.layers(model)
+        self.activations = [layer.get_submodule(self.family.activation_path) for layer in self.layers]
+        self.fetchers = [resident if offloaded(layer) else nullcontext for layer in self.layers]
+
+    def modules(self, roles: tuple[str, ...]) -> list[nn.Linear]:
+        """Every layer's projections of these roles."""
+        return [self.family.module(layer, role) for layer in self.layers for role in roles]
+
+    def fetch(self, index: int) -> AbstractContextManager:
+        return self.fetchers[index](self.layers[index])
+
+    def decode_step(self, tokens: Tensor, position: Tensor, attention: Callable[[int, Tensor], Tensor],
+                    ffn: Callable[[int, Tensor], Tensor]) -> Tensor:
+        return self.family.decode_step(self.model, tokens, position, attention, ffn, self.fetch)
+
+
+def gated_down(family: Family, layer: nn.Module, h: Tensor, units: Tensor, activations: Tensor) -> Tensor:
+    """An FFN's output from its kept units' activations (B, kept), act(gate) or act(up): times their up rows in a
+    gated FFN, through their down columns."""
+    if family.gated:
+        activations = activations * kernels.rows(family.module(layer, "up"), units, h)
+    return kernels.columns(family.ffn_output(layer), units, activations)
+
+
+class UnitStep:
+    """A step under masks of heads and FFN units (in ``shape``'s units), fixed for the generation or predicted at
+    every token: its attention and FFN read only the kept units' weights, and nothing is read back from the
+    device. A layer whose units are not yet known when it starts computes all its heads (its features feed a
+    predictor). Keys and values of a head at positions where it was pruned are computed when it is next kept,
+    from the cached attention input, so each head attends to exactly the keys and values of the masked model,
+    whose pruned heads still write their cache."""
+
+    def __init__(self, parts: ModelParts, shape: Shape, units: FixedUnits | PredictedUnits):
+        self.parts, self.shape, self.units = parts, shape, units
+
+    @staticmethod
+    def column_modules(parts: ModelParts) -> list[nn.Linear]:
+        """The projections a unit step reads by columns: the attention output's and the FFN output's."""
+        return parts.modules(parts.family.head_columns + parts.family.neuron_columns)
+
+    def static(self, requests: int, asked: bool | None) -> bool:
+        """Whether a generation of ``requests``' steps are static: as ``asked``, or by default where a CUDA graph
+        can capture them (an error where it was asked on CUDA and cannot)."""
+        cuda = input_device(self.parts.model).type == "cuda"
+        blocker = self.capture_blocker(requests) if cuda else "the model is not on CUDA"
+        if asked is None:
+            return blocker is None
+        if asked and cuda and blocker is not None:
+            raise ValueError(f"static=True: a CUDA graph cannot capture this decoding step: {blocker}; use "
+                             "static=None to decide by itself")
+        return asked
+
+    def capture_blocker(self, requests: int) -> str | None:
+        """Why a CUDA graph cannot capture this step for a batch of ``requests``, or None."""
+        devices = {str(p.device) for p in self.parts.model.parameters()} | self.units.devices()
+        if len(devices) > 1:
+            return f"the weights lie on {', '.join(sorted(devices))}; put them on one GPU, not offloaded"
+        if (varying := self.units.varying(requests)) is not None:
+            return varying
+        query = self.parts.family.module(self.parts.layers[0], "query")
+        if not getattr(kernels.backend(query.weight), "positions_on_device", False):
+            return "the Triton kernels are not in use; install triton and leave SHADOW_GATHER unset"
+        return None
+
+    def __call__(self, tokens: Tensor, position: Tensor, last: int | Tensor, caches: list[LayerCache]
+                 ) -> tuple[Tensor, Masks]:
+        """One token per request at ``position`` (a 0-d device tensor): the (B, V) logits and the masks applied."""
+        kept = self.units.at_step()  # predictors running in the step add theirs
+        family, layers = self.parts.family, self.parts.layers
+
+        def attention(index: int, h: Tensor) -> Tensor:
+            return self.attention(index, h, position, last, caches[index], kept)
+
+        def ffn(index: int, h: Tensor) -> Tensor:
+            layer, units = layers[index], kept[index].units.to(h.device)
+            activations = self.parts.activations[index](kernels.rows(family.ffn_input(layer), units, h))
+            return gated_down(family, layer, h, units, activations)
+
+        logits = self.parts.decode_step(tokens, position, attention, ffn)
+        return logits, Masks(torch.stack([kept[i].heads.to(logits.device) for i in range(len(layers))]),
+                             torch.stack([kept[i].neurons.to(logits.device) for i in range(len(layers))]))
+
+    def attention(self, index: int, h: Tensor, position: Tensor, last: int | Tensor, cache: LayerCache,
+                  kept: dict[int, UnitSet]) -> Tensor:
+        """One position's attention output after the output projection, (B, E) for the batch's (B, E) inputs, over
+        the kept heads (all of them when the layer's units are not known yet); runs the predictors that read this
+        layer. Query heads read their group's key-value head, whose keys and values are computed first (for more
+        groups, see ``unit_sets``)."""
+        family, layer = self.parts.family, self.parts.layers[index]
+        query, key, value, output = (family.module(layer, role) for role in ("query", "key", "value", "output"))
+        shape, D, device, B = self.shape, self.shape.head_dim, h.device, cache.requests
+        known = kept.get(index)
+        if known is not None:
+            queries, kv_heads = known.queries.to(device), known.kv_heads.to(device)
+        else:
+            queries = torch.arange(shape.query_heads, device=device)
+            kv_heads = torch.arange(shape.kv_heads, device=device)
+        position = position.to(device)  # a no-op but across the GPUs of a split model
+        last = position if isinstance(last, Tensor) else last
+        cache.inputs.view(B, -1, h.shape[1]).index_copy_(1, position.view(1), h[:, None])
+        first = cache.done[kv_heads]  # a head kept again catches up on skipped positions
+        kv_dims, first_rows = head_dims(kv_heads, D), first.repeat_interleave(D)
+        kernels.rows_into(cache.keys, key, kv_dims, cache.inputs, first_rows, last, B)
+        kernels.rows_into(cache.values, value, kv_dims, cache.inputs, first_rows, last, B)
+        if family.rotary:
+            self.rotate_new_keys(layer, cache, kv_heads, first, position, last)
+        cache.done.index_put_((kv_heads,), position + 1)
+        dims = head_dims(queries, D)
+        out = kernels.rows(query, dims, h)  # (B, kept query heads · D)
+        if family.rotary:
+            out = family.rotate(self.parts.model, layer, "query", out.view(-1, 1, D), position.view(1)).view(B, -1)
+        out = out * family.scaling(layer)
+        groups = queries // shape.group_size
+        out = torch.stack([kernels.attend(out[b], *cache.request(b), groups, D, last + 1) for b in range(B)])
+        if index in self.units.feature_layers:
+            self.units.predict(index, h.new_zeros(B, output.in_features).index_copy_(1, dims, out), kept)
+        if known is None:  # every head was computed: the output reads those the mask now keeps
+            queries = kept[index].queries.to(device)
+            dims, out = head_dims(queries, D), out.view(B, -1, D).index_select(1, queries).flatten(1)
+        return kernels.columns(output, dims, out)
+
+    def rotate_new_keys(self, layer: nn.Module, cache: LayerCache, kv_heads: Tensor, first: Tensor,
+                        position: Tensor, last: int | Tensor) -> None:
+        """Rotate the keys just written, positions [first[i], position] of each head ``kv_heads[i]`` in every
+        request, in place. Every first[i] is past the prompt, so the span from there to ``last`` (the whole cache
+        in a static step) is rotated where written: its length the host knows."""
+        D, B = self.shape.head_dim, cache.requests
+        store = cache.keys.view(-1, D, B, cache.keys.shape[1] // B)
+        end = store.shape[-1] if isinstance(last, Tensor) else last + 1
+        span = store[kv_heads, :, :, cache.prompt:end].permute(0, 2, 3, 1).flatten(0, 1)  # (heads·B, T, D)
+        positions = torch.arange(cache.prompt, end, device=span.device)
+        rotated = self.parts.family.rotate(self.parts.model, layer, "key", span, positions)
+        wanted = ((positions[None] >= first.repeat_interleave(B)[:, None]) & (positions <= position))[..., None]
+        store[kv_heads, :, :, cache.prompt:end] = (torch.where(wanted, rotated, span)
+                                                    .unflatten(0, (len(kv_heads), B)).permute(0, 3, 1, 2))
+
+
+class ThresholdStep:
+    """A step under TEAL's or CATS' thresholds. TEAL zeroes each site's entries below its threshold and reads only
+    the kept channels' columns of the projections the site feeds (all of them stored transposed). CATS computes
+    the FFN input projection (gate; OPT's up) whole, zeroes the activations below its threshold and reads only the
+    kept units' up rows and down columns; its attention is dense. Every head is computed at every step. A batch
+    zeroes each request's own small entries and reads, per site, the columns of the channels any request keeps.
+    How many a step keeps is known only once it has thresholded: each site reads its count back (on CUDA a host
+    sync per site and layer), so the step is not static."""
+
+    def __init__(self, parts: ModelParts, channels: ThresholdedChannels):
+        self.parts, self.channels = parts, channels
+        self.shape = parts.family.shape(parts.model.config, "query_head")
+
+    def column_modules(self) -> list[nn.Linear]:
+        """The projections this step reads by columns: every site's under TEAL, the FFN output's under CATS."""
+        if self.channels.method == "teal":
+            return self.parts.modules(tuple(role for site in self.channels.sites for role in site.roles))
+        return self.parts.modules(self.parts.family.neuron_columns)
+
+    def project(self, role: str, index: int, x: Tensor, read: Tensor) -> Tensor:
+        """Projection ``role`` of layer ``index`` on the (B, channels) ``x``: under TEAL the columns of the channels
+        its threshold keeps; otherwise dense."""
+        module = self.parts.family.module(self.parts.layers[index], role)
+        if self.channels.method != "teal":
+            return module(x)
+        kept, channels = self.channels.keep(role, index, x, read)
+        return kernels.columns(module, channels, kept)
+
+    def __call__(self, tokens: Tensor, position: Tensor, last: int | Tensor, caches: list[LayerCache]
+                 ) -> tuple[Tensor, Tensor]:
+        """One token per request: the (B, V) logits and each (site, layer)'s share of channels read."""
+        read = torch.ones(self.channels.thresholds.shape)  # on the host: each site's count is read back anyway
+        family = self.parts.family
+
+        def attention(index: int, h: Tensor) -> Tensor:
+            return self.attention(index, h, position, last, caches[index], read)
+
+        def ffn(index: int, h: Tensor) -> Tensor:
+            layer, activation = self.parts.layers[index], self.parts.activations[index]
+            if self.channels.method == "cats":
+                activations, units = self.channels.keep("activation", index, activation(family.ffn_input(layer)(h)),
+                                                        read)
+                return gated_down(family, layer, h, units, activations)
+            inner = activation(self.project("gate" if family.gated else "up", index, h, read))
+            if family.gated:
+                inner = inner * self.project("up", index, h, read)
+            return self.project("down", index, inner, read)
+
+        return self.parts.decode_step(tokens, position, attention, ffn), read
+
+    def attention(self, index: int, h: Tensor, position: Tensor, last: int, cache: LayerCache, read: Tensor
+                  ) -> Tensor:
+        """One position's attention output after the output projection, (B, E), every head computed: its key and
+        value written to the cache at ``position``."""
+        family, layer, shape, B = self.parts.family, self.parts.layers[index], self.shape, cache.requests
+        model, D = self.parts.model, shape.head_dim
+        position = position.to(h.device)  # a no-op but across the GPUs of a split model
+        keys, values = self.project("key", index, h, read), self.project("value", index, h, read)
+        if family.rotary:
+            keys = family.rotate(model, layer, "key", keys.view(-1, 1, D), position.view(1)).view(B, -1)
+        for store, new in ((cache.keys, keys), (cache.values, values)):
+            store.view(store.shape[0], B, -1).index_copy_(2, position.view(1), new.t()[..., None].to(store.dtype))
+        queries = self.project("query", index, h, read)
+        if family.rotary:
+            queries = family.rotate(model, layer, "query", queries.view(-1, 1, D), position.view(1))
+        queries = queries.reshape(B, -1) * family.scaling(layer)
+        groups = torch.arange(shape.query_heads, device=h.device) // shape.group_size
+        out = torch.stack([kernels.attend(queries[b], *cache.request(b), groups, D, last + 1) for b in range(B)])
+        return self.project("output", index, out, read)
