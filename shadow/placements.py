@@ -20,9 +20,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from omegaconf import DictConfig
 from torch import nn
 
 from shadow.arch import Shape
+from shadow.config import PredictorConfig
 from shadow.criteria import Criterion
 from shadow.evaluate.requests import MaskFn
 from shadow.policy import Policy
@@ -49,7 +51,7 @@ class MaskJob:
     criterion: Criterion
     shape: Shape
     policy: Policy
-    predictor_cfg: object  # the job's ``predictor`` config
+    predictor_cfg: PredictorConfig | DictConfig  # the job's ``predictor`` config
     pad_id: int
     seed: int
     layer_scale: str = "calibrated"  # the job's: how scores of different layers are compared (config.LAYER_SCALES)
