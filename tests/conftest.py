@@ -38,7 +38,9 @@ def tiny_opt():
 
 @pytest.fixture(params=["native", "torch", "triton"])
 def gather(request, monkeypatch):
-    """Per-token decoding on each backend of the gather kernels (Triton's on CPU tensors, in its interpreter)."""
+    """Sparse decoding on each backend of the gather kernels (Triton's on CPU tensors, in its interpreter): one test
+    per decoder asks for it; the others run on the default backend (the compiled one, for float32 on the CPU), and
+    test_kernels compares the backends with each other."""
     from shadow import kernels
 
     if request.param == "torch":

@@ -4,6 +4,7 @@ function), a module that imports it back."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import shadow
@@ -71,3 +72,11 @@ def test_the_cycle_finder_finds_a_loop():
 def test_the_error_types_and_the_schema_import_nothing_of_shadow():
     graph = import_graph()
     assert graph["shadow.errors"] == set() and graph["shadow.config"] == set()
+
+
+def test_the_wheel_lists_every_package():
+    """pyproject.toml names the packages (conf/ maps into the wheel as shadow.conf): every one there is."""
+    text = (PACKAGE.parent / "pyproject.toml").read_text()
+    listed = re.search(r"^packages = \[(.*?)\]", text, re.S | re.M).group(1)
+    found = {module_name(path.parent / "__init__.py") for path in PACKAGE.rglob("__init__.py")}
+    assert set(re.findall(r'"([\w.]+)"', listed)) == found | {"shadow.conf"}

@@ -160,7 +160,7 @@ def test_generation_with_the_kv_cache_equals_masked_generation(attention_unit):
 
 
 @pytest.mark.parametrize("attention_unit", UNITS)
-def test_shadow_per_token_decoding_equals_the_masked_model(model, attention_unit, gather):
+def test_shadow_per_token_decoding_equals_the_masked_model(model, attention_unit):
     predictor = token_predictor(model, "shadow", attention_unit=attention_unit)
     out, _ = decode_and_check(model, predictor, Policy("global", 0.5, 0.5))
     assert out.masks.heads.shape[-1] == shape_of(model, attention_unit).heads
@@ -185,14 +185,14 @@ def test_a_kv_group_that_returns_after_being_skipped_catches_up(monkeypatch, gat
 
 
 @pytest.mark.parametrize("attention_unit", UNITS)
-def test_dejavu_per_token_decoding_equals_the_masked_model(attention_unit, gather):
+def test_dejavu_per_token_decoding_equals_the_masked_model(attention_unit):
     model = tiny("gqa")
     decode_and_check(model, token_predictor(model, "dejavu", True, attention_unit), Policy("local", 0.5, 0.5))
 
 
 @pytest.mark.parametrize("attention_unit", UNITS)
 @pytest.mark.parametrize("placement,policy", [("shadow", "global"), ("dejavu", "local")])
-def test_a_batch_decodes_as_the_masked_model_under_its_union_mask(attention_unit, placement, policy, gather):
+def test_a_batch_decodes_as_the_masked_model_under_its_union_mask(attention_unit, placement, policy):
     model = tiny("gqa")
     predictor = token_predictor(model, placement, placement == "dejavu", attention_unit)
     out, _ = decode_and_check(model, predictor, Policy(policy, 0.5, 0.5), batch=3)

@@ -16,21 +16,37 @@ FAST = ["calibration.limit=24", "calibration.batch_size=8", "predictor.head_epoc
 FAST_PERPLEXITY = ["eval.seq_len=32"]
 
 
-@pytest.fixture
-def tiny_dir(tmp_path, tokenizer):
-    path = tmp_path / "tiny-opt"
+def save_tiny_opt(directory, tokenizer):
+    path = directory / "tiny-opt"
     make_tiny_opt().save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
 
-@pytest.fixture
-def job(compose_cfg, tiny_dir, tmp_path):
+def composer(compose_cfg, model_dir, cache):
     def _job(*overrides: str):
         fast = FAST if "eval=tasks" in overrides else FAST + FAST_PERPLEXITY
-        return compose_cfg("+criterion=plainact", f"model.path={tiny_dir}", f"cache_dir={tmp_path / 'cache'}",
-                           *fast, *overrides)
+        return compose_cfg("+criterion=plainact", f"model.path={model_dir}", f"cache_dir={cache}", *fast, *overrides)
     return _job
+
+
+@pytest.fixture
+def job(compose_cfg, tmp_path, tokenizer):
+    """A job's config on a tiny OPT, with a model and a cache of the test's own."""
+    return composer(compose_cfg, save_tiny_opt(tmp_path, tokenizer), tmp_path / "cache")
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("shared")
+    return save_tiny_opt(root, tokenizer), root / "cache"
+
+
+@pytest.fixture
+def shared_job(compose_cfg, shared):
+    """As ``job``, on one model and cache for the module's tests that use it: the cache keys keep apart what
+    differs between their jobs (placement, protocol), so that what they have in common (the traces) runs once."""
+    return composer(compose_cfg, *shared)
 
 
 def test_job_writes_results_and_reuses_artifacts(job, tmp_path, caplog):
@@ -111,10 +127,10 @@ PROTOCOLS = [["eval.protocols=[token,word]", "eval.seq_len=null"],  # windows of
 
 @pytest.mark.parametrize("protocol", PROTOCOLS, ids=["perplexity", "tasks"])
 @pytest.mark.parametrize("placement", PLACEMENTS, ids=lambda p: ",".join(x.split("=")[1] for x in p))
-def test_every_placement_runs_under_every_protocol(job, tmp_path, placement, protocol):
+def test_every_placement_runs_under_every_protocol(shared_job, tmp_path, placement, protocol):
     """Word-perplexity windows hold the model's whole context plus one target: every mask source must read
     only what the model reads."""
-    cfg = job(*placement, *protocol, "sparsity=0.5", "logger=none")
+    cfg = shared_job(*placement, *protocol, "sparsity=0.5", "logger=none")
     metrics = run(cfg, tmp_path / "job")
     sparse = placement != ["predictor=dense"]
     assert metrics["achieved_head_sparsity"] == pytest.approx(0.5 if sparse else 0.0)

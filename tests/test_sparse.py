@@ -102,7 +102,7 @@ def test_pruned_takes_one_request():
 
 
 @pytest.mark.parametrize("policy", ["global", "local"])
-def test_shadow_per_token_decoding_equals_the_masked_model(tiny_opt, policy, gather):
+def test_shadow_per_token_decoding_equals_the_masked_model(tiny_opt, policy):
     predictor = token_predictor(tiny_opt, "shadow")
     out, sequence = decode_and_check(tiny_opt, predictor, Policy(policy, 0.5, 0.5))
     # the masks are the predictor's on layer 0's attention output at each position, as in the accuracy setting
@@ -117,7 +117,7 @@ def test_shadow_per_token_decoding_equals_the_masked_model(tiny_opt, policy, gat
 
 
 @pytest.mark.parametrize("placement,policy", [("shadow", "local"), ("shadow", "global"), ("dejavu", "local")])
-def test_a_batch_decodes_as_the_masked_model_under_its_union_mask(tiny_opt, placement, policy, gather):
+def test_a_batch_decodes_as_the_masked_model_under_its_union_mask(tiny_opt, placement, policy):
     """Each step keeps, per layer, the union of the requests' predicted units: the masks returned are that union
     (each request's own mask is inside it), and every request's logits are the masked model's under it."""
     predictor = token_predictor(tiny_opt, placement, lookahead=True)
@@ -149,7 +149,7 @@ def test_per_token_decoding_with_an_int8_predictor_equals_the_masked_model(tiny_
 
 
 @pytest.mark.parametrize("lookahead", [False, True])
-def test_dejavu_per_token_decoding_equals_the_masked_model(tiny_opt, lookahead, gather):
+def test_dejavu_per_token_decoding_equals_the_masked_model(tiny_opt, lookahead):
     decode_and_check(tiny_opt, token_predictor(tiny_opt, "dejavu", lookahead), Policy("local", 0.5, 0.5))
 
 
@@ -185,7 +185,7 @@ def test_per_token_decoding_of_an_opt_350m_shaped_model():
 
 
 @pytest.mark.parametrize("family", ["opt", "llama"])
-def test_per_token_decoding_with_an_empty_layer(family, gather):
+def test_per_token_decoding_with_an_empty_layer(family):
     model = make_tiny_opt() if family == "opt" else make_tiny_llama()
     predictor = token_predictor(model, "shadow")
     H = shape_of(model).heads

@@ -5,6 +5,7 @@ fixed ones, or under TEAL's and CATS' thresholds."""
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -83,7 +84,7 @@ class TokenDecoder:
         """Greedily continue a batch of (B, T) prompts, all of length T, by ``new_tokens`` tokens."""
         static = self.step.static(len(input_ids), self.static)
         with self.column_layout():
-            tokens, logits, steps = decode(self.model, input_ids, new_tokens, lambda ids: prompt_pass(self.model, ids),
+            tokens, logits, steps = decode(self.model, input_ids, new_tokens, partial(prompt_pass, self.model),
                                            self.step, static, catch_up=True)
         return Generation(tokens, logits, masks=_masks_applied(steps, self.step.shape.layers))
 
