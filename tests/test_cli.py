@@ -34,11 +34,12 @@ def test_flags_and_their_values_are_told_from_overrides():
 @pytest.mark.slow
 def test_the_exact_command_runs_two_jobs(tmp_path):
     """The README's command, which CI runs verbatim on opt-mini before the tests, on the other embedded model, with
-    a sixteenth of the calibration set and the first 10 windows: two jobs, the second reusing the first's traces,
-    each with its results line, metrics file and offline W&B run."""
+    32 calibration examples, short predictor training and the first 6 windows: two jobs, the second reusing the
+    first's traces, each with its results line, metrics file and offline W&B run."""
     model = "llama-mini"
-    result = shadow(f"model={model} calibration.limit=64 eval.limit=10 +criterion=plainact -m sparsity=0.3,0.5",
-                    tmp_path, SHADOW_CACHE_DIR=str(tmp_path / "cache"), WANDB_MODE="offline")
+    result = shadow(f"model={model} calibration.limit=32 predictor.head_epochs=20 predictor.neuron_epochs=5 "
+                    "eval.limit=6 +criterion=plainact -m sparsity=0.3,0.5", tmp_path,
+                    SHADOW_CACHE_DIR=str(tmp_path / "cache"), WANDB_MODE="offline")
     assert result.returncode == 0, result.stderr[-3000:]
     [results] = list((tmp_path / "multirun").glob("*/*/results.jsonl"))
     lines = [json.loads(x) for x in results.read_text().splitlines()]

@@ -97,7 +97,8 @@ def main() -> None:
             ok &= passed
             save(lines)
         if "tests" in args.steps:
-            passed, tail, seconds = step(["pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"], 300)
+            command = ["pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-n", "0", "tests"]  # one process
+            passed, tail, seconds = step(command, 300)
             ok &= passed
             save(["", f"## Tests marked gpu: {'passed' if passed else 'FAILED'} ({seconds:.0f} s)", "", "```",
                   tail.splitlines()[-1] if passed else tail, "```"])
