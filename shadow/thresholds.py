@@ -115,7 +115,7 @@ class Histograms:
         cumulative = counts.cumsum(-1)
         total = cumulative[..., -1:]
         shares = torch.as_tensor(shares, dtype=torch.float64).clamp(0, 1)
-        target = (shares[:, None] if shares.dim() == 1 else shares)[..., None] * total
+        target = ((shares[:, None] if shares.dim() == 1 else shares)[..., None] * total).contiguous()
         bin_ = torch.searchsorted(cumulative, target).clamp(max=BINS - 1)  # the first bin reaching the target
         before = torch.where(bin_ > 0, cumulative.gather(-1, (bin_ - 1).clamp(min=0)), torch.zeros_like(target))
         inside = counts.gather(-1, bin_)

@@ -67,6 +67,7 @@ def finished(cache) -> set[str]:
             if any(p.is_dir() and not p.name.startswith(".") for p in (cache / kind).glob("*"))}
 
 
+@pytest.mark.slow
 def test_a_job_killed_in_every_stage_in_turn_reruns_to_the_same_metrics(uninterrupted, tmp_path):
     """One cache, the job started again after each kill and killed in the next stage: every start reuses what the
     ones before it finished and takes nothing partial for an artifact, and the last run, uninterrupted, reports the
