@@ -201,7 +201,7 @@ def request_decode_and_check(model, batch: int = 1, static: bool | None = None,
     assert decoder.share_read(out) == pytest.approx(masks_read(model, union)) and masks_read(model, union) < 1
 
 
-def threshold_decode_and_check(model, method: str) -> None:
+def threshold_decode_and_check(model, method: str, static: bool | None = None) -> None:
     """TEAL or CATS per token, two requests, thresholds at half of each site's calibration entries: the prompt and
     every step are the thresholded model's on the same sequences (logits up to the kernels' summation order),
     while each step reads only some of each site's channels, the union of the two requests' (TEAL's sites keep
@@ -209,7 +209,7 @@ def threshold_decode_and_check(model, method: str) -> None:
     found = sites(model, method)
     limits = calibrate(model, calibration_examples(), method, 4, 1).thresholds([0.5] * len(found))
     ids = torch.randint(4, 8192, (2, 9), generator=torch.Generator().manual_seed(6))
-    decoder = ThresholdDecoder(model, method, limits)
+    decoder = ThresholdDecoder(model, method, limits, static)
     out = decoder.generate(ids, 8)
     assert out.tokens.shape == (2, 8) and out.kept.shape == (7, len(found), len(layers_of(model)))
     sequences = torch.cat([ids, out.tokens[:, :-1]], 1)

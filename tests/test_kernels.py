@@ -262,3 +262,35 @@ def test_gather_benchmark_prints_every_kernel(monkeypatch, capsys):
     assert {" ".join(r[:2]) for r in rows} == {"up rows", "down columns", "q/k/v rows", "output columns"}
     dense_rows = [r for r in rows if r[2] == "dense" and r[3] != "first,"]
     assert len(dense_rows) == 4 and all(r[-2] == "1.00" for r in dense_rows)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fixed_grid_products_skip_the_rows_not_kept_and_the_zero_inputs(name, with_bias, monkeypatch):
+    """``rows_where`` and ``columns_nonzero`` (TEAL's and CATS' products) through ``shadow.kernels`` on every
+    backend: the dense products with the rows not kept 0, for a batch whose requests have zeros of their own and
+    for one request. Triton's (a grid over every row or column) and the compiled one (indices read on the host)
+    do not read the weights of rows not kept or of columns zero in every request: NaN there changes nothing."""
+    monkeypatch.setattr(kernels, "backend", lambda weight: backend_named(name))
+    gen = torch.Generator().manual_seed(12)
+    up, down = torch.nn.Linear(37, 42, bias=with_bias), torch.nn.Linear(40, 300, bias=with_bias)
+    down.weight.data = down.weight.data.t().contiguous().t()  # stored transposed, as the decoders store it
+    x = torch.randn(10, 37, generator=gen)  # more requests than a Triton program takes
+    keep = torch.rand(42, generator=gen) < 0.5
+    z = torch.randn(10, 40, generator=gen) * (torch.rand(10, 40, generator=gen) < 0.3)
+    z[:, :5] = 0  # columns no request reads
+    with torch.no_grad():
+        want_rows, want_columns = up(x) * keep, down(z)
+        if name != "torch":  # torch's forms compute everything
+            up.weight[~keep] = float("nan")
+            down.weight[:, :5] = float("nan")
+        for batch in (10, 3, 1):
+            torch.testing.assert_close(kernels.rows_where(up, keep, x[:batch]), want_rows[:batch])
+            torch.testing.assert_close(kernels.columns_nonzero(down, z[:batch]), want_columns[:batch],
+                                       rtol=1e-5, atol=1e-5)
+        assert torch.equal(kernels.rows_where(up, torch.zeros(42, dtype=torch.bool), x), torch.zeros(10, 42))
+        if name != "torch":
+            index = keep.nonzero().flatten()
+            torch.testing.assert_close(kernels.rows(up, index, x), want_rows[:, index])
+        nothing = kernels.columns_nonzero(down, torch.zeros(2, 40))
+        assert torch.equal(nothing, (down.bias if with_bias else torch.zeros(300)).expand(2, -1))

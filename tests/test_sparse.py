@@ -36,8 +36,8 @@ from shadow.placements import PLACEMENTS
 from shadow.policy import Masks, Policy
 from shadow.predictors import Predictor
 from shadow.sparse import RequestDecoder, ThresholdDecoder, TokenDecoder, pruned
-from shadow.sparse.steps import UnitStep
-from shadow.thresholds import calibrate
+from shadow.sparse.steps import ThresholdStep, UnitStep
+from shadow.thresholds import calibrate, sites
 from shadow.traces import layer_features
 
 
@@ -253,6 +253,32 @@ def test_a_decoding_step_reads_nothing_back_from_the_device(family, backend, pla
     ids = torch.randint(4, 8192, (1, 7), generator=torch.Generator().manual_seed(1))
     decoder.generate(ids, 6)
     assert len(counted) == 5 and all(len(step_reads) == reads for step_reads in counted), counted
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+@pytest.mark.parametrize("method", ["teal", "cats"])
+def test_a_thresholded_step_reads_nothing_back_with_the_triton_kernels(family, method, monkeypatch):
+    """TEAL's and CATS' steps on Triton's kernels (in the interpreter) test their inputs inside the products and
+    sum the shares kept on the device: a batch of two reads nothing back at any step, and its static steps (those
+    CUDA graphs capture) equal the thresholded model."""
+    use_triton_kernels(monkeypatch)
+    model = make_tiny_opt() if family == "opt" else make_tiny_llama()
+    limits = calibrate(model, calibration_examples(), method, 4, 1).thresholds([0.5] * len(sites(model, method)))
+    step, counted = ThresholdStep.__call__, []
+
+    def counting(*args):
+        with HostReads() as log, MethodReads(log.reads):
+            out = step(*args)
+        counted.append(log.reads)
+        return out
+
+    monkeypatch.setattr(ThresholdStep, "__call__", counting)
+    ids = torch.randint(4, 8192, (2, 7), generator=torch.Generator().manual_seed(1))
+    out = ThresholdDecoder(model, method, limits, static=True).generate(ids, 6)
+    assert len(counted) == 5 and all(reads == [] for reads in counted), counted
+    assert (out.kept < 1).any()
+    monkeypatch.setattr(ThresholdStep, "__call__", step)
+    threshold_decode_and_check(model, method, static=True)
 
 
 def signature(value):

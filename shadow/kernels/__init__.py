@@ -98,6 +98,20 @@ class TorchGather:
         return out if bias is None else out + bias
 
     @staticmethod
+    def rows_where(weight: Tensor, bias: Tensor | None, keep: Tensor, x: Tensor) -> Tensor:
+        """``x @ weightᵀ + bias`` for a batch x (B, in), the rows where ``keep`` (out,) is False set to 0: every row
+        computed (torch has no product that skips rows by a mask without reading it on the host), nothing read
+        back."""
+        return nn.functional.linear(x, weight, bias) * keep
+
+    @staticmethod
+    def columns_nonzero(weight_t: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
+        """``bias + x @ weight_t`` for a batch x (B, in): the whole product, whose zero entries add nothing; nothing
+        read back."""
+        out = x @ weight_t
+        return out if bias is None else out + bias
+
+    @staticmethod
     def attend(query: Tensor, keys: Tensor, values: Tensor, heads: Tensor, head_dim: int, length: int) -> Tensor:
         """One position's attention output for the kept ``heads``: ``query`` (n · head_dim,) already scaled,
         ``keys`` and ``values`` (H · head_dim, positions) with one row per unit (perhaps column slices of a larger
@@ -182,10 +196,39 @@ def attend(query: Tensor, keys: Tensor, values: Tensor, heads: Tensor, head_dim:
     return kernels.attend(query, keys, values, heads, head_dim, _on_host(kernels, length))
 
 
-def columns(linear: nn.Linear, index: Tensor, x: Tensor) -> Tensor:
-    """``x @ W[:, index]ᵀ + b`` for a batch (B, kept), reading only the columns ``index`` of W, stored transposed
-    (``weight.t()`` contiguous) so that each column is one contiguous row, each once for the batch."""
+def _transposed(linear: nn.Linear) -> Tensor:
     weight_t = linear.weight.t()
     if not weight_t.is_contiguous():  # a weight fetched from an offload, not stored transposed: one copy
         weight_t = weight_t.contiguous()
+    return weight_t
+
+
+def rows_where(linear: nn.Linear, keep: Tensor, x: Tensor) -> Tensor:
+    """``linear(x)`` for a batch (B, in), the rows (outputs) where ``keep`` (out,) is False set to 0 and not read
+    where the kernels can skip them without the host: Triton's on a grid over every row; the compiled kernel
+    (which has no such form) reads the kept rows' indices on the host, free on the CPU."""
+    kernels = backend(linear.weight)
+    if not hasattr(kernels, "rows_where"):
+        index = keep.nonzero().flatten()
+        out = x.new_zeros(x.shape[0], linear.out_features)
+        return out.index_copy_(1, index, kernels.rows(linear.weight, linear.bias, index, x.contiguous()))
+    return kernels.rows_where(linear.weight, linear.bias, keep, x.contiguous())
+
+
+def columns_nonzero(linear: nn.Linear, x: Tensor) -> Tensor:
+    """``linear(x)`` for a batch (B, in), reading only the columns of W where some request's input is not 0 (W
+    stored transposed, as for ``columns``): Triton's kernels test the inputs inside the product, on a grid over
+    every column, so nothing is read back; the compiled kernel reads the indices of those columns on the host."""
+    weight_t = _transposed(linear)
+    kernels = backend(weight_t)
+    if not hasattr(kernels, "columns_nonzero"):
+        index = x.ne(0).any(0).nonzero().flatten()
+        return kernels.columns(weight_t, linear.bias, index, x.index_select(1, index).contiguous())
+    return kernels.columns_nonzero(weight_t, linear.bias, x.contiguous())
+
+
+def columns(linear: nn.Linear, index: Tensor, x: Tensor) -> Tensor:
+    """``x @ W[:, index]ᵀ + b`` for a batch (B, kept), reading only the columns ``index`` of W, stored transposed
+    (``weight.t()`` contiguous) so that each column is one contiguous row, each once for the batch."""
+    weight_t = _transposed(linear)
     return backend(weight_t).columns(weight_t, linear.bias, index, x.contiguous())

@@ -1,8 +1,10 @@
-"""The gather kernels in Triton, for CUDA in float32, float16 and bfloat16: the same four operations and meanings
-as ``TorchGather``, each one launch, reading only the kept rows (columns, cache rows) in place and summing in
-float32. Index sets come as device tensors and sizes from their shapes, so nothing is read back to the host. The
-position a row gather writes up to and an attention's length may come as 0-d device tensors, read by the kernels,
-so that a step launches the same kernels with the same arguments at every position (what a CUDA graph replays).
+"""The gather kernels in Triton, for CUDA in float32, float16 and bfloat16: the same operations and meanings as
+``TorchGather``, reading only the kept rows (columns, cache rows) in place and summing in float32. Index sets come
+as device tensors and sizes from their shapes, so nothing is read back to the host. The position a row gather
+writes up to and an attention's length may come as 0-d device tensors, read by the kernels, so that a step
+launches the same kernels with the same arguments at every position (what a CUDA graph replays). The products of
+a batch (``rows``, ``columns`` and their fixed-grid forms ``rows_where`` and ``columns_nonzero``) load each weight
+tile once for all of the batch's requests; weights are streamed (evicted first), inputs kept in cache.
 
 Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels run on CPU tensors: that is how the tests
 check them without a GPU.
@@ -21,11 +23,17 @@ BLOCK_COLUMNS = 64  # outputs per program of a column gather
 BLOCK_KEPT = 32  # kept columns per step of a column gather
 KEPT_PER_SPLIT = 256  # a column gather splits its kept columns over programs, this many each
 BLOCK_POSITIONS = 32  # cached positions per step of attention
+MAX_BLOCK_REQUESTS = 8  # requests of a batch whose products share each weight tile's load
+TILE = 2048  # float32 products a batched program holds per step: its input steps shrink as its requests grow
+
+
+def _requests_block(batch: int) -> int:
+    return min(triton.next_power_of_2(max(batch, 1)), MAX_BLOCK_REQUESTS)
 
 
 @triton.jit
 def _rows_kernel(out, weight, bias, index, inputs, first, last, kept, in_features, span, out_stride, column_stride,
-                 weight_stride, inputs_stride, SCATTER: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 weight_stride, inputs_stride, HAS_BIAS: tl.constexpr,
                  LAST_IN_MEMORY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (r, p, b): kept rows [r·BLOCK_R, (r+1)·BLOCK_R) at position p of request b (input row and output
     column b·span + p), for the rows whose first <= p, if p <= last (a value, or where it points)."""
@@ -36,38 +44,87 @@ def _rows_kernel(out, weight, bias, index, inputs, first, last, kept, in_feature
     limit = tl.load(last) if LAST_IN_MEMORY else last
     wanted = ((slot < kept) & (tl.load(first + slot, mask=slot < kept, other=position + 1) <= position)
               & (position <= limit))
-    total = tl.zeros([BLOCK_R], dtype=tl.float32)
+    products = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)  # reduced once, after the loop
     work = tl.where(tl.max(wanted.to(tl.int32), axis=0) > 0, in_features, 0)  # no row to catch up: no loads
     for start in range(0, work, BLOCK_K):
         k = start + tl.arange(0, BLOCK_K)
         w = tl.load(weight + row[:, None] * weight_stride + k[None, :],
-                    mask=wanted[:, None] & (k[None, :] < in_features), other=0.0)
-        x = tl.load(inputs + column * inputs_stride + k, mask=k < in_features, other=0.0)
-        total += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+                    mask=wanted[:, None] & (k[None, :] < in_features), other=0.0, eviction_policy="evict_first")
+        x = tl.load(inputs + column * inputs_stride + k, mask=k < in_features, other=0.0, eviction_policy="evict_last")
+        products += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    total = tl.sum(products, axis=1)
     if HAS_BIAS:
         total += tl.load(bias + row, mask=wanted, other=0.0).to(tl.float32)
-    target = row if SCATTER else slot
-    tl.store(out + target * out_stride + column * column_stride, total.to(out.dtype.element_ty), mask=wanted)
+    tl.store(out + row * out_stride + column * column_stride, total.to(out.dtype.element_ty), mask=wanted)
 
 
 @triton.jit
-def _columns_kernel(partial, weight_t, index, scale, kept, out_features, weight_stride, per_split,
-                    BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr):
-    """Program (n, s, b): request b's outputs [n·BLOCK_N, (n+1)·BLOCK_N) summed over split s of the kept columns,
-    added to ``partial`` (float32, (B, out_features)) atomically."""
-    block, split, request = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _batch_rows_kernel(out, weight, bias, index, keep, x, kept, in_features, batch, weight_stride, x_stride,
+                       out_stride, HAS_BIAS: tl.constexpr, BY_MASK: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (r, c): slots [r·BLOCK_R, (r+1)·BLOCK_R) for requests [c·BLOCK_B, (c+1)·BLOCK_B): ``out[b, slot] =
+    weight[row] · x[b] + bias[row]``, each weight tile loaded once for those requests, the products summed in a
+    float32 tile reduced once. Rows: ``index[slot]``; with BY_MASK the slots themselves, those where ``keep`` is
+    False written 0 and not read."""
+    block, chunk = tl.program_id(0), tl.program_id(1)
+    slot = block * BLOCK_R + tl.arange(0, BLOCK_R)
+    present = slot < kept
+    if BY_MASK:
+        row = slot
+        wanted = present & (tl.load(keep + slot, mask=present, other=0) != 0)
+    else:
+        row = tl.load(index + slot, mask=present, other=0)
+        wanted = present
+    b = chunk * BLOCK_B + tl.arange(0, BLOCK_B)
+    total = tl.zeros([BLOCK_R, BLOCK_B, BLOCK_K], dtype=tl.float32)
+    work = tl.where(tl.max(wanted.to(tl.int32), axis=0) > 0, in_features, 0)  # no row wanted: no loads
+    for start in range(0, work, BLOCK_K):
+        k = start + tl.arange(0, BLOCK_K)
+        w = tl.load(weight + row[:, None] * weight_stride + k[None, :],
+                    mask=wanted[:, None] & (k[None, :] < in_features), other=0.0, eviction_policy="evict_first")
+        xs = tl.load(x + b[:, None] * x_stride + k[None, :], mask=(b[:, None] < batch) & (k[None, :] < in_features),
+                     other=0.0, eviction_policy="evict_last")
+        total += w.to(tl.float32)[:, None, :] * xs.to(tl.float32)[None, :, :]
+    result = tl.sum(total, axis=2)
+    if HAS_BIAS:
+        result += tl.load(bias + row, mask=wanted, other=0.0).to(tl.float32)[:, None]
+    result = tl.where(wanted[:, None], result, 0.0)
+    tl.store(out + b[None, :] * out_stride + slot[:, None], result.to(out.dtype.element_ty),
+             mask=present[:, None] & (b[None, :] < batch))
+
+
+@triton.jit
+def _columns_kernel(partial, weight_t, bias, index, scale, kept, out_features, batch, weight_stride, scale_stride,
+                    per_split, HAS_BIAS: tl.constexpr, BY_NONZERO: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_I: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Program (n, s, c): requests [c·BLOCK_B, (c+1)·BLOCK_B)' outputs [n·BLOCK_N, (n+1)·BLOCK_N) summed over split s
+    of the kept columns, each weight tile loaded once for those requests, added to ``partial`` (float32, (B,
+    out_features)) atomically; split 0 adds the bias. Columns: ``index[slot]`` scaled by ``scale[b, slot]``; with
+    BY_NONZERO every column, scaled by ``scale[b, column]`` and read only where some request's scale is not 0."""
+    block, split, chunk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     column = block * BLOCK_N + tl.arange(0, BLOCK_N)
-    total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    b = chunk * BLOCK_B + tl.arange(0, BLOCK_B)
+    total = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
     end = tl.minimum((split + 1) * per_split, kept)
     for start in range(split * per_split, end, BLOCK_I):
         slot = start + tl.arange(0, BLOCK_I)
         present = slot < end
-        row = tl.load(index + slot, mask=present, other=0)
-        s = tl.load(scale + request * kept + slot, mask=present, other=0.0).to(tl.float32)
+        s = tl.load(scale + b[:, None] * scale_stride + slot[None, :], mask=(b[:, None] < batch) & present[None, :],
+                    other=0.0, eviction_policy="evict_last").to(tl.float32)  # (BLOCK_B, BLOCK_I)
+        if BY_NONZERO:
+            row = slot
+            present = present & (tl.max((s != 0).to(tl.int32), axis=0) > 0)
+        else:
+            row = tl.load(index + slot, mask=present, other=0)
         w = tl.load(weight_t + row[:, None] * weight_stride + column[None, :],
-                    mask=present[:, None] & (column[None, :] < out_features), other=0.0)
-        total += tl.sum(w.to(tl.float32) * s[:, None], axis=0)
-    tl.atomic_add(partial + request * out_features + column, total, mask=column < out_features)
+                    mask=present[:, None] & (column[None, :] < out_features), other=0.0,
+                    eviction_policy="evict_first").to(tl.float32)  # (BLOCK_I, BLOCK_N)
+        total += tl.sum(s[:, :, None] * w[None, :, :], axis=1)
+    if HAS_BIAS:
+        total += tl.where(split == 0, tl.load(bias + column, mask=column < out_features, other=0.0).to(tl.float32),
+                          0.0)[None, :]
+    tl.atomic_add(partial + b[:, None] * out_features + column[None, :], total,
+                  mask=(b[:, None] < batch) & (column[None, :] < out_features))
 
 
 @triton.jit
@@ -121,34 +178,64 @@ class TritonGather:
             weight, inputs = weight.contiguous(), inputs.contiguous()  # no copy when they are (as the decoder's are)
             _rows_kernel[grid](out, weight, bias, index, inputs, first.contiguous(), last, len(index),
                                weight.shape[1], span, out.stride(0), 1, weight.stride(0), inputs.stride(0),
-                               SCATTER=True, HAS_BIAS=bias is not None, LAST_IN_MEMORY=on_device,
+                               HAS_BIAS=bias is not None, LAST_IN_MEMORY=on_device,
                                BLOCK_R=BLOCK_ROWS, BLOCK_K=BLOCK_K)
 
     @staticmethod
     def rows(weight: Tensor, bias: Tensor | None, index: Tensor, x: Tensor) -> Tensor:
-        """``(x @ weightᵀ + bias)[:, index]`` for a batch x (B, in), computing only those rows."""
+        """``(x @ weightᵀ + bias)[:, index]`` for a batch x (B, in), computing only those rows, each weight tile
+        loaded once for the batch."""
         out = x.new_empty(x.shape[0], len(index))
         if len(index):
-            weight, x = weight.contiguous(), x.contiguous()
-            _rows_kernel[(triton.cdiv(len(index), BLOCK_ROWS), 1, x.shape[0])](
-                out, weight, bias, index, x, torch.zeros_like(index), 0, len(index), weight.shape[1], 1, 1,
-                len(index), weight.stride(0), x.stride(0), SCATTER=False, HAS_BIAS=bias is not None,
-                LAST_IN_MEMORY=False, BLOCK_R=BLOCK_ROWS, BLOCK_K=BLOCK_K)
+            TritonGather._batch_rows(out, weight, bias, index, None, x, len(index))
         return out
+
+    @staticmethod
+    def rows_where(weight: Tensor, bias: Tensor | None, keep: Tensor, x: Tensor) -> Tensor:
+        """``x @ weightᵀ + bias`` for a batch x (B, in) with the rows where ``keep`` (out,) is False left 0 and not
+        read: a grid over every row, so nothing is read back."""
+        out = x.new_empty(x.shape[0], weight.shape[0])
+        TritonGather._batch_rows(out, weight, bias, None, keep, x, weight.shape[0])
+        return out
+
+    @staticmethod
+    def _batch_rows(out: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor | None, keep: Tensor | None,
+                    x: Tensor, kept: int) -> None:
+        weight, x = weight.contiguous(), x.contiguous()
+        block_b = _requests_block(x.shape[0])
+        block_k = max(16, min(BLOCK_K, TILE // (BLOCK_ROWS * block_b)))
+        grid = (triton.cdiv(kept, BLOCK_ROWS), triton.cdiv(x.shape[0], block_b))
+        _batch_rows_kernel[grid](out, weight, bias, index, keep, x, kept, weight.shape[1], x.shape[0],
+                                 weight.stride(0), x.stride(0), out.stride(0), HAS_BIAS=bias is not None,
+                                 BY_MASK=keep is not None, BLOCK_R=BLOCK_ROWS, BLOCK_B=block_b, BLOCK_K=block_k)
 
     @staticmethod
     def columns(weight_t: Tensor, bias: Tensor | None, index: Tensor, scale: Tensor) -> Tensor:
         """``bias + Σ_i scale[:, i] · weight_t[index[i]]`` for a batch of scales (B, kept), the kept columns split
-        over programs that add their partial sums in float32."""
+        over programs that add their partial sums in float32, each weight tile loaded once for the batch."""
+        return TritonGather._columns(weight_t, bias, index, scale, len(index))
+
+    @staticmethod
+    def columns_nonzero(weight_t: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
+        """``bias + x @ weight_t`` for a batch x (B, in), reading only the rows of ``weight_t`` (the columns of W)
+        where some request's entry is not 0: the zero test inside the product, on a grid over every column, so
+        nothing is read back (TEAL's and CATS' thresholded inputs)."""
+        return TritonGather._columns(weight_t, bias, None, x, weight_t.shape[0])
+
+    @staticmethod
+    def _columns(weight_t: Tensor, bias: Tensor | None, index: Tensor | None, scale: Tensor, kept: int) -> Tensor:
         partial = torch.zeros(scale.shape[0], weight_t.shape[1], dtype=torch.float32, device=weight_t.device)
-        if len(index):
-            weight_t, scale = weight_t.contiguous(), scale.contiguous()
-            splits = triton.cdiv(len(index), KEPT_PER_SPLIT)
-            _columns_kernel[(triton.cdiv(weight_t.shape[1], BLOCK_COLUMNS), splits, scale.shape[0])](
-                partial, weight_t, index, scale, len(index), weight_t.shape[1], weight_t.stride(0), KEPT_PER_SPLIT,
-                BLOCK_N=BLOCK_COLUMNS, BLOCK_I=BLOCK_KEPT)
-        out = partial if bias is None else partial + bias.float()
-        return out.to(weight_t.dtype)
+        if not kept:
+            return (partial if bias is None else partial + bias.float()).to(weight_t.dtype)
+        weight_t, scale = weight_t.contiguous(), scale.contiguous()
+        block_b = _requests_block(scale.shape[0])
+        grid = (triton.cdiv(weight_t.shape[1], BLOCK_COLUMNS), triton.cdiv(kept, KEPT_PER_SPLIT),
+                triton.cdiv(scale.shape[0], block_b))
+        _columns_kernel[grid](partial, weight_t, bias, index, scale, kept, weight_t.shape[1], scale.shape[0],
+                              weight_t.stride(0), scale.stride(0), KEPT_PER_SPLIT, HAS_BIAS=bias is not None,
+                              BY_NONZERO=index is None, BLOCK_N=BLOCK_COLUMNS,
+                              BLOCK_I=max(4, BLOCK_KEPT // block_b), BLOCK_B=block_b)
+        return partial.to(weight_t.dtype)
 
     @staticmethod
     def attend(query: Tensor, keys: Tensor, values: Tensor, heads: Tensor, head_dim: int,

@@ -165,9 +165,10 @@ class ThresholdDecoder:
     requests keeps. How many a step keeps is known only once it has thresholded: each site reads its count back
     (on CUDA a host sync per site and layer), so the steps are not static and not captured as CUDA graphs."""
 
-    def __init__(self, model: nn.Module, method: str, thresholds: Tensor):
-        """``thresholds``: (sites, L), as ``Histograms.thresholds`` gives them for ``method`` (teal or cats)."""
-        self.model, self.method = model, method
+    def __init__(self, model: nn.Module, method: str, thresholds: Tensor, static: bool | None = None):
+        """``thresholds``: (sites, L), as ``Histograms.thresholds`` gives them for ``method`` (teal or cats);
+        ``static`` as for ``TokenDecoder``."""
+        self.model, self.method, self.static = model, method, static
         self.step = ThresholdStep(ModelParts(model), ThresholdedChannels(model, method, thresholds))
 
     def column_layout(self) -> AbstractContextManager:
@@ -178,8 +179,8 @@ class ThresholdDecoder:
         """Greedily continue a batch of (B, T) prompts, all of length T, by ``new_tokens`` tokens."""
         with self.column_layout():
             tokens, logits, steps = decode(self.model, input_ids, new_tokens, self._thresholded_prompt, self.step,
-                                           static=False, catch_up=False)
-        kept = torch.stack(steps) if steps else torch.zeros(0, *self.step.channels.thresholds.shape)
+                                           self.step.static(len(input_ids), self.static), catch_up=False)
+        kept = torch.stack(steps).cpu() if steps else torch.zeros(0, *self.step.channels.thresholds.shape)
         return Generation(tokens, logits, kept=kept)
 
     def _thresholded_prompt(self, input_ids: Tensor) -> tuple[Tensor, PromptCache]:

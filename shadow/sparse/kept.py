@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from shadow.arch import Shape, family_of
+from shadow.offload import input_device
 from shadow.policy import Masks, Policy
 from shadow.predictors import Predictor
 from shadow.thresholds import site_index, sites
@@ -129,13 +130,14 @@ class ThresholdedChannels:
             raise ValueError(f"thresholds of shape {tuple(thresholds.shape)} for method={method}; it has "
                              f"{len(self.sites)} sites in each of {layers} layers: calibrate them with "
                              "shadow.thresholds.calibrate on this model")
-        self.thresholds, self.row = thresholds, site_index(model, method)
+        # on the model's device once: a captured step may not copy from the host
+        self.thresholds, self.row = thresholds.to(input_device(model)), site_index(model, method)
 
     def keep(self, site: str, layer: int, x: Tensor, read: Tensor) -> tuple[Tensor, Tensor]:
-        """A site's (B, channels) entries with those below its threshold zeroed, as (B, kept) on the channels some
-        request keeps, and those channels; their share goes to ``read`` (sites, L)."""
+        """A site's (B, channels) entries with those below its threshold zeroed, and the (channels,) mask of those
+        some request keeps, whose share goes to ``read`` (sites, L): on the device, nothing read back."""
         row = self.row[site]
         keep = x.abs() >= self.thresholds[row, layer].to(x.device, x.dtype)
-        channels = keep.any(0).nonzero().flatten()
-        read[row, layer] = len(channels) / x.shape[1]
-        return (x * keep).index_select(1, channels), channels
+        channels = keep.any(0)
+        read[row, layer] = channels.float().mean()
+        return x * keep, channels

@@ -95,13 +95,13 @@ class CapturedStep:
     warming the allocator, as a capture needs), the second captures the step and replays it, and so does every
     later call: the token is copied into the captured input, and the caller advances the position in place."""
 
-    def __init__(self, step: Callable[[Tensor], tuple[Tensor, Masks]]):
+    def __init__(self, step: Callable[[Tensor], tuple[Tensor, Masks | Tensor]]):
         self.step, self.warm = step, False
         self.graph: torch.cuda.CUDAGraph | None = None
         self.tokens: Tensor | None = None
-        self.out: tuple[Tensor, Masks] | None = None
+        self.out: tuple[Tensor, Masks | Tensor] | None = None
 
-    def __call__(self, tokens: Tensor) -> tuple[Tensor, Masks]:
+    def __call__(self, tokens: Tensor) -> tuple[Tensor, Masks | Tensor]:
         if not self.warm:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -116,8 +116,10 @@ class CapturedStep:
                 self.out = self.step(self.tokens)
         self.tokens.copy_(tokens)
         self.graph.replay()
-        logits, masks = self.out  # the graph's own memory, rewritten by the next replay
-        return logits.clone(), Masks(masks.heads.clone(), masks.neurons.clone())
+        logits, applied = self.out  # the graph's own memory, rewritten by the next replay
+        if isinstance(applied, Masks):
+            return logits.clone(), Masks(applied.heads.clone(), applied.neurons.clone())
+        return logits.clone(), applied.clone()
 
 
 @torch.no_grad()

@@ -43,6 +43,34 @@ class ModelParts:
         return self.family.decode_step(self.model, tokens, position, attention, ffn, self.fetch)
 
 
+def capture_blocker(parts: ModelParts, other_devices: set[str], varying: str | None) -> str | None:
+    """Why a CUDA graph cannot capture a step of this model that also runs on ``other_devices`` and whose sizes
+    vary for the reason ``varying`` (None: they are known in advance), or None."""
+    devices = {str(p.device) for p in parts.model.parameters()} | other_devices
+    if len(devices) > 1:
+        return f"the weights lie on {', '.join(sorted(devices))}; put them on one GPU, not offloaded"
+    if varying is not None:
+        return varying
+    if not getattr(kernels.backend(parts.family.module(parts.layers[0], "query").weight), "positions_on_device",
+                   False):
+        return "the Triton kernels are not in use; install triton and leave SHADOW_GATHER unset"
+    return None
+
+
+def decide_static(parts: ModelParts, asked: bool | None, blocker: Callable[[], str | None]) -> bool:
+    """Whether a generation's steps are static (the same launches at every position, which read it from a device
+    tensor): as ``asked``, or by default where a CUDA graph can capture them, on CUDA with no ``blocker``; an error
+    where it was asked on CUDA and cannot."""
+    cuda = input_device(parts.model).type == "cuda"
+    reason = blocker() if cuda else "the model is not on CUDA"
+    if asked is None:
+        return reason is None
+    if asked and cuda and reason is not None:
+        raise ValueError(f"static=True: a CUDA graph cannot capture this decoding step: {reason}; use "
+                         "static=None to decide by itself")
+    return asked
+
+
 def gated_down(family: Family, layer: nn.Module, h: Tensor, units: Tensor, activations: Tensor) -> Tensor:
     """An FFN's output from its kept units' activations (B, kept), act(gate) or act(up): times their up rows in a
     gated FFN, through their down columns."""
@@ -68,28 +96,12 @@ class UnitStep:
         return parts.modules(parts.family.head_columns + parts.family.neuron_columns)
 
     def static(self, requests: int, asked: bool | None) -> bool:
-        """Whether a generation of ``requests``' steps are static: as ``asked``, or by default where a CUDA graph
-        can capture them (an error where it was asked on CUDA and cannot)."""
-        cuda = input_device(self.parts.model).type == "cuda"
-        blocker = self.capture_blocker(requests) if cuda else "the model is not on CUDA"
-        if asked is None:
-            return blocker is None
-        if asked and cuda and blocker is not None:
-            raise ValueError(f"static=True: a CUDA graph cannot capture this decoding step: {blocker}; use "
-                             "static=None to decide by itself")
-        return asked
+        """Whether a generation of ``requests``' steps are static (see ``decide_static``)."""
+        return decide_static(self.parts, asked, lambda: self.capture_blocker(requests))
 
     def capture_blocker(self, requests: int) -> str | None:
         """Why a CUDA graph cannot capture this step for a batch of ``requests``, or None."""
-        devices = {str(p.device) for p in self.parts.model.parameters()} | self.units.devices()
-        if len(devices) > 1:
-            return f"the weights lie on {', '.join(sorted(devices))}; put them on one GPU, not offloaded"
-        if (varying := self.units.varying(requests)) is not None:
-            return varying
-        query = self.parts.family.module(self.parts.layers[0], "query")
-        if not getattr(kernels.backend(query.weight), "positions_on_device", False):
-            return "the Triton kernels are not in use; install triton and leave SHADOW_GATHER unset"
-        return None
+        return capture_blocker(self.parts, self.units.devices(), self.units.varying(requests))
 
     def __call__(self, tokens: Tensor, position: Tensor, last: int | Tensor, caches: list[LayerCache]
                  ) -> tuple[Tensor, Masks]:
@@ -170,8 +182,9 @@ class ThresholdStep:
     the FFN input projection (gate; OPT's up) whole, zeroes the activations below its threshold and reads only the
     kept units' up rows and down columns; its attention is dense. Every head is computed at every step. A batch
     zeroes each request's own small entries and reads, per site, the columns of the channels any request keeps.
-    How many a step keeps is known only once it has thresholded: each site reads its count back (on CUDA a host
-    sync per site and layer), so the step is not static."""
+    With Triton's kernels the products test their inputs themselves, on grids over every channel, and the shares
+    kept are summed on the device: nothing is read back, so the step is static, batches too, and on CUDA captured
+    as a CUDA graph. The compiled kernel reads the kept channels' indices on the host (free on the CPU)."""
 
     def __init__(self, parts: ModelParts, channels: ThresholdedChannels):
         self.parts, self.channels = parts, channels
@@ -183,19 +196,22 @@ class ThresholdStep:
             return self.parts.modules(tuple(role for site in self.channels.sites for role in site.roles))
         return self.parts.modules(self.parts.family.neuron_columns)
 
+    def static(self, requests: int, asked: bool | None) -> bool:
+        """Whether a generation's steps are static (see ``decide_static``): their sizes never vary."""
+        return decide_static(self.parts, asked, lambda: capture_blocker(self.parts, set(), None))
+
     def project(self, role: str, index: int, x: Tensor, read: Tensor) -> Tensor:
         """Projection ``role`` of layer ``index`` on the (B, channels) ``x``: under TEAL the columns of the channels
         its threshold keeps; otherwise dense."""
         module = self.parts.family.module(self.parts.layers[index], role)
         if self.channels.method != "teal":
             return module(x)
-        kept, channels = self.channels.keep(role, index, x, read)
-        return kernels.columns(module, channels, kept)
+        return kernels.columns_nonzero(module, self.channels.keep(role, index, x, read)[0])
 
     def __call__(self, tokens: Tensor, position: Tensor, last: int | Tensor, caches: list[LayerCache]
                  ) -> tuple[Tensor, Tensor]:
         """One token per request: the (B, V) logits and each (site, layer)'s share of channels read."""
-        read = torch.ones(self.channels.thresholds.shape)  # on the host: each site's count is read back anyway
+        read = torch.ones(self.channels.thresholds.shape, device=tokens.device)
         family = self.parts.family
 
         def attention(index: int, h: Tensor) -> Tensor:
@@ -206,7 +222,9 @@ class ThresholdStep:
             if self.channels.method == "cats":
                 activations, units = self.channels.keep("activation", index, activation(family.ffn_input(layer)(h)),
                                                         read)
-                return gated_down(family, layer, h, units, activations)
+                if family.gated:
+                    activations = activations * kernels.rows_where(family.module(layer, "up"), units, h)
+                return kernels.columns_nonzero(family.ffn_output(layer), activations)
             inner = activation(self.project("gate" if family.gated else "up", index, h, read))
             if family.gated:
                 inner = inner * self.project("up", index, h, read)
@@ -214,8 +232,8 @@ class ThresholdStep:
 
         return self.parts.decode_step(tokens, position, attention, ffn), read
 
-    def attention(self, index: int, h: Tensor, position: Tensor, last: int, cache: LayerCache, read: Tensor
-                  ) -> Tensor:
+    def attention(self, index: int, h: Tensor, position: Tensor, last: int | Tensor, cache: LayerCache,
+                  read: Tensor) -> Tensor:
         """One position's attention output after the output projection, (B, E), every head computed: its key and
         value written to the cache at ``position``."""
         family, layer, shape, B = self.parts.family, self.parts.layers[index], self.shape, cache.requests
