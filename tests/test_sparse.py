@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -84,6 +85,37 @@ def test_per_request_decoding_equals_the_masked_model(family, gather):
     request_decode_and_check(model, batch=2, static=True)
     if family == "llama":
         request_decode_and_check(model, attention_unit="query_head")
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_layers_a_request_keeps_whole_run_their_dense_products(family, monkeypatch):
+    """A fixed mask that keeps a layer whole runs that layer's own products: with layer 0 whole and the others
+    at half, the steps are the masked model's; with every layer whole (the same engine's dense step, the latency
+    table's anchor) they are the dense model's, and no gather kernel runs."""
+    model = make_tiny_opt() if family == "opt" else make_tiny_llama()
+    shape = shape_of(model)
+    gen = torch.Generator().manual_seed(8)
+    masks = Policy("local", 0.5, 0.5).select(torch.rand(1, shape.layers, shape.heads, generator=gen),
+                                             torch.rand(1, shape.layers, shape.neurons, generator=gen))
+    masks.heads[:, 0], masks.neurons[:, 0] = True, True
+    every = Masks(torch.ones_like(masks.heads), torch.ones_like(masks.neurons))
+    ids = torch.randint(4, 8192, (2, 9), generator=gen)
+    calls = []
+
+    def recorded(name: str):
+        real = getattr(kernels, name)
+        return lambda *args: calls.append(name) or real(*args)
+
+    for name in ("rows", "rows_into", "columns"):
+        monkeypatch.setattr(kernels, name, recorded(name))
+    for kept, expected in ((masks, masks), (every, None)):
+        calls.clear()
+        out = RequestDecoder(model, shape).generate(ids, 6, kept)
+        sequences = torch.cat([ids, out.tokens[:, :-1]], 1)
+        with torch.no_grad(), apply_masks(model, expected) if expected is not None else nullcontext():
+            reference = model(sequences).logits
+        torch.testing.assert_close(out.logits, reference[:, 9:], rtol=1e-4, atol=1e-4)
+        assert (calls == []) == (expected is None)
 
 
 def test_per_request_decoding_names_the_masks_it_takes(tiny_opt):

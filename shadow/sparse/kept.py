@@ -25,6 +25,7 @@ class UnitSet:
     queries: Tensor  # the kept query heads
     kv_heads: Tensor  # the key-value heads to compute: every one a kept query head reads, and perhaps more
     units: Tensor  # the kept FFN units
+    whole: bool = False  # every unit kept for the whole generation (a fixed mask): the dense products serve
 
 
 def _leading(masks: Tensor, counts: list[int]) -> list[Tensor]:
@@ -65,7 +66,9 @@ class FixedUnits:
 
     def __init__(self, shape: Shape, masks: Masks, device: torch.device):
         """``masks``: heads (1, L, H) and neurons (1, L, F) in ``shape``'s units."""
-        self.sets = dict(enumerate(unit_sets(shape, masks.heads[0].to(device), masks.neurons[0].to(device), None)))
+        sets = unit_sets(shape, masks.heads[0].to(device), masks.neurons[0].to(device), None)
+        self.sets = {index: replace(kept, whole=len(kept.queries) == shape.query_heads
+                                    and len(kept.units) == shape.neurons) for index, kept in enumerate(sets)}
 
     def at_step(self) -> dict[int, UnitSet]:
         """The sets known as a step starts, by layer: all of them."""

@@ -71,6 +71,36 @@ def decide_static(parts: ModelParts, asked: bool | None, blocker: Callable[[], s
     return asked
 
 
+def every_head(parts: ModelParts, shape: Shape, index: int, h: Tensor, position: Tensor, last: int | Tensor,
+               cache: LayerCache, project: Callable[[str, Tensor], Tensor]) -> Tensor:
+    """One position's attention output after the output projection, (B, E) for the batch's (B, E) inputs, every
+    head computed, each projection by ``project(role, x)``: the key and value written to the cache at
+    ``position``."""
+    family, layer, model, D, B = parts.family, parts.layers[index], parts.model, shape.head_dim, cache.requests
+    position = position.to(h.device)  # a no-op but across the GPUs of a split model
+    keys, values = project("key", h), project("value", h)
+    if family.rotary:
+        keys = family.rotate(model, layer, "key", keys.view(-1, 1, D), position.view(1)).view(B, -1)
+    for store, new in ((cache.keys, keys), (cache.values, values)):
+        store.view(store.shape[0], B, -1).index_copy_(2, position.view(1), new.t()[..., None].to(store.dtype))
+    queries = project("query", h)
+    if family.rotary:
+        queries = family.rotate(model, layer, "query", queries.view(-1, 1, D), position.view(1))
+    queries = queries.reshape(B, -1) * family.scaling(layer)
+    groups = torch.arange(shape.query_heads, device=h.device) // shape.group_size
+    out = torch.stack([kernels.attend(queries[b], *cache.request(b), groups, D, last + 1) for b in range(B)])
+    return project("output", out)
+
+
+def dense_ffn(parts: ModelParts, index: int, h: Tensor) -> Tensor:
+    """A layer's whole FFN on the batch's (B, E) inputs, through its own projections (cuBLAS on CUDA)."""
+    family, layer = parts.family, parts.layers[index]
+    inner = parts.activations[index](family.ffn_input(layer)(h))
+    if family.gated:
+        inner = inner * family.module(layer, "up")(h)
+    return family.ffn_output(layer)(inner)
+
+
 def gated_down(family: Family, layer: nn.Module, h: Tensor, units: Tensor, activations: Tensor) -> Tensor:
     """An FFN's output from its kept units' activations (B, kept), act(gate) or act(up): times their up rows in a
     gated FFN, through their down columns."""
@@ -82,10 +112,12 @@ def gated_down(family: Family, layer: nn.Module, h: Tensor, units: Tensor, activ
 class UnitStep:
     """A step under masks of heads and FFN units (in ``shape``'s units), fixed for the generation or predicted at
     every token: its attention and FFN read only the kept units' weights, and nothing is read back from the
-    device. A layer whose units are not yet known when it starts computes all its heads (its features feed a
-    predictor). Keys and values of a head at positions where it was pruned are computed when it is next kept,
-    from the cached attention input, so each head attends to exactly the keys and values of the masked model,
-    whose pruned heads still write their cache."""
+    device. A layer a fixed mask keeps whole runs its own dense products (cuBLAS on CUDA): with every unit kept,
+    this is the same engine's dense step, the anchor the sparse steps are timed against. A layer whose units are
+    not yet known when it starts computes all its heads (its features feed a predictor). Keys and values of a
+    head at positions where it was pruned are computed when it is next kept, from the cached attention input, so
+    each head attends to exactly the keys and values of the masked model, whose pruned heads still write their
+    cache."""
 
     def __init__(self, parts: ModelParts, shape: Shape, units: FixedUnits | PredictedUnits):
         self.parts, self.shape, self.units = parts, shape, units
@@ -113,6 +145,8 @@ class UnitStep:
             return self.attention(index, h, position, last, caches[index], kept)
 
         def ffn(index: int, h: Tensor) -> Tensor:
+            if kept[index].whole:
+                return dense_ffn(self.parts, index, h)
             layer, units = layers[index], kept[index].units.to(h.device)
             activations = self.parts.activations[index](kernels.rows(family.ffn_input(layer), units, h))
             return gated_down(family, layer, h, units, activations)
@@ -131,6 +165,9 @@ class UnitStep:
         query, key, value, output = (family.module(layer, role) for role in ("query", "key", "value", "output"))
         shape, D, device, B = self.shape, self.shape.head_dim, h.device, cache.requests
         known = kept.get(index)
+        if known is not None and known.whole:  # kept whole for the generation: no catch-up, dense products
+            return every_head(self.parts, shape, index, h, position, last, cache,
+                              lambda role, x: family.module(layer, role)(x))
         if known is not None:
             queries, kv_heads = known.queries.to(device), known.kv_heads.to(device)
         else:
@@ -234,20 +271,6 @@ class ThresholdStep:
 
     def attention(self, index: int, h: Tensor, position: Tensor, last: int | Tensor, cache: LayerCache,
                   read: Tensor) -> Tensor:
-        """One position's attention output after the output projection, (B, E), every head computed: its key and
-        value written to the cache at ``position``."""
-        family, layer, shape, B = self.parts.family, self.parts.layers[index], self.shape, cache.requests
-        model, D = self.parts.model, shape.head_dim
-        position = position.to(h.device)  # a no-op but across the GPUs of a split model
-        keys, values = self.project("key", index, h, read), self.project("value", index, h, read)
-        if family.rotary:
-            keys = family.rotate(model, layer, "key", keys.view(-1, 1, D), position.view(1)).view(B, -1)
-        for store, new in ((cache.keys, keys), (cache.values, values)):
-            store.view(store.shape[0], B, -1).index_copy_(2, position.view(1), new.t()[..., None].to(store.dtype))
-        queries = self.project("query", index, h, read)
-        if family.rotary:
-            queries = family.rotate(model, layer, "query", queries.view(-1, 1, D), position.view(1))
-        queries = queries.reshape(B, -1) * family.scaling(layer)
-        groups = torch.arange(shape.query_heads, device=h.device) // shape.group_size
-        out = torch.stack([kernels.attend(queries[b], *cache.request(b), groups, D, last + 1) for b in range(B)])
-        return self.project("output", index, out, read)
+        """One position's attention output after the output projection, (B, E), every head computed."""
+        return every_head(self.parts, self.shape, index, h, position, last, cache,
+                          lambda role, x: self.project(role, index, x, read))
