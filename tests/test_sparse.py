@@ -440,19 +440,24 @@ def test_latency_benchmark_writes_its_table(tmp_path):
                                                         "logger=none", "predictor.dtype=float32"])
     rows = run(cfg, tmp_path)
     assert [(r["method"], r["granularity"]) for r in rows] == [
-        ("dense", "-"), ("static", "request"), ("shadow", "request"), ("dejavu", "request"),
+        ("dense", "-"), ("dense", "engine"), ("static", "request"), ("shadow", "request"), ("dejavu", "request"),
         ("shadow", "token"), ("dejavu", "token"), ("teal", "token"), ("cats", "token")]
     assert all(r["total_ms"] > 0 and r["first_token_ms"] > 0 for r in rows)
     for r in rows:  # steps after the first token, timed as the difference (noisy at 3 tokens, exact at 128)
         assert r["step_ms"] == pytest.approx((r["total_ms"] - r["first_token_ms"]) / 2)
         assert r["decode_speedup"] == pytest.approx(rows[0]["step_ms"] / r["step_ms"])
+        assert r["engine_speedup"] == pytest.approx(rows[1]["step_ms"] / r["step_ms"])
+        assert r["bytes_multiple"] > 0  # the step's time over its weights' time at the measured copy bandwidth
+    dense_bytes = rows[0]["step_ms"] / rows[0]["bytes_multiple"]  # the same bytes for both dense rows
+    assert rows[1]["step_ms"] / rows[1]["bytes_multiple"] == pytest.approx(dense_bytes)
+    assert rows[2]["step_ms"] / rows[2]["bytes_multiple"] == pytest.approx(dense_bytes * rows[2]["weights_read"])
     assert all(r["predictor_share"] > 0 for r in rows if r["method"] in ("shadow", "dejavu"))
     # every layer keeps half its key-value groups and FFN units, whichever ones: the same weights read; TEAL
     # reads fewer than every column of each projection (at 3 tokens the thresholds keep about half), CATS all of
     # the attention and the FFN's up projection (OPT), so more
-    assert rows[0]["weights_read"] == 1 and 0.5 < rows[1]["weights_read"] < 1
-    assert all(r["weights_read"] == pytest.approx(rows[1]["weights_read"]) for r in rows[1:6])
-    assert 0.5 < rows[6]["weights_read"] < 0.9 and rows[1]["weights_read"] < rows[7]["weights_read"] < 1
+    assert rows[0]["weights_read"] == rows[1]["weights_read"] == 1 and 0.5 < rows[2]["weights_read"] < 1
+    assert all(r["weights_read"] == pytest.approx(rows[2]["weights_read"]) for r in rows[2:7])
+    assert 0.5 < rows[7]["weights_read"] < 0.9 and rows[2]["weights_read"] < rows[8]["weights_read"] < 1
     assert (tmp_path / "latency.csv").read_text().splitlines()[0] == ",".join(COLUMNS)
     assert (tmp_path / "latency.md").read_text().count("\n| ") == len(rows) + 1
 
@@ -466,12 +471,13 @@ def test_latency_benchmark_rows_per_batch_size(tmp_path):
                                                         "batch=[1,3]", "logger=none"])
     rows = run(cfg, tmp_path)
     assert [(r["method"], r["granularity"], r["batch"]) for r in rows] == [
-        ("dense", "-", 1), ("static", "request", 1), ("shadow", "request", 1), ("dejavu", "request", 1),
-        ("shadow", "token", 1), ("dejavu", "token", 1), ("teal", "token", 1), ("cats", "token", 1),
-        ("dense", "-", 3), ("static", "request", 3), ("shadow", "token", 3), ("dejavu", "token", 3),
-        ("teal", "token", 3), ("cats", "token", 3)]
-    assert all(r["decode_speedup"] == pytest.approx(rows[8]["step_ms"] / r["step_ms"]) for r in rows[8:])
-    assert rows[12]["weights_read"] > rows[6]["weights_read"]  # three requests' union of TEAL's channels
+        ("dense", "-", 1), ("dense", "engine", 1), ("static", "request", 1), ("shadow", "request", 1),
+        ("dejavu", "request", 1), ("shadow", "token", 1), ("dejavu", "token", 1), ("teal", "token", 1),
+        ("cats", "token", 1), ("dense", "-", 3), ("dense", "engine", 3), ("static", "request", 3),
+        ("shadow", "token", 3), ("dejavu", "token", 3), ("teal", "token", 3), ("cats", "token", 3)]
+    assert all(r["decode_speedup"] == pytest.approx(rows[9]["step_ms"] / r["step_ms"]) for r in rows[9:])
+    assert all(r["engine_speedup"] == pytest.approx(rows[10]["step_ms"] / r["step_ms"]) for r in rows[9:])
+    assert rows[14]["weights_read"] > rows[7]["weights_read"]  # three requests' union of TEAL's channels
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         bad = compose(config_name="latency", overrides=["batch=[0]", "logger=none"])
     with pytest.raises(ConfigError, match=r"^batch=\[0\] must list batch sizes"):
@@ -483,7 +489,7 @@ def test_latency_benchmark_runs_the_methods_asked(tmp_path):
         cfg = compose(config_name="latency", overrides=["arch=opt-125m", "prompt=6", "new_tokens=3", "rounds=1",
                                                         "min_run_time=0.01", "methods=[cats,static]", "logger=none"])
         bad = compose(config_name="latency", overrides=["methods=[deja_vu,teal]", "logger=none"])
-    assert [r["method"] for r in run(cfg, tmp_path)] == ["dense", "static", "cats"]
+    assert [r["method"] for r in run(cfg, tmp_path)] == ["dense", "dense", "static", "cats"]
     with pytest.raises(ConfigError, match=r"^methods=\['deja_vu', 'teal'\] holds \['deja_vu'\]; list rows among "
                                           r"static, shadow, dejavu, teal, cats"):
         run(bad, tmp_path)
@@ -504,6 +510,7 @@ def test_latency_benchmark_runs_each_row_twice_per_round_interleaved(tiny_opt):
     one_round = [("dense", 4)] * 2 + [("dense", 1)] * 2 + [("static", 4)] * 2 + [("static", 1)] * 2
     assert calls == one_round * 3
     assert [r["method"] for r in rows] == ["dense", "static"] and all(r["weights_read"] == 1 for r in rows)
+    assert all(r["engine_speedup"] is None for r in rows)  # no engine row among these cases
 
 
 def test_latency_benchmark_places_layers_with_accelerate(tmp_path):
@@ -513,7 +520,7 @@ def test_latency_benchmark_places_layers_with_accelerate(tmp_path):
         cfg = compose(config_name="latency", overrides=["arch=opt-125m", "prompt=6", "new_tokens=3", "rounds=1",
                                                         "min_run_time=0.01", "device_map=auto", "logger=none"])
     rows = run(cfg, tmp_path)
-    assert len(rows) == 8 and all(r["total_ms"] > 0 for r in rows)
+    assert len(rows) == 9 and all(r["total_ms"] > 0 for r in rows)
 
 
 def test_latency_benchmark_says_what_it_needs_when_it_cannot_fit(tmp_path):

@@ -12,6 +12,8 @@ the model's dtype on GPUs. A batch of ``batch`` requests (1 by default; ``batch=
 each a ``prompt``-token prompt, then ``new_tokens`` greedy tokens (``timing=quick``: fewer tokens and rounds).
 Rows, at each sparsity of heads and neurons (local policy: every layer keeps the same share):
   dense             Hugging Face ``generate``, no sparsity;
+  dense   engine    the decoders' own step with every unit kept (``RequestDecoder``, each layer's dense products:
+                    cuBLAS on CUDA), captured as a CUDA graph there: the same engine's dense step, the fair anchor;
   static  request   one fixed mask, no predictor: the prompt runs on the kept units' weights, gathered (``shadow.
                     sparse.pruned``), then every step reads the kept rows in place (``shadow.sparse.RequestDecoder``);
   shadow  request   the same under the mask of one predictor that reads layer 0's attention output at the last
@@ -31,10 +33,12 @@ Above batch 1 the per-request rows with predictors are left out, and per token e
 batch's units, so the gain shrinks with the batch. Every row is timed once per round, right after one untimed run
 of it, the rows interleaved so that the machine's drifts touch them alike; reported are the medians over
 ``rounds`` rounds (``torch.utils.benchmark``): end-to-end ms, ms to the first token, ms per decoding step
-(end-to-end minus first token, over the remaining steps), decoding speed-up over dense at the same batch size,
-the share of the dense step's weights read per token under the masks the row applied (``shadow.weights_read``;
-per token, the mean over its steps of the batch's union) and the predictor's share of the time: of the request's
-time per request, of each decoding step per token.
+(end-to-end minus first token, over the remaining steps), decoding speed-up over ``generate`` and over the
+same engine's dense step at the same batch size, the step's time over the time its weights take to read at the
+bandwidth of a device-to-device copy measured in the same run (1 GiB on CUDA, 256 MiB on the CPU; 1.0× would be
+the memory's limit), the share of the dense step's weights read per token under the masks the row applied
+(``shadow.weights_read``; per token, the mean over its steps of the batch's union) and the predictor's share of
+the time: of the request's time per request, of each decoding step per token.
 Written to the job's directory as latency.csv, latency.md and latency.json, and logged
 to W&B as a table (offline without a key; logger=none turns it off).
 """
@@ -68,17 +72,18 @@ from shadow.data import Example
 from shadow.errors import ConfigError
 from shadow.models import TORCH_DTYPES
 from shadow.placements import PLACEMENTS
-from shadow.policy import Policy
+from shadow.policy import Masks, Policy
 from shadow.predictors import Predictor
 from shadow.sparse import Generation, RequestDecoder, ThresholdDecoder, TokenDecoder
 from shadow.thresholds import Histograms, calibrate, sites
 from shadow.traces import layer_features
-from shadow.weights_read import masks_read
+from shadow.weights_read import masks_read, step_parameters
 
 THRESHOLDS = ("teal", "cats")
 METHODS = ("static", *(name for name, placement in PLACEMENTS.items() if placement.trains), *THRESHOLDS)
 COLUMNS = ["method", "granularity", "sparsity", "batch", "total_ms", "first_token_ms", "step_ms", "decode_speedup",
-           "weights_read", "predictor_share"]
+           "engine_speedup", "bytes_multiple", "weights_read", "predictor_share"]
+COPY_BYTES = {"cuda": 1 << 30, "cpu": 1 << 28}  # larger than any cache: the copy runs at the memory's speed
 
 
 def predictors(shape: Shape, predictor_cfg: DictConfig) -> dict[str, Predictor]:
@@ -167,6 +172,16 @@ def build(arch: str, device: str, dtype: torch.dtype, max_memory: dict[int | str
     return dispatch_model(model, device_map).eval()
 
 
+def copy_bandwidth(device: torch.device, min_run_time: float) -> float:
+    """Bytes per second a device-to-device copy moves (each byte read and written): what the memory delivers, the
+    bound a step that streams its weights can approach."""
+    size = COPY_BYTES.get(device.type, COPY_BYTES["cpu"])
+    source = torch.empty(size, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    seconds = median_ms(lambda: target.copy_(source), min_run_time) / 1e3
+    return 2 * size / seconds
+
+
 def median_ms(fn, min_run_time: float) -> float:
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
@@ -236,6 +251,11 @@ class Bench:
         for batch in map(int, self.cfg.batch):
             generate = partial(self.generate, batch=batch)
             cases.append(Case("dense", "-", 0.0, batch, generate))
+            every = Masks(torch.ones(1, self.shape.layers, self.shape.heads, dtype=torch.bool),
+                          torch.ones(1, self.shape.layers, self.shape.neurons, dtype=torch.bool))
+            cases.append(Case("dense", "engine", 0.0, batch, partial(self.request.generate, self.ids[:batch],
+                                                                     masks=every), self.request.column_layout,
+                              read=self.request.share_read))
             for sparsity in map(float, self.cfg.sparsity):
                 policy = Policy("local", sparsity, sparsity)
                 static = policy.select(torch.rand(1, self.shape.layers, self.shape.heads),
@@ -281,25 +301,37 @@ class Bench:
                                                     num_threads=torch.get_num_threads())
                             times.append(timer.blocked_autorange(min_run_time=0))
             costs = [median_ms(case.predict, cfg.min_run_time) if case.predict else None for case in cases]
-        rows, dense_step = [], {}
-        for case, total, first, cost, masks in zip(cases, totals, firsts, costs, applied, strict=True):
+        device = next(self.model.parameters()).device
+        bandwidth = copy_bandwidth(device, cfg.min_run_time)
+        step_bytes = step_parameters(self.model) * next(self.model.parameters()).element_size()
+        timed = []
+        for total, first in zip(totals, firsts, strict=True):
             total_ms, first_ms = (benchmark.Measurement.merge(m)[0].median * 1e3 for m in (total, first))
-            step = (total_ms - first_ms) / max(new - 1, 1)
-            dense_step.setdefault(case.batch, step)  # each batch size's dense row comes first
+            timed.append((total_ms, first_ms, (total_ms - first_ms) / max(new - 1, 1)))
+        anchors = {(case.batch, case.granularity): step for case, (_, _, step) in zip(cases, timed, strict=True)
+                   if case.method == "dense"}  # each batch size's: generate's ("-") and the engine's
+        rows = []
+        for case, (total_ms, first_ms, step), cost, masks in zip(cases, timed, costs, applied, strict=True):
             share = None if cost is None else cost / (step if case.granularity == "token" else total_ms)
+            read = (case.read or partial(masks_read, self.model))(masks[0])
+            engine = anchors.get((case.batch, "engine"))
             rows.append({"method": case.method, "granularity": case.granularity, "sparsity": case.sparsity,
                          "batch": case.batch, "total_ms": total_ms, "first_token_ms": first_ms, "step_ms": step,
-                         "decode_speedup": dense_step[case.batch] / step,
-                         "weights_read": (case.read or partial(masks_read, self.model))(masks[0]),
-                         "predictor_share": share})
+                         "decode_speedup": anchors[case.batch, "-"] / step,
+                         "engine_speedup": None if engine is None else engine / step,
+                         "bytes_multiple": step / (read * step_bytes / bandwidth * 1e3),
+                         "weights_read": read, "predictor_share": share})
+        print(f"copy bandwidth on {device}: {bandwidth / 1e9:.1f} GB/s (read and written); a dense step reads "
+              f"{step_bytes / 1e9:.2f} GB of weights", flush=True)
         return rows
 
 
 def format_row(r: dict) -> str:
     share = f"{r['predictor_share']:.1%}" if r["predictor_share"] is not None else "-"
+    engine = f"{r['engine_speedup']:.2f}×" if r["engine_speedup"] is not None else "-"
     return (f"| {r['method']} | {r['granularity']} | {r['sparsity']:.0%} | {r['batch']} | {r['total_ms']:.0f} | "
-            f"{r['first_token_ms']:.0f} | {r['step_ms']:.1f} | {r['decode_speedup']:.2f}× | {r['weights_read']:.1%} | "
-            f"{share} |")
+            f"{r['first_token_ms']:.0f} | {r['step_ms']:.1f} | {r['decode_speedup']:.2f}× | {engine} | "
+            f"{r['bytes_multiple']:.1f}× | {r['weights_read']:.1%} | {share} |")
 
 
 def write(out: Path, header: str, rows: list[dict]) -> None:
@@ -316,8 +348,9 @@ def write(out: Path, header: str, rows: list[dict]) -> None:
         tmp.replace(out / name)
 
 
-TABLE_HEAD = ("| method | masks | sparsity | batch | total ms | first token ms | ms / step | decode × dense "
-              "| weights read | predictor |\n|---|---|---|---|---|---|---|---|---|---|")
+TABLE_HEAD = ("| method | masks | sparsity | batch | total ms | first token ms | ms / step | decode × generate "
+              "| decode × engine dense | step ÷ bytes time | weights read | predictor |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def predictor_dtype(cfg: DictConfig) -> str:
