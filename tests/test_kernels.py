@@ -294,3 +294,19 @@ def test_fixed_grid_products_skip_the_rows_not_kept_and_the_zero_inputs(name, wi
             torch.testing.assert_close(kernels.rows(up, index, x), want_rows[:, index])
         nothing = kernels.columns_nonzero(down, torch.zeros(2, 40))
         assert torch.equal(nothing, (down.bias if with_bias else torch.zeros(300)).expand(2, -1))
+
+
+def test_kernel_benchmark_runs_every_product_in_a_dry_run(monkeypatch, capsys):
+    """The GPU check's kernel microbenchmark, run through Triton's interpreter at 1/64 of Llama-3.1-8B's shapes:
+    every product, dense and Triton, with its GB/s and its share of the copy bandwidth."""
+    pytest.importorskip("triton")
+    from shadow.benchmarks import kernels as bench
+
+    monkeypatch.setattr("sys.argv", ["kernels", "--device", "cpu", "--dtype", "float32", "--scale", "64",
+                                     "--archs", "llama-3.1-8b", "--keep", "0.5", "--min-run-time", "0"])
+    bench.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("cpu, float32: copy ") and lines[1].split()[:3] == ["arch", "product", "kept"]
+    rows = [line.split() for line in lines[2:]]
+    assert len(rows) == 12 and {r[-5] for r in rows} == {"dense", "triton"}
+    assert all(r[-1] == "1.00" for r in rows if r[-5] == "dense") and all(float(r[-4]) > 0 for r in rows)

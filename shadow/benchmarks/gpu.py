@@ -1,19 +1,23 @@
-"""The GPU check: what the CPU tests cannot show, in one command on a CUDA machine (about 12 minutes on one H200;
-each step has a time limit).
+"""The GPU check: what the CPU tests cannot show, in one command on a CUDA machine, its steps ordered by value, each
+under its own time limit and written to the report as it ends (a check cut short keeps what it measured).
 
     python -m shadow.benchmarks.gpu                       # writes gpu-check.md in the current directory
-    python -m shadow.benchmarks.gpu --out report.md --archs opt-1.3b opt-6.7b llama-3.1-8b
-    python -m shadow.benchmarks.gpu --steps tests latency --latency new_tokens=64   # some steps, other settings
+    python -m shadow.benchmarks.gpu --steps tests kernels latency --archs opt-13b llama-3.1-8b
+    python -m shadow.benchmarks.gpu --steps latency --latency new_tokens=64   # some steps, other settings
 
-1. the main job on opt-mini (plainact, sparsity 0.5) with device=cuda in float32, float16 and bfloat16: token
-   perplexity of each and the half-precision gap to float32;
-2. the tests marked ``gpu`` (``pytest -m gpu``): per-token decoding and pruning on CUDA against the masked model
-   in three dtypes, criteria in half precision against float32, CPU offload with CUDA execution, two GPUs;
-3. the latency table in float16 for the OPT-1.3B and Llama-3.2-1B architectures (random weights, 3 rounds,
-   predictors' own cost timed for 0.5 s each; ``--latency`` adds or overrides settings).
-Each step runs in its own process with a time limit; the report gives the machine, each step's outcome and
-output, and is rewritten after every step, so a check cut short keeps what it measured. Exit status 0 when every
-step passed. Without CUDA it says so in one line and exits 1.
+1. ``tests``: the tests marked ``gpu`` (``pytest -m gpu``): per-token and per-request decoding and pruning on CUDA
+   against the masked model in three dtypes, a decoding step that never waits for the device, criteria in half
+   precision against float32, CPU offload with CUDA execution, two GPUs (about 3 minutes on one H200);
+2. ``kernels``: the gather kernels' GB/s at OPT-13B's and Llama-3.1-8B's shapes, 50% and 100% kept, beside
+   cuBLAS's dense product and the copy bandwidth (``shadow.benchmarks.kernels``; about a minute);
+3. ``latency``: the latency table in float16, batch 1, 128 + 128 tokens at 50% of heads and neurons, for each of
+   ``--archs`` (random weights, 3 rounds; OPT-13B, Llama-3.1-8B, then OPT-30B, which fits one H200 in 60 GB):
+   every row against ``generate``, the same engine's dense step and its weights' time at the copy bandwidth
+   (``--latency`` adds or overrides settings; about 3 minutes per architecture, OPT-30B more);
+4. ``jobs``: the main job on opt-mini (plainact, sparsity 0.5) with device=cuda in float32, float16 and bfloat16:
+   token perplexity of each and the half-precision gap to float32.
+The report gives the machine, each step's outcome and output. Exit status 0 when every step passed. Without
+CUDA it says so in one line and exits 1.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import torch
 from shadow.config import DTYPES
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = ["jobs", "tests", "latency"]
+STEPS = ["tests", "kernels", "latency", "jobs"]  # in order of value
 
 
 def step(command: list[str], timeout: int) -> tuple[bool, str, float]:
@@ -72,7 +76,7 @@ def main_jobs(work: Path) -> tuple[list[str], bool]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("gpu-check.md"))
-    parser.add_argument("--archs", nargs="+", default=["opt-1.3b", "llama-3.2-1b"])
+    parser.add_argument("--archs", nargs="+", default=["opt-13b", "llama-3.1-8b", "opt-30b"])
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=STEPS)
     parser.add_argument("--latency", nargs="*", default=[], metavar="KEY=VALUE",
                         help="settings of the latency benchmark (conf/latency.yaml), after the check's own")
@@ -92,24 +96,28 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        if "jobs" in args.steps:
-            lines, passed = main_jobs(work)
-            ok &= passed
-            save(lines)
         if "tests" in args.steps:
             command = ["pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-n", "0", "tests"]  # one process
             passed, tail, seconds = step(command, 300)
             ok &= passed
             save(["", f"## Tests marked gpu: {'passed' if passed else 'FAILED'} ({seconds:.0f} s)", "", "```",
                   tail.splitlines()[-1] if passed else tail, "```"])
+        if "kernels" in args.steps:
+            passed, tail, seconds = step(["shadow.benchmarks.kernels"], 240)
+            ok &= passed
+            save(["", f"## Gather kernels ({seconds:.0f} s)", "", "```", tail, "```"])
         for arch in args.archs if "latency" in args.steps else []:
             out = work / f"latency-{arch}"
-            settings = [f"arch={arch}", "device=cuda", "dtype=float16", "rounds=3", "min_run_time=0.5",
-                        "logger=none", *args.latency, f"hydra.run.dir={out}"]
-            passed, tail, seconds = step(["shadow.benchmarks.latency", *settings], 420)
+            settings = [f"arch={arch}", "device=cuda", "dtype=float16", "sparsity=[0.5]", "rounds=3",
+                        "min_run_time=0.5", "logger=none", *args.latency, f"hydra.run.dir={out}"]
+            passed, tail, seconds = step(["shadow.benchmarks.latency", *settings], 480)
             ok &= passed
             save(["", f"## Latency, {arch} ({seconds:.0f} s; {' '.join(settings[1:-1])})", "",
                   *([(out / "latency.md").read_text()] if passed else ["FAILED", "```", tail, "```"])])
+        if "jobs" in args.steps:
+            lines, passed = main_jobs(work)
+            ok &= passed
+            save(lines)
     print(f"{'passed' if ok else 'FAILED'}: report written to {args.out}")
     sys.exit(0 if ok else 1)
 
