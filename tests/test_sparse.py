@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from contextlib import nullcontext
 
 import pytest
@@ -505,7 +506,8 @@ def test_latency_benchmark_runs_each_row_twice_per_round_interleaved(tiny_opt):
     bench = Bench.__new__(Bench)  # the cases only record their runs (and apply no masks: all weights read)
     bench.model = tiny_opt
     bench.cfg = OmegaConf.create({"rounds": 3, "new_tokens": 4, "min_run_time": 0.01})
-    cases = [Case(name, "-", 0.0, 1, lambda n, name=name: calls.append((name, n))) for name in ("dense", "static")]
+    cases = [Case(name, "-", 0.0, 1, lambda n, name=name: calls.append((name, n)) or time.sleep(n / 1000))
+             for name in ("dense", "static")]  # a millisecond per token: steps that take time
     rows = bench.measure(cases)
     one_round = [("dense", 4)] * 2 + [("dense", 1)] * 2 + [("static", 4)] * 2 + [("static", 1)] * 2
     assert calls == one_round * 3

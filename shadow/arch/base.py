@@ -145,11 +145,18 @@ class Family(ABC):
     def config(self, architecture: str):
         """The config of a released size, for random-weight models (latency)."""
 
-    def rotate(self, model: nn.Module, layer: nn.Module, role: str, states: Tensor, positions: Tensor) -> Tensor:
+    def rotate(self, model: nn.Module, layer: nn.Module, role: str, states: Tensor, positions: Tensor,
+               table: Tensor | None = None) -> Tensor:
         """Queries or keys (``role``), (heads, positions, head_dim) straight from their projection, as attention
-        reads them at ``positions``: a ``rotary`` family rotates them here. Without: unchanged (positions enter with
-        the input)."""
+        reads them at ``positions``: a ``rotary`` family rotates them here, by ``rotary_table``'s rows where one is
+        given. Without: unchanged (positions enter with the input)."""
         return states
+
+    def rotary_table(self, model: nn.Module, positions: int, device: torch.device, dtype: torch.dtype
+                     ) -> Tensor | None:
+        """A ``rotary`` family's (2, positions, head_dim) cosines and sines of positions [0, positions), built once
+        for a generation so that a step only indexes them; None without rotation."""
+        return None
 
     def sliding_window(self, config) -> int | None:
         """The attention span, where a sliding window limits it."""

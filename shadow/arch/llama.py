@@ -8,6 +8,7 @@ norms after each block (``family_of`` says so).
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from shadow.arch.base import FFN, Activation, Attention, Family, Fetch, Shape
@@ -96,13 +97,22 @@ class Llama(Family):
             return None
         return getattr(config, "sliding_window", None)
 
-    def rotate(self, model: nn.Module, layer: nn.Module, role: str, states: Tensor, positions: Tensor) -> Tensor:
+    def rotate(self, model: nn.Module, layer: nn.Module, role: str, states: Tensor, positions: Tensor,
+               table: Tensor | None = None) -> Tensor:
         from transformers.models.llama.modeling_llama import rotate_half
 
         if self.head_norms:
             states = getattr(layer.self_attn, "q_norm" if role == "query" else "k_norm")(states)
-        cos, sin = self.backbone(model).rotary_emb(states, positions[None])
+        if table is None:
+            cos, sin = self.backbone(model).rotary_emb(states, positions[None])
+        else:
+            cos, sin = table[:, positions.to(table.device)]
         return states * cos + rotate_half(states) * sin
+
+    def rotary_table(self, model: nn.Module, positions: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        rotary = self.backbone(model).rotary_emb
+        probe = torch.zeros(1, dtype=dtype, device=device)  # sets the tables' dtype and device
+        return torch.cat(rotary(probe, torch.arange(positions, device=device)[None]))
 
     def decode_step(self, model: nn.Module, tokens: Tensor, position: Tensor, attention: Attention, ffn: FFN,
                     fetch: Fetch) -> Tensor:

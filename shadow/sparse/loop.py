@@ -36,6 +36,7 @@ class LayerCache:
     done: Tensor  # (key-value heads,) per head: positions [0, done) have keys and values in every request
     prompt: int  # positions [0, prompt) have every head's keys and values (the dense prompt pass wrote them)
     requests: int  # B
+    rotary: Tensor | None = None  # a rotary family's (2, P, head_dim) cosines and sines, shared by the layers
 
     def request(self, b: int) -> tuple[Tensor, Tensor]:
         """Request b's keys and values, (key-value heads · head_dim, P) views of the stores."""
@@ -76,7 +77,7 @@ def layer_caches(model: nn.Module, prompt_cache: PromptCache, positions: int, ca
     """Each layer's cache for ``positions`` positions, the prompt's filled in; with ``catch_up``, room for the
     attention inputs from which heads skipped at some steps compute their keys and values later."""
     family = family_of(model.config)
-    caches = []
+    caches, tables = [], {}  # one rotary table per device, built once for the generation
     for layer, keys_and_values in zip(family.layers(model), prompt_cache, strict=True):
         stores = []
         for prompt in keys_and_values:  # (B, kv heads, T, head_dim)
@@ -86,7 +87,10 @@ def layer_caches(model: nn.Module, prompt_cache: PromptCache, positions: int, ca
             stores.append(store.view(H * D, B * positions))
         width = family.module(layer, "query").in_features
         inputs = prompt.new_zeros(B * positions, width) if catch_up else None
-        caches.append(LayerCache(*stores, inputs, torch.full((H,), T, device=prompt.device), T, B))
+        if prompt.device not in tables:
+            tables[prompt.device] = family.rotary_table(model, positions, prompt.device, prompt.dtype)
+        caches.append(LayerCache(*stores, inputs, torch.full((H,), T, device=prompt.device), T, B,
+                                 tables[prompt.device]))
     return caches
 
 

@@ -80,12 +80,12 @@ def every_head(parts: ModelParts, shape: Shape, index: int, h: Tensor, position:
     position = position.to(h.device)  # a no-op but across the GPUs of a split model
     keys, values = project("key", h), project("value", h)
     if family.rotary:
-        keys = family.rotate(model, layer, "key", keys.view(-1, 1, D), position.view(1)).view(B, -1)
+        keys = family.rotate(model, layer, "key", keys.view(-1, 1, D), position.view(1), cache.rotary).view(B, -1)
     for store, new in ((cache.keys, keys), (cache.values, values)):
         store.view(store.shape[0], B, -1).index_copy_(2, position.view(1), new.t()[..., None].to(store.dtype))
     queries = project("query", h)
     if family.rotary:
-        queries = family.rotate(model, layer, "query", queries.view(-1, 1, D), position.view(1))
+        queries = family.rotate(model, layer, "query", queries.view(-1, 1, D), position.view(1), cache.rotary)
     queries = queries.reshape(B, -1) * family.scaling(layer)
     groups = torch.arange(shape.query_heads, device=h.device) // shape.group_size
     out = torch.stack([kernels.attend(queries[b], *cache.request(b), groups, D, last + 1) for b in range(B)])
@@ -186,7 +186,8 @@ class UnitStep:
         dims = head_dims(queries, D)
         out = kernels.rows(query, dims, h)  # (B, kept query heads · D)
         if family.rotary:
-            out = family.rotate(self.parts.model, layer, "query", out.view(-1, 1, D), position.view(1)).view(B, -1)
+            out = family.rotate(self.parts.model, layer, "query", out.view(-1, 1, D), position.view(1),
+                                cache.rotary).view(B, -1)
         out = out * family.scaling(layer)
         groups = queries // shape.group_size
         out = torch.stack([kernels.attend(out[b], *cache.request(b), groups, D, last + 1) for b in range(B)])
@@ -207,7 +208,7 @@ class UnitStep:
         end = store.shape[-1] if isinstance(last, Tensor) else last + 1
         span = store[kv_heads, :, :, cache.prompt:end].permute(0, 2, 3, 1).flatten(0, 1)  # (heads·B, T, D)
         positions = torch.arange(cache.prompt, end, device=span.device)
-        rotated = self.parts.family.rotate(self.parts.model, layer, "key", span, positions)
+        rotated = self.parts.family.rotate(self.parts.model, layer, "key", span, positions, cache.rotary)
         wanted = ((positions[None] >= first.repeat_interleave(B)[:, None]) & (positions <= position))[..., None]
         store[kv_heads, :, :, cache.prompt:end] = (torch.where(wanted, rotated, span)
                                                     .unflatten(0, (len(kv_heads), B)).permute(0, 3, 1, 2))
