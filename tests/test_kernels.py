@@ -310,3 +310,26 @@ def test_kernel_benchmark_runs_every_product_in_a_dry_run(monkeypatch, capsys):
     rows = [line.split() for line in lines[2:]]
     assert len(rows) == 12 and {r[-5] for r in rows} == {"dense", "triton"}
     assert all(r[-1] == "1.00" for r in rows if r[-5] == "dense") and all(float(r[-4]) > 0 for r in rows)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gated_rows_are_the_kept_units_of_a_gated_ffn(name, with_bias, monkeypatch):
+    """``silu(gate(x)) · up(x)`` at the kept units through ``shadow.kernels`` on every backend (Triton's reads both
+    rows of a unit in one pass; the others gather twice), for more requests than a Triton program takes and for
+    one; the units not kept are not read; another activation takes the two gathers."""
+    monkeypatch.setattr(kernels, "backend", lambda weight: backend_named(name))
+    gen = torch.Generator().manual_seed(13)
+    gate, up = torch.nn.Linear(37, 42, bias=with_bias), torch.nn.Linear(37, 42, bias=with_bias)
+    x, index = torch.randn(10, 37, generator=gen), torch.tensor([0, 3, 4, 17, 41])
+    silu, gelu = torch.nn.SiLU(), torch.nn.GELU()
+    assert kernels.is_silu(silu) and not kernels.is_silu(gelu)
+    with torch.no_grad():
+        want = {act: (act(gate(x)) * up(x))[:, index] for act in (silu, gelu)}
+        others = torch.ones(42, dtype=torch.bool).index_fill_(0, index, False)
+        gate.weight[others], up.weight[others] = float("nan"), float("nan")
+        for batch in (10, 1):
+            for act in (silu, gelu):
+                got = kernels.gated_rows(gate, up, index, x[:batch], act, kernels.is_silu(act))
+                torch.testing.assert_close(got, want[act][:batch])
+        assert kernels.gated_rows(gate, up, index[:0], x, silu, True).shape == (10, 0)

@@ -203,6 +203,23 @@ def _transposed(linear: nn.Linear) -> Tensor:
     return weight_t
 
 
+def is_silu(activation: nn.Module) -> bool:
+    """Whether an activation module computes SiLU (checked on values: transformers has its own SiLU classes)."""
+    probe = torch.linspace(-6, 6, 25)
+    return torch.equal(activation(probe), nn.functional.silu(probe))
+
+
+def gated_rows(gate: nn.Linear, up: nn.Linear, index: Tensor, x: Tensor, activation: nn.Module, silu: bool
+               ) -> Tensor:
+    """``activation(gate(x)) * up(x)`` at the kept units ``index`` for a batch (B, in): a gated FFN's kept units.
+    Triton's kernel reads the gate and up rows of each unit in one pass when the activation is SiLU (``silu``, as
+    ``is_silu`` says); otherwise, and on the other backends, two row gathers."""
+    kernels = backend(gate.weight)
+    if silu and hasattr(kernels, "gated_rows") and (gate.bias is None) == (up.bias is None):
+        return kernels.gated_rows(gate.weight, gate.bias, up.weight, up.bias, index, x.contiguous())
+    return activation(rows(gate, index, x)) * rows(up, index, x)
+
+
 def rows_where(linear: nn.Linear, keep: Tensor, x: Tensor) -> Tensor:
     """``linear(x)`` for a batch (B, in), the rows (outputs) where ``keep`` (out,) is False set to 0 and not read
     where the kernels can skip them without the host: Triton's on a grid over every row; the compiled kernel

@@ -59,13 +59,14 @@ def _rows_kernel(out, weight, bias, index, inputs, first, last, kept, in_feature
 
 
 @triton.jit
-def _batch_rows_kernel(out, weight, bias, index, keep, x, kept, in_features, batch, weight_stride, x_stride,
-                       out_stride, HAS_BIAS: tl.constexpr, BY_MASK: tl.constexpr, BLOCK_R: tl.constexpr,
-                       BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+def _batch_rows_kernel(out, weight, bias, up, up_bias, index, keep, x, kept, in_features, batch, weight_stride,
+                       x_stride, out_stride, HAS_BIAS: tl.constexpr, BY_MASK: tl.constexpr, GATED: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (r, c): slots [r·BLOCK_R, (r+1)·BLOCK_R) for requests [c·BLOCK_B, (c+1)·BLOCK_B): ``out[b, slot] =
     weight[row] · x[b] + bias[row]``, each weight tile loaded once for those requests, the products summed in a
     float32 tile reduced once. Rows: ``index[slot]``; with BY_MASK the slots themselves, those where ``keep`` is
-    False written 0 and not read."""
+    False written 0 and not read. GATED: ``silu(that) · (up[row] · x[b] + up_bias[row])``, a gated FFN's kept
+    units, both rows read in the same pass (``up`` laid out as ``weight``)."""
     block, chunk = tl.program_id(0), tl.program_id(1)
     slot = block * BLOCK_R + tl.arange(0, BLOCK_R)
     present = slot < kept
@@ -77,17 +78,27 @@ def _batch_rows_kernel(out, weight, bias, index, keep, x, kept, in_features, bat
         wanted = present
     b = chunk * BLOCK_B + tl.arange(0, BLOCK_B)
     total = tl.zeros([BLOCK_R, BLOCK_B, BLOCK_K], dtype=tl.float32)
+    gated = tl.zeros([BLOCK_R, BLOCK_B, BLOCK_K], dtype=tl.float32)
     work = tl.where(tl.max(wanted.to(tl.int32), axis=0) > 0, in_features, 0)  # no row wanted: no loads
     for start in range(0, work, BLOCK_K):
         k = start + tl.arange(0, BLOCK_K)
-        w = tl.load(weight + row[:, None] * weight_stride + k[None, :],
-                    mask=wanted[:, None] & (k[None, :] < in_features), other=0.0, eviction_policy="evict_first")
+        where = row[:, None] * weight_stride + k[None, :]
+        loads = wanted[:, None] & (k[None, :] < in_features)
+        w = tl.load(weight + where, mask=loads, other=0.0, eviction_policy="evict_first")
         xs = tl.load(x + b[:, None] * x_stride + k[None, :], mask=(b[:, None] < batch) & (k[None, :] < in_features),
-                     other=0.0, eviction_policy="evict_last")
-        total += w.to(tl.float32)[:, None, :] * xs.to(tl.float32)[None, :, :]
+                     other=0.0, eviction_policy="evict_last").to(tl.float32)[None, :, :]
+        total += w.to(tl.float32)[:, None, :] * xs
+        if GATED:
+            u = tl.load(up + where, mask=loads, other=0.0, eviction_policy="evict_first")
+            gated += u.to(tl.float32)[:, None, :] * xs
     result = tl.sum(total, axis=2)
     if HAS_BIAS:
         result += tl.load(bias + row, mask=wanted, other=0.0).to(tl.float32)[:, None]
+    if GATED:
+        second = tl.sum(gated, axis=2)
+        if HAS_BIAS:
+            second += tl.load(up_bias + row, mask=wanted, other=0.0).to(tl.float32)[:, None]
+        result = result * tl.sigmoid(result) * second
     result = tl.where(wanted[:, None], result, 0.0)
     tl.store(out + b[None, :] * out_stride + slot[:, None], result.to(out.dtype.element_ty),
              mask=present[:, None] & (b[None, :] < batch))
@@ -191,6 +202,16 @@ class TritonGather:
         return out
 
     @staticmethod
+    def gated_rows(gate: Tensor, gate_bias: Tensor | None, up: Tensor, up_bias: Tensor | None, index: Tensor,
+                   x: Tensor) -> Tensor:
+        """``silu(x @ gateᵀ + gate_bias) · (x @ upᵀ + up_bias)`` at the columns ``index`` for a batch x (B, in): a
+        gated FFN's kept units, the gate and up rows of each read in one pass (biases both or neither)."""
+        out = x.new_empty(x.shape[0], len(index))
+        if len(index):
+            TritonGather._batch_rows(out, gate, gate_bias, index, None, x, len(index), up, up_bias)
+        return out
+
+    @staticmethod
     def rows_where(weight: Tensor, bias: Tensor | None, keep: Tensor, x: Tensor) -> Tensor:
         """``x @ weightᵀ + bias`` for a batch x (B, in) with the rows where ``keep`` (out,) is False left 0 and not
         read: a grid over every row, so nothing is read back."""
@@ -200,14 +221,16 @@ class TritonGather:
 
     @staticmethod
     def _batch_rows(out: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor | None, keep: Tensor | None,
-                    x: Tensor, kept: int) -> None:
+                    x: Tensor, kept: int, up: Tensor | None = None, up_bias: Tensor | None = None) -> None:
         weight, x = weight.contiguous(), x.contiguous()
+        up = up.contiguous() if up is not None else None
         block_b = _requests_block(x.shape[0])
         block_k = max(16, min(BLOCK_K, TILE // (BLOCK_ROWS * block_b)))
         grid = (triton.cdiv(kept, BLOCK_ROWS), triton.cdiv(x.shape[0], block_b))
-        _batch_rows_kernel[grid](out, weight, bias, index, keep, x, kept, weight.shape[1], x.shape[0],
+        _batch_rows_kernel[grid](out, weight, bias, up, up_bias, index, keep, x, kept, weight.shape[1], x.shape[0],
                                  weight.stride(0), x.stride(0), out.stride(0), HAS_BIAS=bias is not None,
-                                 BY_MASK=keep is not None, BLOCK_R=BLOCK_ROWS, BLOCK_B=block_b, BLOCK_K=block_k)
+                                 BY_MASK=keep is not None, GATED=up is not None, BLOCK_R=BLOCK_ROWS,
+                                 BLOCK_B=block_b, BLOCK_K=block_k)
 
     @staticmethod
     def columns(weight_t: Tensor, bias: Tensor | None, index: Tensor, scale: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from shadow import kernels
-from shadow.arch import Family, Shape, family_of
+from shadow.arch import Shape, family_of
 from shadow.offload import input_device, offloaded, resident
 from shadow.policy import Masks
 from shadow.sparse.kept import FixedUnits, PredictedUnits, ThresholdedChannels, UnitSet
@@ -29,6 +29,7 @@ class ModelParts:
         self.family = family_of(model.config)
         self.layers = self.family.layers(model)
         self.activations = [layer.get_submodule(self.family.activation_path) for layer in self.layers]
+        self.silu = [kernels.is_silu(activation) for activation in self.activations]
         self.fetchers = [resident if offloaded(layer) else nullcontext for layer in self.layers]
 
     def modules(self, roles: tuple[str, ...]) -> list[nn.Linear]:
@@ -101,14 +102,6 @@ def dense_ffn(parts: ModelParts, index: int, h: Tensor) -> Tensor:
     return family.ffn_output(layer)(inner)
 
 
-def gated_down(family: Family, layer: nn.Module, h: Tensor, units: Tensor, activations: Tensor) -> Tensor:
-    """An FFN's output from its kept units' activations (B, kept), act(gate) or act(up): times their up rows in a
-    gated FFN, through their down columns."""
-    if family.gated:
-        activations = activations * kernels.rows(family.module(layer, "up"), units, h)
-    return kernels.columns(family.ffn_output(layer), units, activations)
-
-
 class UnitStep:
     """A step under masks of heads and FFN units (in ``shape``'s units), fixed for the generation or predicted at
     every token: its attention and FFN read only the kept units' weights, and nothing is read back from the
@@ -148,8 +141,13 @@ class UnitStep:
             if kept[index].whole:
                 return dense_ffn(self.parts, index, h)
             layer, units = layers[index], kept[index].units.to(h.device)
-            activations = self.parts.activations[index](kernels.rows(family.ffn_input(layer), units, h))
-            return gated_down(family, layer, h, units, activations)
+            activation = self.parts.activations[index]
+            if family.gated:
+                inner = kernels.gated_rows(family.ffn_input(layer), family.module(layer, "up"), units, h, activation,
+                                           self.parts.silu[index])
+            else:
+                inner = activation(kernels.rows(family.ffn_input(layer), units, h))
+            return kernels.columns(family.ffn_output(layer), units, inner)
 
         logits = self.parts.decode_step(tokens, position, attention, ffn)
         return logits, Masks(torch.stack([kept[i].heads.to(logits.device) for i in range(len(layers))]),
