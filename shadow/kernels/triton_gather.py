@@ -32,30 +32,35 @@ def _requests_block(batch: int) -> int:
 
 
 @triton.jit
-def _rows_kernel(out, weight, bias, index, inputs, first, last, kept, in_features, span, out_stride, column_stride,
-                 weight_stride, inputs_stride, HAS_BIAS: tl.constexpr,
-                 LAST_IN_MEMORY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Program (r, p, b): kept rows [r·BLOCK_R, (r+1)·BLOCK_R) at position p of request b (input row and output
-    column b·span + p), for the rows whose first <= p, if p <= last (a value, or where it points)."""
-    block, position, request = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    column = request * span + position
+def _rows_kernel(out, weight, bias, index, inputs, first, last, kept, in_features, span, out_stride, weight_stride,
+                 inputs_stride, HAS_BIAS: tl.constexpr, LAST_IN_MEMORY: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """Program (r, b): kept rows [r·BLOCK_R, (r+1)·BLOCK_R) of request b, at each position p from the earliest
+    of their firsts to last (a value, or where it points), for the rows whose first <= p (input row and output
+    column b·span + p): a grid that does not grow with the context, each program looping over the positions its
+    rows catch up on (one, the current, unless a row returns after being skipped)."""
+    block, request = tl.program_id(0), tl.program_id(1)
     slot = block * BLOCK_R + tl.arange(0, BLOCK_R)
-    row = tl.load(index + slot, mask=slot < kept, other=0)
+    valid = slot < kept
+    row = tl.load(index + slot, mask=valid, other=0)
+    starts = tl.load(first + slot, mask=valid, other=0)
     limit = tl.load(last) if LAST_IN_MEMORY else last
-    wanted = ((slot < kept) & (tl.load(first + slot, mask=slot < kept, other=position + 1) <= position)
-              & (position <= limit))
-    products = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)  # reduced once, after the loop
-    work = tl.where(tl.max(wanted.to(tl.int32), axis=0) > 0, in_features, 0)  # no row to catch up: no loads
-    for start in range(0, work, BLOCK_K):
-        k = start + tl.arange(0, BLOCK_K)
-        w = tl.load(weight + row[:, None] * weight_stride + k[None, :],
-                    mask=wanted[:, None] & (k[None, :] < in_features), other=0.0, eviction_policy="evict_first")
-        x = tl.load(inputs + column * inputs_stride + k, mask=k < in_features, other=0.0, eviction_policy="evict_last")
-        products += w.to(tl.float32) * x.to(tl.float32)[None, :]
-    total = tl.sum(products, axis=1)
-    if HAS_BIAS:
-        total += tl.load(bias + row, mask=wanted, other=0.0).to(tl.float32)
-    tl.store(out + row * out_stride + column * column_stride, total.to(out.dtype.element_ty), mask=wanted)
+    lowest = tl.maximum(tl.min(tl.where(valid, starts, span), axis=0), 0)
+    for position in range(lowest, limit + 1):
+        column = request * span + position
+        wanted = valid & (starts <= position)
+        products = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)  # reduced once, after the loop
+        for start in range(0, in_features, BLOCK_K):
+            k = start + tl.arange(0, BLOCK_K)
+            w = tl.load(weight + row[:, None] * weight_stride + k[None, :],
+                        mask=wanted[:, None] & (k[None, :] < in_features), other=0.0, eviction_policy="evict_first")
+            x = tl.load(inputs + column * inputs_stride + k, mask=k < in_features, other=0.0,
+                        eviction_policy="evict_last")
+            products += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        total = tl.sum(products, axis=1)
+        if HAS_BIAS:
+            total += tl.load(bias + row, mask=wanted, other=0.0).to(tl.float32)
+        tl.store(out + row * out_stride + column, total.to(out.dtype.element_ty), mask=wanted)
 
 
 @triton.jit
@@ -177,20 +182,18 @@ class TritonGather:
     def rows_into(out: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, inputs: Tensor, first: Tensor,
                   last: int | Tensor, requests: int = 1) -> None:
         """``out[index[i], b·span + p] = weight[index[i]] · inputs[b·span + p] + bias[index[i]]`` for p in
-        [first[i], last] and each request b: one program per block of kept rows, position and request, up to
-        ``last`` when the host knows it, over the whole span when it is a 0-d device tensor; a program none of whose
-        rows needs its position returns at once."""
+        [first[i], last] and each request b: one program per block of kept rows and request, looping over the
+        positions its rows need up to ``last`` (an int, or a 0-d device tensor the kernel reads), so that the grid
+        is the same at every position and does not grow with the context."""
         if out.stride(1) != 1:
             raise ValueError("rows_into writes in place: out must have contiguous rows")
         if len(index):
             span = out.shape[1] // requests
-            on_device = isinstance(last, Tensor)
-            grid = (triton.cdiv(len(index), BLOCK_ROWS), span if on_device else last + 1, requests)
             weight, inputs = weight.contiguous(), inputs.contiguous()  # no copy when they are (as the decoder's are)
-            _rows_kernel[grid](out, weight, bias, index, inputs, first.contiguous(), last, len(index),
-                               weight.shape[1], span, out.stride(0), 1, weight.stride(0), inputs.stride(0),
-                               HAS_BIAS=bias is not None, LAST_IN_MEMORY=on_device,
-                               BLOCK_R=BLOCK_ROWS, BLOCK_K=BLOCK_K)
+            _rows_kernel[(triton.cdiv(len(index), BLOCK_ROWS), requests)](
+                out, weight, bias, index, inputs, first.contiguous(), last, len(index), weight.shape[1], span,
+                out.stride(0), weight.stride(0), inputs.stride(0), HAS_BIAS=bias is not None,
+                LAST_IN_MEMORY=isinstance(last, Tensor), BLOCK_R=BLOCK_ROWS, BLOCK_K=BLOCK_K)
 
     @staticmethod
     def rows(weight: Tensor, bias: Tensor | None, index: Tensor, x: Tensor) -> Tensor:
