@@ -333,3 +333,24 @@ def test_gated_rows_are_the_kept_units_of_a_gated_ffn(name, with_bias, monkeypat
                 got = kernels.gated_rows(gate, up, index, x[:batch], act, kernels.is_silu(act))
                 torch.testing.assert_close(got, want[act][:batch])
         assert kernels.gated_rows(gate, up, index[:0], x, silu, True).shape == (10, 0)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("last", [8, torch.tensor(8)], ids=["int", "tensor"])
+def test_a_key_and_value_pair_writes_what_two_row_gathers_write(name, last, monkeypatch):
+    """``rows_into_pair`` (Triton's: one pass over the inputs for both weights) writes exactly the entries two
+    ``rows_into`` calls write, batch of two requests, ragged catch-up starts, the last position as an int or as a
+    0-d tensor."""
+    monkeypatch.setattr(kernels, "backend", lambda weight: backend_named(name))
+    gen = torch.Generator().manual_seed(14)
+    key, value, inputs = torch.nn.Linear(37, 40), torch.nn.Linear(37, 40), torch.randn(18, 37, generator=gen)
+    index, first = torch.tensor([0, 3, 4, 17, 39]), torch.tensor([0, 5, 8, 9, 2])
+    paired = [torch.full((40, 18), float("nan")) for _ in range(2)]
+    apart = [torch.full((40, 18), float("nan")) for _ in range(2)]
+    with torch.no_grad():
+        kernels.rows_into_pair(paired[0], key, paired[1], value, index, inputs, first, last, 2)
+        for out, linear in zip(apart, (key, value), strict=True):
+            kernels.rows_into(out, linear, index, inputs, first, last, 2)
+    for got, want in zip(paired, apart, strict=True):
+        assert torch.equal(got.isnan(), want.isnan()) and (~got.isnan()).sum() == 2 * (9 - first.clamp(max=9)).sum()
+        torch.testing.assert_close(got.nan_to_num(), want.nan_to_num())

@@ -107,7 +107,7 @@ def test_layers_a_request_keeps_whole_run_their_dense_products(family, monkeypat
         real = getattr(kernels, name)
         return lambda *args: calls.append(name) or real(*args)
 
-    for name in ("rows", "rows_into", "columns"):
+    for name in ("rows", "rows_into", "rows_into_pair", "gated_rows", "columns"):
         monkeypatch.setattr(kernels, name, recorded(name))
     for kept, expected in ((masks, masks), (every, None)):
         calls.clear()

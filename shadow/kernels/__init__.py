@@ -183,6 +183,19 @@ def rows_into(out: Tensor, linear: nn.Linear, index: Tensor, inputs: Tensor, fir
     kernels.rows_into(out, linear.weight, linear.bias, index, inputs, first, _on_host(kernels, last), requests)
 
 
+def rows_into_pair(out: Tensor, linear: nn.Linear, out2: Tensor, linear2: nn.Linear, index: Tensor, inputs: Tensor,
+                   first: Tensor, last: int | Tensor, requests: int = 1) -> None:
+    """``rows_into`` of two projections of one shape at the same rows and positions (a layer's keys and values):
+    one pass over the inputs with Triton's kernels, two with the others."""
+    kernels = backend(linear.weight)
+    if hasattr(kernels, "rows_into_pair") and (linear.bias is None) == (linear2.bias is None):
+        kernels.rows_into_pair(out, linear.weight, linear.bias, out2, linear2.weight, linear2.bias, index, inputs,
+                               first, last, requests)
+        return
+    rows_into(out, linear, index, inputs, first, last, requests)
+    rows_into(out2, linear2, index, inputs, first, last, requests)
+
+
 def rows(linear: nn.Linear, index: Tensor, x: Tensor) -> Tensor:
     """``linear(x)[..., index]`` for a batch (B, in) of inputs, reading only the rows ``index`` (sorted) of the
     weight, each once for the batch."""

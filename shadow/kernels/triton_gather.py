@@ -32,13 +32,14 @@ def _requests_block(batch: int) -> int:
 
 
 @triton.jit
-def _rows_kernel(out, weight, bias, index, inputs, first, last, kept, in_features, span, out_stride, weight_stride,
-                 inputs_stride, HAS_BIAS: tl.constexpr, LAST_IN_MEMORY: tl.constexpr, BLOCK_R: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+def _rows_kernel(out, weight, bias, out2, weight2, bias2, index, inputs, first, last, kept, in_features, span,
+                 out_stride, weight_stride, inputs_stride, HAS_BIAS: tl.constexpr, PAIRED: tl.constexpr,
+                 LAST_IN_MEMORY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (r, b): kept rows [r·BLOCK_R, (r+1)·BLOCK_R) of request b, at each position p from the earliest
     of their firsts to last (a value, or where it points), for the rows whose first <= p (input row and output
     column b·span + p): a grid that does not grow with the context, each program looping over the positions its
-    rows catch up on (one, the current, unless a row returns after being skipped)."""
+    rows catch up on (one, the current, unless a row returns after being skipped). PAIRED: the same rows of a
+    second weight (a key's value projection) into ``out2``, in the same pass over the inputs."""
     block, request = tl.program_id(0), tl.program_id(1)
     slot = block * BLOCK_R + tl.arange(0, BLOCK_R)
     valid = slot < kept
@@ -50,17 +51,27 @@ def _rows_kernel(out, weight, bias, index, inputs, first, last, kept, in_feature
         column = request * span + position
         wanted = valid & (starts <= position)
         products = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)  # reduced once, after the loop
+        paired = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
         for start in range(0, in_features, BLOCK_K):
             k = start + tl.arange(0, BLOCK_K)
-            w = tl.load(weight + row[:, None] * weight_stride + k[None, :],
-                        mask=wanted[:, None] & (k[None, :] < in_features), other=0.0, eviction_policy="evict_first")
+            where = row[:, None] * weight_stride + k[None, :]
+            loads = wanted[:, None] & (k[None, :] < in_features)
             x = tl.load(inputs + column * inputs_stride + k, mask=k < in_features, other=0.0,
-                        eviction_policy="evict_last")
-            products += w.to(tl.float32) * x.to(tl.float32)[None, :]
+                        eviction_policy="evict_last").to(tl.float32)[None, :]
+            w = tl.load(weight + where, mask=loads, other=0.0, eviction_policy="evict_first")
+            products += w.to(tl.float32) * x
+            if PAIRED:
+                w2 = tl.load(weight2 + where, mask=loads, other=0.0, eviction_policy="evict_first")
+                paired += w2.to(tl.float32) * x
         total = tl.sum(products, axis=1)
         if HAS_BIAS:
             total += tl.load(bias + row, mask=wanted, other=0.0).to(tl.float32)
         tl.store(out + row * out_stride + column, total.to(out.dtype.element_ty), mask=wanted)
+        if PAIRED:
+            second = tl.sum(paired, axis=1)
+            if HAS_BIAS:
+                second += tl.load(bias2 + row, mask=wanted, other=0.0).to(tl.float32)
+            tl.store(out2 + row * out_stride + column, second.to(out2.dtype.element_ty), mask=wanted)
 
 
 @triton.jit
@@ -185,15 +196,33 @@ class TritonGather:
         [first[i], last] and each request b: one program per block of kept rows and request, looping over the
         positions its rows need up to ``last`` (an int, or a 0-d device tensor the kernel reads), so that the grid
         is the same at every position and does not grow with the context."""
+        TritonGather._rows_into(out, weight, bias, None, None, None, index, inputs, first, last, requests)
+
+    @staticmethod
+    def rows_into_pair(out: Tensor, weight: Tensor, bias: Tensor | None, out2: Tensor, weight2: Tensor,
+                       bias2: Tensor | None, index: Tensor, inputs: Tensor, first: Tensor, last: int | Tensor,
+                       requests: int = 1) -> None:
+        """``rows_into`` of two weights of one shape (a layer's key and value projections) at the same rows and
+        positions, into two outputs of one layout, in one pass over the inputs (biases both or neither)."""
+        if out2.stride() != out.stride():
+            raise ValueError("rows_into_pair writes two outputs of one layout: out and out2 must have equal strides")
+        TritonGather._rows_into(out, weight, bias, out2, weight2.contiguous(), bias2, index, inputs, first, last,
+                                requests)
+
+    @staticmethod
+    def _rows_into(out: Tensor, weight: Tensor, bias: Tensor | None, out2: Tensor | None, weight2: Tensor | None,
+                   bias2: Tensor | None, index: Tensor, inputs: Tensor, first: Tensor, last: int | Tensor,
+                   requests: int) -> None:
         if out.stride(1) != 1:
             raise ValueError("rows_into writes in place: out must have contiguous rows")
         if len(index):
             span = out.shape[1] // requests
             weight, inputs = weight.contiguous(), inputs.contiguous()  # no copy when they are (as the decoder's are)
             _rows_kernel[(triton.cdiv(len(index), BLOCK_ROWS), requests)](
-                out, weight, bias, index, inputs, first.contiguous(), last, len(index), weight.shape[1], span,
-                out.stride(0), weight.stride(0), inputs.stride(0), HAS_BIAS=bias is not None,
-                LAST_IN_MEMORY=isinstance(last, Tensor), BLOCK_R=BLOCK_ROWS, BLOCK_K=BLOCK_K)
+                out, weight, bias, out2, weight2, bias2, index, inputs, first.contiguous(), last, len(index),
+                weight.shape[1], span, out.stride(0), weight.stride(0), inputs.stride(0), HAS_BIAS=bias is not None,
+                PAIRED=out2 is not None, LAST_IN_MEMORY=isinstance(last, Tensor), BLOCK_R=BLOCK_ROWS,
+                BLOCK_K=BLOCK_K)
 
     @staticmethod
     def rows(weight: Tensor, bias: Tensor | None, index: Tensor, x: Tensor) -> Tensor:

@@ -176,8 +176,7 @@ class UnitStep:
         cache.inputs.view(B, -1, h.shape[1]).index_copy_(1, position.view(1), h[:, None])
         first = cache.done[kv_heads]  # a head kept again catches up on skipped positions
         kv_dims, first_rows = head_dims(kv_heads, D), first.repeat_interleave(D)
-        kernels.rows_into(cache.keys, key, kv_dims, cache.inputs, first_rows, last, B)
-        kernels.rows_into(cache.values, value, kv_dims, cache.inputs, first_rows, last, B)
+        kernels.rows_into_pair(cache.keys, key, cache.values, value, kv_dims, cache.inputs, first_rows, last, B)
         if family.rotary:
             self.rotate_new_keys(layer, cache, kv_heads, first, position, last)
         cache.done.index_put_((kv_heads,), position + 1)
