@@ -116,13 +116,16 @@ def row_roles(model: nn.Module) -> tuple[str, ...]:
     return family.query_rows + family.kv_rows + family.neuron_rows
 
 
-def masks_read(model: nn.Module, masks: Masks | None) -> float:
+def masks_read(model: nn.Module, masks: Masks | None, whole: tuple[str, ...] = ()) -> float:
     """The share of the dense step's parameters read per token under ``masks`` (any leading dimensions: requests,
-    tokens), or under none: the layers' weights alone (structural; no predictor)."""
+    tokens), or under none: the layers' weights alone (structural; no predictor); the projections of the roles
+    ``whole`` read whole whatever the masks (key and value projections computed for every head)."""
     meter = sparsity_meter(model)
     if masks is not None:
         meter.add(masks)
-    return weights_read(model, unit_reads(model, meter.per_layer()))
+    reads = unit_reads(model, meter.per_layer())
+    layers = len(family_of(model.config).layers(model))
+    return weights_read(model, {**reads, **{role: [1.0] * layers for role in whole}})
 
 
 class RealTokens:

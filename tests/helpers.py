@@ -137,7 +137,7 @@ def calibration_examples(count: int = 12, length: int = 16) -> list[Example]:
 
 
 def decode_and_check(model, predictor: Predictor, policy: Policy, new_tokens: int = 10, batch: int = 1,
-                     static: bool | None = None):
+                     static: bool | None = None, dense_key_values: bool = False):
     """Decode per token a batch of prompts; every step's logits must equal the masked model's on the same
     sequences and masks (the batch's union, shared), up to rounding, and so must its greedy tokens where rounding
     cannot decide between two. In float32 the kernels' other summation order moves logits by less than 1e-4. In
@@ -146,7 +146,7 @@ def decode_and_check(model, predictor: Predictor, policy: Policy, new_tokens: in
     upcast) as the half-precision masked model's are, in root mean square over all logits (a maximum over single
     logits is too noisy to bound). Returns the generation and the (B, S) sequences decoded."""
     ids = torch.randint(4, 8192, (batch, 9), generator=torch.Generator().manual_seed(6))
-    out = TokenDecoder(model, predictor, policy, static).generate(ids, new_tokens)
+    out = TokenDecoder(model, predictor, policy, static, dense_key_values).generate(ids, new_tokens)
     assert out.tokens.shape == (batch, new_tokens) and out.logits.shape[:2] == (batch, new_tokens - 1)
     sequences = torch.cat([ids, out.tokens[:, :-1]], 1)
     prompt = ids.shape[1]

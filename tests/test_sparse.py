@@ -41,6 +41,7 @@ from shadow.sparse import RequestDecoder, ThresholdDecoder, TokenDecoder, pruned
 from shadow.sparse.steps import ThresholdStep, UnitStep
 from shadow.thresholds import calibrate, sites
 from shadow.traces import layer_features
+from shadow.weights_read import masks_read
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -117,6 +118,19 @@ def test_layers_a_request_keeps_whole_run_their_dense_products(family, monkeypat
             reference = model(sequences).logits
         torch.testing.assert_close(out.logits, reference[:, 9:], rtol=1e-4, atol=1e-4)
         assert (calls == []) == (expected is None)
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+@pytest.mark.parametrize("static", [False, True])
+def test_dense_key_values_decode_as_the_masked_model_and_read_every_key_and_value(family, static):
+    """Every head's key and value at every step by the dense projections (Polar Sparsity's choice) instead of the
+    kept heads' with catch-up: the masked model's outputs all the same (its pruned heads write their cache too),
+    eager and static, with the key and value projections counted whole in what a step reads."""
+    model = make_tiny_opt() if family == "opt" else make_tiny_llama()
+    predictor = token_predictor(model, "shadow", attention_unit="query_head")
+    out, _ = decode_and_check(model, predictor, Policy("local", 0.5, 0.5), static=static, dense_key_values=True)
+    decoder = TokenDecoder(model, predictor, Policy("local", 0.5, 0.5), dense_key_values=True)
+    assert masks_read(model, out.masks) < decoder.share_read(out) < 1
 
 
 def test_per_request_decoding_names_the_masks_it_takes(tiny_opt):
@@ -491,6 +505,13 @@ def test_latency_benchmark_runs_the_methods_asked(tmp_path):
                                                         "min_run_time=0.01", "methods=[cats,static]", "logger=none"])
         bad = compose(config_name="latency", overrides=["methods=[deja_vu,teal]", "logger=none"])
     assert [r["method"] for r in run(cfg, tmp_path)] == ["dense", "dense", "static", "cats"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        dense_kv = compose(config_name="latency", overrides=["arch=opt-125m", "prompt=6", "new_tokens=3", "rounds=1",
+                                                             "min_run_time=0.01", "methods=[shadow]", "logger=none",
+                                                             "dense_key_values=true"])
+    rows = run(dense_kv, tmp_path)
+    assert [(r["method"], r["granularity"]) for r in rows][2:] == [("shadow", "request"), ("shadow", "token")]
+    assert rows[3]["weights_read"] > rows[2]["weights_read"]  # every key and value projection read whole
     with pytest.raises(ConfigError, match=r"^methods=\['deja_vu', 'teal'\] holds \['deja_vu'\]; list rows among "
                                           r"static, shadow, dejavu, teal, cats"):
         run(bad, tmp_path)

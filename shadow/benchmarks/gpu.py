@@ -13,7 +13,8 @@ under its own time limit and written to the report as it ends (a check cut short
 3. ``latency``: the latency table in float16, batch 1, 128 + 128 tokens at 50% of heads and neurons, for each of
    ``--archs`` (random weights, 3 rounds; OPT-13B, Llama-3.1-8B, then OPT-30B, which fits one H200 in 60 GB):
    every row against ``generate``, the same engine's dense step and its weights' time at the copy bandwidth
-   (``--latency`` adds or overrides settings; about 3 minutes per architecture, OPT-30B more);
+   (``--latency`` adds or overrides settings, e.g. ``dense_key_values=true`` for the per-token rows with every
+   head's keys and values computed densely; about 3 minutes per architecture, OPT-30B more);
 4. ``jobs``: the main job on opt-mini (plainact, sparsity 0.5) with device=cuda in float32, float16 and bfloat16:
    token perplexity of each and the half-precision gap to float32.
 The report gives the machine, each step's outcome and output. Exit status 0 when every step passed. Without

@@ -22,7 +22,9 @@ Rows, at each sparsity of heads and neurons (local policy: every layer keeps the
                     the prompt;
   shadow  token     dense prompt, then at every step the predictor runs after layer 0 and each layer reads only
                     the kept rows in place (``shadow.sparse.TokenDecoder``);
-  dejavu  token     the same with one predictor per layer, each reading the previous layer's attention output;
+  dejavu  token     the same with one predictor per layer, each reading the previous layer's attention output
+                    (``dense_key_values=true``: every head's key and value by the dense projections, not the kept
+                    heads' with catch-up, in both per-token rows);
   teal    token     the prompt and every step under TEAL's thresholds, each projection reading only the columns of
                     the input channels kept (``shadow.sparse.ThresholdDecoder``);
   cats    token     the same under CATS' thresholds: the gate (OPT: up) whole, the kept units' up rows and down
@@ -272,7 +274,8 @@ class Bench:
                                       lambda name=name, policy=policy: self.predict_request(name, policy),
                                       self.request.share_read))
                 for name in self.predictors:
-                    decoder = TokenDecoder(self.model, self.predictors[name], policy)
+                    decoder = TokenDecoder(self.model, self.predictors[name], policy,
+                                           dense_key_values=self.cfg.dense_key_values)
                     predict = partial(self.predict_step, name, policy, batch)
                     cases.append(Case(name, "token", sparsity, batch, partial(decoder.generate, ids),
                                       decoder.column_layout, predict, decoder.share_read))
@@ -385,6 +388,8 @@ def check(cfg: DictConfig) -> None:
     if unknown or not isinstance(cfg.methods, ListConfig):
         raise ConfigError(f"methods={cfg.methods} holds {unknown or cfg.methods}; list rows among "
                           f"{', '.join(METHODS)}, e.g. methods=[shadow,teal]")
+    if not isinstance(cfg.dense_key_values, bool):
+        raise ConfigError(f"dense_key_values={cfg.dense_key_values} must be true or false")
     if cfg.device_map not in (None, "auto"):
         raise ConfigError(f"device_map={cfg.device_map} is not a placement here; use device_map=auto (layers over "
                           "the visible GPUs) or leave it unset (one device)")

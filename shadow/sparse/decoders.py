@@ -60,10 +60,13 @@ class TokenDecoder:
     the step runs eagerly, its launches sized by the position.
     """
 
-    def __init__(self, model: nn.Module, predictor: Predictor, policy: Policy, static: bool | None = None):
+    def __init__(self, model: nn.Module, predictor: Predictor, policy: Policy, static: bool | None = None,
+                 dense_key_values: bool = False):
         """``predictor.shape`` says the attention unit its head masks address. ``static``: run static steps (see
         the class), captured as CUDA graphs on CUDA, run as they are elsewhere (that is how the tests check them on
-        the CPU); by default, wherever a CUDA graph can capture them."""
+        the CPU); by default, wherever a CUDA graph can capture them. ``dense_key_values``: compute every head's
+        key and value at every step by the dense projections, as Polar Sparsity does, instead of the kept heads'
+        with catch-up (the same outputs; ``share_read`` counts the key and value projections whole)."""
         if len(predictor.groups) > 1 and policy.name != "local":
             raise ValueError(f"policy={policy.name}: per-token execution selects each layer's units when its own "
                              "predictor runs, so only policy=local applies to per-layer predictors")
@@ -73,7 +76,8 @@ class TokenDecoder:
                                  f"before the layer runs, and layer {min(targets)} runs first; use layer=0")
         self.model, self.static = model, static
         parts = ModelParts(model)
-        self.step = UnitStep(parts, predictor.shape, PredictedUnits(predictor.shape, predictor, policy))
+        self.step = UnitStep(parts, predictor.shape, PredictedUnits(predictor.shape, predictor, policy),
+                             dense_key_values)
 
     def column_layout(self) -> AbstractContextManager:
         """The projections read by columns stored transposed for the block (``loop.stored_transposed``), so that
@@ -85,12 +89,13 @@ class TokenDecoder:
         static = self.step.static(len(input_ids), self.static)
         with self.column_layout():
             tokens, logits, steps = decode(self.model, input_ids, new_tokens, partial(prompt_pass, self.model),
-                                           self.step, static, catch_up=True)
+                                           self.step, static, catch_up=not self.step.dense_key_values)
         return Generation(tokens, logits, masks=_masks_applied(steps, self.step.shape.layers))
 
     def share_read(self, generation: Generation) -> float:
         """The share of the dense step's weights a step of this generation read, on average."""
-        return masks_read(self.model, generation.masks)
+        return masks_read(self.model, generation.masks, whole=self.step.parts.family.kv_rows
+                          if self.step.dense_key_values else ())
 
 
 class RequestDecoder:

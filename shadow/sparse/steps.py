@@ -72,6 +72,18 @@ def decide_static(parts: ModelParts, asked: bool | None, blocker: Callable[[], s
     return asked
 
 
+def write_keys_values(parts: ModelParts, shape: Shape, index: int, h: Tensor, position: Tensor, cache: LayerCache,
+                      project: Callable[[str, Tensor], Tensor]) -> None:
+    """Every key-value head's key and value at ``position`` for the batch's (B, E) inputs, each projection by
+    ``project(role, x)``, written to the cache (keys rotated)."""
+    family, layer, D, B = parts.family, parts.layers[index], shape.head_dim, cache.requests
+    keys, values = project("key", h), project("value", h)
+    if family.rotary:
+        keys = family.rotate(parts.model, layer, "key", keys.view(-1, 1, D), position.view(1), cache.rotary)
+    for store, new in ((cache.keys, keys.reshape(B, -1)), (cache.values, values)):
+        store.view(store.shape[0], B, -1).index_copy_(2, position.view(1), new.t()[..., None].to(store.dtype))
+
+
 def every_head(parts: ModelParts, shape: Shape, index: int, h: Tensor, position: Tensor, last: int | Tensor,
                cache: LayerCache, project: Callable[[str, Tensor], Tensor]) -> Tensor:
     """One position's attention output after the output projection, (B, E) for the batch's (B, E) inputs, every
@@ -79,11 +91,7 @@ def every_head(parts: ModelParts, shape: Shape, index: int, h: Tensor, position:
     ``position``."""
     family, layer, model, D, B = parts.family, parts.layers[index], parts.model, shape.head_dim, cache.requests
     position = position.to(h.device)  # a no-op but across the GPUs of a split model
-    keys, values = project("key", h), project("value", h)
-    if family.rotary:
-        keys = family.rotate(model, layer, "key", keys.view(-1, 1, D), position.view(1), cache.rotary).view(B, -1)
-    for store, new in ((cache.keys, keys), (cache.values, values)):
-        store.view(store.shape[0], B, -1).index_copy_(2, position.view(1), new.t()[..., None].to(store.dtype))
+    write_keys_values(parts, shape, index, h, position, cache, project)
     queries = project("query", h)
     if family.rotary:
         queries = family.rotate(model, layer, "query", queries.view(-1, 1, D), position.view(1), cache.rotary)
@@ -112,8 +120,12 @@ class UnitStep:
     each head attends to exactly the keys and values of the masked model, whose pruned heads still write their
     cache."""
 
-    def __init__(self, parts: ModelParts, shape: Shape, units: FixedUnits | PredictedUnits):
-        self.parts, self.shape, self.units = parts, shape, units
+    def __init__(self, parts: ModelParts, shape: Shape, units: FixedUnits | PredictedUnits,
+                 dense_key_values: bool = False):
+        """``dense_key_values``: every key-value head's key and value at every step, by the dense projections
+        (cuBLAS on CUDA), instead of the kept heads' with catch-up; the outputs are the same (the masked model's
+        pruned heads write their cache too), the reads are not."""
+        self.parts, self.shape, self.units, self.dense_key_values = parts, shape, units, dense_key_values
 
     @staticmethod
     def column_modules(parts: ModelParts) -> list[nn.Linear]:
@@ -163,9 +175,11 @@ class UnitStep:
         query, key, value, output = (family.module(layer, role) for role in ("query", "key", "value", "output"))
         shape, D, device, B = self.shape, self.shape.head_dim, h.device, cache.requests
         known = kept.get(index)
+        def dense(role: str, x: Tensor) -> Tensor:
+            return family.module(layer, role)(x)
+
         if known is not None and known.whole:  # kept whole for the generation: no catch-up, dense products
-            return every_head(self.parts, shape, index, h, position, last, cache,
-                              lambda role, x: family.module(layer, role)(x))
+            return every_head(self.parts, shape, index, h, position, last, cache, dense)
         if known is not None:
             queries, kv_heads = known.queries.to(device), known.kv_heads.to(device)
         else:
@@ -173,13 +187,16 @@ class UnitStep:
             kv_heads = torch.arange(shape.kv_heads, device=device)
         position = position.to(device)  # a no-op but across the GPUs of a split model
         last = position if isinstance(last, Tensor) else last
-        cache.inputs.view(B, -1, h.shape[1]).index_copy_(1, position.view(1), h[:, None])
-        first = cache.done[kv_heads]  # a head kept again catches up on skipped positions
-        kv_dims, first_rows = head_dims(kv_heads, D), first.repeat_interleave(D)
-        kernels.rows_into_pair(cache.keys, key, cache.values, value, kv_dims, cache.inputs, first_rows, last, B)
-        if family.rotary:
-            self.rotate_new_keys(layer, cache, kv_heads, first, position, last)
-        cache.done.index_put_((kv_heads,), position + 1)
+        if self.dense_key_values:
+            write_keys_values(self.parts, shape, index, h, position, cache, dense)
+        else:
+            cache.inputs.view(B, -1, h.shape[1]).index_copy_(1, position.view(1), h[:, None])
+            first = cache.done[kv_heads]  # a head kept again catches up on skipped positions
+            kv_dims, first_rows = head_dims(kv_heads, D), first.repeat_interleave(D)
+            kernels.rows_into_pair(cache.keys, key, cache.values, value, kv_dims, cache.inputs, first_rows, last, B)
+            if family.rotary:
+                self.rotate_new_keys(layer, cache, kv_heads, first, position, last)
+            cache.done.index_put_((kv_heads,), position + 1)
         dims = head_dims(queries, D)
         out = kernels.rows(query, dims, h)  # (B, kept query heads · D)
         if family.rotary:
