@@ -462,8 +462,10 @@ def test_latency_benchmark_writes_its_table(tmp_path):
         assert r["step_ms"] == pytest.approx((r["total_ms"] - r["first_token_ms"]) / 2)
         assert r["decode_speedup"] == pytest.approx(rows[0]["step_ms"] / r["step_ms"])
         assert r["engine_speedup"] == pytest.approx(rows[1]["step_ms"] / r["step_ms"])
-        assert r["bytes_multiple"] > 0  # the step's time over its weights' time at the measured copy bandwidth
-    dense_bytes = rows[0]["step_ms"] / rows[0]["bytes_multiple"]  # the same bytes for both dense rows
+    # the step's time over its weights' time at the measured copy bandwidth: that time is the same for both dense
+    # rows, and a sparse row's is its share of it (steps at 3 tokens are noisy, even negative: only ratios hold)
+    dense_bytes = rows[0]["step_ms"] / rows[0]["bytes_multiple"]
+    assert dense_bytes > 0
     assert rows[1]["step_ms"] / rows[1]["bytes_multiple"] == pytest.approx(dense_bytes)
     assert rows[2]["step_ms"] / rows[2]["bytes_multiple"] == pytest.approx(dense_bytes * rows[2]["weights_read"])
     assert all(r["predictor_share"] > 0 for r in rows if r["method"] in ("shadow", "dejavu"))
