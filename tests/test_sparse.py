@@ -276,6 +276,20 @@ class MethodReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def host_reads_per_step(step_class: type, monkeypatch) -> list[list[str]]:
+    """From now on, each call of ``step_class`` appends the host reads it made (``HostReads``, ``MethodReads``)."""
+    step, counted = step_class.__call__, []
+
+    def counting(*args):
+        with HostReads() as log, MethodReads(log.reads):
+            out = step(*args)
+        counted.append(log.reads)
+        return out
+
+    monkeypatch.setattr(step_class, "__call__", counting)
+    return counted
+
+
 @pytest.mark.parametrize("family", ["opt", "llama"])
 @pytest.mark.parametrize("backend", ["native", "triton"])
 @pytest.mark.parametrize(("placement", "policy", "reads"), [("shadow", "local", 0), ("dejavu", "local", 0),
@@ -288,15 +302,7 @@ def test_a_decoding_step_reads_nothing_back_from_the_device(family, backend, pla
     model = make_tiny_opt() if family == "opt" else make_tiny_llama()
     decoder = TokenDecoder(model, token_predictor(model, placement, lookahead=True,
                                                   attention_unit="query_head"), Policy(policy, 0.5, 0.5))
-    step, counted = UnitStep.__call__, []
-
-    def counting(*args):
-        with HostReads() as log, MethodReads(log.reads):
-            out = step(*args)
-        counted.append(log.reads)
-        return out
-
-    monkeypatch.setattr(UnitStep, "__call__", counting)
+    counted = host_reads_per_step(UnitStep, monkeypatch)
     ids = torch.randint(4, 8192, (1, 7), generator=torch.Generator().manual_seed(1))
     decoder.generate(ids, 6)
     assert len(counted) == 5 and all(len(step_reads) == reads for step_reads in counted), counted
@@ -311,15 +317,8 @@ def test_a_thresholded_step_reads_nothing_back_with_the_triton_kernels(family, m
     use_triton_kernels(monkeypatch)
     model = make_tiny_opt() if family == "opt" else make_tiny_llama()
     limits = calibrate(model, calibration_examples(), method, 4, 1).thresholds([0.5] * len(sites(model, method)))
-    step, counted = ThresholdStep.__call__, []
-
-    def counting(*args):
-        with HostReads() as log, MethodReads(log.reads):
-            out = step(*args)
-        counted.append(log.reads)
-        return out
-
-    monkeypatch.setattr(ThresholdStep, "__call__", counting)
+    step = ThresholdStep.__call__
+    counted = host_reads_per_step(ThresholdStep, monkeypatch)
     ids = torch.randint(4, 8192, (2, 7), generator=torch.Generator().manual_seed(1))
     out = ThresholdDecoder(model, method, limits, static=True).generate(ids, 6)
     assert len(counted) == 5 and all(reads == [] for reads in counted), counted

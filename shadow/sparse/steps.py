@@ -84,21 +84,28 @@ def write_keys_values(parts: ModelParts, shape: Shape, index: int, h: Tensor, po
         store.view(store.shape[0], B, -1).index_copy_(2, position.view(1), new.t()[..., None].to(store.dtype))
 
 
+def attend(parts: ModelParts, shape: Shape, index: int, queries: Tensor, heads: Tensor, position: Tensor,
+           last: int | Tensor, cache: LayerCache) -> Tensor:
+    """The attention of the query heads ``heads`` over the cache, (B, len(heads) · head_dim), from their (B,
+    len(heads) · head_dim) projections: rotated, scaled, each over its key-value group's cache rows, positions up to
+    ``last``."""
+    family, layer, D, B = parts.family, parts.layers[index], shape.head_dim, cache.requests
+    if family.rotary:
+        queries = family.rotate(parts.model, layer, "query", queries.view(-1, 1, D), position.view(1), cache.rotary)
+    queries = queries.reshape(B, -1) * family.scaling(layer)
+    groups = heads // shape.group_size
+    return torch.stack([kernels.attend(queries[b], *cache.request(b), groups, D, last + 1) for b in range(B)])
+
+
 def every_head(parts: ModelParts, shape: Shape, index: int, h: Tensor, position: Tensor, last: int | Tensor,
                cache: LayerCache, project: Callable[[str, Tensor], Tensor]) -> Tensor:
     """One position's attention output after the output projection, (B, E) for the batch's (B, E) inputs, every
     head computed, each projection by ``project(role, x)``: the key and value written to the cache at
     ``position``."""
-    family, layer, model, D, B = parts.family, parts.layers[index], parts.model, shape.head_dim, cache.requests
     position = position.to(h.device)  # a no-op but across the GPUs of a split model
     write_keys_values(parts, shape, index, h, position, cache, project)
-    queries = project("query", h)
-    if family.rotary:
-        queries = family.rotate(model, layer, "query", queries.view(-1, 1, D), position.view(1), cache.rotary)
-    queries = queries.reshape(B, -1) * family.scaling(layer)
-    groups = torch.arange(shape.query_heads, device=h.device) // shape.group_size
-    out = torch.stack([kernels.attend(queries[b], *cache.request(b), groups, D, last + 1) for b in range(B)])
-    return project("output", out)
+    every = torch.arange(shape.query_heads, device=h.device)
+    return project("output", attend(parts, shape, index, project("query", h), every, position, last, cache))
 
 
 def dense_ffn(parts: ModelParts, index: int, h: Tensor) -> Tensor:
@@ -198,13 +205,7 @@ class UnitStep:
                 self.rotate_new_keys(layer, cache, kv_heads, first, position, last)
             cache.done.index_put_((kv_heads,), position + 1)
         dims = head_dims(queries, D)
-        out = kernels.rows(query, dims, h)  # (B, kept query heads · D)
-        if family.rotary:
-            out = family.rotate(self.parts.model, layer, "query", out.view(-1, 1, D), position.view(1),
-                                cache.rotary).view(B, -1)
-        out = out * family.scaling(layer)
-        groups = queries // shape.group_size
-        out = torch.stack([kernels.attend(out[b], *cache.request(b), groups, D, last + 1) for b in range(B)])
+        out = attend(self.parts, shape, index, kernels.rows(query, dims, h), queries, position, last, cache)
         if index in self.units.feature_layers:
             self.units.predict(index, h.new_zeros(B, output.in_features).index_copy_(1, dims, out), kept)
         if known is None:  # every head was computed: the output reads those the mask now keeps
