@@ -39,7 +39,9 @@ def main(cfg: DictConfig) -> dict[str, float]:
 if __name__ == "__main__":
     register_configs()
     sys.argv[1:] = fix_argv(sys.argv[1:])
-    if not {"--help", "-h", "--hydra-help"} & set(sys.argv):
+    if {"--cfg", "-c"} & set(sys.argv):
+        print("note: --cfg prints the config unchecked; drop --cfg to check every job", file=sys.stderr)
+    elif not {"--help", "-h", "--hydra-help"} & set(sys.argv):
         try:
             check_argv(sys.argv[1:], devices=check_devices)
         except ConfigError as err:

@@ -2,8 +2,9 @@
 
 Hydra 1.3 rejects overrides on both sides of a flag (hydra issue #3053: ``-m``, ``--config-name x``), so flags,
 with their values, move to the front of argv first. Then each override is checked: a config group's option must
-exist, and every job must compose against the typed schema and pass ``validate``, so a typo in the last value of
-a sweep fails at once, in one line, not after the other jobs have run. The jobs are those Hydra's basic sweeper
+exist, and every job must compose against the typed schema and pass ``check_launch`` (``validate``, and what the
+model's config and lm-eval's tasks decide), so a typo in the last value of a sweep, or a layer the model lacks,
+fails at once, in one line, before any job starts. The jobs are those Hydra's basic sweeper
 would launch: the sweep file's ``hydra.sweeper.params`` grid (``--config-dir sweeps --config-name
 paper_criteria``, in multirun mode) combined with the command line's overrides, which replace the grid's values
 of the same key. ``check_argv`` takes the primary config's name and the check to run, so other Hydra apps over
@@ -13,6 +14,7 @@ this machine's devices (``devices``) run only for jobs launched here: a SLURM jo
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import os
 import re
@@ -27,8 +29,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from shadow.compose import CONF_DIR, conf_options, register_configs, validate
-from shadow.config import EVAL_SCHEMAS
+from shadow.compose import CONF_DIR, check_launch, conf_options, register_configs
+from shadow.config import EVAL_SCHEMAS, CriterionConfig
 from shadow.errors import ConfigError
 
 LONG = {"-cd": "--config-dir", "-cn": "--config-name", "-cp": "--config-path", "-c": "--cfg", "-p": "--package",
@@ -113,13 +115,29 @@ def options(group: str, dirs: list[Path]) -> list[str]:
     return sorted({*found, *LAUNCHERS}) if group == "hydra/launcher" else sorted(found)
 
 
+def did_you_mean(word: str, known: list[str]) -> str:
+    """" (did you mean x?)" for the closest of ``known`` to a misspelt ``word``; "" where none is close."""
+    close = difflib.get_close_matches(word, known, n=1, cutoff=0.82)  # 0.8: opt-175b is not opt-13b
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def looks_like_path(value: str) -> bool:
+    return "/" in value or value.startswith((".", "~")) or value.endswith(".gguf") or Path(value).exists()
+
+
 def check_groups(overrides: list[Override], dirs: list[Path]) -> None:
     """A config group's value must be one of its options: one line listing them beats Hydra's error."""
     for override in overrides:
         key = override.key_or_group
         for value in values(override) if key in GROUPS and not override.is_delete() else []:
-            if value not in options(key, dirs):
-                raise ConfigError(f"{key}={value} is not an option; use one of: {', '.join(options(key, dirs))}")
+            known = options(key, dirs)
+            if value in known:
+                continue
+            if key == "model" and looks_like_path(value):
+                raise ConfigError(f"model={value} is not a preset; for a checkpoint of your own write "
+                                  f"model.path={value} (docs/your-model.md)")
+            raise ConfigError(f"{key}={value} is not an option{did_you_mean(value, known)}; use one of: "
+                              f"{', '.join(known)}")
 
 
 def merged(overrides: list[Override]) -> list[Override]:
@@ -159,7 +177,7 @@ def search_path(dirs: list[Path], source: Path, name: str, hydra_overrides: list
     return [f"hydra.searchpath=[{','.join(repr(p) for p in paths)}]"]
 
 
-def check_argv(argv: list[str], config_name: str = "config", check: Callable[[DictConfig], None] = validate,
+def check_argv(argv: list[str], config_name: str = "config", check: Callable[[DictConfig], None] = check_launch,
                devices: Callable[[DictConfig], None] | None = None) -> None:
     """Raise ConfigError (one line: key, value, fix) for the first bad override of any job argv describes: the
     command line's sweep, or a sweep file's grid with the command line's overrides. Jobs are composed from
@@ -186,9 +204,26 @@ def check_argv(argv: list[str], config_name: str = "config", check: Callable[[Di
         check_groups(jobs, dirs)
         for job in itertools.islice(itertools.product(*sweep_lists(jobs)), MAX_CHECKED):
             job_cfg = composed(name, [*fixed, *job])
-            check(job_cfg)
-            if here and devices is not None:
+            if here and devices is not None:  # first: cheap, and a job for a GPU needs no model check here
                 devices(job_cfg)
+            check(job_cfg)
+
+
+def setting_names(name: str) -> list[str]:
+    """Every setting of the primary config ``name`` (inside an initialised Hydra), dotted, with every kind's
+    evaluation settings and the criterion's: what a misspelt key is matched against."""
+    found = [f"eval.{key}" for schema in EVAL_SCHEMAS.values() for key in schema.__dataclass_fields__]
+    found += [f"criterion.{key}" for key in CriterionConfig.__dataclass_fields__]
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        for key in node:
+            child = node._get_node(key)
+            found.append(prefix + str(key))
+            if isinstance(child, DictConfig) and not child._is_none() and not child._is_interpolation():
+                walk(child, f"{prefix}{key}.")
+
+    walk(compose(config_name=name), "")
+    return sorted(set(found))
 
 
 def composed(name: str, overrides: list[str], with_hydra: bool = False) -> DictConfig:
@@ -206,8 +241,8 @@ def composed(name: str, overrides: list[str], with_hydra: bool = False) -> DictC
             if section == "eval" and kinds:
                 kind = kinds[0]
                 raise ConfigError(f"{key} applies only to eval={kind}; add eval={kind}, or drop {key}") from None
-            raise ConfigError(f"{key} is not a setting; check its spelling (python -m shadow --cfg job lists "
-                              "them all)") from None
+            raise ConfigError(f"{key} is not a setting{did_you_mean(key, setting_names(name))}; check its spelling "
+                              "(python -m shadow --cfg job lists them all)") from None
         wanted = re.search(r"converted to (\w+)", cause.msg)
         kind = TYPES.get(wanted[1], f"a {wanted[1]}") if wanted else "of the right type"
         raise ConfigError(f"{key}={value!r} is not {kind}; give {key} {kind}") from None

@@ -7,6 +7,7 @@ conf/ lies beside the package in a checkout and inside it in an installed wheel.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
@@ -26,13 +27,13 @@ from shadow.config import (
     ATTENTION_UNITS,
     CALIBRATION_SOURCES,
     COMPAT,
-    DTYPES,
     EVAL_DATASETS,
     EVAL_SCHEMAS,
     EVALS,
     GRANULARITIES,
     LAYER_SCALES,
     MASK_SOURCES,
+    MODEL_DTYPES,
     POLICIES,
     PREDICTOR_ARCHS,
     PREDICTOR_DTYPES,
@@ -40,11 +41,15 @@ from shadow.config import (
     TARGET_NORMS,
     Config,
     ModelConfig,
+    resolved_sparsities,
 )
-from shadow.criteria import CRITERIA
+from shadow.criteria import CRITERIA, get_criterion
+from shadow.data import load_tasks
 from shadow.errors import ConfigError
-from shadow.models import TORCH_DTYPES
+from shadow.models import TORCH_DTYPES, check_model, model_dtype
 from shadow.placements import PLACEMENTS
+from shadow.policy import Policy
+from shadow.thresholds import GREEDY_LIMIT
 
 PACKAGE = Path(__file__).resolve().parent
 CONF_DIR = PACKAGE / "conf" if (PACKAGE / "conf").is_dir() else PACKAGE.parent / "conf"  # wheel, or checkout
@@ -59,6 +64,7 @@ def gpus_for(model: str, dtype: str) -> int:
     if model not in architectures():
         return 0
     config = architecture_config(model)
+    dtype = model_dtype(ModelConfig(dtype=dtype, device_map="auto"), config, "cuda")
     weights = family_of(config).weight_bytes(config, TORCH_DTYPES[dtype])
     if weights < CPU_SIZED_BYTES:
         return 0
@@ -76,16 +82,40 @@ def installed_file(relative: str) -> str:
     return str(root / rest)
 
 
+def local(path: str) -> str:
+    """A path as compared: a local one absolute, a hub id as written."""
+    file = Path(path).expanduser()
+    return str(file.resolve()) if path.startswith((".", "/", "~")) or file.exists() else path
+
+
+@functools.cache
+def preset_paths() -> dict[str, str]:
+    """conf/model's presets by the checkpoint each names."""
+    presets = {}
+    for name in conf_options("model"):
+        path = OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml")._get_node("path")._value()
+        presets[local(str(OmegaConf.create({"path": path}).path))] = name
+    return presets
+
+
+def model_name(path: str) -> str:
+    """``model.name`` unless set: the preset's name where ``path`` is a preset's checkpoint, else the checkpoint's
+    own (its directory's or GGUF file's name, a hub id's last part), lower case."""
+    return preset_paths().get(local(path)) or Path(path.rstrip("/")).name.removesuffix(".gguf").lower()
+
+
 def register_configs() -> None:
     """The schema for conf/config.yaml; ${shadow_asset:<path>}: a path inside the installed package;
     ${shadow_installed:<package>/<path>}: a file inside another installed package (not imported);
-    ${shadow_gpus:<model>,<dtype>}: GPUs per job for the SLURM launcher preset."""
+    ${shadow_model_name:<path>}: the model's name (``model_name``); ${shadow_gpus:<model>,<dtype>}: GPUs per job
+    for the SLURM launcher preset."""
     store = ConfigStore.instance()
     store.store(name="shadow_schema", node=Config)
     for kind, schema in EVAL_SCHEMAS.items():  # conf/eval/<kind>.yaml extends /<kind>_eval_schema
         store.store(name=f"{kind}_eval_schema", node=schema)
     OmegaConf.register_new_resolver("shadow_asset", lambda rel: str(PACKAGE / rel), replace=True)
     OmegaConf.register_new_resolver("shadow_installed", installed_file, replace=True)
+    OmegaConf.register_new_resolver("shadow_model_name", model_name, replace=True)
     OmegaConf.register_new_resolver("shadow_gpus", gpus_for, replace=True)
 
 
@@ -173,7 +203,7 @@ def validate(cfg: DictConfig | Config) -> None:
         trained = " or ".join(name for name, placement in PLACEMENTS.items() if placement.trains)
         raise ConfigError(f"predictor.granularity=token needs a trained predictor, not predictor={cfg.predictor.name}; "
                           f"use predictor={trained}, or predictor.granularity=request")
-    _choice("model.dtype", cfg.model.dtype, DTYPES)
+    _choice("model.dtype", cfg.model.dtype, MODEL_DTYPES)
     _placement(cfg.model)
     _choice("eval", cfg.eval.name, EVALS)
     _choice("eval.mask_from", cfg.eval.mask_from, MASK_SOURCES)
@@ -210,3 +240,37 @@ def validate(cfg: DictConfig | Config) -> None:
     except OSError:
         raise ConfigError(f"cache_dir={cfg.cache_dir!r} is not writable; set cache_dir or SHADOW_CACHE_DIR to a "
                           "writable directory") from None
+
+
+@functools.cache
+def known_tasks(tasks: tuple[str, ...], include_path: str | None, num_fewshot: int, key: str) -> None:
+    """lm-eval tasks known, with enough few-shot documents (``load_tasks``), once per setting in a process."""
+    load_tasks(list(tasks), include_path, num_fewshot, key)
+
+
+def check_job(cfg: DictConfig | Config, weights: bool = True) -> tuple[str, Any]:
+    """``validate``, then what the model and the tasks decide, the model read from its config alone: the
+    checkpoint exists and is of a known family, ``predictor.layer`` is one of its layers, the policy can be met on
+    its layers (a local policy keeps a unit of each, a hybrid floor fits), TEAL's greedy allocation reaches the
+    sparsity, and lm-eval knows the tasks. The checkpoint's path and config; without ``weights``, a hub model's
+    weights are not fetched (the check before launching jobs)."""
+    validate(cfg)
+    for key, section in (("eval", cfg.eval), ("calibration", cfg.calibration)):
+        if section.get("tasks") and (key == "eval" or cfg.calibration.source == "tasks"):
+            known_tasks(tuple(section.tasks), section.include_path, section.num_fewshot, key)
+    path, config = check_model(cfg.model, weights)
+    shape = family_of(config).shape(config, cfg.attention_unit)
+    heads_only = get_criterion(cfg.criterion.name, cfg.criterion.variant).heads_only
+    Policy.configured(cfg, heads_only).check(shape.layers, shape.heads, shape.neurons)
+    if cfg.predictor.allocation == "greedy" and max(resolved_sparsities(cfg)) > GREEDY_LIMIT:
+        raise ConfigError(f"predictor.allocation=greedy follows TEAL's greedy path up to a sparsity of {GREEDY_LIMIT}; "
+                          "lower sparsity to at most that, or use predictor.allocation=uniform")
+    if PLACEMENTS[cfg.predictor.name].trains and not 0 <= cfg.predictor.layer < shape.layers:
+        raise ConfigError(f"predictor.layer={cfg.predictor.layer} is not a layer of this {shape.layers}-layer model; "
+                          f"set predictor.layer between 0 and {shape.layers - 1}")
+    return path, config
+
+
+def check_launch(cfg: DictConfig | Config) -> None:
+    """``check_job`` before jobs launch: a hub model's config fetched, not its weights."""
+    check_job(cfg, weights=False)

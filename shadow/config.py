@@ -12,10 +12,10 @@ from omegaconf import MISSING, DictConfig
 
 @dataclass
 class ModelConfig:
-    name: str = MISSING
+    name: str = "${shadow_model_name:${.path}}"  # a preset's name, or the checkpoint's (its directory, file, hub id)
     path: str = MISSING  # hub id (facebook/opt-1.3b), a local directory, or a local .gguf file
     gguf_file: str | None = None  # a GGUF file inside path (a hub repository or a directory) to load instead
-    dtype: str = MISSING  # float32, float16 or bfloat16
+    dtype: str = MISSING  # float32, float16, bfloat16, or auto (the checkpoint's; float16 as float32 on the CPU)
     device_map: str | None = MISSING  # None: one device (cfg.device); "auto": spread over GPUs by accelerate
     max_memory: Any = None  # device_map=auto: caps as accelerate takes them, e.g. {0: 70GiB, 1: 70GiB, cpu: 200GiB}
     offload_folder: str | None = None  # device_map=auto: where weights beyond max_memory go (disk offload)
@@ -138,6 +138,7 @@ def resolved_sparsities(cfg: DictConfig | Config) -> tuple[float, float]:
 
 
 DTYPES = ("float32", "float16", "bfloat16")
+MODEL_DTYPES = (*DTYPES, "auto")
 POLICIES = ("global", "local", "hybrid")
 ATTENTION_UNITS = ("kv_group", "query_head")
 PREDICTOR_ARCHS = ("mlp", "lowrank")

@@ -71,7 +71,11 @@ def load_tasks(tasks: list[str], include_path: str | None, num_fewshot: int, key
     if unknown:
         raise ConfigError(f"{key}.tasks: {', '.join(unknown)} unknown to lm-eval; use an lm-eval task name "
                           f"(e.g. piqa) or add its directory with {key}.include_path")
-    loaded = get_task_dict(list(tasks), manager)
+    try:
+        loaded = get_task_dict(list(tasks), manager)
+    except ConnectionError as err:  # datasets' error when a task's data is neither cached nor reachable
+        raise ConfigError(f"{key}.tasks: {err}; fetch the task's data where the hub is reachable, or name tasks "
+                          f"whose data is local ({key}.include_path)") from None
     if num_fewshot > 0:
         for name in tasks:
             shots = loaded[name].fewshot_docs()  # lm-eval's rule: the few-shot split, else train, validation, test

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -25,9 +26,10 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}
 
 
-def resolve_path(cfg: ModelConfig) -> str:
+def resolve_path(cfg: ModelConfig, weights: bool = True) -> str:
     """The local checkpoint: a model directory, or a GGUF file (``model.path`` naming one, or ``model.gguf_file``
-    inside ``model.path``); a hub id is looked up in the local cache, and fetched where the hub is reachable."""
+    inside ``model.path``); a hub id is looked up in the local cache, and fetched where the hub is reachable (its
+    config files alone without ``weights``)."""
     gguf = cfg.gguf_file
     if cfg.path.endswith(GGUF):
         if gguf is not None:
@@ -49,13 +51,17 @@ def resolve_path(cfg: ModelConfig) -> str:
                 raise ConfigError(f"model.gguf_file={gguf!r} is not in model.path={cfg.path!r}; name a .gguf file "
                                   "of that directory")
             return str((path / gguf).resolve())
+        if not path.exists():
+            raise ConfigError(f"model.path={cfg.path!r} does not exist; point model.path at a Hugging Face model "
+                              "directory or a .gguf file, or use a hub id such as facebook/opt-1.3b")
         if not (path / "config.json").is_file():
             raise ConfigError(f"model.path={cfg.path!r} has no config.json; point model.path at a Hugging Face "
                               "model directory or a .gguf file, or use a hub id such as facebook/opt-1.3b")
         return str(path.resolve())
     from huggingface_hub import snapshot_download
 
-    patterns = [gguf] if gguf is not None else ["*.json", "*.safetensors", "*.txt", "*.model", "merges.txt"]
+    patterns = [gguf] if gguf is not None else ["*.json", "*.safetensors", "*.txt", "*.model", "merges.txt"] \
+        if weights else ["*.json"]
     try:
         directory = snapshot_download(cfg.path, revision=cfg.revision, local_files_only=hub_offline(),
                                       allow_patterns=patterns)
@@ -93,17 +99,24 @@ def gguf_storage(path: str) -> str:
     return "unknown" if field is None else LlamaFileType(int(field.parts[field.data[0]][0])).name
 
 
-def check_model(cfg: ModelConfig):
-    """The local checkpoint (``resolve_path``) and the model's config, read without its weights (from a GGUF file's
-    metadata: its architecture gives the family): fail fast on a missing model or one of a family shadow does not
-    know."""
+@functools.cache
+def read_config(path: str, trust_remote_code: bool):
+    """A local checkpoint's config, read once per process (a GGUF file's takes seconds: the check before a sweep
+    reads it for every job)."""
     from transformers import AutoConfig
 
-    path = resolve_path(cfg)
+    directory, kwargs = _source(path)
+    return AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code, **kwargs)
+
+
+def check_model(cfg: ModelConfig, weights: bool = True):
+    """The local checkpoint (``resolve_path``) and the model's config, read without its weights (from a GGUF file's
+    metadata: its architecture gives the family): fail fast on a missing model or one of a family shadow does not
+    know. Without ``weights``, a hub model's weights are not fetched (a check before launching jobs)."""
+    path = resolve_path(cfg, weights)
     if cfg.trust_remote_code:
         log.warning("model.trust_remote_code=true: Python code shipped with %s will run", cfg.path)
-    directory, kwargs = _source(path)
-    config = AutoConfig.from_pretrained(directory, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    config = read_config(path, cfg.trust_remote_code)
     if config.model_type in NOT_MODELLED:
         raise ConfigError(f"model.path={cfg.path!r} is a {config.model_type!r} model: "
                           f"{NOT_MODELLED[config.model_type]}, which shadow's llama family does not model; use a "
@@ -113,6 +126,17 @@ def check_model(cfg: ModelConfig):
                           f"({', '.join(sorted(FAMILIES))}); use a checkpoint of one of them, or add the family "
                           "(docs/extending.md)")
     return path, config
+
+
+def model_dtype(cfg: ModelConfig, config, device: str) -> str:
+    """``model.dtype``, where it is ``auto`` the dtype the checkpoint's ``config`` names (float32 where it names
+    none), float16 as float32 where the model runs on the CPU (slow and inexact there)."""
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    on_cpu = device == "cpu" if cfg.device_map is None else not torch.cuda.is_available()
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(stored).removeprefix("torch.") if stored is not None else "float32"
+    return "float32" if name not in DTYPES or (on_cpu and name == "float16") else name
 
 
 GB = 1e9
@@ -140,17 +164,18 @@ def check_memory(cfg: ModelConfig, config, device: str, beside: float = 0.0) -> 
     (a predictor trained on the same device) next to them; returns the bytes the weights need."""
     family = family_of(config)
     params = family.parameter_count(config)
-    need = family.weight_bytes(config, TORCH_DTYPES[cfg.dtype])
+    dtype = model_dtype(cfg, config, device)
+    need = family.weight_bytes(config, TORCH_DTYPES[dtype])
     free, where = available_memory(cfg, device)
     count = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.2f}M"
-    log.info("model %s: %s parameters, %s in %s; %s free in %s", cfg.name, count, readable(need), cfg.dtype,
+    log.info("model %s: %s parameters, %s in %s; %s free in %s", cfg.name, count, readable(need), dtype,
              readable(free), where)
     if need * 1.2 + beside > free:  # activations, masks and predictors need room beside the weights
-        fixes = (["model.dtype=float16"] if cfg.dtype == "float32" else []) + (
+        fixes = (["model.dtype=float16"] if dtype == "float32" else []) + (
             ["predictor.device=cpu (or another GPU)"] if beside else []) + [
             "model.device_map=auto over more GPUs", "a smaller model"]
         training = f" and {beside / GB:.1f} GB to train the predictor beside them" if beside else ""
-        raise ConfigError(f"model={cfg.name} needs ≈{(need * 1.2 + beside) / GB:.1f} GB in dtype={cfg.dtype} "
+        raise ConfigError(f"model={cfg.name} needs ≈{(need * 1.2 + beside) / GB:.1f} GB in dtype={dtype} "
                           f"(weights + 20%{training}) but {where} has {free / GB:.1f} GB free; use "
                           f"{', '.join(fixes[:-1])} or {fixes[-1]}")
     return need
@@ -172,17 +197,18 @@ def load_model(cfg: ModelConfig, device: str) -> tuple[nn.Module, object]:
     key = (cfg.path, cfg.gguf_file, cfg.revision, cfg.dtype, *placement)
     if key not in _LOADED:
         _LOADED.clear()  # keep one model resident: big models do not fit twice
-        path, _ = check_model(cfg)
+        path, config = check_model(cfg)
+        dtype = model_dtype(cfg, config, device)
         directory, kwargs = _source(path)
         if is_gguf(path):
             log.info("loading %s from %s: stored as %s, dequantised to %s", cfg.name, path, gguf_storage(path),
-                     cfg.dtype)
+                     dtype)
         else:
-            log.info("loading %s from %s (%s)", cfg.name, path, cfg.dtype)
+            log.info("loading %s from %s (%s)", cfg.name, path, dtype)
         if cfg.device_map:
             kwargs |= {"device_map": cfg.device_map, "max_memory": dict(cfg.max_memory or {}) or None,
                        "offload_folder": cfg.offload_folder}
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=TORCH_DTYPES[cfg.dtype],
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=TORCH_DTYPES[dtype],
                                                      trust_remote_code=cfg.trust_remote_code, **kwargs)
         if not cfg.device_map:
             model.to(device)

@@ -10,12 +10,17 @@ layers for ``global`` and ``hybrid``: the predictor's targets are normalised per
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from shadow.config import resolved_sparsities
 from shadow.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -122,6 +127,15 @@ class Policy:
     min_heads: int = 0  # hybrid only: the floor per layer (a job's comes from conf/config.yaml)
     min_neurons: int = 0
     dense_first_layer: bool = False
+
+    @classmethod
+    def configured(cls, cfg: Any, heads_only: bool) -> Policy:
+        """The job's rule: head and neuron sparsity default to ``sparsity`` (neurons: 0 for head-only criteria)."""
+        head, neuron = resolved_sparsities(cfg)
+        if heads_only and neuron > 0:
+            log.info("%s scores heads only: every neuron is kept", cfg.criterion.name)
+            neuron = 0.0
+        return cls(cfg.policy, head, neuron, cfg.min_heads, cfg.min_neurons, cfg.dense_first_layer)
 
     def select(self, heads: Tensor, neurons: Tensor) -> Masks:
         """Masks for (..., L, H) head and (..., L, F) neuron scores: one per leading index."""

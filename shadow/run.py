@@ -23,15 +23,14 @@ from torch import Tensor
 from shadow import thresholds
 from shadow.arch import Shape, family_of
 from shadow.artifacts import cache_key, cached, check_space, find
-from shadow.compose import check_devices, validate
+from shadow.compose import check_devices, check_job
 from shadow.config import resolved_sparsities
 from shadow.criteria import Criterion, get_criterion
 from shadow.data import Example, examples_fingerprint, load_calibration
-from shadow.errors import ConfigError
 from shadow.evaluate.perplexity import evaluate_perplexity, load_eval_data
 from shadow.evaluate.requests import MaskFn
 from shadow.evaluate.tasks import check_tasks, evaluate_tasks
-from shadow.models import check_memory, check_model, load_model, load_tokenizer, model_fingerprint, pad_id
+from shadow.models import check_memory, load_model, load_tokenizer, model_dtype, model_fingerprint, pad_id
 from shadow.offload import input_device
 from shadow.placements import PLACEMENTS, MaskJob
 from shadow.policy import Policy, SparsityMeter
@@ -67,15 +66,6 @@ def stage(name: str) -> Iterator[None]:
     start = time.perf_counter()
     yield
     log.info("%-10s done in %.1f s", name, time.perf_counter() - start)
-
-
-def make_policy(cfg: DictConfig, heads_only: bool) -> Policy:
-    """The selection rule; head and neuron sparsity default to ``sparsity`` (neurons: 0 for head-only criteria)."""
-    head, neuron = resolved_sparsities(cfg)
-    if heads_only and neuron > 0:
-        log.info("%s scores heads only: every neuron is kept", cfg.criterion.name)
-        neuron = 0.0
-    return Policy(cfg.policy, head, neuron, cfg.min_heads, cfg.min_neurons, cfg.dense_first_layer)
 
 
 def calibrated_thresholds(cfg: DictConfig, model, model_id: dict, examples: list[Example], padding: int
@@ -245,9 +235,9 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
 
     A job whose results are already in the cache (same settings, same weights) is not rerun: its record is
     copied to output_dir and sweep_dir; ``force=true`` reruns it."""
-    validate(cfg)
+    path, config = check_job(cfg)
     check_devices(cfg)
-    path, config = check_model(cfg.model)
+    cfg.model.dtype = model_dtype(cfg.model, config, cfg.device)  # auto: the checkpoint's, in records and keys
     model_id = model_fingerprint(path, config, cfg.model)
     sweep_dir = sweep_dir or output_dir
     results_inputs = job_inputs(cfg, model_id)
@@ -259,15 +249,7 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
         return record["metrics"]
     shape = family_of(config).shape(config, cfg.attention_unit)
     criterion = get_criterion(cfg.criterion.name, cfg.criterion.variant)
-    policy = make_policy(cfg, criterion.heads_only)
-    policy.check(shape.layers, shape.heads, shape.neurons)
-    if cfg.predictor.allocation == "greedy" and max(resolved_sparsities(cfg)) > thresholds.GREEDY_LIMIT:
-        raise ConfigError(f"predictor.allocation=greedy follows TEAL's greedy path up to a sparsity of "
-                          f"{thresholds.GREEDY_LIMIT}; lower sparsity to at most that, or use "
-                          "predictor.allocation=uniform")
-    if not 0 <= cfg.predictor.layer < shape.layers:
-        raise ConfigError(f"predictor.layer={cfg.predictor.layer} is not a layer of this {shape.layers}-layer "
-                         f"model; set predictor.layer between 0 and {shape.layers - 1}")
+    policy = Policy.configured(cfg, criterion.heads_only)
     tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
     examples = load_calibration(cfg.calibration, tokenizer, config.max_position_embeddings, cfg.seed)
     beside = 0.0 if cfg.predictor.device else training_bytes(cfg, shape, config.hidden_size, len(examples),

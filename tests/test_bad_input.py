@@ -17,8 +17,8 @@ from helpers import ROOT
 from hydra import compose, initialize_config_dir
 
 from shadow.cli import LAUNCHERS, check_argv, fix_argv, overrides_of
-from shadow.compose import register_configs
-from shadow.config import ATTENTION_UNITS, DTYPES, EVAL_DATASETS, POLICIES
+from shadow.compose import check_devices, register_configs
+from shadow.config import ATTENTION_UNITS, EVAL_DATASETS, MODEL_DTYPES, POLICIES
 from shadow.criteria import CRITERIA
 from shadow.errors import ConfigError
 from shadow.placements import PLACEMENTS
@@ -50,12 +50,12 @@ CASES = [
     Case("no criterion", "sparsity=0.3",
          f"criterion is not set; add +criterion=<name> with one of: {CRITERION_NAMES}"),
     Case("unknown criterion", "+criterion=plainact_v2",
-         f"criterion=plainact_v2 is not an option; use one of: {CRITERION_NAMES}"),
+         f"criterion=plainact_v2 is not an option (did you mean plainact?); use one of: {CRITERION_NAMES}"),
     Case("criterion variant it does not have", "+criterion=jacov criterion.variant=reference",
          f"criterion.variant='reference' is not one of {listed(JACOV_VARIANTS)}; pick one, e.g. "
          f"criterion.variant={JACOV_VARIANTS[0]}"),
     Case("unknown predictor", "+criterion=plainact predictor=deja_vu",
-         f"predictor=deja_vu is not an option; use one of: {listed(sorted(PLACEMENTS))}"),
+         f"predictor=deja_vu is not an option (did you mean dejavu?); use one of: {listed(sorted(PLACEMENTS))}"),
     Case("unknown model", "+criterion=plainact model=opt-175b",
          f"model=opt-175b is not an option; use one of: {listed(conf_group('model'))}"),
     Case("unknown policy", "+criterion=plainact policy=per_layer",
@@ -74,10 +74,19 @@ CASES = [
     Case("a hybrid floor above the budget", "+criterion=plainact policy=hybrid min_heads=6 sparsity=0.5",
          "min_heads=6 per layer needs 36 heads but head_sparsity=0.5 keeps 24; lower min_heads or head_sparsity"),
     Case("misspelt key", "+criterion=plainact sparsty=0.5",
-         "sparsty is not a setting; check its spelling (python -m shadow --cfg job lists them all)"),
+         "sparsty is not a setting (did you mean sparsity?); check its spelling (python -m shadow --cfg job lists "
+         "them all)"),
+    Case("a checkpoint given as a preset", "+criterion=plainact model=./my-model",
+         "model=./my-model is not a preset; for a checkpoint of your own write model.path=./my-model "
+         "(docs/your-model.md)"),
+    Case("a job of a sweep whose layer the model lacks", "+criterion=plainact -m predictor.layer=4,6",
+         "predictor.layer=6 is not a layer of this 6-layer model; set predictor.layer between 0 and 5"),
     Case("missing local model path", "+criterion=plainact model.path=/nonexistent/opt-1.3b",
-         "model.path='/nonexistent/opt-1.3b' has no config.json; point model.path at a Hugging Face model directory "
+         "model.path='/nonexistent/opt-1.3b' does not exist; point model.path at a Hugging Face model directory "
          "or a .gguf file, or use a hub id such as facebook/opt-1.3b"),
+    Case("a directory without a model", "+criterion=plainact model.path={tmp}",
+         "model.path='{tmp}' has no config.json; point model.path at a Hugging Face model directory or a .gguf "
+         "file, or use a hub id such as facebook/opt-1.3b"),
     Case("missing GGUF file", "+criterion=plainact model.path=/nonexistent/model.Q4_1.gguf",
          "model.path='/nonexistent/model.Q4_1.gguf' does not exist; point model.path at a .gguf file (the preset's "
          "comment says which package ships it) or at a model directory"),
@@ -122,7 +131,7 @@ CASES = [
          "hydra/launcher=slurm_a100 is not an option; use one of: "
          f"{listed(sorted({*conf_group('hydra/launcher'), *LAUNCHERS}))}"),
     Case("unknown dtype", "+criterion=plainact model.dtype=float8",
-         f"model.dtype='float8' is not one of {listed(DTYPES)}; pick one, e.g. model.dtype={DTYPES[0]}"),
+         f"model.dtype='float8' is not one of {listed(MODEL_DTYPES)}; pick one, e.g. model.dtype={MODEL_DTYPES[0]}"),
     Case("float16 on the CPU", "+criterion=plainact model.dtype=float16",
          "model.dtype='float16' is slow and inexact on the CPU; use model.dtype=float32 or bfloat16, or device=cuda"),
     Case("device caps that are not a map", "+criterion=plainact model.device_map=auto model.max_memory=[70GiB]",
@@ -153,6 +162,9 @@ CASES = [
          "sweep, key=[a,b] for a list"),
 ]
 
+IN_JOB = ("sparsity of 1", "a layer left empty by a local policy", "predictor after the last layer",
+          "missing local model path", "unknown lm-eval task", "a GPU that is not there")  # a job launched elsewhere
+
 
 @pytest.fixture
 def scratch(tmp_path):
@@ -171,27 +183,39 @@ def expected(case: Case, tmp: Path) -> str:
     return case.message.format(tmp=tmp, gpus=torch.cuda.device_count(), fallback=fallback)
 
 
-def first_error(args: str, monkeypatch) -> str:
-    """What `python -m shadow <args>` reports: the argv check, then the job up to (not including) model loading."""
+def first_error(args: str) -> str:
+    """What `python -m shadow <args>` reports before launching any job."""
+    try:
+        check_argv(fix_argv(args.split()), devices=check_devices)
+    except ConfigError as err:
+        return str(err)
+    raise AssertionError(f"no error before the first job for {args}")
+
+
+def error_in_job(args: str, monkeypatch) -> str:
+    """What a job reports for the same overrides, up to (not including) model loading: it checks them again."""
     def loaded(*a, **k):
         raise AssertionError("the model was loaded before the error")
     monkeypatch.setattr("shadow.run.load_model", loaded)
-    argv = fix_argv(args.split())
-    try:
-        check_argv(argv)
-        register_configs()
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=[o for o in overrides_of(argv)[0] if "hydra/" not in o])
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        overrides = [o for o in overrides_of(fix_argv(args.split()))[0] if "hydra/" not in o and o != "-m"]
+        cfg = compose(config_name="config", overrides=overrides)
+    with pytest.raises(ConfigError) as err:
         run(cfg, Path(cfg.cache_dir).parent / "out")
-    except ConfigError as err:
-        return str(err)
-    raise AssertionError(f"no error for {args}")
+    return str(err.value)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.what for c in CASES])
-def test_bad_input_fails_early_in_one_line(case, scratch, monkeypatch):
+def test_bad_input_fails_before_the_first_job_in_one_line(case, scratch, monkeypatch):
     monkeypatch.setenv("SHADOW_CACHE_DIR", str(scratch / "cache"))
-    assert first_error(case.args.format(tmp=scratch), monkeypatch) == expected(case, scratch)
+    assert first_error(case.args.format(tmp=scratch)) == expected(case, scratch)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.what in IN_JOB], ids=lambda c: c.what)
+def test_a_job_checks_its_config_again(case, scratch, monkeypatch):
+    monkeypatch.setenv("SHADOW_CACHE_DIR", str(scratch / "cache"))
+    assert error_in_job(case.args.format(tmp=scratch), monkeypatch) == expected(case, scratch)
 
 
 def test_the_command_line_shows_one_line_and_no_traceback(tmp_path):
@@ -203,6 +227,10 @@ def test_the_command_line_shows_one_line_and_no_traceback(tmp_path):
     assert not (tmp_path / "multirun").exists()  # no job started
     full = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env={**env, "HYDRA_FULL_ERROR": "1"})
     assert full.returncode == 1 and "Traceback" in full.stderr and "ConfigError" in full.stderr
+    shown = subprocess.run([sys.executable, "-m", "shadow", "--cfg", "job", "sparsity=5"], cwd=tmp_path,
+                           capture_output=True, text=True, env=env)
+    assert shown.returncode == 0 and "sparsity: 5" in shown.stdout
+    assert shown.stderr == "note: --cfg prints the config unchecked; drop --cfg to check every job\n"
 
 
 def doc_section() -> str:

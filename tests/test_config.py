@@ -138,7 +138,7 @@ def test_typos_and_types_fail_at_composition_naming_the_key(compose_cfg, overrid
 
 def test_missing_local_model_path(compose_cfg, tmp_path):
     cfg = compose_cfg("+criterion=plainact", f"model.path={tmp_path}/nothing-here")
-    with pytest.raises(ConfigError, match="has no config.json; point model.path at"):
+    with pytest.raises(ConfigError, match="does not exist; point model.path at"):
         check_model(cfg.model)
 
 
