@@ -77,6 +77,7 @@ class EvalConfig:
     batch_size: int = MISSING
     limit: int | None = MISSING  # perplexity: first N windows (token) / documents (word); tasks: N per task
     mask_from: str = MISSING  # context: the text before the scored tokens; scored: the scored text too (a leak)
+    dense_reference: bool = True  # the dense model evaluated alike, once per sweep (cached): dense/<metric>
 
 
 @dataclass

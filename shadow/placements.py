@@ -66,6 +66,12 @@ class Placement(ABC):
     uses_traces = False  # scores the calibration set (cached traces)
     trains = False  # trains predictor networks: ``groups`` are not empty
     thresholds = False  # zeroes small activations by calibrated thresholds (its name is a shadow.thresholds method)
+    ranks = True  # its masks rank units by the job's criterion
+
+    def method(self, criterion: str, granularity: str) -> str:
+        """How results name what made their masks: "shadow per token, plainact", "teal", "dense"."""
+        per_token = " per token" if granularity == "token" else ""
+        return f"{self.name}{per_token}, {criterion}" if self.ranks else self.name
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -91,6 +97,7 @@ class Placement(ABC):
 
 class Dense(Placement):
     name = "dense"
+    ranks = False
 
     def masks(self, job: MaskJob) -> MaskFn:
         return lambda requests: None
@@ -143,6 +150,7 @@ class Thresholded(Placement):
     calibrated on the dense model (``shadow.thresholds``)."""
 
     thresholds = True
+    ranks = False
 
     def masks(self, job: MaskJob) -> MaskFn:
         return lambda requests: None

@@ -1,29 +1,29 @@
 """Tables and plots of sweep results: ``python -m shadow.report <sweep dirs…> [--metrics a,b] [--out DIR]``.
 
 Reads each directory's results.jsonl (one line per job) and writes into ``--out`` (default: the first directory):
-- results.csv and results.md, printed too: one row per job, the config keys that vary, then the metrics;
+- results.csv and results.md, printed too: one row per job, the config keys that vary, then the metrics that vary
+  (weights read among them); what every job shares is one line above the table. A ``--metrics`` name no job
+  recorded is an error;
 - results_by_seed.md, where seeds vary (printed too): one row per setting, each metric's mean and [min, max]
   over the seeds; within the settings that differ only in ``--compare`` (default: predictor), each quality
   metric's best mean in bold and the values whose band overlaps the best one's marked ≈ (a difference inside the
   spread);
-- <metric>_by_criterion.png and <metric>_by_predictor.png for accuracy and perplexity: the metric against
-  sparsity, one line per criterion (a panel per predictor) and one line per predictor (a panel per criterion);
-  other keys that vary (policy, model, head or neuron sparsity unlike sparsity, …) split lines further, with
-  one colour and marker per line in every panel and one legend. Repeats of a point (seeds) give the line their
-  mean and a shaded band from their min to their max. The dense run (``predictor=dense``: no masks, whatever
-  its sparsity) is a dotted horizontal line labelled "dense" with its value; the oracle is dashed: in its
-  criterion's colour on every predictor panel, and its own line on the criterion panels. Perplexity spanning
-  more than 3× is on a log axis; ticks read as plain numbers (30, 50, 100, 200);
-- <metric>_by_weights_read.png: the same metric against the weights read per token (the share of the dense
-  step's parameters, ``shadow.weights_read``), one line per predictor (a panel per criterion): the axis on
-  which methods that skip different things (heads and neurons, input or intermediate channels) compare; each
-  point sits at its repeats' mean weights read;
-- layer_sparsity.png: heatmaps of the achieved head and neuron sparsity of every job (rows, seeds averaged,
-  dense runs left out) in every layer (columns), one shared colour bar; the figure grows with jobs and layers,
-  cells carry their values up to 16 layers, layer ticks are thinned beyond.
-Lines and rows are labelled by the keys that vary only: values that name themselves (criterion, predictor,
+- <metric>.png and .pdf for accuracy and perplexity: a row of panels per model, the metric against sparsity and
+  against the weights read per token (the share of the dense step's parameters, ``shadow.weights_read``: the
+  axis on which methods that skip different things compare). One line per method (the placement, per token
+  where it is, and its criterion where it ranks by one), split further by the other keys that vary (policy, head
+  sparsity unlike sparsity, …), one colour and marker per line in every panel; repeats (seeds) give the line
+  their mean and a shaded min–max band, each point at their mean weights read. The oracle is dashed. The dense
+  model (a ``predictor=dense`` job, else the dense evaluation each job records as ``dense/<metric>``) is a dotted
+  line and, against weights read, a star at 1.0; the Pareto frontier (the best quality reached for what is read,
+  over every method and dense) is a grey band behind the lines. Perplexity spanning more than 3× is on a log
+  axis; ticks read as plain numbers (30, 50, 100, 200);
+- layer_sparsity.png and .pdf: heatmaps of the achieved head and neuron sparsity of every job (rows, seeds
+  averaged, dense runs left out) in every layer (columns), one shared colour bar; the figure grows with jobs and
+  layers, cells carry their values up to 16 layers, layer ticks are thinned beyond.
+Lines and rows are labelled by the keys that vary only: values that name themselves (method, criterion, predictor,
 model, dtype) bare, others as key=value, sparsity as s=…, head and neuron sparsity only where they differ from it.
-W&B runs carry the same keys (README: Comparing runs), so its dashboard gives the same views.
+W&B runs carry the same keys (README: Comparing runs), and ``python -m shadow.workspace`` lays out the same views.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ PLOTTED = ("tasks/mean_acc", "token_perplexity", "word_perplexity")
 METRIC_NAMES = {"tasks/mean_acc": "mean task accuracy", "token_perplexity": "token perplexity",
                 "word_perplexity": "word perplexity"}
 X_NAMES = {"sparsity": "sparsity", "weights_read": "weights read per token (share of the dense step)"}
-BARE = ("model", "criterion", "predictor", "dtype")  # values that say what they are (others: compat=none, …)
+BARE = ("model", "method", "criterion", "predictor", "dtype")  # values that say what they are (others: compat=none, …)
 SHORT = {"sparsity": "s", "head_sparsity": "heads", "neuron_sparsity": "neurons", "criterion_variant": "variant"}
 DENSE_KEYS = ("model", "dtype", "eval", "compat")  # what changes a dense run's result: it has no masks
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
@@ -70,7 +70,7 @@ def load_rows(dirs: list[Path]) -> list[dict]:
         for number, line in enumerate(path.read_text().splitlines()):
             record = json.loads(line)
             records[record.get("output_dir") or f"{path}:{number}"] = record
-    return [{**{k: record.get(k) for k in CONFIG_KEYS}, **record["metrics"],
+    return [{**{k: record.get(k) for k in CONFIG_KEYS}, "method": record.get("method"), **record["metrics"],
              "layers": record.get("sparsity_per_layer") or {}} for record in records.values()]
 
 
@@ -90,9 +90,34 @@ def label(row: dict, keys: list[str]) -> str:
 
 
 def table(rows: list[dict], metrics: list[str]) -> tuple[list[str], list[list]]:
-    columns = varying_keys(rows) + [m for m in metrics if any(m in r for r in rows)]
+    """One row per job: the config keys that vary, then the metrics that do (a value every job shares says nothing
+    about the comparison: ``constants`` lists them)."""
+    columns = varying_keys(rows) + [m for m in metrics if any(m in r for r in rows) and not constant(rows, m)]
     body = sorted(([r.get(c) for c in columns] for r in rows), key=lambda row: [str(x) for x in row])
     return columns, body
+
+
+def constant(rows: list[dict], metric: str) -> bool:
+    return len(rows) > 1 and len({json.dumps(r.get(metric)) for r in rows}) == 1
+
+
+def constants(rows: list[dict], metrics: list[str]) -> dict[str, object]:
+    """The settings and metrics every job shares: what the table leaves out."""
+    keys = [k for k in CONFIG_KEYS if any(r.get(k) is not None for r in rows) and k not in varying_keys(rows)]
+    return {k: rows[0].get(k) for k in keys + [m for m in metrics if m in rows[0] and constant(rows, m)]}
+
+
+def check_metrics(rows: list[dict], asked: list[str]) -> None:
+    """Every metric asked for by name must be one some job recorded: a misspelt name is an error, not a table
+    without its column."""
+    import difflib
+
+    recorded = sorted({k for r in rows for k, v in r.items() if isinstance(v, int | float) and k not in CONFIG_KEYS})
+    for metric in asked:
+        if metric not in recorded:
+            close = difflib.get_close_matches(metric, recorded, n=1, cutoff=0.82)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise SystemExit(f"error: --metrics {metric}: no job recorded it; {hint}recorded: {', '.join(recorded)}")
 
 
 LOWER_BETTER = ("perplexity", "bits_per_byte", "_mse")  # quality metrics where less is better; the others: more
@@ -222,68 +247,99 @@ def y_axis(ax: Axes, metric: str, values: list[float]) -> None:
         ax.set_ylabel(METRIC_NAMES.get(metric, metric))
 
 
-def plot_metric(rows: list[dict], metric: str, lines_by: str, panels_by: str, x: str = "sparsity") -> Figure:
-    """The metric against ``x`` (sparsity, or weights read): a panel per value of ``panels_by``, a line per value
-    of ``lines_by`` and of the other varying keys (not seeds: their mean is the line, their min–max the band);
-    dense and oracle as references."""
+def method(row: dict) -> str:
+    """What made the masks: the record's ``method`` (the placement, per token where it is, and the criterion where
+    the placement ranks by one); for records without it, the predictor and the criterion."""
+    per_token = " per token" if row.get("granularity") == "token" else ""
+    return row.get("method") or f"{row['predictor']}{per_token}, {row['criterion']}"
+
+
+def frontier(points: list[tuple[float, float]], sign: int) -> list[tuple[float, float]]:
+    """The Pareto frontier of (weights read, quality) points, by weights read: those no other point beats on both
+    (reads no more and scores as well, better on one); ``sign``: +1 where more quality is better, -1 where less."""
+    best, kept = -math.inf, []
+    for x, y in sorted(points, key=lambda p: (p[0], -sign * p[1])):
+        if sign * y > best:
+            best = sign * y
+            kept.append((x, y))
+    return kept
+
+
+def dense_reference(rows: list[dict], metric: str) -> float | None:
+    """The dense model's value of ``metric``: the mean of dense jobs, else of the jobs' recorded dense evaluation
+    (``dense/<metric>``); None where neither exists."""
+    values = [r[metric] for r in rows if r["predictor"] == "dense" and metric in r] or \
+        [r[f"dense/{metric}"] for r in rows if f"dense/{metric}" in r]
+    return sum(values) / len(values) if values else None
+
+
+def plot_quality(rows: list[dict], metric: str) -> Figure:
+    """The metric per model (a row of panels each): against sparsity and, where the jobs recorded it, against the
+    weights read per token. A line per method (and per other key that varies: policy, head sparsity, …) in one
+    colour across panels, at the mean over seeds in a min–max band; the oracle dashed; the dense model a dotted
+    line, and a star at 1.0 of the weights read; the Pareto frontier of every method's points (and dense) a grey
+    band behind them."""
     plt = pyplot()
     from matplotlib.lines import Line2D
 
-    rows = [r for r in rows if metric in r and x in r]
-    dense = [r for r in rows if r["predictor"] == "dense"]
-    masked = [r for r in rows if r["predictor"] != "dense"]
-    # the oracle bounds every predictor: drawn on each predictor's panel rather than in a panel of its own
-    overlay = panels_by == "predictor" and any(r["predictor"] != "oracle" for r in masked)
-    split = [lines_by] + [k for k in varying_keys(masked) if k not in ("sparsity", "seed", panels_by, lines_by)
-                          and (k not in PARTS or any(r[k] != r["sparsity"] for r in masked))]
-    predicted = {label(r, split) for r in masked if r["predictor"] != "oracle"}
-    names = sorted(predicted) + sorted({label(r, split) for r in masked} - predicted)  # the oracle's colours last
+    rows = [r for r in rows if metric in r]
+    models = sorted({str(r["model"]) for r in rows})
+    masked = [{**r, "method": method(r)} for r in rows if r["predictor"] != "dense"]
+    others = [k for k in varying_keys(masked) if k not in ("model", "sparsity", "seed", "criterion", "predictor",
+                                                            "granularity") and
+              (k not in PARTS or any(r[k] != r["sparsity"] for r in masked))]
+    split = ["method", *others]
+    names = sorted({label(r, split) for r in masked}, key=lambda n: ("oracle" in n, n))
     colours = plt.get_cmap("tab10").colors
     styles = {name: (colours[i % len(colours)], MARKERS[i % len(MARKERS)]) for i, name in enumerate(names)}
-    panels = sorted({str(r[panels_by]) for r in masked if not (overlay and r["predictor"] == "oracle")}) or ["all"]
-    dense_keys = [k for k in DENSE_KEYS if k in varying_keys(dense)]
-    baselines: dict[str, list[float]] = defaultdict(list)
-    for r in dense:
-        baselines[label(r, dense_keys)].append(r[metric])
-    entries = len(names) + len(baselines) + 1  # the legend's lines: the figure is as tall as it needs
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels) + 2, max(3.2, 0.8 + 0.22 * entries)),
-                             squeeze=False, sharey=True, layout="constrained")
+    axes_x = ["sparsity"] + (["weights_read"] if any("weights_read" in r for r in masked) else [])
+    sign = better(metric) or 1
+    fig, axes = plt.subplots(len(models), len(axes_x), figsize=(4.2 * len(axes_x) + 2.6, 3.4 * len(models)),
+                             squeeze=False, layout="constrained")
     legend: dict[str, Line2D] = {}
-    ys = []
-    for ax, panel in zip(axes[0], panels, strict=True):
-        for oracle in (False, True):
-            members = [r for r in masked if (r["predictor"] == "oracle") == oracle
-                       and (str(r[panels_by]) == panel or (overlay and oracle))]
-            for name, points in sorted(series(members, metric, split, x).items()):
+    for row_axes, model in zip(axes, models, strict=True):
+        mine = [r for r in masked if str(r["model"]) == model]
+        dense = dense_reference([r for r in rows if str(r["model"]) == model], metric)
+        ys = [] if dense is None else [dense]
+        for ax, x in zip(row_axes, axes_x, strict=True):
+            reached = []
+            for name, points in sorted(series([r for r in mine if x in r], metric, split, x).items()):
                 colour, marker = styles[name]
                 xs, mean, low, high = (list(column) for column in zip(*points, strict=True))
-                ax.plot(xs, mean, color=colour, marker=marker, markersize=4, linestyle="--" if oracle else "-",
-                                label=f"{name} (oracle)" if overlay and oracle else name)
+                dashed = "oracle" in name
+                ax.plot(xs, mean, color=colour, marker=marker, markersize=4, linestyle="--" if dashed else "-",
+                        label=name)
                 if low != high:
-                    ax.fill_between(xs, low, high, color=colour, alpha=0.15, linewidth=0)
-                legend.setdefault(name, Line2D([], [], color=colour, marker=marker,
-                                               linestyle="-" if name in predicted else "--"))
-                if overlay and oracle:
-                    legend.setdefault("oracle", Line2D([], [], color="grey", linestyle="--"))
+                    ax.fill_between(xs, low, high, color=colour, alpha=0.15, linewidth=0, gid="band")
+                legend.setdefault(name, Line2D([], [], color=colour, marker=marker, linestyle="--" if dashed else "-"))
+                reached += list(zip(xs, mean, strict=True))
                 ys += low + high
-        for i, (name, values) in enumerate(sorted(baselines.items())):
-            text = "dense" if len(baselines) == 1 else f"dense ({name})"
-            mean, colour = sum(values) / len(values), ("black", "dimgrey", "darkgrey")[i % 3]
-            legend[text] = ax.axhline(mean, color=colour, linestyle=":", linewidth=1.5, label=text)
-            ax.text(0.98, mean, f"{text} {mean:.1f}" if mean >= 10 else f"{text} {mean:.3g}", color=colour,
-                    transform=ax.get_yaxis_transform(), ha="right", va="bottom", fontsize="small")
-            ys += values
-        ax.set(title=f"{panels_by}: {panel}", xlabel=X_NAMES[x])
-        ax.grid(alpha=0.3)
-    xs = sorted({r["sparsity"] for r in masked})
-    for ax in axes[0] if len(xs) <= 8 and x == "sparsity" else ():  # the sweep's sparsities, when they are few
-        ax.set_xticks(xs, [plain(x) for x in xs])
-    if ys:
-        y_axis(axes[0][0], metric, ys)  # the panels share it (sharey)
-    order = [*styles, "oracle"]
-    handles = sorted(legend.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order))
-    fig.legend([h for _, h in handles], [n for n, _ in handles], loc="outside right center", fontsize="small",
-               title=", ".join(k for k in split if k in BARE), frameon=False)  # the others say key=value
+            if dense is not None:
+                ax.axhline(dense, color="black", linestyle=":", linewidth=1.2, label="dense", gid="dense")
+                legend["dense"] = Line2D([], [], color="black", linestyle=":", marker="*" if x != "sparsity" else "")
+                if x == "weights_read":
+                    ax.plot([1.0], [dense], marker="*", markersize=11, color="black", linestyle="", gid="dense")
+                    reached.append((1.0, dense))
+            if x == "weights_read" and len(reached) > 1:
+                front = frontier(reached, sign)
+                ax.plot(*zip(*front, strict=True), color="grey", linewidth=7, alpha=0.25, drawstyle="steps-post",
+                        zorder=0, label="Pareto frontier", gid="frontier")  # the best reached for what is read
+                legend["Pareto frontier"] = Line2D([], [], color="grey", linewidth=7, alpha=0.25)
+            reference = "" if dense is None else f" (dense {plain(dense) if dense >= 10 else f'{dense:.3g}'})"
+            ax.set(title=f"{model}{reference}", xlabel=X_NAMES[x])
+            ax.grid(alpha=0.3)
+            sparsities = sorted({r["sparsity"] for r in mine})
+            if x == "sparsity" and len(sparsities) <= 8:  # the sweep's sparsities, when they are few
+                ax.set_xticks(sparsities, [plain(s) for s in sparsities])
+        if ys:
+            for ax in row_axes:
+                y_axis(ax, metric, ys)
+            lows, highs = zip(*(ax.get_ylim() for ax in row_axes), strict=True)
+            for ax in row_axes:  # one scale per model
+                ax.set_ylim(min(lows), max(highs))
+    order = [*names, "dense", "Pareto frontier"]
+    fig.legend([legend[n] for n in order if n in legend], [n for n in order if n in legend],
+               loc="outside right center", fontsize="small", frameon=False)
     return fig
 
 
@@ -327,45 +383,51 @@ def plot_layers(rows: list[dict]) -> Figure:
     return fig
 
 
+FORMATS = ("png", "pdf")  # PNG to look at, PDF (vector) for a paper
+
+
 def write_plots(rows: list[dict], out: Path) -> list[Path]:
+    """``<metric>`` for each quality metric the jobs recorded, and the per-layer heatmaps, in every format."""
     written = []
 
-    def save(fig: Figure, name: str) -> None:
-        fig.savefig(out / name, dpi=150)
+    def save(fig: Figure, stem: str) -> None:
+        for kind in FORMATS:
+            fig.savefig(out / f"{stem}.{kind}", dpi=150)
+            written.append(out / f"{stem}.{kind}")
         pyplot().close(fig)
-        written.append(out / name)
 
     for metric in PLOTTED:
-        if any(metric in r for r in rows):
-            stem = metric.replace("/", "_")
-            save(plot_metric(rows, metric, "criterion", "predictor"), f"{stem}_by_criterion.png")
-            save(plot_metric(rows, metric, "predictor", "criterion"), f"{stem}_by_predictor.png")
-            if any(metric in r and "weights_read" in r and r["predictor"] != "dense" for r in rows):
-                save(plot_metric(rows, metric, "predictor", "criterion", "weights_read"),
-                     f"{stem}_by_weights_read.png")
+        if any(metric in r and r["predictor"] != "dense" for r in rows):
+            save(plot_quality(rows, metric), metric.replace("/", "_"))
     if any(r["layers"] and r["predictor"] != "dense" for r in rows):
-        save(plot_layers(rows), "layer_sparsity.png")
+        save(plot_layers(rows), "layer_sparsity")
     return written
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dirs", nargs="+", type=Path)
-    parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS))
+    parser.add_argument("--metrics", help=f"comma-separated; default: those of {', '.join(DEFAULT_METRICS)} that "
+                        "the jobs recorded")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--compare", default="predictor", help="the key compared in results_by_seed.md")
     args = parser.parse_args()
     rows = load_rows(args.dirs)
-    columns, body = table(rows, args.metrics.split(","))
+    if args.metrics:
+        check_metrics(rows, args.metrics.split(","))
+    metrics = args.metrics.split(",") if args.metrics else list(DEFAULT_METRICS)
+    columns, body = table(rows, metrics)
     out = args.out or args.dirs[0]
     out.mkdir(parents=True, exist_ok=True)
     with (out / "results.csv").open("w", newline="") as f:
         csv.writer(f).writerows([columns, *body])
-    text = markdown(columns, body)
+    shared = constants(rows, metrics)
+    text = ("every job: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                      for k, v in shared.items()) + "\n\n" if shared else "") + markdown(columns, body)
     (out / "results.md").write_text(text)
     print(text, end="")
     if "seed" in varying_keys(rows):
-        seeds = markdown(*seed_table(rows, args.metrics.split(","), args.compare))
+        seeds = markdown(*seed_table(rows, metrics, args.compare))
         (out / "results_by_seed.md").write_text(seeds)
         print(f"\nover seeds: mean [min, max] (seeds); best of each {args.compare} comparison in bold, ≈ inside "
               f"its spread\n{seeds}", end="")

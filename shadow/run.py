@@ -50,6 +50,7 @@ from shadow.weights_read import (
 
 log = logging.getLogger(__name__)
 NO_REPORT: dict = {"metrics": {}, "per_layer": {}}
+NO_MASKS: MaskFn = PLACEMENTS["dense"].masks(None)
 PREDICTOR_VERSION = 2  # raised when a trained predictor's artifact changes (2: it carries its LayerScales)
 
 
@@ -213,12 +214,29 @@ def training_bytes(cfg: DictConfig, shape: Shape, hidden: int, examples: int, he
     return params * 16 + min(traces_bytes(shape, hidden, examples), cfg.predictor.block_gb * 1e9) if params else 0.0
 
 
+def dense_metrics(cfg: DictConfig, model, tokenizer, model_id: dict, eval_input) -> dict[str, float]:
+    """The dense model's quality under the job's evaluation, as ``dense/<metric>``: the reference beside the
+    job's own. A cached artifact per weights, evaluation and seed, so a sweep evaluates the dense model once."""
+    def build(out: Path) -> dict:
+        if cfg.eval.name == "perplexity":
+            metrics, _ = evaluate_perplexity(model, tokenizer, NO_MASKS, cfg.eval, eval_input)
+        else:
+            metrics, _, _ = evaluate_tasks(model, tokenizer, NO_MASKS, cfg.eval, eval_input, cfg.seed)
+        (out / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items() if "sparsity" not in k}))
+        return {}
+
+    with stage("dense"):
+        directory, _ = cached(cfg.cache_dir, "dense", {"model": model_id, "eval": OmegaConf.to_container(cfg.eval),
+                                                       "seed": cfg.seed}, build)
+    return {f"dense/{k}": v for k, v in json.loads((directory / "metrics.json").read_text()).items()}
+
+
 def save_record(directory: Path, record: dict) -> dict:
     (directory / "record.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
     return {}
 
 
-RECORD_VERSION = 3  # raised when a job's record gains or changes a metric: older cached records are then rerun
+RECORD_VERSION = 4  # raised when a job's record gains or changes a metric: older cached records are then rerun
 
 
 def job_inputs(cfg: DictConfig, model_id: dict) -> dict:
@@ -284,6 +302,8 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
         metrics.update(reads_per_token(cfg, model, shape, per_layer, None if kept is None else kept.shares(),
                                        inputs.shares(), meter, criterion.heads_only))
         metrics.update(report["metrics"])
+        if cfg.eval.dense_reference and cfg.predictor.name != "dense":
+            metrics.update(dense_metrics(cfg, model, tokenizer, model_id, eval_input))
         record = {**{k: v for k, v in flat_config(cfg).items() if k != "config"}, "metrics": metrics,
                   "sparsity_per_layer": per_layer, "predictor_per_layer": report["per_layer"],
                   "setup_seconds": report["setup_seconds"], **extra, "output_dir": str(output_dir)}

@@ -12,6 +12,7 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from shadow.config import resolved_sparsities
+from shadow.placements import PLACEMENTS
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +23,7 @@ def flat_config(cfg: DictConfig) -> dict[str, Any]:
     return {
         "model": cfg.model.name, "criterion": cfg.criterion.name, "criterion_variant": cfg.criterion.variant,
         "predictor": cfg.predictor.name,
+        "method": PLACEMENTS[cfg.predictor.name].method(cfg.criterion.name, cfg.predictor.granularity),
         "sparsity": cfg.sparsity, "head_sparsity": head_sparsity, "neuron_sparsity": neuron_sparsity,
         "policy": cfg.policy, "layer_scale": cfg.layer_scale, "dense_first_layer": cfg.dense_first_layer,
         "compat": cfg.compat, "attention_unit": cfg.attention_unit, "granularity": cfg.predictor.granularity,

@@ -3,8 +3,9 @@
     pip install 'shadow[workspace]'
     python -m shadow.workspace --entity <you> --project shadow [--name comparisons]
 
-Sections: accuracy and perplexity against sparsity, one line per criterion and per predictor (runs grouped by
-those config keys, so repeated seeds are averaged); the predictor's held-out quality; the achieved sparsity.
+Sections: quality (accuracy, perplexity) against the weights read per token, one line per model and method (the
+runs grouped by those keys: repeated seeds averaged, their min–max a band); accuracy and perplexity against
+sparsity, one line per criterion and per predictor; the predictor's held-out quality; the achieved sparsity.
 Every key is one our runs log: flat config keys (``flat_config``) and summary metrics.
 """
 
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 
+READ = "weights_read"
+QUALITY = ("tasks/mean_acc", "token_perplexity", "word_perplexity")
 PANELS = {  # section → (y metric, group lines by)
     "Accuracy vs sparsity": [("tasks/mean_acc", "criterion"), ("tasks/mean_acc", "predictor")],
     "Perplexity vs sparsity": [("token_perplexity", "criterion"), ("token_perplexity", "predictor"),
@@ -26,12 +29,16 @@ def build_workspace(entity: str, project: str, name: str = "shadow comparisons")
     import wandb_workspaces.reports.v2 as wr
     import wandb_workspaces.workspaces as ws
 
-    sections = [ws.Section(name=title, is_open=True, panels=[
+    by_reads = ws.Section(name="Quality against weights read", is_open=True, panels=[
+        wr.LinePlot(title=f"{metric} against weights read, by model and method", x=wr.SummaryMetric(READ),
+                    y=[wr.SummaryMetric(metric)], groupby_aggfunc="mean", groupby_rangefunc="minmax")
+        for metric in QUALITY])  # grouped as the runs are: by model and method
+    sections = [by_reads] + [ws.Section(name=title, is_open=True, panels=[
         wr.LinePlot(title=f"{metric} by {key}", x=wr.Config("sparsity"), y=[wr.SummaryMetric(metric)],
                     groupby=wr.Config(key), groupby_aggfunc="mean", groupby_rangefunc="minmax")
         for metric, key in panels]) for title, panels in PANELS.items()]
     return ws.Workspace(entity=entity, project=project, name=name, sections=sections,
-                        runset_settings=ws.RunsetSettings(groupby=[ws.Config("criterion"), ws.Config("predictor")]))
+                        runset_settings=ws.RunsetSettings(groupby=[ws.Config("model"), ws.Config("method")]))
 
 
 def main() -> None:

@@ -22,22 +22,41 @@ def test_report_writes_csv_and_markdown_of_the_varying_keys(tmp_path):
     write_sweep(tmp_path / "b", [("l2_norm", 0.5, 52.0)])
     out = subprocess.run([sys.executable, "-m", "shadow.report", str(tmp_path / "a"), str(tmp_path / "b"),
                           "--metrics", "token_perplexity"], capture_output=True, text=True, check=True).stdout
-    assert out.splitlines()[0] == "| criterion | sparsity | token_perplexity |"
+    assert out.splitlines()[:3] == ["every job: model=opt-mini, predictor=shadow", "",
+                                    "| criterion | sparsity | token_perplexity |"]
     assert "| plainact | 0.3 | 31 |" in out and "| l2_norm | 0.5 | 52 |" in out
     rows = list(csv.reader((tmp_path / "a" / "results.csv").open()))
     assert rows[0] == ["criterion", "sparsity", "token_perplexity"] and len(rows) == 4
     table = (tmp_path / "a" / "results.md").read_text()
     assert out.startswith(table)
-    assert out[len(table):].split() == ["plot:", str(tmp_path / "a" / "token_perplexity_by_criterion.png"),
-                                        "plot:", str(tmp_path / "a" / "token_perplexity_by_predictor.png")]
-    assert (tmp_path / "a" / "token_perplexity_by_criterion.png").read_bytes()[:4] == b"\x89PNG"
+    assert out[len(table):].split() == ["plot:", str(tmp_path / "a" / "token_perplexity.png"),
+                                        "plot:", str(tmp_path / "a" / "token_perplexity.pdf")]
+    assert (tmp_path / "a" / "token_perplexity.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "a" / "token_perplexity.pdf").read_bytes()[:4] == b"%PDF"
+
+
+def test_the_table_has_weights_read_drops_what_every_job_shares_and_refuses_unknown_metrics(tmp_path):
+    lines = [{"model": "opt-mini", "criterion": "plainact", "predictor": "shadow", "sparsity": s, "seed": 0,
+              "metrics": {"token_perplexity": p, "weights_read": 1 - s / 2, "kv_read": 0.5}}
+             for s, p in ((0.3, 95.0), (0.5, 107.0))]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = subprocess.run([sys.executable, "-m", "shadow.report", str(tmp_path)], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out[:4] == ["every job: model=opt-mini, criterion=plainact, predictor=shadow, seed=0, kv_read=0.5",
+                       "", "| sparsity | token_perplexity | weights_read |", "|---|---|---|"]
+    typo = subprocess.run([sys.executable, "-m", "shadow.report", str(tmp_path), "--metrics",
+                           "token_perplexiti,weights_read"], capture_output=True, text=True)
+    assert typo.returncode == 1 and typo.stderr == (
+        "error: --metrics token_perplexiti: no job recorded it; did you mean token_perplexity? recorded: "
+        "kv_read, token_perplexity, weights_read\n")
 
 
 def job(criterion="plainact", predictor="shadow", sparsity=0.5, seed=0, head=None, policy="global", layers=2,
-        **metrics):
+        method=None, **metrics):
     """A row as load_rows reads it: the config keys, the metrics and the achieved sparsity per layer."""
     head = sparsity if head is None else head
     return {"model": "opt-mini", "criterion": criterion, "criterion_variant": "textbook", "predictor": predictor,
+            "method": method,
             "policy": policy, "dense_first_layer": False, "sparsity": sparsity, "head_sparsity": head,
             "neuron_sparsity": sparsity, "eval": "tasks", "seed": seed, **metrics,
             "layers": {"head_sparsity": [head] * layers, "neuron_sparsity": [sparsity + seed / 10] * layers}}
@@ -64,7 +83,7 @@ def test_labels_name_only_the_keys_that_vary():
 def test_seeds_are_one_line_at_their_mean_in_a_min_max_band():
     from matplotlib.colors import to_rgb
 
-    from shadow.report import Point, plot_metric, series
+    from shadow.report import Point, plot_quality, series
 
     rows = [job(sparsity=0.3, seed=0, acc=0.7), job(sparsity=0.3, seed=1, acc=0.6), job(sparsity=0.3, seed=2, acc=0.8),
             job(sparsity=0.5, seed=0, acc=0.5), job(sparsity=0.5, seed=1, acc=0.4), job(sparsity=0.5, seed=2, acc=0.45),
@@ -72,87 +91,85 @@ def test_seeds_are_one_line_at_their_mean_in_a_min_max_band():
     assert series(rows, "acc", ["criterion"]) == {
         "plainact": [Point(0.3, pytest.approx(0.7), 0.6, 0.8), Point(0.5, pytest.approx(0.45), 0.4, 0.5)],
         "l2_norm": [Point(0.5, 0.3, 0.3, 0.3)]}
-    ax = plot_metric(rows, "acc", "criterion", "predictor").axes[0]
-    assert lines_of(ax) == {"plainact": ([0.3, 0.5], [pytest.approx(0.7), pytest.approx(0.45)]),
-                            "l2_norm": ([0.5], [0.3])}
+    ax, = plot_quality(rows, "acc").axes  # no weights read recorded: the sparsity panel alone
+    assert lines_of(ax) == {"shadow, plainact": ([0.3, 0.5], [pytest.approx(0.7), pytest.approx(0.45)]),
+                            "shadow, l2_norm": ([0.5], [0.3])}
     band, = ax.collections  # l2_norm ran once: no band
+    assert band.get_gid() == "band"
     assert {tuple(v) for v in band.get_paths()[0].vertices} == {(0.3, 0.6), (0.3, 0.8), (0.5, 0.4), (0.5, 0.5)}
-    plainact, = (line for line in ax.get_lines() if line.get_label() == "plainact")
+    plainact, = (line for line in ax.get_lines() if line.get_label() == "shadow, plainact")
     assert tuple(band.get_facecolor()[0][:3]) == pytest.approx(to_rgb(plainact.get_color()))
 
 
-def test_methods_compare_on_weights_read():
-    """Against weights read: a line per predictor, each point at its repeats' mean weights read; rows without the
-    metric (older records) are left out."""
-    from shadow.report import plot_metric
-
-    rows = [job(predictor="teal", sparsity=0.5, seed=0, acc=0.6, weights_read=0.62),
-            job(predictor="teal", sparsity=0.5, seed=1, acc=0.5, weights_read=0.64),
-            job(predictor="shadow", sparsity=0.5, acc=0.7, weights_read=0.65),
-            job(predictor="shadow", sparsity=0.3, acc=0.8), job(predictor="dense", sparsity=0.0, acc=0.9,
-                                                                  weights_read=1.0)]
-    ax = plot_metric(rows, "acc", "predictor", "criterion", "weights_read").axes[0]
-    assert lines_of(ax) == {"teal": ([pytest.approx(0.63)], [pytest.approx(0.55)]), "shadow": ([0.65], [0.7]),
-                            "dense": ([0, 1], [0.9, 0.9])}  # the dense reference, across the panel
-    assert ax.get_xlabel().startswith("weights read")
+def panels_of(fig) -> dict[tuple[str, str], object]:
+    return {(ax.get_title(), ax.get_xlabel().split()[0]): ax for ax in fig.axes}
 
 
-def test_lines_split_by_the_other_varying_keys_in_one_colour_across_panels():
-    from shadow.report import plot_metric
+def test_quality_against_weights_read_per_model_with_dense_and_the_pareto_frontier():
+    """A row of panels per model, each method one colour in all of them; against weights read, points at their
+    repeats' mean, dense a star at 1.0 and a dotted line, the frontier through what no other point beats."""
+    from shadow.report import plot_quality
+
+    rows = [job(predictor="teal", method="teal", sparsity=0.5, seed=0, token_perplexity=60.0, weights_read=0.62),
+            job(predictor="teal", method="teal", sparsity=0.5, seed=1, token_perplexity=64.0, weights_read=0.64),
+            job(predictor="shadow", sparsity=0.5, token_perplexity=70.0, weights_read=0.65),
+            job(predictor="shadow", sparsity=0.3, token_perplexity=55.0, weights_read=0.8),
+            job(predictor="dense", sparsity=0.0, token_perplexity=50.0, weights_read=1.0),
+            {**job(predictor="shadow", sparsity=0.5, token_perplexity=130.0, weights_read=0.6), "model": "llama-mini",
+             "dense/token_perplexity": 100.0}]
+    fig = plot_quality(rows, "token_perplexity")
+    panels = panels_of(fig)
+    assert list(panels) == [("llama-mini (dense 100)", "sparsity"), ("llama-mini (dense 100)", "weights"),
+                            ("opt-mini (dense 50)", "sparsity"), ("opt-mini (dense 50)", "weights")]
+    read = panels["opt-mini (dense 50)", "weights"]
+    assert lines_of(read)["teal"] == ([pytest.approx(0.63)], [pytest.approx(62.0)])
+    assert lines_of(read)["shadow, plainact"] == ([0.65, 0.8], [70.0, 55.0])
+    dense = [line for line in read.get_lines() if line.get_gid() == "dense"]
+    assert {(tuple(line.get_xdata()), tuple(line.get_ydata())) for line in dense} == {((0, 1), (50.0, 50.0)),
+                                                                                       ((1.0,), (50.0,))}
+    front, = (line for line in read.get_lines() if line.get_gid() == "frontier")
+    assert list(zip(front.get_xdata(), front.get_ydata(), strict=True)) == [
+        (pytest.approx(0.63), pytest.approx(62.0)), (0.8, 55.0), (1.0, 50.0)]  # shadow at 0.65 reads more for less
+    assert [line.get_ydata()[0] for line in panels["opt-mini (dense 50)", "sparsity"].get_lines()
+            if line.get_gid() == "dense"] == [50.0]  # from the dense job
+    assert [line.get_ydata()[0] for line in panels["llama-mini (dense 100)", "sparsity"].get_lines()
+            if line.get_gid() == "dense"] == [100.0]  # from the jobs' recorded dense evaluation
+    colours = {(key, line.get_label()): line.get_color() for key, ax in panels.items() for line in ax.get_lines()}
+    assert len({c for (_, name), c in colours.items() if name == "shadow, plainact"}) == 1
+    legend, = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["shadow, plainact", "teal", "dense", "Pareto frontier"]
+
+
+def test_frontier_keeps_what_no_point_beats():
+    from shadow.report import frontier
+
+    points = [(0.5, 80.0), (0.6, 90.0), (0.7, 70.0), (0.7, 75.0), (1.0, 60.0)]
+    assert frontier(points, -1) == [(0.5, 80.0), (0.7, 70.0), (1.0, 60.0)]
+    assert frontier([(0.5, 0.6), (0.6, 0.5), (0.8, 0.7)], +1) == [(0.5, 0.6), (0.8, 0.7)]
+
+
+def test_other_varying_keys_split_a_methods_lines_and_the_oracle_is_dashed():
+    from shadow.report import plot_quality
 
     rows = [job("plainact", "shadow", policy="global", acc=0.6), job("plainact", "shadow", policy="local", acc=0.5),
             job("l2_norm", "shadow", acc=0.4), job("l2_norm", "shadow", head=0.3, acc=0.2),
-            job("plainact", "dejavu", policy="local", acc=0.3)]
-    fig = plot_metric(rows, "acc", "criterion", "predictor")
-    panels = {ax.get_title(): ax for ax in fig.axes}
-    assert list(panels) == ["predictor: dejavu", "predictor: shadow"]
-    assert lines_of(panels["predictor: shadow"]) == {"l2_norm, policy=global": ([0.5], [0.4]),
-                                                     "l2_norm, policy=global, heads=0.3": ([0.5], [0.2]),
-                                                     "plainact, policy=global": ([0.5], [0.6]),
-                                                     "plainact, policy=local": ([0.5], [0.5])}
-    colour = {ax.get_title(): {line.get_label(): line.get_color() for line in ax.get_lines()} for ax in fig.axes}
-    dejavu, shadow = colour["predictor: dejavu"], colour["predictor: shadow"]
-    assert dejavu["plainact, policy=local"] == shadow["plainact, policy=local"]
-    assert len(set(shadow.values())) == 4
-    legend, = fig.legends
-    assert legend.get_title().get_text() == "criterion"  # the other keys are written key=value
-    assert [t.get_text() for t in legend.get_texts()] == ["l2_norm, policy=global", "l2_norm, policy=global, heads=0.3",
-                                                         "plainact, policy=global", "plainact, policy=local"]
-
-
-def test_dense_is_a_horizontal_reference_and_the_oracle_a_dashed_line():
-    from shadow.report import plot_metric
-
-    rows = [job(c, "dense", s, seed, ppl=30.0 + seed) for c in ("plainact", "l2_norm") for s in (0.3, 0.5)
-            for seed in (0, 1)]
-    rows += [job(c, p, s, ppl=v * s * 100) for c, v in (("plainact", 1), ("l2_norm", 2))
-             for p in ("shadow", "static", "oracle") for s in (0.3, 0.5)]
-    by_criterion = plot_metric(rows, "ppl", "criterion", "predictor")
-    assert [ax.get_title() for ax in by_criterion.axes] == ["predictor: shadow", "predictor: static"]
-    for ax in by_criterion.axes:
-        lines = {line.get_label(): line for line in ax.get_lines()}
-        assert set(lines) == {"plainact", "l2_norm", "plainact (oracle)", "l2_norm (oracle)", "dense"}
-        assert list(lines["dense"].get_ydata()) == [30.5, 30.5]  # the mean of the dense runs, across the panel
-        assert list(lines["dense"].get_xdata()) == [0, 1] and lines["dense"].get_linestyle() == ":"
-        assert list(lines["plainact (oracle)"].get_ydata()) == [pytest.approx(30), pytest.approx(50)]
-        assert lines["plainact (oracle)"].get_linestyle() == "--" and lines["plainact"].get_linestyle() == "-"
-        assert lines["plainact (oracle)"].get_color() == lines["plainact"].get_color()
-    assert [t.get_text() for t in by_criterion.legends[0].get_texts()] == ["l2_norm", "plainact", "oracle", "dense"]
-    by_predictor = plot_metric(rows, "ppl", "predictor", "criterion")
-    assert [ax.get_title() for ax in by_predictor.axes] == ["criterion: l2_norm", "criterion: plainact"]
-    styles = {line.get_label(): line.get_linestyle() for line in by_predictor.axes[1].get_lines()}
-    assert styles == {"shadow": "-", "static": "-", "oracle": "--", "dense": ":"}
-    assert [t.get_text() for t in by_predictor.legends[0].get_texts()] == ["shadow", "static", "oracle", "dense"]
+            job("plainact", "oracle", acc=0.7)]
+    ax, = plot_quality(rows, "acc").axes
+    styles = {line.get_label(): line.get_linestyle() for line in ax.get_lines()}
+    assert styles == {"oracle, plainact, policy=global": "--", "shadow, l2_norm, policy=global": "-",
+                      "shadow, l2_norm, policy=global, heads=0.3": "-", "shadow, plainact, policy=global": "-",
+                      "shadow, plainact, policy=local": "-"}
+    assert len({line.get_color() for line in ax.get_lines()}) == 5
 
 
 def test_perplexity_ticks_read_as_plain_numbers():
-    from shadow.report import log_ticks, plot_metric
+    from shadow.report import log_ticks, plot_quality
 
     assert log_ticks(27, 650) == [30, 50, 100, 200, 300, 500]
     wide = [job(sparsity=s, token_perplexity=p) for s, p in ((0.3, 31.0), (0.5, 117.5), (0.7, 612.0))]
     narrow = [job(sparsity=s, token_perplexity=p) for s, p in ((0.3, 101.0), (0.5, 117.5), (0.7, 131.0))]
     for rows, scale in ((wide, "log"), (narrow, "linear")):
-        fig = plot_metric(rows, "token_perplexity", "criterion", "predictor")
+        fig = plot_quality(rows, "token_perplexity")
         fig.canvas.draw()
         ax = fig.axes[0]
         labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
@@ -195,12 +212,18 @@ def test_wandb_workspace_uses_the_keys_runs_log(compose_cfg):
 
     config_keys = set(flat_config(compose_cfg("+criterion=plainact")))
     workspace = build_workspace("someone", "shadow")
-    panels = [p for section in workspace.sections for p in section.panels]
+    first, *others = workspace.sections
+    assert first.name == "Quality against weights read"
+    for panel in first.panels:
+        assert panel.x.name == "weights_read" and panel.groupby is None  # grouped as the runs are
+        assert [y.name for y in panel.y] in (["tasks/mean_acc"], ["token_perplexity"], ["word_perplexity"])
+    assert [g.name for g in workspace.runset_settings.groupby] == ["model", "method"]
+    assert {g.name for g in workspace.runset_settings.groupby} <= config_keys
+    panels = [p for section in others for p in section.panels]
     assert len(panels) == 10
     for panel in panels:
         assert panel.x.name == "sparsity" and panel.groupby.name in config_keys
         assert [y.name for y in panel.y] and all(y.name in DEFAULT_METRICS for y in panel.y)
-    assert [g.name for g in workspace.runset_settings.groupby] == ["criterion", "predictor"]
 
 
 def test_the_seed_table_marks_differences_inside_the_spread():
