@@ -47,7 +47,8 @@ CONFIG_KEYS = ("model", "criterion", "criterion_variant", "predictor", "granular
                "head_sparsity", "neuron_sparsity", "eval", "mask_from", "seed")
 DEFAULT_METRICS = ("tasks/mean_acc", "token_perplexity", "word_perplexity", "achieved_head_sparsity",
                    "achieved_neuron_sparsity", "weights_read", "weights_read_effective", "kv_read",
-                   "predictor/heads_val_spearman", "predictor/neurons_val_spearman")
+                   "predictor/heads_val_spearman", "predictor/neurons_val_spearman", "dense/tasks/mean_acc",
+                   "dense/token_perplexity", "dense/word_perplexity")
 PLOTTED = ("tasks/mean_acc", "token_perplexity", "word_perplexity")
 METRIC_NAMES = {"tasks/mean_acc": "mean task accuracy", "token_perplexity": "token perplexity",
                 "word_perplexity": "word perplexity"}
@@ -89,10 +90,15 @@ def label(row: dict, keys: list[str]) -> str:
     return ", ".join(parts) or "all"
 
 
+def table_keys(rows: list[dict]) -> list[str]:
+    """The config keys that vary, head and neuron sparsity only where some job sets them unlike sparsity."""
+    return [k for k in varying_keys(rows) if not (k in PARTS and all(r.get(k) == r.get("sparsity") for r in rows))]
+
+
 def table(rows: list[dict], metrics: list[str]) -> tuple[list[str], list[list]]:
     """One row per job: the config keys that vary, then the metrics that do (a value every job shares says nothing
     about the comparison: ``constants`` lists them)."""
-    columns = varying_keys(rows) + [m for m in metrics if any(m in r for r in rows) and not constant(rows, m)]
+    columns = table_keys(rows) + [m for m in metrics if any(m in r for r in rows) and not constant(rows, m)]
     body = sorted(([r.get(c) for c in columns] for r in rows), key=lambda row: [str(x) for x in row])
     return columns, body
 
@@ -136,7 +142,7 @@ def seed_table(rows: list[dict], metrics: list[str], compare: str = "predictor")
     group of settings that differ only in ``compare``, the best mean of each quality metric is in bold, and a value
     whose [min, max] band overlaps the best one's is marked ≈: the difference lies inside the spread over seeds (a
     single run is a band of one point: the deterministic placements' results have no seed spread)."""
-    keys = [k for k in varying_keys(rows) if k != "seed"]
+    keys = [k for k in table_keys(rows) if k != "seed"]
     metrics = [m for m in metrics if any(m in r for r in rows)]
     settings: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
@@ -248,10 +254,15 @@ def y_axis(ax: Axes, metric: str, values: list[float]) -> None:
 
 
 def method(row: dict) -> str:
-    """What made the masks: the record's ``method`` (the placement, per token where it is, and the criterion where
-    the placement ranks by one); for records without it, the predictor and the criterion."""
-    per_token = " per token" if row.get("granularity") == "token" else ""
-    return row.get("method") or f"{row['predictor']}{per_token}, {row['criterion']}"
+    """What made the masks: the record's ``method`` (``Placement.method``: the placement, per token where it is,
+    and the criterion where the placement ranks by one), derived the same way for records without it."""
+    from shadow.placements import PLACEMENTS
+
+    if row.get("method"):
+        return row["method"]
+    placement = PLACEMENTS.get(row["predictor"])
+    return placement.method(row["criterion"], row.get("granularity") or "request") if placement else \
+        f"{row['predictor']}, {row['criterion']}"
 
 
 def frontier(points: list[tuple[float, float]], sign: int) -> list[tuple[float, float]]:
@@ -325,7 +336,7 @@ def plot_quality(rows: list[dict], metric: str) -> Figure:
                 ax.plot(*zip(*front, strict=True), color="grey", linewidth=7, alpha=0.25, drawstyle="steps-post",
                         zorder=0, label="Pareto frontier", gid="frontier")  # the best reached for what is read
                 legend["Pareto frontier"] = Line2D([], [], color="grey", linewidth=7, alpha=0.25)
-            reference = "" if dense is None else f" (dense {plain(dense) if dense >= 10 else f'{dense:.3g}'})"
+            reference = "" if dense is None else f" (dense {dense:.1f})" if dense >= 10 else f" (dense {dense:.3g})"
             ax.set(title=f"{model}{reference}", xlabel=X_NAMES[x])
             ax.grid(alpha=0.3)
             sparsities = sorted({r["sparsity"] for r in mine})

@@ -119,9 +119,9 @@ def test_quality_against_weights_read_per_model_with_dense_and_the_pareto_fronti
              "dense/token_perplexity": 100.0}]
     fig = plot_quality(rows, "token_perplexity")
     panels = panels_of(fig)
-    assert list(panels) == [("llama-mini (dense 100)", "sparsity"), ("llama-mini (dense 100)", "weights"),
-                            ("opt-mini (dense 50)", "sparsity"), ("opt-mini (dense 50)", "weights")]
-    read = panels["opt-mini (dense 50)", "weights"]
+    assert list(panels) == [("llama-mini (dense 100.0)", "sparsity"), ("llama-mini (dense 100.0)", "weights"),
+                            ("opt-mini (dense 50.0)", "sparsity"), ("opt-mini (dense 50.0)", "weights")]
+    read = panels["opt-mini (dense 50.0)", "weights"]
     assert lines_of(read)["teal"] == ([pytest.approx(0.63)], [pytest.approx(62.0)])
     assert lines_of(read)["shadow, plainact"] == ([0.65, 0.8], [70.0, 55.0])
     dense = [line for line in read.get_lines() if line.get_gid() == "dense"]
@@ -130,9 +130,9 @@ def test_quality_against_weights_read_per_model_with_dense_and_the_pareto_fronti
     front, = (line for line in read.get_lines() if line.get_gid() == "frontier")
     assert list(zip(front.get_xdata(), front.get_ydata(), strict=True)) == [
         (pytest.approx(0.63), pytest.approx(62.0)), (0.8, 55.0), (1.0, 50.0)]  # shadow at 0.65 reads more for less
-    assert [line.get_ydata()[0] for line in panels["opt-mini (dense 50)", "sparsity"].get_lines()
+    assert [line.get_ydata()[0] for line in panels["opt-mini (dense 50.0)", "sparsity"].get_lines()
             if line.get_gid() == "dense"] == [50.0]  # from the dense job
-    assert [line.get_ydata()[0] for line in panels["llama-mini (dense 100)", "sparsity"].get_lines()
+    assert [line.get_ydata()[0] for line in panels["llama-mini (dense 100.0)", "sparsity"].get_lines()
             if line.get_gid() == "dense"] == [100.0]  # from the jobs' recorded dense evaluation
     colours = {(key, line.get_label()): line.get_color() for key, ax in panels.items() for line in ax.get_lines()}
     assert len({c for (_, name), c in colours.items() if name == "shadow, plainact"}) == 1
