@@ -10,7 +10,7 @@ import pytest
 
 import shadow
 from shadow.compose import compose_config
-from shadow.models import check_model
+from shadow.models import check_model, read_config
 
 PACKAGE = Path(shadow.__file__).resolve().parent
 FORBIDDEN = {
@@ -49,6 +49,7 @@ def test_remote_code_is_off_unless_the_config_says_so(monkeypatch, caplog):
         seen.append(kwargs.get("trust_remote_code"))
         return real(*args, **{k: v for k, v in kwargs.items() if k != "trust_remote_code"})
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", spy)
+    read_config.cache_clear()  # configs are read once per process
     check_model(compose_config().model)
     assert seen == [False] and "trust_remote_code" not in caplog.text
     check_model(compose_config("model.trust_remote_code=true").model)
