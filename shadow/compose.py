@@ -49,7 +49,7 @@ from shadow.errors import ConfigError
 from shadow.models import TORCH_DTYPES, check_model, model_dtype
 from shadow.placements import PLACEMENTS
 from shadow.policy import Policy
-from shadow.thresholds import GREEDY_LIMIT
+from shadow.thresholds import GREEDY_LIMIT, INPUT_SITES
 
 PACKAGE = Path(__file__).resolve().parent
 CONF_DIR = PACKAGE / "conf" if (PACKAGE / "conf").is_dir() else PACKAGE.parent / "conf"  # wheel, or checkout
@@ -188,9 +188,9 @@ def validate(cfg: DictConfig | Config) -> None:
     _choice("predictor.granularity", cfg.predictor.granularity, GRANULARITIES)
     _choice("predictor.dtype", cfg.predictor.dtype, PREDICTOR_DTYPES)
     _choice("predictor.allocation", cfg.predictor.allocation, ALLOCATIONS)
-    if cfg.predictor.allocation == "greedy" and cfg.predictor.name != "teal":
-        raise ConfigError(f"predictor.allocation=greedy allocates TEAL's sites, not predictor={cfg.predictor.name}'s; "
-                          "use predictor=teal, or predictor.allocation=uniform")
+    if cfg.predictor.allocation == "greedy" and cfg.predictor.name not in INPUT_SITES:
+        raise ConfigError(f"predictor.allocation=greedy allocates TEAL's and WINA's sites, not predictor="
+                          f"{cfg.predictor.name}'s; use predictor=teal or wina, or predictor.allocation=uniform")
     rank = cfg.predictor.neuron_rank
     if rank is not None and not (isinstance(rank, int) and 1 <= rank < cfg.predictor.neuron_hidden):
         raise ConfigError(f"predictor.neuron_rank={rank} must be an integer from 1 to predictor.neuron_hidden - 1 "
@@ -261,7 +261,8 @@ def check_job(cfg: DictConfig | Config, weights: bool = True) -> tuple[str, Any]
     path, config = check_model(cfg.model, weights)
     shape = family_of(config).shape(config, cfg.attention_unit)
     heads_only = get_criterion(cfg.criterion.name, cfg.criterion.variant).heads_only
-    Policy.configured(cfg, heads_only).check(shape.layers, shape.heads, shape.neurons)
+    dense_attention = PLACEMENTS[cfg.predictor.name].dense_attention
+    Policy.configured(cfg, heads_only, dense_attention).check(shape.layers, shape.heads, shape.neurons)
     if cfg.predictor.allocation == "greedy" and max(resolved_sparsities(cfg)) > GREEDY_LIMIT:
         raise ConfigError(f"predictor.allocation=greedy follows TEAL's greedy path up to a sparsity of {GREEDY_LIMIT}; "
                           "lower sparsity to at most that, or use predictor.allocation=uniform")

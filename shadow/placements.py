@@ -29,6 +29,7 @@ from shadow.criteria import Criterion
 from shadow.evaluate.requests import MaskFn
 from shadow.policy import Policy
 from shadow.predictors import (
+    GriffinMasks,
     Groups,
     LayerScales,
     OracleMasks,
@@ -67,6 +68,7 @@ class Placement(ABC):
     trains = False  # trains predictor networks: ``groups`` are not empty
     thresholds = False  # zeroes small activations by calibrated thresholds (its name is a shadow.thresholds method)
     ranks = True  # its masks rank units by the job's criterion
+    dense_attention = False  # keeps every head unless head_sparsity is set (GRIFFIN prunes the FFN alone)
 
     def method(self, criterion: str, granularity: str) -> str:
         """How results name what made their masks: "shadow per token, plainact", "teal", "dense"."""
@@ -145,6 +147,18 @@ class DejaVu(Trained):
         return tuple((max(target - 1, 0) if lookahead else target, (target,)) for target in range(layers))
 
 
+class Griffin(Placement):
+    """GRIFFIN: each request's FFN units chosen from its prompt's own activations (``GriffinMasks``), with no
+    calibration and no predictor; attention dense unless ``head_sparsity`` asks otherwise."""
+
+    name = "griffin"
+    ranks = False
+    dense_attention = True
+
+    def masks(self, job: MaskJob) -> MaskFn:
+        return GriffinMasks(job.model, job.shape, job.policy, job.pad_id)
+
+
 class Thresholded(Placement):
     """A training-free placement: no mask per request; the job runs the model under magnitude thresholds
     calibrated on the dense model (``shadow.thresholds``)."""
@@ -158,6 +172,10 @@ class Thresholded(Placement):
 
 class Teal(Thresholded):
     name = "teal"
+
+
+class Wina(Thresholded):
+    name = "wina"
 
 
 class Cats(Thresholded):

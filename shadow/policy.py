@@ -129,12 +129,15 @@ class Policy:
     dense_first_layer: bool = False
 
     @classmethod
-    def configured(cls, cfg: Any, heads_only: bool) -> Policy:
-        """The job's rule: head and neuron sparsity default to ``sparsity`` (neurons: 0 for head-only criteria)."""
+    def configured(cls, cfg: Any, heads_only: bool, dense_attention: bool = False) -> Policy:
+        """The job's rule: head and neuron sparsity default to ``sparsity`` (neurons: 0 for head-only criteria;
+        heads: 0 with ``dense_attention``, a placement's default, unless head_sparsity is set)."""
         head, neuron = resolved_sparsities(cfg)
         if heads_only and neuron > 0:
             log.info("%s scores heads only: every neuron is kept", cfg.criterion.name)
             neuron = 0.0
+        if dense_attention and cfg.head_sparsity is None:
+            head = 0.0
         return cls(cfg.policy, head, neuron, cfg.min_heads, cfg.min_neurons, cfg.dense_first_layer)
 
     def select(self, heads: Tensor, neurons: Tensor) -> Masks:

@@ -31,10 +31,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from shadow.arch import Shape
+from shadow.arch import Shape, family_of
 from shadow.config import PredictorConfig
 from shadow.criteria import Criterion
 from shadow.data import Example, collate, pad
+from shadow.offload import input_device
 from shadow.policy import Masks, Policy
 from shadow.traces import TraceShards, layer_features, score_batch
 
@@ -462,6 +463,50 @@ class StaticMasks:
     def __call__(self, requests: Sequence) -> Masks:
         n = len(requests)
         return Masks(self.masks.heads.expand(n, -1, -1), self.masks.neurons.expand(n, -1, -1))
+
+
+class GriffinMasks:
+    """GRIFFIN's masks (Dong et al. 2024, "flocking"): each request's FFN units from its own prompt, with no
+    calibration and no predictor. In a dense pass over the prompt, each token's FFN intermediate activations (the
+    down projection's input: act(gate(x)) · up(x), OPT's relu(fc1(x))) are divided by their ℓ2 norm, and unit j's
+    statistic is the ℓ2 norm of its column over the prompt's tokens; the policy keeps the largest (GRIFFIN: the
+    top-k of every layer, ``policy=local``). Attention units are scored alike from the output projection's input,
+    each unit's columns together, and masked only where the policy's head sparsity asks it."""
+
+    def __init__(self, model: nn.Module, shape: Shape, policy: Policy, pad_id: int):
+        self.model, self.shape, self.policy, self.pad_id = model, shape, policy, pad_id
+
+    @torch.no_grad()
+    def __call__(self, requests: Sequence) -> Masks:
+        ids, attention = pad([r.prompt for r in requests], self.pad_id)
+        return self.policy.select(*self.statistics(ids, attention))
+
+    def statistics(self, ids: Tensor, attention: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, L, units) head and (B, L, F) neuron statistics of the (B, T) prompts, padding left out."""
+        family = family_of(self.model.config)
+        real = attention.bool()
+        stats: dict[tuple[str, int], Tensor] = {}
+
+        def flock(kind: str, index: int, x: Tensor, units: int) -> None:
+            z = x.reshape(*real.shape, -1).float() * real.to(x.device)[..., None]  # OPT's FFN: (B·T, F)
+            z = z / z.norm(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+            stats[kind, index] = z.unflatten(-1, (units, -1)).pow(2).sum((1, 3)).sqrt()  # (B, units)
+
+        handles = []
+        for index, layer in enumerate(family.layers(self.model)):
+            for kind, role, units in (("heads", family.head_columns[0], self.shape.heads),
+                                      ("neurons", family.neuron_columns[0], self.shape.neurons)):
+                handles.append(family.module(layer, role).register_forward_pre_hook(
+                    lambda m, args, kind=kind, index=index, units=units: flock(kind, index, args[0], units)))
+        try:
+            device = input_device(self.model)
+            self.model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        layers = range(self.shape.layers)
+        return (torch.stack([stats["heads", i].to(ids.device) for i in layers], 1),
+                torch.stack([stats["neurons", i].to(ids.device) for i in layers], 1))
 
 
 class OracleMasks:

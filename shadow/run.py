@@ -95,7 +95,7 @@ def calibrated_thresholds(cfg: DictConfig, model, model_id: dict, examples: list
 
     def allocate(out: Path) -> dict:
         path, reached = thresholds.greedy_path(model, histograms, examples[:thresholds.GREEDY_EXAMPLES],
-                                               cfg.calibration.batch_size, padding)
+                                               cfg.calibration.batch_size, padding, method=method)
         save_file({"path": path, "reached": reached}, str(out / "path.safetensors"))
         return {}
 
@@ -104,7 +104,8 @@ def calibrated_thresholds(cfg: DictConfig, model, model_id: dict, examples: list
             **inputs, "base": thresholds.GREEDY_BASE, "limit": thresholds.GREEDY_LIMIT,
             "tail": thresholds.GREEDY_TAIL, "examples_used": thresholds.GREEDY_EXAMPLES}, allocate)
     saved = load_file(str(allocation_dir / "path.safetensors"))
-    target = thresholds.weighted(torch.tensor(shares, dtype=torch.float64), thresholds.projection_weights(model))
+    weights = thresholds.projection_weights(model, method)
+    target = thresholds.weighted(torch.tensor(shares, dtype=torch.float64), weights)
     allocated = thresholds.greedy_shares(saved["path"], saved["reached"], target.item())
     return histograms.thresholds(allocated), [meta, allocation_meta]
 
@@ -267,7 +268,7 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
         return record["metrics"]
     shape = family_of(config).shape(config, cfg.attention_unit)
     criterion = get_criterion(cfg.criterion.name, cfg.criterion.variant)
-    policy = Policy.configured(cfg, criterion.heads_only)
+    policy = Policy.configured(cfg, criterion.heads_only, PLACEMENTS[cfg.predictor.name].dense_attention)
     tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
     examples = load_calibration(cfg.calibration, tokenizer, config.max_position_embeddings, cfg.seed)
     beside = 0.0 if cfg.predictor.device else training_bytes(cfg, shape, config.hidden_size, len(examples),

@@ -1,11 +1,14 @@
-"""Training-free activation sparsity, TEAL and CATS: magnitude thresholds per layer, calibrated on the dense model,
-applied to every token.
+"""Training-free activation sparsity, TEAL, WINA and CATS: magnitude thresholds per layer, calibrated on the dense
+model, applied to every token.
 
 - TEAL (Liu et al. 2024) zeroes, at every projection's input, the channels whose magnitude falls below that
   projection's threshold in that layer: seven sites in a gated layer (query, key, value, output, gate, up, down;
   six on OPT, whose FFN has no gate). A projection then reads only the columns of the channels it keeps. The
   projections that share an input (query, key and value; gate and up) share its histogram, and with the same
   share (``allocation=uniform``) the same threshold; TEAL's greedy allocation (``greedy_path``) gives each its own.
+- WINA (Chen et al. 2025) is TEAL weighted by the weights: at each projection's input it zeroes the channels j
+  whose |x_j| · ‖W[:, j]‖₂ (the norm of the weight column the channel multiplies) falls below the projection's
+  threshold in that layer. Each projection has its own histogram of that score; allocation as TEAL's.
 - CATS (Lee et al. 2024) zeroes the FFN's intermediate channels whose |act(gate(x))| falls below a threshold set
   per layer: the gate is read whole, the up rows and down columns of the channels kept. Attention stays dense. On
   OPT, which has no gate, the threshold is on |relu(up(x))|: the up projection is read whole and only the down
@@ -39,6 +42,7 @@ GREEDY_BASE = 0.05  # TEAL's greedyopt default: a step raises projection p's sha
 GREEDY_LIMIT = 0.9  # the parameter-weighted sparsity TEAL's greedy path runs to: it serves every target below
 GREEDY_EXAMPLES = 8  # calibration examples whose layer outputs the greedy allocation compares
 GREEDY_TAIL = 0.25  # the last quarter of each example's positions: where TEAL measures a layer's error
+INPUT_SITES = ("teal", "wina")  # methods whose sites are projections' inputs, each read by its kept columns
 
 
 @dataclass(frozen=True)
@@ -53,15 +57,35 @@ class Site:
 
 
 def sites(model: nn.Module, method: str) -> list[Site]:
-    """The method's sites in each layer of the model, in the order of its thresholds' rows."""
+    """The method's sites in each layer of the model, in the order of its thresholds' rows. TEAL's projections
+    that share an input share its histogram; WINA's scores differ by projection, so each has its own."""
     family = family_of(model.config)
     if method == "cats":
         return [Site("activation", (), "neuron", "activation")]
     inputs = {"query": "attention", "key": "attention", "value": "attention", "output": "output",
               **{role: "ffn" for role in family.neuron_rows}, **{role: "down" for role in family.neuron_columns}}
-    return [Site(role, (role,), "head" if inputs[role] in ("attention", "output") else "neuron", inputs[role])
+    return [Site(role, (role,), "head" if inputs[role] in ("attention", "output") else "neuron",
+                 role if method == "wina" else inputs[role])
             for role in (*family.query_rows, *family.kv_rows, *family.head_columns, *family.neuron_rows,
                          *family.neuron_columns)]
+
+
+Scales = list[list[Tensor]] | None  # (sites × L) per-channel factors of the magnitudes, or None: the magnitudes
+
+
+def channel_scales(model: nn.Module, method: str) -> Scales:
+    """WINA's factor of each input channel's magnitude at each site of each layer: the ℓ2 norm of the weight column
+    the channel multiplies, in float32 on the weight's device; None for TEAL and CATS, which read magnitudes alone."""
+    if method != "wina":
+        return None
+    family = family_of(model.config)
+    return [[family.module(layer, site.roles[0]).weight.detach().float().norm(dim=0)
+             for layer in family.layers(model)] for site in sites(model, method)]
+
+
+def scored(x: Tensor, scale: Tensor | None) -> Tensor:
+    """What a threshold compares: |x|, times the channels' ``scale`` where the method has one."""
+    return x.abs() if scale is None else x.abs() * scale.to(x.device, x.dtype)
 
 
 def site_index(model: nn.Module, method: str) -> dict[str, int]:
@@ -135,10 +159,11 @@ def calibrate(model: nn.Module, examples: list[Example], method: str, batch_size
     counts = torch.zeros(len(order), len(family.layers(model)), BINS, dtype=torch.float64,
                          device=device)  # on the device: no read back per forward
     valid: list[Tensor] = []
+    scales = channel_scales(model, method)
 
     def record(s: int, index: int, x: Tensor) -> Tensor:
         tokens = x.reshape(-1, x.shape[-1])  # (B·T, channels): OPT's FFN already takes them flattened
-        magnitudes = tokens[valid[0].flatten().to(x.device)].abs().float()
+        magnitudes = scored(tokens[valid[0].flatten().to(x.device)].float(), scales and scales[s][index])
         log2 = magnitudes.clamp(min=2.0 ** LOWEST).log2()
         counts[order.index(found[s].input), index] += torch.histc(log2, BINS, LOWEST, HIGHEST).to(device,
                                                                                                   torch.float64)
@@ -156,7 +181,7 @@ def calibrate(model: nn.Module, examples: list[Example], method: str, batch_size
     return Histograms.of(model, method, counts.cpu())
 
 
-def projection_weights(model: nn.Module, method: str = "teal") -> Tensor:
+def projection_weights(model: nn.Module, method: str) -> Tensor:
     """(sites,) TEAL's w_p: the parameters of each site's projection relative to the query projection's."""
     family = family_of(model.config)
     layer = family.layers(model)[0]
@@ -216,27 +241,28 @@ def layer_error(new: list[Tensor], dense: list[Tensor], tails: list[Tensor]) -> 
     return torch.cat(norms).mean().item()
 
 
-def _moved(model: nn.Module, layer: nn.Module, limits: Tensor, batches: list, dense: list[Tensor],
+def _moved(model: nn.Module, method: str, layer: nn.Module, limits: Tensor, batches: list, dense: list[Tensor],
            tails: list[Tensor]) -> float:
-    """``layer_error`` of the layer under TEAL's ``limits``."""
-    with thresholded(model, "teal", limits):
+    """``layer_error`` of the layer under the method's ``limits``."""
+    with thresholded(model, method, limits):
         new = [_hidden(layer(*args, **kwargs)) for args, kwargs, _ in batches]
     return layer_error(new, dense, tails)
 
 
 @torch.no_grad()
 def greedy_path(model: nn.Module, histograms: Histograms, examples: list[Example], batch_size: int, pad_id: int,
-                limit: float = GREEDY_LIMIT, base: float = GREEDY_BASE) -> tuple[Tensor, Tensor]:
-    """TEAL's greedy allocation (its greedyopt), per layer: from nothing zeroed, each round tries raising each
-    projection's share by ``base / w_p`` (``projection_weights``: every accepted step raises the layer's
-    parameter-weighted sparsity by ``base / Σ w``) and keeps the one whose layer output, on the dense model's
-    inputs to the layer over the examples, moves least from the dense output (``layer_error`` over the last quarter
-    of each example's real tokens), until the weighted sparsity reaches ``limit``. Each layer's inputs are the
+                limit: float = GREEDY_LIMIT, base: float = GREEDY_BASE, method: str = "teal") -> tuple[Tensor, Tensor]:
+    """TEAL's greedy allocation (its greedyopt; WINA's the same over its own scores), per layer: from nothing
+    zeroed, each round tries raising each projection's share by ``base / w_p`` (``projection_weights``: every
+    accepted step raises the layer's parameter-weighted sparsity by ``base / Σ w``) and keeps the one whose layer
+    output, on the dense model's inputs to the layer over the examples, moves least from the dense output
+    (``layer_error`` over the last quarter of each example's real tokens), until the weighted sparsity reaches
+    ``limit``. Each layer's inputs are the
     previous layer's dense outputs. Returns the path: (steps + 1, sites, L) shares after each step (the first row
     all zero; a share is at most 1) and their (steps + 1, L) weighted sparsity."""
     family = family_of(model.config)
     layers = family.layers(model)
-    weights = projection_weights(model)
+    weights = projection_weights(model, method)
     steps = math.ceil(limit * weights.sum().item() / base - 1e-9)
     path = torch.zeros(steps + 1, len(weights), len(layers), dtype=torch.float64)
     batches = _first_layer_inputs(model, examples, batch_size, pad_id)
@@ -252,8 +278,8 @@ def greedy_path(model: nn.Module, histograms: Histograms, examples: list[Example
                     trial = path[step - 1].clone()
                     trial[s, index] = min(1.0, (taken[s] + 1) * base / weights[s])
                     trials.append((s, trial))
-            best, trial = min(trials, key=lambda t: _moved(model, layer, histograms.thresholds(t[1]), batches,
-                                                           dense, tails))
+            best, trial = min(trials, key=lambda t: _moved(model, method, layer, histograms.thresholds(t[1]),
+                                                           batches, dense, tails))
             taken[best] += 1
             path[step, :, index] = trial[:, index]
         batches = [((out, *args[1:]), kwargs, mask) for (args, kwargs, mask), out in zip(batches, dense, strict=True)]
@@ -287,9 +313,10 @@ def thresholded(model: nn.Module, method: str, thresholds: Tensor) -> Iterator[K
     device = input_device(model)
     counts = KeptCounts(*(torch.zeros(thresholds.shape, dtype=torch.float64, device=device) for _ in range(2)))
     tokens = RealTokens(model)
+    scales = channel_scales(model, method)
 
     def zero_small(s: int, index: int, x: Tensor) -> Tensor:
-        keep = x.abs() >= thresholds[s, index].to(x.device, x.dtype)
+        keep = scored(x, scales and scales[s][index]) >= thresholds[s, index].to(x.device, x.dtype)
         dropped, seen = tokens.count(~keep & (x != 0))
         counts.dropped[s, index] += dropped.to(device)
         counts.seen[s, index] += seen.to(device) if isinstance(seen, Tensor) else seen
@@ -307,10 +334,10 @@ def thresholded(model: nn.Module, method: str, thresholds: Tensor) -> Iterator[K
 def reads(model: nn.Module, method: str, kept: Tensor) -> tuple[dict[str, list[float]], tuple[str, ...]]:
     """Each projection role's (L,) share of its weight read from the (sites, L) shares kept, and the roles whose
     share is of rows (``weights_read``'s ``rows``): TEAL reads columns of every projection; CATS the up rows (or
-    none on OPT, whose up projection gives the activations) and down columns."""
+    none on OPT, whose up projection gives the activations) and down columns. WINA reads as TEAL."""
     family = family_of(model.config)
     shares = kept.tolist()
-    if method == "teal":
+    if method in INPUT_SITES:
         return {site.roles[0]: shares[s] for s, site in enumerate(sites(model, method))}, ()
     up = ("up",) if family.gated else ()
     return {role: shares[0] for role in up + family.neuron_columns}, up

@@ -7,11 +7,13 @@ import copy
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import DictConfig
+from torch import Tensor
 
 from shadow import kernels
 from shadow.arch import Shape, family_of
@@ -175,17 +177,18 @@ def decode_and_check(model, predictor: Predictor, policy: Policy, new_tokens: in
 
 
 def request_decode_and_check(model, batch: int = 1, static: bool | None = None,
-                             attention_unit: str = "kv_group") -> None:
-    """Decode a batch of prompts under one mask per request: the prompt and every step are the masked model's
-    under the batch's union mask (logits up to the kernels' summation order, in float32), every step applies that
-    union, and it reads only the kept units' weights."""
+                             attention_unit: str = "kv_group", masks_of: Callable[[Tensor], Masks] | None = None
+                             ) -> None:
+    """Decode a batch of prompts under one mask per request (random ones, or ``masks_of`` the (B, T) prompts): the
+    prompt and every step are the masked model's under the batch's union mask (logits up to the kernels'
+    summation order, in float32), every step applies that union, and it reads only the kept units' weights."""
     shape = shape_of(model, attention_unit)
     gen = torch.Generator().manual_seed(7)
     scores = torch.rand(batch, shape.layers, shape.heads, generator=gen), torch.rand(batch, shape.layers,
                                                                                       shape.neurons, generator=gen)
-    masks = Policy("local", 0.5, 0.5).select(*scores)
-    union = Masks(masks.heads.any(0, keepdim=True), masks.neurons.any(0, keepdim=True))
     ids = torch.randint(4, 8192, (batch, 9), generator=gen)
+    masks = Policy("local", 0.5, 0.5).select(*scores) if masks_of is None else masks_of(ids)
+    union = Masks(masks.heads.any(0, keepdim=True), masks.neurons.any(0, keepdim=True))
     decoder = RequestDecoder(model, shape, static)
     out = decoder.generate(ids, 8, masks)
     sequences = torch.cat([ids, out.tokens[:, :-1]], 1)

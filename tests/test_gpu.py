@@ -58,7 +58,7 @@ def test_per_request_decoding_on_cuda_equals_the_masked_model(family, monkeypatc
 
 
 @pytest.mark.parametrize("family", ["opt", "llama"])
-@pytest.mark.parametrize("method", ["teal", "cats"])
+@pytest.mark.parametrize("method", ["teal", "wina", "cats"])
 def test_thresholded_decoding_on_cuda_equals_the_thresholded_model(family, method):
     """In float32: in half precision, entries at a threshold round to either side of it."""
     threshold_decode_and_check(tiny(family, torch.float32), method)

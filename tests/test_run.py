@@ -150,7 +150,23 @@ def test_every_placement_runs_under_every_protocol(shared_job, tmp_path, placeme
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS, ids=["perplexity", "tasks"])
-@pytest.mark.parametrize("method", ["teal", "cats"])
+def test_griffin_runs_under_every_protocol_with_attention_dense_unless_asked(job, tmp_path, protocol):
+    """GRIFFIN: each request's FFN units from its own prompt, none calibrated or trained; attention dense unless
+    head_sparsity asks, then its units by the same statistic."""
+    metrics = run(job("predictor=griffin", "policy=local", *protocol, "sparsity=0.5", "logger=none"), tmp_path / "a")
+    assert metrics["achieved_head_sparsity"] == 0 and metrics["achieved_neuron_sparsity"] == pytest.approx(0.5)
+    assert metrics["predictor_read"] == 0 and metrics["kv_read"] == 1 and 0.5 < metrics["weights_read"] < 1
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["setup_seconds"] == 0
+    heads = run(job("predictor=griffin", "policy=local", *protocol, "sparsity=0.5", "head_sparsity=0.5",
+                    "logger=none"), tmp_path / "b")
+    assert heads["achieved_head_sparsity"] == pytest.approx(0.5) and heads["kv_read"] < 1
+    assert heads["weights_read"] < metrics["weights_read"]
+    if protocol[0] != "eval=tasks":
+        assert metrics["token_perplexity"] < heads["token_perplexity"]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS, ids=["perplexity", "tasks"])
+@pytest.mark.parametrize("method", ["teal", "wina", "cats"])
 def test_thresholded_placements_run_under_every_protocol(job, tmp_path, method, protocol):
     """Thresholds from the calibration set, applied to other text, later layers seeing sparser inputs: the
     achieved sparsity lands near the asked one where the input has no exact zeros. At OPT's down projection, about
@@ -158,11 +174,12 @@ def test_thresholded_placements_run_under_every_protocol(job, tmp_path, method, 
     dropped, nor credited to the structural weights read, only to the effective one. CATS leaves attention
     dense."""
     metrics = run(job(f"predictor={method}", *protocol, "sparsity=0.5", "logger=none"), tmp_path / "job")
-    sites = ["query", "key", "value", "output", "up", "down"] if method == "teal" else ["activation"]
+    per_input = method in ("teal", "wina")
+    sites = ["query", "key", "value", "output", "up", "down"] if per_input else ["activation"]
     assert all(f"achieved_{site}_sparsity" in metrics for site in sites)
-    below_relu = metrics["achieved_down_sparsity" if method == "teal" else "achieved_activation_sparsity"]
+    below_relu = metrics["achieved_down_sparsity" if per_input else "achieved_activation_sparsity"]
     assert below_relu < 0.2
-    if method == "teal":
+    if per_input:
         assert all(metrics[f"achieved_{site}_sparsity"] == pytest.approx(0.5, abs=0.15) for site in sites[:-1])
         assert metrics["weights_read"] < 1  # the LM head of a 16-wide model with 8192 tokens is most of it
     else:

@@ -179,7 +179,7 @@ def test_a_batch_decodes_as_the_masked_model_under_its_union_mask(tiny_opt, plac
 
 
 @pytest.mark.parametrize("family", ["opt", "llama"])
-@pytest.mark.parametrize("method", ["teal", "cats"])
+@pytest.mark.parametrize("method", ["teal", "wina", "cats"])
 def test_thresholded_decoding_equals_the_thresholded_model(family, method, gather):
     model = {"opt": make_tiny_opt, "llama": make_tiny_llama}[family]()
     threshold_decode_and_check(model, method)
@@ -309,7 +309,7 @@ def test_a_decoding_step_reads_nothing_back_from_the_device(family, backend, pla
 
 
 @pytest.mark.parametrize("family", ["opt", "llama"])
-@pytest.mark.parametrize("method", ["teal", "cats"])
+@pytest.mark.parametrize("method", ["teal", "wina", "cats"])
 def test_a_thresholded_step_reads_nothing_back_with_the_triton_kernels(family, method, monkeypatch):
     """TEAL's and CATS' steps on Triton's kernels (in the interpreter) test their inputs inside the products and
     sum the shares kept on the device: a batch of two reads nothing back at any step, and its static steps (those
@@ -455,7 +455,8 @@ def test_latency_benchmark_writes_its_table(tmp_path):
     rows = run(cfg, tmp_path)
     assert [(r["method"], r["granularity"]) for r in rows] == [
         ("dense", "-"), ("dense", "engine"), ("static", "request"), ("shadow", "request"), ("dejavu", "request"),
-        ("shadow", "token"), ("dejavu", "token"), ("teal", "token"), ("cats", "token")]
+        ("griffin", "request"), ("shadow", "token"), ("dejavu", "token"), ("teal", "token"), ("wina", "token"),
+        ("cats", "token")]
     assert all(r["total_ms"] > 0 and r["first_token_ms"] > 0 for r in rows)
     for r in rows:  # steps after the first token, timed as the difference (noisy at 3 tokens, exact at 128)
         assert r["step_ms"] == pytest.approx((r["total_ms"] - r["first_token_ms"]) / 2)
@@ -467,13 +468,15 @@ def test_latency_benchmark_writes_its_table(tmp_path):
     assert dense_bytes > 0
     assert rows[1]["step_ms"] / rows[1]["bytes_multiple"] == pytest.approx(dense_bytes)
     assert rows[2]["step_ms"] / rows[2]["bytes_multiple"] == pytest.approx(dense_bytes * rows[2]["weights_read"])
-    assert all(r["predictor_share"] > 0 for r in rows if r["method"] in ("shadow", "dejavu"))
+    assert all(r["predictor_share"] > 0 for r in rows if r["method"] in ("shadow", "dejavu", "griffin"))
     # every layer keeps half its key-value groups and FFN units, whichever ones: the same weights read; TEAL
     # reads fewer than every column of each projection (at 3 tokens the thresholds keep about half), CATS all of
     # the attention and the FFN's up projection (OPT), so more
     assert rows[0]["weights_read"] == rows[1]["weights_read"] == 1 and 0.5 < rows[2]["weights_read"] < 1
-    assert all(r["weights_read"] == pytest.approx(rows[2]["weights_read"]) for r in rows[2:7])
-    assert 0.5 < rows[7]["weights_read"] < 0.9 and rows[2]["weights_read"] < rows[8]["weights_read"] < 1
+    assert all(r["weights_read"] == pytest.approx(rows[2]["weights_read"]) for r in rows[2:5] + rows[6:8])
+    assert rows[2]["weights_read"] < rows[5]["weights_read"] < 1  # GRIFFIN: half the FFN, attention whole
+    assert 0.5 < rows[8]["weights_read"] < 0.9 and 0.5 < rows[9]["weights_read"] < 0.9  # TEAL, WINA
+    assert rows[2]["weights_read"] < rows[10]["weights_read"] < 1
     assert (tmp_path / "latency.csv").read_text().splitlines()[0] == ",".join(COLUMNS)
     assert (tmp_path / "latency.md").read_text().count("\n| ") == len(rows) + 1
 
@@ -488,12 +491,14 @@ def test_latency_benchmark_rows_per_batch_size(tmp_path):
     rows = run(cfg, tmp_path)
     assert [(r["method"], r["granularity"], r["batch"]) for r in rows] == [
         ("dense", "-", 1), ("dense", "engine", 1), ("static", "request", 1), ("shadow", "request", 1),
-        ("dejavu", "request", 1), ("shadow", "token", 1), ("dejavu", "token", 1), ("teal", "token", 1),
-        ("cats", "token", 1), ("dense", "-", 3), ("dense", "engine", 3), ("static", "request", 3),
-        ("shadow", "token", 3), ("dejavu", "token", 3), ("teal", "token", 3), ("cats", "token", 3)]
-    assert all(r["decode_speedup"] == pytest.approx(rows[9]["step_ms"] / r["step_ms"]) for r in rows[9:])
-    assert all(r["engine_speedup"] == pytest.approx(rows[10]["step_ms"] / r["step_ms"]) for r in rows[9:])
-    assert rows[14]["weights_read"] > rows[7]["weights_read"]  # three requests' union of TEAL's channels
+        ("dejavu", "request", 1), ("griffin", "request", 1), ("shadow", "token", 1), ("dejavu", "token", 1),
+        ("teal", "token", 1), ("wina", "token", 1), ("cats", "token", 1), ("dense", "-", 3), ("dense", "engine", 3),
+        ("static", "request", 3), ("griffin", "request", 3), ("shadow", "token", 3), ("dejavu", "token", 3),
+        ("teal", "token", 3), ("wina", "token", 3), ("cats", "token", 3)]
+    assert all(r["decode_speedup"] == pytest.approx(rows[11]["step_ms"] / r["step_ms"]) for r in rows[11:])
+    assert all(r["engine_speedup"] == pytest.approx(rows[12]["step_ms"] / r["step_ms"]) for r in rows[11:])
+    assert rows[17]["weights_read"] > rows[8]["weights_read"]  # three requests' union of TEAL's channels
+    assert rows[14]["weights_read"] >= rows[5]["weights_read"]  # and of GRIFFIN's units
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         bad = compose(config_name="latency", overrides=["batch=[0]", "logger=none"])
     with pytest.raises(ConfigError, match=r"^batch=\[0\] must list batch sizes"):
@@ -514,7 +519,7 @@ def test_latency_benchmark_runs_the_methods_asked(tmp_path):
     assert [(r["method"], r["granularity"]) for r in rows][2:] == [("shadow", "request"), ("shadow", "token")]
     assert rows[3]["weights_read"] > rows[2]["weights_read"]  # every key and value projection read whole
     with pytest.raises(ConfigError, match=r"^methods=\['deja_vu', 'teal'\] holds \['deja_vu'\]; list rows among "
-                                          r"static, shadow, dejavu, teal, cats"):
+                                          r"static, shadow, dejavu, griffin, teal, wina, cats"):
         run(bad, tmp_path)
 
 
@@ -544,7 +549,7 @@ def test_latency_benchmark_places_layers_with_accelerate(tmp_path):
         cfg = compose(config_name="latency", overrides=["arch=opt-125m", "prompt=6", "new_tokens=3", "rounds=1",
                                                         "min_run_time=0.01", "device_map=auto", "logger=none"])
     rows = run(cfg, tmp_path)
-    assert len(rows) == 9 and all(r["total_ms"] > 0 for r in rows)
+    assert len(rows) == 11 and all(r["total_ms"] > 0 for r in rows)
 
 
 def test_latency_benchmark_says_what_it_needs_when_it_cannot_fit(tmp_path):

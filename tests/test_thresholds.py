@@ -26,17 +26,55 @@ FAMILIES = {"opt": make_tiny_opt, "llama": make_tiny_llama}
 
 
 def test_teal_thresholds_every_projection_and_cats_the_activation():
-    """TEAL: one site per projection, the projections that share an input sharing its histogram; CATS: one."""
+    """TEAL: one site per projection, the projections that share an input sharing its histogram; WINA: one site
+    per projection, each its own histogram; CATS: one."""
     assert [s.name for s in sites(make_tiny_llama(), "teal")] == ["query", "key", "value", "output", "gate", "up",
                                                                  "down"]
     assert [(s.name, s.input) for s in sites(make_tiny_opt(), "teal")] == [
         ("query", "attention"), ("key", "attention"), ("value", "attention"), ("output", "output"), ("up", "ffn"),
         ("down", "down")]
     assert [s.name for s in sites(make_tiny_opt(), "cats")] == ["activation"]
+    assert [(s.name, s.input) for s in sites(make_tiny_opt(), "wina")] == [
+        ("query", "query"), ("key", "key"), ("value", "value"), ("output", "output"), ("up", "up"), ("down", "down")]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["teal", "cats"])
+def test_wina_keeps_the_channels_whose_magnitude_times_column_norm_is_largest(family):
+    """One token, only layer 0's query site thresholded: WINA zeroes exactly the channels whose |x_j| · ‖W_q[:, j]‖
+    is below the threshold (a column made 100× larger is kept however small its input), and the model equals the
+    one whose query columns of those channels are deleted; the key and value read the whole input."""
+    model = FAMILIES[family]()
+    fam = family_of(model.config)
+    query = fam.module(layers_of(model)[0], "query")
+    ids = torch.tensor([[17]])
+    seen = {}
+    handle = query.register_forward_pre_hook(lambda m, args: seen.update(x=args[0][0, 0]))
+    with torch.no_grad():
+        model(ids)
+        small = seen["x"].abs().argmin()
+        query.weight[:, small] *= 100  # its input is the smallest, its column now the largest
+    handle.remove()
+    norms = query.weight.detach().norm(dim=0)
+    score = seen["x"].abs() * norms
+    limit = score.median()
+    found = site_index(model, "wina")
+    limits = torch.zeros(len(found), len(layers_of(model)))
+    limits[found["query"], 0] = limit
+    with torch.no_grad(), thresholded(model, "wina", limits) as kept:
+        got = model(ids).logits
+    zeroed = score < limit
+    assert 0 < zeroed.sum() < len(zeroed) and not zeroed[small]
+    assert (seen["x"].abs()[~zeroed].min() < seen["x"].abs()[zeroed].max())  # not TEAL's choice by magnitude
+    assert kept.shares()[found["query"], 0].item() == pytest.approx(1 - zeroed.float().mean().item())
+    deleted = FAMILIES[family]()
+    with torch.no_grad():
+        fam.module(layers_of(deleted)[0], "query").weight[:, small] *= 100
+        fam.module(layers_of(deleted)[0], "query").weight[:, zeroed] = 0
+        torch.testing.assert_close(got, deleted(ids).logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["teal", "wina", "cats"])
 @pytest.mark.parametrize("share", [0.55, 0.8])  # above the zeros ReLU makes on OPT (CATS zeroes those first)
 def test_thresholds_zero_the_asked_share_of_the_calibration_activations(family, method, share):
     """Layer 0's first site sees the dense model's activations (nothing before it is thresholded): the share of its
@@ -56,7 +94,7 @@ def test_thresholds_zero_the_asked_share_of_the_calibration_activations(family, 
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["teal", "cats"])
+@pytest.mark.parametrize("method", ["teal", "wina", "cats"])
 def test_a_site_thresholded_whole_is_its_weights_deleted(family, method):
     """A threshold above every activation at one site, none elsewhere: the model equals the one whose weights that
     site's zeroed entries multiply are deleted (TEAL: the projection reading the site; CATS: the down projection,

@@ -129,10 +129,10 @@ def test_a_token_reads_the_kept_units_the_predictor_and_what_runs_before_it(plac
     assert got == pytest.approx(hand_counts(model, placement, granularity, lookahead), rel=1e-9)
 
 
-@pytest.mark.parametrize("method", ["teal", "cats"])
+@pytest.mark.parametrize("method", ["teal", "wina", "cats"])
 def test_teal_reads_the_kept_columns_and_cats_the_kept_up_rows_and_down_columns(method):
-    """TEAL: each projection the columns of its kept input channels; CATS: the gate whole, the kept units' up rows
-    and down columns. Both read every key and value of the cache, and no predictor."""
+    """TEAL and WINA: each projection the columns of its kept input channels; CATS: the gate whole, the kept units'
+    up rows and down columns. All read every key and value of the cache, and no predictor."""
     from shadow.run import reads_per_token
     from shadow.thresholds import sites
 
@@ -145,7 +145,7 @@ def test_teal_reads_the_kept_columns_and_cats_the_kept_up_rows_and_down_columns(
     size = {"query": 32 * 32, "key": 16 * 32, "value": 16 * 32, "output": 32 * 32, "gate": 48 * 32, "up": 48 * 32,
             "down": 48 * 32}
     dense = step_parameters(model)
-    if method == "teal":
+    if method in ("teal", "wina"):  # WINA reads as TEAL: the columns of the channels kept
         shares = {site.name: kept[s] for s, site in enumerate(found)}
     else:
         shares = {"up": kept[0], "down": kept[0]}

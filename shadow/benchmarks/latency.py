@@ -20,6 +20,8 @@ Rows, at each sparsity of heads and neurons (local policy: every layer keeps the
                     prompt token;
   dejavu  request   the same with one predictor per layer, on every layer's attention output of a dense pass over
                     the prompt;
+  griffin request   GRIFFIN's FFN units from a dense pass over each request's prompt (its statistic; the pass is
+                    the predictor column's time), attention dense; at any batch size, on the batch's union;
   shadow  token     dense prompt, then at every step the predictor runs after layer 0 and each layer reads only
                     the kept rows in place (``shadow.sparse.TokenDecoder``);
   dejavu  token     the same with one predictor per layer, each reading the previous layer's attention output
@@ -27,9 +29,10 @@ Rows, at each sparsity of heads and neurons (local policy: every layer keeps the
                     heads' with catch-up, in both per-token rows);
   teal    token     the prompt and every step under TEAL's thresholds, each projection reading only the columns of
                     the input channels kept (``shadow.sparse.ThresholdDecoder``);
+  wina    token     the same under WINA's thresholds, on |x| times the norm of the weight column it multiplies;
   cats    token     the same under CATS' thresholds: the gate (OPT: up) whole, the kept units' up rows and down
                     columns, attention dense.
-``methods`` picks the rows besides dense. TEAL's and CATS' thresholds zero ``sparsity`` of each site's entries
+``methods`` picks the rows besides dense. TEAL's, WINA's and CATS' thresholds zero ``sparsity`` of each site's entries
 on random prompts through the random model (``shadow.thresholds.calibrate``), before timing.
 Above batch 1 the per-request rows with predictors are left out, and per token each layer keeps the union of the
 batch's units, so the gain shrinks with the batch. Every row is timed once per round, right after one untimed run
@@ -75,14 +78,14 @@ from shadow.errors import ConfigError
 from shadow.models import TORCH_DTYPES
 from shadow.placements import PLACEMENTS
 from shadow.policy import Masks, Policy
-from shadow.predictors import Predictor
+from shadow.predictors import GriffinMasks, Predictor
 from shadow.sparse import Generation, RequestDecoder, ThresholdDecoder, TokenDecoder
 from shadow.thresholds import Histograms, calibrate, sites
 from shadow.traces import layer_features
 from shadow.weights_read import masks_read, step_parameters
 
-THRESHOLDS = ("teal", "cats")
-METHODS = ("static", *(name for name, placement in PLACEMENTS.items() if placement.trains), *THRESHOLDS)
+THRESHOLDS = ("teal", "wina", "cats")
+METHODS = ("static", *(name for name, placement in PLACEMENTS.items() if placement.trains), "griffin", *THRESHOLDS)
 COLUMNS = ["method", "granularity", "sparsity", "batch", "total_ms", "first_token_ms", "step_ms", "decode_speedup",
            "engine_speedup", "bytes_multiple", "weights_read", "predictor_share"]
 COPY_BYTES = {"cuda": 1 << 30, "cpu": 1 << 28}  # larger than any cache: the copy runs at the memory's speed
@@ -248,7 +251,8 @@ class Bench:
 
     def cases(self) -> list[Case]:
         """At each batch size, dense, then at each sparsity the rows of ``methods``: static, every trained
-        placement per request (at batch 1) and per token, TEAL and CATS per token."""
+        placement per request (at batch 1), GRIFFIN per request, every trained placement per token, TEAL, WINA and
+        CATS per token."""
         cases = []
         for batch in map(int, self.cfg.batch):
             generate = partial(self.generate, batch=batch)
@@ -273,6 +277,14 @@ class Bench:
                     cases.append(Case(name, "request", sparsity, batch, request, self.request.column_layout,
                                       lambda name=name, policy=policy: self.predict_request(name, policy),
                                       self.request.share_read))
+                if "griffin" in self.cfg.methods:
+                    griffin = GriffinMasks(self.model, self.shape, Policy("local", 0.0, sparsity), 1)
+
+                    def flock(ids=ids, griffin=griffin) -> Masks:
+                        return griffin.policy.select(*(x.cpu() for x in griffin.statistics(ids, torch.ones_like(ids))))
+                    cases.append(Case("griffin", "request", sparsity, batch,
+                                      lambda n, ids=ids, flock=flock: self.request.generate(ids, n, flock()),
+                                      self.request.column_layout, flock, self.request.share_read))
                 for name in self.predictors:
                     decoder = TokenDecoder(self.model, self.predictors[name], policy,
                                            dense_key_values=self.cfg.dense_key_values)

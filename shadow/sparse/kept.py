@@ -12,7 +12,7 @@ from shadow.arch import Shape, family_of
 from shadow.offload import input_device
 from shadow.policy import Masks, Policy
 from shadow.predictors import Predictor
-from shadow.thresholds import site_index, sites
+from shadow.thresholds import channel_scales, scored, site_index, sites
 
 
 @dataclass
@@ -123,10 +123,11 @@ class PredictedUnits:
 
 
 class ThresholdedChannels:
-    """The channels TEAL's or CATS' thresholds keep at each site of each layer, the sites addressed by name."""
+    """The channels TEAL's, WINA's or CATS' thresholds keep at each site of each layer, the sites addressed by
+    name."""
 
     def __init__(self, model: nn.Module, method: str, thresholds: Tensor):
-        """``thresholds``: (sites, L), as ``Histograms.thresholds`` gives them for ``method`` (teal or cats)."""
+        """``thresholds``: (sites, L), as ``Histograms.thresholds`` gives them for ``method`` (teal, wina or cats)."""
         self.method, self.sites = method, sites(model, method)
         layers = len(family_of(model.config).layers(model))
         if thresholds.shape != (len(self.sites), layers):
@@ -135,12 +136,13 @@ class ThresholdedChannels:
                              "shadow.thresholds.calibrate on this model")
         # on the model's device once: a captured step may not copy from the host
         self.thresholds, self.row = thresholds.to(input_device(model)), site_index(model, method)
+        self.scales = channel_scales(model, method)
 
     def keep(self, site: str, layer: int, x: Tensor, read: Tensor) -> tuple[Tensor, Tensor]:
         """A site's (B, channels) entries with those below its threshold zeroed, and the (channels,) mask of those
         some request keeps, whose share goes to ``read`` (sites, L): on the device, nothing read back."""
         row = self.row[site]
-        keep = x.abs() >= self.thresholds[row, layer].to(x.device, x.dtype)
+        keep = scored(x, self.scales and self.scales[row][layer]) >= self.thresholds[row, layer].to(x.device, x.dtype)
         channels = keep.any(0)
         read[row, layer] = channels.float().mean()
         return x * keep, channels

@@ -18,6 +18,7 @@ from shadow.policy import Masks
 from shadow.sparse.kept import FixedUnits, PredictedUnits, ThresholdedChannels, UnitSet
 from shadow.sparse.loop import LayerCache
 from shadow.sparse.pruning import head_dims
+from shadow.thresholds import INPUT_SITES
 
 
 class ModelParts:
@@ -230,7 +231,8 @@ class UnitStep:
 
 
 class ThresholdStep:
-    """A step under TEAL's or CATS' thresholds. TEAL zeroes each site's entries below its threshold and reads only
+    """A step under TEAL's, WINA's or CATS' thresholds. TEAL zeroes each site's entries below its threshold (WINA:
+    those whose magnitude times their weight column's norm is below it) and reads only
     the kept channels' columns of the projections the site feeds (all of them stored transposed). CATS computes
     the FFN input projection (gate; OPT's up) whole, zeroes the activations below its threshold and reads only the
     kept units' up rows and down columns; its attention is dense. Every head is computed at every step. A batch
@@ -245,7 +247,7 @@ class ThresholdStep:
 
     def column_modules(self) -> list[nn.Linear]:
         """The projections this step reads by columns: every site's under TEAL, the FFN output's under CATS."""
-        if self.channels.method == "teal":
+        if self.channels.method in INPUT_SITES:
             return self.parts.modules(tuple(role for site in self.channels.sites for role in site.roles))
         return self.parts.modules(self.parts.family.neuron_columns)
 
@@ -257,7 +259,7 @@ class ThresholdStep:
         """Projection ``role`` of layer ``index`` on the (B, channels) ``x``: under TEAL the columns of the channels
         its threshold keeps; otherwise dense."""
         module = self.parts.family.module(self.parts.layers[index], role)
-        if self.channels.method != "teal":
+        if self.channels.method not in INPUT_SITES:
             return module(x)
         return kernels.columns_nonzero(module, self.channels.keep(role, index, x, read)[0])
 
