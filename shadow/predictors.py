@@ -468,10 +468,10 @@ class StaticMasks:
 class GriffinMasks:
     """GRIFFIN's masks (Dong et al. 2024, "flocking"): each request's FFN units from its own prompt, with no
     calibration and no predictor. In a dense pass over the prompt, each token's FFN intermediate activations (the
-    down projection's input: act(gate(x)) · up(x), OPT's relu(fc1(x))) are divided by their ℓ2 norm, and unit j's
-    statistic is the ℓ2 norm of its column over the prompt's tokens; the policy keeps the largest (GRIFFIN: the
-    top-k of every layer, ``policy=local``). Attention units are scored alike from the output projection's input,
-    each unit's columns together, and masked only where the policy's head sparsity asks it."""
+    down projection's input: act(gate(x)) · up(x), or OPT's ReLU of its up projection) are divided by their ℓ2
+    norm, and unit j's statistic is the ℓ2 norm of its column over the prompt's tokens; the policy keeps the
+    largest (GRIFFIN: the top-k of every layer, ``policy=local``). Attention units are scored alike from the output
+    projection's input, each unit's columns together, and masked only where the policy's head sparsity asks it."""
 
     def __init__(self, model: nn.Module, shape: Shape, policy: Policy, pad_id: int):
         self.model, self.shape, self.policy, self.pad_id = model, shape, policy, pad_id

@@ -116,8 +116,8 @@ CASES = [
          f"attention_unit={ATTENTION_UNITS[0]}"),
     Case("greedy allocation for a placement without sites to allocate",
          "+criterion=plainact predictor=cats predictor.allocation=greedy",
-         "predictor.allocation=greedy allocates TEAL's sites, not predictor=cats's; use predictor=teal, or "
-         "predictor.allocation=uniform"),
+         "predictor.allocation=greedy allocates TEAL's and WINA's sites, not predictor=cats's; use predictor=teal "
+         "or wina, or predictor.allocation=uniform"),
     Case("predictor after the last layer", "+criterion=plainact predictor.layer=6",
          "predictor.layer=6 is not a layer of this 6-layer model; set predictor.layer between 0 and 5"),
     Case("more few-shot examples than the task has", "+criterion=plainact eval=tasks eval.num_fewshot=5000",

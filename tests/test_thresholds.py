@@ -204,7 +204,7 @@ def test_the_greedy_path_zeroes_first_what_changes_nothing(family):
         for layer in layers_of(model):
             fam.module(layer, "output").weight.zero_()
     data = calibration_examples(count=4)
-    weights = projection_weights(model)
+    weights = projection_weights(model, "teal")
     assert weights[0] == 1 and weights.tolist() == [
         fam.module(layers_of(model)[0], site.roles[0]).weight.numel() / fam.module(layers_of(model)[0], "query")
         .weight.numel() for site in sites(model, "teal")]
