@@ -19,8 +19,10 @@ from helpers import (
 from shadow.arch import family_of
 from shadow.compose import compose_config
 from shadow.evaluate.requests import Request
-from shadow.policy import Policy
+from shadow.masking import apply_masks
+from shadow.policy import Masks, Policy
 from shadow.predictors import GriffinMasks
+from shadow.sparse import RequestDecoder
 
 FAMILIES = {"opt": make_tiny_opt, "llama": make_tiny_llama}
 
@@ -100,3 +102,27 @@ def test_generation_on_griffins_units_equals_the_masked_model(family, backend, m
         return masks.policy.select(*masks.statistics(ids, torch.ones_like(ids)))
 
     request_decode_and_check(model, batch=2, masks_of=griffin)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_griffins_generation_runs_the_prompt_dense_and_the_new_tokens_on_its_units(family):
+    """GRIFFIN's order: the prompt on the whole model (its statistic comes from that pass), then every generated
+    token on the kept units: the model under per-token masks that keep everything at the prompt's positions."""
+    model = FAMILIES[family]()
+    shape = shape_of(model)
+    ids = torch.randint(4, 8192, (1, 9), generator=torch.Generator().manual_seed(3))
+    griffin = GriffinMasks(model, shape, Policy("local", 0.0, 0.5), 1)
+    masks = griffin.policy.select(*griffin.statistics(ids, torch.ones_like(ids)))
+    out = RequestDecoder(model, shape).generate(ids, 6, masks, dense_prompt=True)
+    sequences = torch.cat([ids, out.tokens[:, :-1]], 1)
+    prompt, total = ids.shape[1], sequences.shape[1]
+    per_token = [m[:, None].expand(-1, total, -1, -1).clone() for m in (masks.heads, masks.neurons)]
+    for m in per_token:
+        m[:, :prompt] = True
+    with torch.no_grad():
+        dense = model(ids).logits[:, -1]
+        with apply_masks(model, Masks(*per_token)):
+            reference = model(sequences).logits
+    assert torch.equal(out.tokens[:, 0], dense.argmax(-1))  # the first token is the dense prompt's
+    torch.testing.assert_close(out.logits, reference[:, prompt:], rtol=1e-4, atol=1e-4)
+    assert not (masks.neurons.all())

@@ -21,7 +21,8 @@ Rows, at each sparsity of heads and neurons (local policy: every layer keeps the
   dejavu  request   the same with one predictor per layer, on every layer's attention output of a dense pass over
                     the prompt;
   griffin request   GRIFFIN's FFN units from a dense pass over each request's prompt (its statistic; the pass is
-                    the predictor column's time), attention dense; at any batch size, on the batch's union;
+                    the predictor column's time), attention dense; the prompt runs on the whole model, then every
+                    step on the kept units; at any batch size, on the batch's union;
   shadow  token     dense prompt, then at every step the predictor runs after layer 0 and each layer reads only
                     the kept rows in place (``shadow.sparse.TokenDecoder``);
   dejavu  token     the same with one predictor per layer, each reading the previous layer's attention output
@@ -283,7 +284,8 @@ class Bench:
                     def flock(ids=ids, griffin=griffin) -> Masks:
                         return griffin.policy.select(*(x.cpu() for x in griffin.statistics(ids, torch.ones_like(ids))))
                     cases.append(Case("griffin", "request", sparsity, batch,
-                                      lambda n, ids=ids, flock=flock: self.request.generate(ids, n, flock()),
+                                      lambda n, ids=ids, flock=flock: self.request.generate(ids, n, flock(),
+                                                                                            dense_prompt=True),
                                       self.request.column_layout, flock, self.request.share_read))
                 for name in self.predictors:
                     decoder = TokenDecoder(self.model, self.predictors[name], policy,

@@ -118,9 +118,11 @@ class RequestDecoder:
         """As ``TokenDecoder.column_layout``."""
         return stored_transposed(UnitStep.column_modules(self.parts))
 
-    def generate(self, input_ids: Tensor, new_tokens: int, masks: Masks | None = None) -> Generation:
+    def generate(self, input_ids: Tensor, new_tokens: int, masks: Masks | None = None,
+                 dense_prompt: bool = False) -> Generation:
         """Greedily continue a batch of (B, T) prompts by ``new_tokens`` tokens under ``masks``: heads (B or 1, L,
-        H) and neurons (B or 1, L, F) in ``shape``'s units."""
+        H) and neurons (B or 1, L, F) in ``shape``'s units. With ``dense_prompt`` the prompt runs on the whole
+        model and only the generated tokens under the masks (GRIFFIN's order: its masks come from that pass)."""
         layers, shape = self.shape.layers, self.shape
         if (masks is None or masks.heads.dim() != 3 or masks.heads.shape[1:] != (layers, shape.heads)
                 or masks.neurons.shape[1:] != (layers, shape.neurons)
@@ -134,7 +136,8 @@ class RequestDecoder:
         step = UnitStep(self.parts, shape, FixedUnits(shape, union, input_device(self.model)))
         with self.column_layout():
             tokens, logits, steps = decode(self.model, input_ids, new_tokens,
-                                           lambda ids: self._pruned_prompt(ids, union), step,
+                                           (lambda ids: prompt_pass(self.model, ids)) if dense_prompt else
+                                           (lambda ids: self._pruned_prompt(ids, union)), step,
                                            step.static(len(input_ids), self.static), catch_up=True)
         return Generation(tokens, logits, masks=_masks_applied(steps, layers))
 
