@@ -14,7 +14,6 @@ this machine's devices (``devices``) run only for jobs launched here: a SLURM jo
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import os
 import re
@@ -31,7 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from shadow.compose import CONF_DIR, check_launch, conf_options, register_configs
 from shadow.config import EVAL_SCHEMAS, CriterionConfig
-from shadow.errors import ConfigError
+from shadow.errors import ConfigError, did_you_mean
 
 LONG = {"-cd": "--config-dir", "-cn": "--config-name", "-cp": "--config-path", "-c": "--cfg", "-p": "--package",
         "-i": "--info", "-m": "--multirun", "-sc": "--shell-completion"}
@@ -113,12 +112,6 @@ def values(override: Override) -> list[str]:
 def options(group: str, dirs: list[Path]) -> list[str]:
     found = {*conf_options(group), *(p.stem for d in dirs for p in d.glob(f"{group}/*.yaml"))}
     return sorted({*found, *LAUNCHERS}) if group == "hydra/launcher" else sorted(found)
-
-
-def did_you_mean(word: str, known: list[str]) -> str:
-    """" (did you mean x?)" for the closest of ``known`` to a misspelt ``word``; "" where none is close."""
-    close = difflib.get_close_matches(word, known, n=1, cutoff=0.82)  # 0.8: opt-175b is not opt-13b
-    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def looks_like_path(value: str) -> bool:

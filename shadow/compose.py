@@ -46,7 +46,7 @@ from shadow.config import (
 from shadow.criteria import CRITERIA, get_criterion
 from shadow.data import load_tasks
 from shadow.errors import ConfigError
-from shadow.models import TORCH_DTYPES, check_model, model_dtype
+from shadow.models import TORCH_DTYPES, check_model, is_local, model_dtype
 from shadow.placements import PLACEMENTS
 from shadow.policy import Policy
 from shadow.thresholds import GREEDY_LIMIT, INPUT_SITES
@@ -84,8 +84,7 @@ def installed_file(relative: str) -> str:
 
 def local(path: str) -> str:
     """A path as compared: a local one absolute, a hub id as written."""
-    file = Path(path).expanduser()
-    return str(file.resolve()) if path.startswith((".", "/", "~")) or file.exists() else path
+    return str(Path(path).expanduser().resolve()) if is_local(path) else path
 
 
 @functools.cache
@@ -93,8 +92,7 @@ def preset_paths() -> dict[str, str]:
     """conf/model's presets by the checkpoint each names."""
     presets = {}
     for name in conf_options("model"):
-        path = OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml")._get_node("path")._value()
-        presets[local(str(OmegaConf.create({"path": path}).path))] = name
+        presets[local(OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml").path)] = name
     return presets
 
 

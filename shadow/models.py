@@ -26,6 +26,11 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}
 
 
+def is_local(path: str) -> bool:
+    """Whether ``model.path`` names a local file or directory rather than a hub id."""
+    return path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
+
+
 def resolve_path(cfg: ModelConfig, weights: bool = True) -> str:
     """The local checkpoint: a model directory, or a GGUF file (``model.path`` naming one, or ``model.gguf_file``
     inside ``model.path``); a hub id is looked up in the local cache, and fetched where the hub is reachable (its
@@ -44,8 +49,7 @@ def resolve_path(cfg: ModelConfig, weights: bool = True) -> str:
         raise ConfigError(f"model.gguf_file={gguf!r} is not a .gguf file; name the GGUF file inside model.path, "
                           "or drop model.gguf_file for a safetensors checkpoint")
     path = Path(cfg.path).expanduser()
-    looks_local = cfg.path.startswith((".", "/", "~")) or path.exists()
-    if looks_local:
+    if is_local(cfg.path):
         if gguf is not None:
             if not (path / gguf).is_file():
                 raise ConfigError(f"model.gguf_file={gguf!r} is not in model.path={cfg.path!r}; name a .gguf file "

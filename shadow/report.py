@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from shadow.errors import closest
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -116,13 +118,11 @@ def constants(rows: list[dict], metrics: list[str]) -> dict[str, object]:
 def check_metrics(rows: list[dict], asked: list[str]) -> None:
     """Every metric asked for by name must be one some job recorded: a misspelt name is an error, not a table
     without its column."""
-    import difflib
-
     recorded = sorted({k for r in rows for k, v in r.items() if isinstance(v, int | float) and k not in CONFIG_KEYS})
     for metric in asked:
         if metric not in recorded:
-            close = difflib.get_close_matches(metric, recorded, n=1, cutoff=0.82)
-            hint = f"did you mean {close[0]}? " if close else ""
+            close = closest(metric, recorded)
+            hint = f"did you mean {close}? " if close else ""
             raise SystemExit(f"error: --metrics {metric}: no job recorded it; {hint}recorded: {', '.join(recorded)}")
 
 

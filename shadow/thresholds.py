@@ -241,10 +241,10 @@ def layer_error(new: list[Tensor], dense: list[Tensor], tails: list[Tensor]) -> 
     return torch.cat(norms).mean().item()
 
 
-def _moved(model: nn.Module, method: str, layer: nn.Module, limits: Tensor, batches: list, dense: list[Tensor],
-           tails: list[Tensor]) -> float:
+def _moved(model: nn.Module, method: str, scales: Scales, layer: nn.Module, limits: Tensor, batches: list,
+           dense: list[Tensor], tails: list[Tensor]) -> float:
     """``layer_error`` of the layer under the method's ``limits``."""
-    with thresholded(model, method, limits):
+    with thresholded(model, method, limits, scales):
         new = [_hidden(layer(*args, **kwargs)) for args, kwargs, _ in batches]
     return layer_error(new, dense, tails)
 
@@ -263,6 +263,7 @@ def greedy_path(model: nn.Module, histograms: Histograms, examples: list[Example
     family = family_of(model.config)
     layers = family.layers(model)
     weights = projection_weights(model, method)
+    scales = channel_scales(model, method)  # once: every trial thresholds with them
     steps = math.ceil(limit * weights.sum().item() / base - 1e-9)
     path = torch.zeros(steps + 1, len(weights), len(layers), dtype=torch.float64)
     batches = _first_layer_inputs(model, examples, batch_size, pad_id)
@@ -278,8 +279,8 @@ def greedy_path(model: nn.Module, histograms: Histograms, examples: list[Example
                     trial = path[step - 1].clone()
                     trial[s, index] = min(1.0, (taken[s] + 1) * base / weights[s])
                     trials.append((s, trial))
-            best, trial = min(trials, key=lambda t: _moved(model, method, layer, histograms.thresholds(t[1]),
-                                                           batches, dense, tails))
+            best, trial = min(trials, key=lambda t: _moved(model, method, scales, layer,
+                                                           histograms.thresholds(t[1]), batches, dense, tails))
             taken[best] += 1
             path[step, :, index] = trial[:, index]
         batches = [((out, *args[1:]), kwargs, mask) for (args, kwargs, mask), out in zip(batches, dense, strict=True)]
@@ -307,13 +308,14 @@ class KeptCounts:
 
 
 @contextmanager
-def thresholded(model: nn.Module, method: str, thresholds: Tensor) -> Iterator[KeptCounts]:
+def thresholded(model: nn.Module, method: str, thresholds: Tensor, scales: Scales = None) -> Iterator[KeptCounts]:
     """Run the model with every site's entries below its layer's threshold zeroed, inside the block; yields the
-    count of entries dropped at real tokens (the model's attention mask says which; padding counts nowhere)."""
+    count of entries dropped at real tokens (the model's attention mask says which; padding counts nowhere).
+    ``scales``: the method's ``channel_scales`` where the caller has them already."""
     device = input_device(model)
     counts = KeptCounts(*(torch.zeros(thresholds.shape, dtype=torch.float64, device=device) for _ in range(2)))
     tokens = RealTokens(model)
-    scales = channel_scales(model, method)
+    scales = scales or channel_scales(model, method)
 
     def zero_small(s: int, index: int, x: Tensor) -> Tensor:
         keep = scored(x, scales and scales[s][index]) >= thresholds[s, index].to(x.device, x.dtype)

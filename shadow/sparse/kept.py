@@ -136,7 +136,9 @@ class ThresholdedChannels:
                              "shadow.thresholds.calibrate on this model")
         # on the model's device once: a captured step may not copy from the host
         self.thresholds, self.row = thresholds.to(input_device(model)), site_index(model, method)
-        self.scales = channel_scales(model, method)
+        dtype = next(model.parameters()).dtype  # cast once: the step compares in the model's dtype
+        self.scales = [[scale.to(self.thresholds.device, dtype) for scale in site] for site in scales] \
+            if (scales := channel_scales(model, method)) else None
 
     def keep(self, site: str, layer: int, x: Tensor, read: Tensor) -> tuple[Tensor, Tensor]:
         """A site's (B, channels) entries with those below its threshold zeroed, and the (channels,) mask of those
