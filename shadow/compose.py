@@ -27,6 +27,7 @@ from shadow.config import (
     ATTENTION_UNITS,
     CALIBRATION_SOURCES,
     COMPAT,
+    CONTEXTS,
     EVAL_DATASETS,
     EVAL_SCHEMAS,
     EVALS,
@@ -166,6 +167,12 @@ def check_devices(cfg: DictConfig | Config) -> None:
                           "bfloat16, or device=cuda")
 
 
+def eval_context(cfg: DictConfig | Config) -> str:
+    """How the job's evaluation runs a request's context: ``eval.context``, or with ``auto`` its placement's
+    (``Placement.context``)."""
+    return PLACEMENTS[cfg.predictor.name].context if cfg.eval.context == "auto" else cfg.eval.context
+
+
 def validate(cfg: DictConfig | Config) -> None:
     """Check values and cross-field rules, whatever machine runs the job; raise ConfigError before any expensive
     work starts."""
@@ -205,6 +212,11 @@ def validate(cfg: DictConfig | Config) -> None:
     _placement(cfg.model)
     _choice("eval", cfg.eval.name, EVALS)
     _choice("eval.mask_from", cfg.eval.mask_from, MASK_SOURCES)
+    _choice("eval.context", cfg.eval.context, CONTEXTS)
+    if cfg.eval.context == "dense" and PLACEMENTS[cfg.predictor.name].thresholds:
+        raise ConfigError(f"eval.context=dense runs each request's context on the whole model and masks the rest, "
+                          f"but predictor={cfg.predictor.name} thresholds every position and has no masks; use "
+                          "eval.context=auto")
     if cfg.eval.name == "perplexity":
         _choice("eval.dataset", cfg.eval.dataset, EVAL_DATASETS)
         for protocol in cfg.eval.protocols:

@@ -77,6 +77,7 @@ class EvalConfig:
     batch_size: int = MISSING
     limit: int | None = MISSING  # perplexity: first N windows (token) / documents (word); tasks: N per task
     mask_from: str = MISSING  # context: the text before the scored tokens; scored: the scored text too (a leak)
+    context: str = MISSING  # auto (the placement's), masked, or dense: a request's context on the whole model
     dense_reference: bool = True  # the dense model evaluated alike, once per sweep (cached): dense/<metric>
 
 
@@ -151,6 +152,7 @@ EVAL_DATASETS = ("opt_mini", "wikitext2")
 CALIBRATION_SOURCES = ("opt_mini", "tasks")
 PROTOCOLS = ("token", "word")
 MASK_SOURCES = ("context", "scored")
+CONTEXTS = ("auto", "masked", "dense")
 COMPAT = ("none", "reference")
 TARGET_NORMS = ("per_layer", "global")
 LAYER_SCALES = ("calibrated", "none")

@@ -69,6 +69,7 @@ class Placement(ABC):
     thresholds = False  # zeroes small activations by calibrated thresholds (its name is a shadow.thresholds method)
     ranks = True  # its masks rank units by the job's criterion
     dense_attention = False  # keeps every head unless head_sparsity is set (GRIFFIN prunes the FFN alone)
+    context = "masked"  # how evaluation runs a request's context (eval.context=auto): under its mask, or "dense"
 
     def method(self, criterion: str, granularity: str) -> str:
         """How results name what made their masks: "shadow per token, plainact", "teal", "dense"."""
@@ -149,11 +150,14 @@ class DejaVu(Trained):
 
 class Griffin(Placement):
     """GRIFFIN: each request's FFN units chosen from its prompt's own activations (``GriffinMasks``), with no
-    calibration and no predictor; attention dense unless ``head_sparsity`` asks otherwise."""
+    calibration and no predictor; attention dense unless ``head_sparsity`` asks otherwise. Its prompt runs on the
+    whole model (the pass its statistic comes from), so evaluation runs each request's context dense and only the
+    positions that predict scored tokens under its mask."""
 
     name = "griffin"
     ranks = False
     dense_attention = True
+    context = "dense"  # its prompt runs on the whole model; only the tokens after it on the kept units
 
     def masks(self, job: MaskJob) -> MaskFn:
         return GriffinMasks(job.model, job.shape, job.policy, job.pad_id)

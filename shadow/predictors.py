@@ -21,7 +21,8 @@ import logging
 import math
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -465,13 +466,24 @@ class StaticMasks:
         return Masks(self.masks.heads.expand(n, -1, -1), self.masks.neurons.expand(n, -1, -1))
 
 
+def flock(x: Tensor, real: Tensor, units: int) -> Tensor:
+    """GRIFFIN's statistic in one layer: the (B, T, units · width) activations ``x`` (or (B·T, …), as OPT's FFN
+    has them), each of the (B, T) ``real`` tokens' divided by its ℓ2 norm, then each unit's columns' ℓ2 norm over
+    the tokens: (B, units)."""
+    z = x.reshape(*real.shape, -1).float() * real.to(x.device)[..., None]
+    z = z / z.norm(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    return z.unflatten(-1, (units, -1)).pow(2).sum((1, 3)).sqrt()
+
+
 class GriffinMasks:
     """GRIFFIN's masks (Dong et al. 2024, "flocking"): each request's FFN units from its own prompt, with no
     calibration and no predictor. In a dense pass over the prompt, each token's FFN intermediate activations (the
     down projection's input: act(gate(x)) · up(x), or OPT's ReLU of its up projection) are divided by their ℓ2
     norm, and unit j's statistic is the ℓ2 norm of its column over the prompt's tokens; the policy keeps the
     largest (GRIFFIN: the top-k of every layer, ``policy=local``). Attention units are scored alike from the output
-    projection's input, each unit's columns together, and masked only where the policy's head sparsity asks it."""
+    projection's input, each unit's columns together, and masked only where the policy's head sparsity asks it.
+    The statistic is read from whichever pass runs the prompt: evaluation's own (``__call__``), or a decoder's
+    dense prompt pass (``recording``), at no extra pass."""
 
     def __init__(self, model: nn.Module, shape: Shape, policy: Policy, pad_id: int):
         self.model, self.shape, self.policy, self.pad_id = model, shape, policy, pad_id
@@ -483,30 +495,33 @@ class GriffinMasks:
 
     def statistics(self, ids: Tensor, attention: Tensor) -> tuple[Tensor, Tensor]:
         """(B, L, units) head and (B, L, F) neuron statistics of the (B, T) prompts, padding left out."""
+        device = input_device(self.model)
+        with self.recording(attention) as recorded:
+            self.model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False)
+        return recorded()
+
+    @contextmanager
+    def recording(self, attention: Tensor) -> Iterator[Callable[[], tuple[Tensor, Tensor]]]:
+        """Inside the block, the model's forward over (B, T) prompts whose real tokens are ``attention``'s records
+        the statistic; the function it yields gives it, (B, L, units) and (B, L, F), once the forward has run."""
         family = family_of(self.model.config)
         real = attention.bool()
         stats: dict[tuple[str, int], Tensor] = {}
 
-        def flock(kind: str, index: int, x: Tensor, units: int) -> None:
-            z = x.reshape(*real.shape, -1).float() * real.to(x.device)[..., None]  # OPT's FFN: (B·T, F)
-            z = z / z.norm(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
-            stats[kind, index] = z.unflatten(-1, (units, -1)).pow(2).sum((1, 3)).sqrt()  # (B, units)
+        def record(key: tuple[str, int], units: int):
+            return lambda module, args: stats.__setitem__(key, flock(args[0], real, units))
 
-        handles = []
-        for index, layer in enumerate(family.layers(self.model)):
-            for kind, role, units in (("heads", family.head_columns[0], self.shape.heads),
-                                      ("neurons", family.neuron_columns[0], self.shape.neurons)):
-                handles.append(family.module(layer, role).register_forward_pre_hook(
-                    lambda m, args, kind=kind, index=index, units=units: flock(kind, index, args[0], units)))
+        handles = [family.module(layer, role).register_forward_pre_hook(record((kind, index), units))
+                   for index, layer in enumerate(family.layers(self.model))
+                   for kind, role, units in (("heads", family.head_columns[0], self.shape.heads),
+                                             ("neurons", family.neuron_columns[0], self.shape.neurons))]
+        layers = range(self.shape.layers)
         try:
-            device = input_device(self.model)
-            self.model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False)
+            yield lambda: (torch.stack([stats["heads", i].to(real.device) for i in layers], 1),
+                           torch.stack([stats["neurons", i].to(real.device) for i in layers], 1))
         finally:
             for handle in handles:
                 handle.remove()
-        layers = range(self.shape.layers)
-        return (torch.stack([stats["heads", i].to(ids.device) for i in layers], 1),
-                torch.stack([stats["neurons", i].to(ids.device) for i in layers], 1))
 
 
 class OracleMasks:

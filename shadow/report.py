@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 CONFIG_KEYS = ("model", "criterion", "criterion_variant", "predictor", "granularity", "allocation", "policy",
                "layer_scale", "attention_unit", "dense_first_layer", "compat", "calibration", "dtype", "sparsity",
-               "head_sparsity", "neuron_sparsity", "eval", "mask_from", "seed")
+               "head_sparsity", "neuron_sparsity", "eval", "mask_from", "context", "seed")
 DEFAULT_METRICS = ("tasks/mean_acc", "token_perplexity", "word_perplexity", "achieved_head_sparsity",
                    "achieved_neuron_sparsity", "weights_read", "weights_read_effective", "kv_read",
                    "predictor/heads_val_spearman", "predictor/neurons_val_spearman", "dense/tasks/mean_acc",

@@ -23,7 +23,7 @@ from torch import Tensor
 from shadow import thresholds
 from shadow.arch import Shape, family_of
 from shadow.artifacts import cache_key, cached, check_space, find
-from shadow.compose import check_devices, check_job
+from shadow.compose import check_devices, check_job, eval_context
 from shadow.config import resolved_sparsities
 from shadow.criteria import Criterion, get_criterion
 from shadow.data import Example, examples_fingerprint, load_calibration
@@ -215,6 +215,9 @@ def training_bytes(cfg: DictConfig, shape: Shape, hidden: int, examples: int, he
     return params * 16 + min(traces_bytes(shape, hidden, examples), cfg.predictor.block_gb * 1e9) if params else 0.0
 
 
+MASKS_ONLY = ("mask_from", "context")  # evaluation settings that change nothing without masks
+
+
 def dense_metrics(cfg: DictConfig, model, tokenizer, model_id: dict, eval_input) -> dict[str, float]:
     """The dense model's quality under the job's evaluation, as ``dense/<metric>``: the reference beside the
     job's own. A cached artifact per weights, evaluation and seed, so a sweep evaluates the dense model once."""
@@ -227,8 +230,8 @@ def dense_metrics(cfg: DictConfig, model, tokenizer, model_id: dict, eval_input)
         return {}
 
     with stage("dense"):
-        directory, _ = cached(cfg.cache_dir, "dense", {"model": model_id, "eval": OmegaConf.to_container(cfg.eval),
-                                                       "seed": cfg.seed}, build)
+        evaluation = {k: v for k, v in OmegaConf.to_container(cfg.eval).items() if k not in MASKS_ONLY}
+        directory, _ = cached(cfg.cache_dir, "dense", {"model": model_id, "eval": evaluation, "seed": cfg.seed}, build)
     return {f"dense/{k}": v for k, v in json.loads((directory / "metrics.json").read_text()).items()}
 
 
@@ -257,6 +260,7 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
     path, config = check_job(cfg)
     check_devices(cfg)
     cfg.model.dtype = model_dtype(cfg.model, config, cfg.device)  # auto: the checkpoint's, in records and keys
+    cfg.eval.context = eval_context(cfg)  # auto: the placement's, likewise
     model_id = model_fingerprint(path, config, cfg.model)
     sweep_dir = sweep_dir or output_dir
     results_inputs = job_inputs(cfg, model_id)

@@ -29,7 +29,8 @@ def flat_config(cfg: DictConfig) -> dict[str, Any]:
         "compat": cfg.compat, "attention_unit": cfg.attention_unit, "granularity": cfg.predictor.granularity,
         "allocation": cfg.predictor.allocation,
         "calibration": cfg.calibration.source, "dtype": cfg.model.dtype,
-        "eval": cfg.eval.get("dataset", cfg.eval.name), "mask_from": cfg.eval.mask_from, "seed": cfg.seed,
+        "eval": cfg.eval.get("dataset", cfg.eval.name), "mask_from": cfg.eval.mask_from,
+        "context": cfg.eval.context, "seed": cfg.seed,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
 

@@ -140,13 +140,15 @@ class RealTokens:
         mask = kwargs.get("attention_mask")
         self.mask = None if mask is None or mask.dim() != 2 else mask.bool()
 
-    def count(self, hits: Tensor) -> tuple[Tensor, Tensor | int]:
-        """How many of the boolean ``hits`` (B, T, channels) or flattened (B·T, channels) lie at real tokens, and how
-        many entries lie there: counted on the device, no host read."""
+    def count(self, hits: Tensor, positions: Tensor | None = None) -> tuple[Tensor, Tensor | int]:
+        """How many of the boolean ``hits`` (B, T, channels) or flattened (B·T, channels) lie at real tokens (of
+        those, at the (B, T) ``positions`` where given), and how many entries lie there: counted on the device, no
+        host read."""
         rows = hits.reshape(-1, hits.shape[-1])
-        if self.mask is None or self.mask.numel() != len(rows):
+        mask = self.mask if positions is None or self.mask is None else self.mask & positions.to(self.mask.device)
+        if mask is None or mask.numel() != len(rows):
             return rows.sum(), rows.numel()
-        real = self.mask.flatten().to(hits.device)[:, None]
+        real = mask.flatten().to(hits.device)[:, None]
         return (rows & real).sum(), real.sum() * rows.shape[1]
 
     def remove(self) -> None:
@@ -164,15 +166,17 @@ class InputCounter(AbstractContextManager):
         self.counts: dict[tuple[str, int], list] = {}  # (role, layer) → [nonzero, seen]
         self.handles: list = []
         self.active = False
+        self.positions: Tensor | None = None
 
     @contextmanager
-    def counting(self) -> Iterator[None]:
-        """Count the forwards run inside the block."""
-        self.active = True
+    def counting(self, positions: Tensor | None = None) -> Iterator[None]:
+        """Count the forwards run inside the block, at their (B, T) ``positions`` where given (those run under
+        masks: GRIFFIN's context runs whole, as its prompt does) and at every real token otherwise."""
+        self.active, self.positions = True, positions
         try:
             yield
         finally:
-            self.active = False
+            self.active, self.positions = False, None
 
     def __enter__(self) -> InputCounter:
         tokens = RealTokens(self.model)
@@ -182,7 +186,7 @@ class InputCounter(AbstractContextManager):
                 def count(module: nn.Module, args: tuple, out: Tensor, key=(role, index)) -> None:
                     if not self.active:
                         return
-                    nonzero, seen = tokens.count(args[0] != 0)
+                    nonzero, seen = tokens.count(args[0] != 0, self.positions)
                     totals = self.counts.setdefault(key, [0, 0])
                     totals[0], totals[1] = totals[0] + nonzero, totals[1] + seen
                 self.handles.append(self.family.module(layer, role).register_forward_hook(count))

@@ -118,6 +118,11 @@ CASES = [
          "+criterion=plainact predictor=cats predictor.allocation=greedy",
          "predictor.allocation=greedy allocates TEAL's and WINA's sites, not predictor=cats's; use predictor=teal "
          "or wina, or predictor.allocation=uniform"),
+    Case("a dense context for thresholds", "+criterion=plainact predictor=teal eval.context=dense",
+         "eval.context=dense runs each request's context on the whole model and masks the rest, but predictor=teal "
+         "thresholds every position and has no masks; use eval.context=auto"),
+    Case("unknown eval context", "+criterion=plainact eval.context=prompt",
+         "eval.context='prompt' is not one of auto, masked, dense; pick one, e.g. eval.context=auto"),
     Case("predictor after the last layer", "+criterion=plainact predictor.layer=6",
          "predictor.layer=6 is not a layer of this 6-layer model; set predictor.layer between 0 and 5"),
     Case("more few-shot examples than the task has", "+criterion=plainact eval=tasks eval.num_fewshot=5000",

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import settings, shape_of
+from helpers import layers_of, settings, shape_of
 
 from shadow.evaluate.perplexity import (
     EvalData,
@@ -144,3 +144,54 @@ def test_a_rolling_lm_eval_task_masks_each_window_from_the_text_before_it(tiny_o
     documents = load_eval_data(settings("eval")).documents[:2]
     want = [r.prompt for d in documents for r in word_requests(d, tokenizer, seq_len)]
     assert sorted(prompts) == sorted(want) and max(map(len, prompts)) == seq_len  # not a one-token context
+
+
+def test_a_dense_context_runs_whole_and_only_the_scored_positions_are_masked_and_counted(tiny_opt, tokenizer):
+    """eval.context=dense (GRIFFIN's order): each request's context positions run on the whole model, the positions
+    that predict its targets under its mask; the meter counts the masks as applied there and the input counter
+    only those positions."""
+    from shadow.evaluate.requests import Request, score
+    from shadow.masking import apply_masks
+    from shadow.weights_read import InputCounter, sparsity_meter
+
+    shape = shape_of(tiny_opt)
+    stream = tokenizer(TEXT)["input_ids"]
+    requests = [Request(stream[:14], 3, stream[:11]), Request(stream[5:25], 6, stream[5:19])]
+    gen = torch.Generator().manual_seed(4)
+    masks = Masks(torch.rand(2, shape.layers, shape.heads, generator=gen) > 0.5,
+                  torch.rand(2, shape.layers, shape.neurons, generator=gen) > 0.5)
+
+    def mask_fn(chunk):  # longest first: the order score runs them in
+        return Masks(*(m[[requests.index(r) for r in chunk]] for m in (masks.heads, masks.neurons)))
+
+    results = {}
+    for context in ("masked", "dense"):
+        meter = sparsity_meter(tiny_opt)
+        with InputCounter(tiny_opt) as inputs:
+            nll, _ = score(tiny_opt, requests, mask_fn, 2, 1, meter, "test", progress=False, counter=inputs,
+                           context=context)
+        results[context] = nll, meter, inputs.shares()
+    down = layers_of(tiny_opt)[1].fc2
+    seen = []  # layer 1's down-projection inputs at the scored positions, under the dense context
+    for i, r in enumerate(requests):
+        n = len(r.tokens) - 1
+        positions = (torch.arange(n) >= n - r.n_targets)[None]
+        one = Masks(masks.heads[i:i + 1], masks.neurons[i:i + 1])
+        ids = torch.tensor([r.tokens[:-1]])
+        with torch.no_grad():
+            for context, where in (("masked", None), ("dense", positions)):
+                with apply_masks(tiny_opt, one, where):  # the hook after the mask's: it sees what fc2 reads
+                    handle = down.register_forward_pre_hook(
+                        lambda m, args, r=r: seen.append(args[0].reshape(-1, args[0].shape[-1])[-r.n_targets:]))
+                    rows = tiny_opt(ids).logits[0, n - r.n_targets:].log_softmax(-1)
+                    handle.remove()
+                if context == "masked":
+                    seen.pop()
+                want = -rows.gather(1, torch.tensor(r.tokens[-r.n_targets:])[:, None]).sum().item()
+                assert results[context][0][i] == pytest.approx(want, rel=1e-5)
+    assert results["dense"][0] != pytest.approx(results["masked"][0], rel=1e-4)
+    kept = (masks.neurons.float().mean(-1).mean(0)).tolist()
+    for context in ("masked", "dense"):  # one mask per request either way, counted once
+        assert results[context][1].per_layer()["neuron_sparsity"] == pytest.approx([1 - k for k in kept])
+    nonzero = torch.cat(seen) != 0  # the context's inputs, every unit there, are not counted
+    assert results["dense"][2]["down"][1] == pytest.approx(nonzero.float().mean().item(), rel=1e-6)

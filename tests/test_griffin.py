@@ -105,24 +105,24 @@ def test_generation_on_griffins_units_equals_the_masked_model(family, backend, m
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_griffins_generation_runs_the_prompt_dense_and_the_new_tokens_on_its_units(family):
-    """GRIFFIN's order: the prompt on the whole model (its statistic comes from that pass), then every generated
-    token on the kept units: the model under per-token masks that keep everything at the prompt's positions."""
+def test_griffins_generation_chooses_its_units_in_the_dense_prompt_pass_and_runs_the_new_tokens_on_them(family):
+    """GRIFFIN's order: the prompt on the whole model, its statistic read in that same pass (the masks equal those
+    of evaluation's own pass), then every generated token on the batch's kept units: the model under those masks
+    at the generated positions only."""
     model = FAMILIES[family]()
     shape = shape_of(model)
-    ids = torch.randint(4, 8192, (1, 9), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(4, 8192, (2, 9), generator=torch.Generator().manual_seed(3))
     griffin = GriffinMasks(model, shape, Policy("local", 0.0, 0.5), 1)
-    masks = griffin.policy.select(*griffin.statistics(ids, torch.ones_like(ids)))
-    out = RequestDecoder(model, shape).generate(ids, 6, masks, dense_prompt=True)
+    chosen = griffin.policy.select(*griffin.statistics(ids, torch.ones_like(ids)))
+    union = Masks(chosen.heads.any(0, keepdim=True), chosen.neurons.any(0, keepdim=True))
+    out = RequestDecoder(model, shape).generate(ids, 6, griffin)
+    assert torch.equal(out.masks.neurons, union.neurons.expand_as(out.masks.neurons)) and not union.neurons.all()
     sequences = torch.cat([ids, out.tokens[:, :-1]], 1)
-    prompt, total = ids.shape[1], sequences.shape[1]
-    per_token = [m[:, None].expand(-1, total, -1, -1).clone() for m in (masks.heads, masks.neurons)]
-    for m in per_token:
-        m[:, :prompt] = True
+    prompt = ids.shape[1]
+    generated = (torch.arange(sequences.shape[1]) >= prompt).expand(len(ids), -1)
     with torch.no_grad():
         dense = model(ids).logits[:, -1]
-        with apply_masks(model, Masks(*per_token)):
+        with apply_masks(model, union, generated):
             reference = model(sequences).logits
     assert torch.equal(out.tokens[:, 0], dense.argmax(-1))  # the first token is the dense prompt's
     torch.testing.assert_close(out.logits, reference[:, prompt:], rtol=1e-4, atol=1e-4)
-    assert not (masks.neurons.all())

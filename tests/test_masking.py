@@ -133,3 +133,30 @@ def test_per_token_masks_act_position_by_position(tiny_opt, ids):
             changed = tiny_opt(ids).logits
     torch.testing.assert_close(changed[:, :-1], per_request[:, :-1], rtol=1e-6, atol=1e-6)
     assert (changed[:, -1] - per_request[:, -1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["request", "token", "gate"])
+def test_masks_at_some_positions_equal_per_token_masks_keeping_the_rest(tiny_opt, ids, kind):
+    """``positions`` (GRIFFIN's order: the prompt whole, the tokens after it masked) equals per-token masks that keep
+    every unit elsewhere; per request, per token, and for float gates."""
+    gen = torch.Generator().manual_seed(3)
+    s, T = shape_of(tiny_opt), ids.shape[1]
+    masks = Masks(torch.rand(2, s.layers, s.heads, generator=gen) > 0.3,
+                  torch.rand(2, s.layers, s.neurons, generator=gen) > 0.5)
+    per_token = Masks(masks.heads[:, None].repeat(1, T, 1, 1), masks.neurons[:, None].repeat(1, T, 1, 1))
+    if kind == "token":
+        masks = per_token = Masks(torch.rand(2, T, s.layers, s.heads, generator=gen) > 0.3,
+                                  torch.rand(2, T, s.layers, s.neurons, generator=gen) > 0.5)
+    positions = torch.arange(T) >= torch.tensor([[4], [9]])  # each request's own context length
+    if kind == "gate":
+        masks = Masks(masks.heads.float(), masks.neurons.float())
+    whole = Masks(per_token.heads | ~positions[..., None, None], per_token.neurons | ~positions[..., None, None])
+    with torch.no_grad():
+        with apply_masks(tiny_opt, masks, positions):
+            got = tiny_opt(ids).logits
+        with apply_masks(tiny_opt, whole):
+            want = tiny_opt(ids).logits
+        dense = tiny_opt(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[0, :4], dense[0, :4], rtol=1e-6, atol=1e-6)  # the context runs whole
+    assert (got[0, 4:] - dense[0, 4:]).abs().max() > 1e-3

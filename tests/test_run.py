@@ -152,11 +152,13 @@ def test_every_placement_runs_under_every_protocol(shared_job, tmp_path, placeme
 @pytest.mark.parametrize("protocol", PROTOCOLS, ids=["perplexity", "tasks"])
 def test_griffin_runs_under_every_protocol_with_attention_dense_unless_asked(job, tmp_path, protocol):
     """GRIFFIN: each request's FFN units from its own prompt, none calibrated or trained; attention dense unless
-    head_sparsity asks, then its units by the same statistic."""
+    head_sparsity asks, then its units by the same statistic; each request's context run whole (eval.context=auto
+    resolves to dense, and is recorded so)."""
     metrics = run(job("predictor=griffin", "policy=local", *protocol, "sparsity=0.5", "logger=none"), tmp_path / "a")
     assert metrics["achieved_head_sparsity"] == 0 and metrics["achieved_neuron_sparsity"] == pytest.approx(0.5)
     assert metrics["predictor_read"] == 0 and metrics["kv_read"] == 1 and 0.5 < metrics["weights_read"] < 1
-    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["setup_seconds"] == 0
+    record = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert record["setup_seconds"] == 0 and record["context"] == "dense"
     heads = run(job("predictor=griffin", "policy=local", *protocol, "sparsity=0.5", "head_sparsity=0.5",
                     "logger=none"), tmp_path / "b")
     assert heads["achieved_head_sparsity"] == pytest.approx(0.5) and heads["kv_read"] < 1

@@ -20,9 +20,9 @@ Rows, at each sparsity of heads and neurons (local policy: every layer keeps the
                     prompt token;
   dejavu  request   the same with one predictor per layer, on every layer's attention output of a dense pass over
                     the prompt;
-  griffin request   GRIFFIN's FFN units from a dense pass over each request's prompt (its statistic; the pass is
-                    the predictor column's time), attention dense; the prompt runs on the whole model, then every
-                    step on the kept units; at any batch size, on the batch's union;
+  griffin request   GRIFFIN's FFN units chosen in the prompt's own pass, which runs on the whole model (its statistic
+                    at every layer and the top-k are the predictor column's time), attention dense; then every step
+                    on the kept units; at any batch size, on the batch's union;
   shadow  token     dense prompt, then at every step the predictor runs after layer 0 and each layer reads only
                     the kept rows in place (``shadow.sparse.TokenDecoder``);
   dejavu  token     the same with one predictor per layer, each reading the previous layer's attention output
@@ -79,7 +79,7 @@ from shadow.errors import ConfigError
 from shadow.models import TORCH_DTYPES
 from shadow.placements import PLACEMENTS
 from shadow.policy import Masks, Policy
-from shadow.predictors import GriffinMasks, Predictor
+from shadow.predictors import GriffinMasks, Predictor, flock
 from shadow.sparse import Generation, RequestDecoder, ThresholdDecoder, TokenDecoder
 from shadow.thresholds import Histograms, calibrate, sites
 from shadow.traces import layer_features
@@ -250,6 +250,18 @@ class Bench:
         for group in range(len(predictor.groups)):
             policy.select(*predictor.group_scores(group, feature))
 
+    def flocking(self, griffin: GriffinMasks, batch: int) -> Callable[[], None]:
+        """What GRIFFIN adds to its prompt pass: its statistic over every layer's prompt activations, and the top-k
+        (on stand-ins of the activations' shapes)."""
+        real = torch.ones(batch, self.cfg.prompt, dtype=torch.bool, device=self.cfg.device)
+        dtype = next(self.model.parameters()).dtype
+        heads, neurons = (torch.randn(batch, self.cfg.prompt, width, device=self.cfg.device, dtype=dtype)
+                          for width in (self.shape.attention_width, self.shape.neurons))
+        layers = range(self.shape.layers)
+        return lambda: griffin.policy.select(
+            torch.stack([flock(heads, real, self.shape.heads) for _ in layers], 1),
+            torch.stack([flock(neurons, real, self.shape.neurons) for _ in layers], 1))
+
     def cases(self) -> list[Case]:
         """At each batch size, dense, then at each sparsity the rows of ``methods``: static, every trained
         placement per request (at batch 1), GRIFFIN per request, every trained placement per token, TEAL, WINA and
@@ -280,13 +292,9 @@ class Bench:
                                       self.request.share_read))
                 if "griffin" in self.cfg.methods:
                     griffin = GriffinMasks(self.model, self.shape, Policy("local", 0.0, sparsity), 1)
-
-                    def flock(ids=ids, griffin=griffin) -> Masks:
-                        return griffin.policy.select(*(x.cpu() for x in griffin.statistics(ids, torch.ones_like(ids))))
                     cases.append(Case("griffin", "request", sparsity, batch,
-                                      lambda n, ids=ids, flock=flock: self.request.generate(ids, n, flock(),
-                                                                                            dense_prompt=True),
-                                      self.request.column_layout, flock, self.request.share_read))
+                                      partial(self.request.generate, ids, masks=griffin), self.request.column_layout,
+                                      self.flocking(griffin, batch), self.request.share_read))
                 for name in self.predictors:
                     decoder = TokenDecoder(self.model, self.predictors[name], policy,
                                            dense_key_values=self.cfg.dense_key_values)

@@ -89,13 +89,13 @@ def evaluate_perplexity(model: nn.Module, tokenizer, mask_fn: MaskFn, cfg: Perpl
     if "token" in cfg.protocols:
         requests = token_requests(data.text, tokenizer, seq_len, cfg.limit)
         nll, _ = score(model, requests, mask_fn, cfg.batch_size, padding, meter, "token perplexity",
-                       mask_from=cfg.mask_from, counter=inputs)
+                       mask_from=cfg.mask_from, counter=inputs, context=cfg.context)
         metrics["token_perplexity"] = math.exp(sum(nll) / sum(r.n_targets for r in requests))
     if "word" in cfg.protocols:
         subset = data.documents[:cfg.limit]
         per_doc = [word_requests(d, tokenizer, seq_len) for d in subset]
         nll, _ = score(model, [r for rs in per_doc for r in rs], mask_fn, cfg.batch_size, padding, meter,
-                       "word perplexity", mask_from=cfg.mask_from, counter=inputs)
+                       "word perplexity", mask_from=cfg.mask_from, counter=inputs, context=cfg.context)
         total = sum(nll)
         words, n_bytes = sum(d.words for d in subset), sum(d.bytes for d in subset)
         metrics.update(word_perplexity=math.exp(total / words), byte_perplexity=math.exp(total / n_bytes),

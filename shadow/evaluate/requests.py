@@ -53,14 +53,16 @@ def rolling_requests(tokens: list[int], prefix: int, seq_len: int) -> list[Reque
 @torch.no_grad()
 def score(model: nn.Module, requests: list[Request], mask_fn: MaskFn, batch_size: int, pad_id: int,
           meter: SparsityMeter, desc: str, progress: bool = True, mask_from: str = "context",
-          counter: InputCounter | None = None) -> tuple[list[float], list[bool]]:
+          counter: InputCounter | None = None, context: str = "masked") -> tuple[list[float], list[bool]]:
     """Each request's summed negative log-likelihood of its targets, and whether every target was the argmax.
 
     Requests run longest first, so that batches pad little; results come back in the order given. The masks
-    used (per-token ones at real tokens only) and the tokens scored are added to ``meter``, and the scored forwards'
-    projection inputs to ``counter`` (not the passes that compute masks).
+    used (per-token ones at the real tokens they apply to) and the tokens scored are added to ``meter``, and the
+    scored forwards' projection inputs there to ``counter`` (not the passes that compute masks).
     ``mask_from="scored"`` predicts each mask from the request's whole text, scored
     tokens included, as ShadowLLM's reference code did (a leak, for comparison only).
+    ``context="dense"`` runs each request's context (the positions before those that predict its targets) on the
+    whole model and only the rest under its mask, as GRIFFIN generates: the prompt dense, the new tokens sparse.
     """
     if mask_from == "scored":
         limit = model.config.max_position_embeddings
@@ -71,8 +73,14 @@ def score(model: nn.Module, requests: list[Request], mask_fn: MaskFn, batch_size
         chunk = [requests[i] for i in order[start:start + batch_size]]
         inputs = [r.tokens[:-1] for r in chunk]
         ids, attention = pad(inputs, pad_id)
+        masked = attention.bool()
+        if context == "dense":  # right-padded: request r's targets are predicted from [len - n_targets, len)
+            first = torch.tensor([len(x) - r.n_targets for x, r in zip(inputs, chunk, strict=True)])
+            masked &= torch.arange(ids.shape[1]) >= first[:, None]
+        positions = masked if context == "dense" else None
         masks = mask_fn(chunk)
-        with apply_masks(model, masks), counter.counting() if counter is not None else nullcontext():
+        with apply_masks(model, masks, positions), \
+                counter.counting(positions) if counter is not None else nullcontext():
             device = input_device(model)
             logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
         for i, r in zip(order[start:start + batch_size], range(len(chunk)), strict=True):
@@ -81,5 +89,5 @@ def score(model: nn.Module, requests: list[Request], mask_fn: MaskFn, batch_size
             targets = torch.tensor(req.tokens[-req.n_targets:], device=rows.device)
             nll[i] = -rows.gather(1, targets[:, None]).sum().item()
             greedy[i] = bool((rows.argmax(-1) == targets).all())
-        meter.add(masks, attention.bool(), scored=sum(r.n_targets for r in chunk))
+        meter.add(masks, masked, scored=sum(r.n_targets for r in chunk))
     return nll, greedy

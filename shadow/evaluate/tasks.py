@@ -24,13 +24,14 @@ from shadow.weights_read import InputCounter, sparsity_meter
 
 class SparseHFLM(HFLM):
     def __init__(self, model: nn.Module, tokenizer, mask_fn: MaskFn, batch_size: int, meter: SparsityMeter,
-                 mask_from: str = "context", inputs: InputCounter | None = None):
+                 mask_from: str = "context", inputs: InputCounter | None = None, context: str = "masked"):
         super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         self.mask_fn, self.meter, self.mask_from, self.inputs = mask_fn, meter, mask_from, inputs
+        self.context = context
 
     def _score(self, requests: list[Request], desc: str, batch_size: int, progress: bool) -> tuple[list, list]:
         return score(self.model, requests, self.mask_fn, batch_size, pad_id(self.tokenizer), self.meter, desc,
-                     progress=progress, mask_from=self.mask_from, counter=self.inputs)
+                     progress=progress, mask_from=self.mask_from, counter=self.inputs, context=self.context)
 
     def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False,
                               override_bs: int | None = None) -> list[tuple[float, bool]]:
@@ -70,7 +71,7 @@ def evaluate_tasks(model: nn.Module, tokenizer, mask_fn: MaskFn, cfg: TasksEvalC
     import lm_eval
 
     meter = meter or sparsity_meter(model)
-    lm = SparseHFLM(model, tokenizer, mask_fn, cfg.batch_size, meter, cfg.mask_from, inputs)
+    lm = SparseHFLM(model, tokenizer, mask_fn, cfg.batch_size, meter, cfg.mask_from, inputs, cfg.context)
     out = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot, limit=cfg.limit,
                                   task_manager=manager, random_seed=seed, numpy_random_seed=seed,
                                   torch_random_seed=seed, fewshot_random_seed=seed)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from shadow.arch import Shape
 from shadow.offload import input_device
 from shadow.policy import Masks, Policy
-from shadow.predictors import Predictor
+from shadow.predictors import GriffinMasks, Predictor
 from shadow.sparse.kept import FixedUnits, PredictedUnits, ThresholdedChannels
 from shadow.sparse.loop import Generation, PromptCache, decode, prompt_pass, stored_transposed
 from shadow.sparse.pruning import pruned, pruned_groups
@@ -100,7 +100,8 @@ class TokenDecoder:
 
 class RequestDecoder:
     """Greedy decoding with one mask per request, chosen before the prompt runs (ShadowLLM's or DejaVu-style
-    predictors' per-request masks, or a fixed one): the prompt runs on ``pruned``'s smaller layers, then every step
+    predictors' per-request masks, or a fixed one; GRIFFIN's come from the prompt's own pass, which runs whole):
+    the prompt runs on ``pruned``'s smaller layers, then every step
     reads only the kept units' weights in place with ``TokenDecoder``'s step, without predictors and with the same
     units at every step: the bytes of the smaller layers, without Hugging Face's per-step work. Its steps are
     static, batches too, so on CUDA one is captured as a CUDA graph and replayed (with the Triton kernels, the
@@ -118,11 +119,16 @@ class RequestDecoder:
         """As ``TokenDecoder.column_layout``."""
         return stored_transposed(UnitStep.column_modules(self.parts))
 
-    def generate(self, input_ids: Tensor, new_tokens: int, masks: Masks | None = None,
-                 dense_prompt: bool = False) -> Generation:
+    def generate(self, input_ids: Tensor, new_tokens: int, masks: Masks | GriffinMasks | None = None) -> Generation:
         """Greedily continue a batch of (B, T) prompts by ``new_tokens`` tokens under ``masks``: heads (B or 1, L,
-        H) and neurons (B or 1, L, F) in ``shape``'s units. With ``dense_prompt`` the prompt runs on the whole
-        model and only the generated tokens under the masks (GRIFFIN's order: its masks come from that pass)."""
+        H) and neurons (B or 1, L, F) in ``shape``'s units, chosen before the prompt runs; or GRIFFIN's, chosen in
+        the prompt's own pass, which runs on the whole model (its order: only the generated tokens run on the kept
+        units)."""
+        prompt = None
+        if isinstance(masks, GriffinMasks):
+            with masks.recording(torch.ones_like(input_ids)) as statistics:
+                prompt = prompt_pass(self.model, input_ids)
+            masks = masks.policy.select(*statistics())
         layers, shape = self.shape.layers, self.shape
         if (masks is None or masks.heads.dim() != 3 or masks.heads.shape[1:] != (layers, shape.heads)
                 or masks.neurons.shape[1:] != (layers, shape.neurons)
@@ -136,8 +142,8 @@ class RequestDecoder:
         step = UnitStep(self.parts, shape, FixedUnits(shape, union, input_device(self.model)))
         with self.column_layout():
             tokens, logits, steps = decode(self.model, input_ids, new_tokens,
-                                           (lambda ids: prompt_pass(self.model, ids)) if dense_prompt else
-                                           (lambda ids: self._pruned_prompt(ids, union)), step,
+                                           (lambda ids: self._pruned_prompt(ids, union)) if prompt is None
+                                           else lambda ids: prompt, step,
                                            step.static(len(input_ids), self.static), catch_up=True)
         return Generation(tokens, logits, masks=_masks_applied(steps, layers))
 
