@@ -87,6 +87,14 @@ def make_tiny_llama(model_type: str = "llama", layers: int = 3, heads: int = 4, 
     return model
 
 
+
+def tiny_models() -> dict[str, Callable[[], torch.nn.Module]]:
+    """A tiny model of every family and layout shadow knows: OPT, Llama, Mistral with one key-value head, Qwen2's
+    biased query, key and value projections, Qwen3's norms on query and key heads."""
+    return {"opt": make_tiny_opt, "llama": make_tiny_llama,
+            "mistral": lambda: make_tiny_llama("mistral", kv_heads=1),
+            "qwen2": lambda: make_tiny_llama("qwen2"), "qwen3": lambda: make_tiny_llama("qwen3", head_dim=8)}
+
 def settings(group: str, **values) -> DictConfig:
     """A config group's section as conf/ sets it (``group`` after ``=`` picks an option: ``eval=tasks``), with
     ``values`` replaced."""

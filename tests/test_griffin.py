@@ -13,6 +13,7 @@ from helpers import (
     masked_and_pruned_logits,
     request_decode_and_check,
     shape_of,
+    tiny_models,
     use_triton_kernels,
 )
 
@@ -89,12 +90,12 @@ def test_attention_is_dense_unless_head_sparsity_is_set():
     assert (policy.head_sparsity, policy.neuron_sparsity) == (0.25, 0.5)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", list(tiny_models()))
 @pytest.mark.parametrize("backend", ["native", "triton"])
 def test_generation_on_griffins_units_equals_the_masked_model(family, backend, monkeypatch):
     if backend == "triton":
         use_triton_kernels(monkeypatch)
-    model = FAMILIES[family]()
+    model = tiny_models()[family]()
 
     def griffin(ids: torch.Tensor):
         shape = shape_of(model)
@@ -104,12 +105,12 @@ def test_generation_on_griffins_units_equals_the_masked_model(family, backend, m
     request_decode_and_check(model, batch=2, masks_of=griffin)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", list(tiny_models()))
 def test_griffins_generation_chooses_its_units_in_the_dense_prompt_pass_and_runs_the_new_tokens_on_them(family):
     """GRIFFIN's order: the prompt on the whole model, its statistic read in that same pass (the masks equal those
     of evaluation's own pass), then every generated token on the batch's kept units: the model under those masks
     at the generated positions only."""
-    model = FAMILIES[family]()
+    model = tiny_models()[family]()
     shape = shape_of(model)
     ids = torch.randint(4, 8192, (2, 9), generator=torch.Generator().manual_seed(3))
     griffin = GriffinMasks(model, shape, Policy("local", 0.0, 0.5), 1)

@@ -23,6 +23,7 @@ from helpers import (
     request_masks,
     shape_of,
     threshold_decode_and_check,
+    tiny_models,
     token_predictor,
     use_triton_kernels,
 )
@@ -178,10 +179,10 @@ def test_a_batch_decodes_as_the_masked_model_under_its_union_mask(tiny_opt, plac
     assert (out.masks.neurons.sum(-1) > own.neurons[:, prompt:].sum(-1).amax(0)).any()  # more than any one request
 
 
-@pytest.mark.parametrize("family", ["opt", "llama"])
+@pytest.mark.parametrize("family", list(tiny_models()))
 @pytest.mark.parametrize("method", ["teal", "wina", "cats"])
 def test_thresholded_decoding_equals_the_thresholded_model(family, method, gather):
-    model = {"opt": make_tiny_opt, "llama": make_tiny_llama}[family]()
+    model = tiny_models()[family]()
     threshold_decode_and_check(model, method)
 
 
