@@ -23,7 +23,7 @@ from shadow.data import Example
 from shadow.masking import apply_masks
 from shadow.placements import PLACEMENTS
 from shadow.policy import Masks, Policy
-from shadow.predictors import Predictor, spearman
+from shadow.predictors import GriffinMasks, Predictor, spearman
 from shadow.sparse import RequestDecoder, ThresholdDecoder, TokenDecoder, pruned
 from shadow.thresholds import calibrate, sites, thresholded
 from shadow.weights_read import masks_read
@@ -210,6 +210,28 @@ def request_decode_and_check(model, batch: int = 1, static: bool | None = None,
     assert torch.equal(out.masks.heads, union.heads.expand_as(out.masks.heads))
     assert torch.equal(out.masks.neurons, union.neurons.expand_as(out.masks.neurons))
     assert decoder.share_read(out) == pytest.approx(masks_read(model, union)) and masks_read(model, union) < 1
+
+
+def griffin_decode_and_check(model) -> None:
+    """GRIFFIN's order, on two prompts: the prompt on the whole model, its statistic read in that same pass (the
+    masks equal those of evaluation's own pass), then every generated token on the batch's kept units: the model
+    under those masks at the generated positions only (logits up to the kernels' summation order, in float32)."""
+    shape = shape_of(model)
+    ids = torch.randint(4, 8192, (2, 9), generator=torch.Generator().manual_seed(3))
+    griffin = GriffinMasks(model, shape, Policy("local", 0.0, 0.5), 1)
+    chosen = griffin.policy.select(*griffin.statistics(ids, torch.ones_like(ids)))
+    union = Masks(chosen.heads.any(0, keepdim=True), chosen.neurons.any(0, keepdim=True))
+    out = RequestDecoder(model, shape).generate(ids, 6, griffin)
+    assert torch.equal(out.masks.neurons, union.neurons.expand_as(out.masks.neurons)) and not union.neurons.all()
+    sequences = torch.cat([ids, out.tokens[:, :-1]], 1).to(model.device)
+    prompt = ids.shape[1]
+    generated = (torch.arange(sequences.shape[1]) >= prompt).expand(len(ids), -1)
+    with torch.no_grad():
+        dense = model(ids.to(model.device)).logits[:, -1].cpu()
+        with apply_masks(model, union, generated):
+            reference = model(sequences).logits.cpu()
+    assert torch.equal(out.tokens[:, 0], dense.argmax(-1))  # the first token is the dense prompt's
+    torch.testing.assert_close(out.logits, reference[:, prompt:], rtol=1e-4, atol=1e-4)
 
 
 def threshold_decode_and_check(model, method: str, static: bool | None = None) -> None:

@@ -10,6 +10,7 @@ from helpers import (
     ALL_CASES,
     HALF_AGREEMENT,
     decode_and_check,
+    griffin_decode_and_check,
     make_tiny_llama,
     make_tiny_opt,
     masked_and_pruned_logits,
@@ -55,6 +56,12 @@ def test_per_request_decoding_on_cuda_equals_the_masked_model(family, monkeypatc
     request_decode_and_check(model)
     request_decode_and_check(model, batch=2)
     assert len(replays) == 2 * 6  # 7 steps each, the first eager
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_griffins_decoding_on_cuda_equals_the_model_masked_after_its_prompt(family):
+    """In float32: the statistic read in the dense prompt pass on the device, the steps captured."""
+    griffin_decode_and_check(tiny(family, torch.float32))
 
 
 @pytest.mark.parametrize("family", ["opt", "llama"])

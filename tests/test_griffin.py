@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import (
+    griffin_decode_and_check,
     layers_of,
     make_tiny_llama,
     make_tiny_opt,
@@ -20,10 +21,8 @@ from helpers import (
 from shadow.arch import family_of
 from shadow.compose import compose_config
 from shadow.evaluate.requests import Request
-from shadow.masking import apply_masks
-from shadow.policy import Masks, Policy
+from shadow.policy import Policy
 from shadow.predictors import GriffinMasks
-from shadow.sparse import RequestDecoder
 
 FAMILIES = {"opt": make_tiny_opt, "llama": make_tiny_llama}
 
@@ -107,23 +106,4 @@ def test_generation_on_griffins_units_equals_the_masked_model(family, backend, m
 
 @pytest.mark.parametrize("family", list(tiny_models()))
 def test_griffins_generation_chooses_its_units_in_the_dense_prompt_pass_and_runs_the_new_tokens_on_them(family):
-    """GRIFFIN's order: the prompt on the whole model, its statistic read in that same pass (the masks equal those
-    of evaluation's own pass), then every generated token on the batch's kept units: the model under those masks
-    at the generated positions only."""
-    model = tiny_models()[family]()
-    shape = shape_of(model)
-    ids = torch.randint(4, 8192, (2, 9), generator=torch.Generator().manual_seed(3))
-    griffin = GriffinMasks(model, shape, Policy("local", 0.0, 0.5), 1)
-    chosen = griffin.policy.select(*griffin.statistics(ids, torch.ones_like(ids)))
-    union = Masks(chosen.heads.any(0, keepdim=True), chosen.neurons.any(0, keepdim=True))
-    out = RequestDecoder(model, shape).generate(ids, 6, griffin)
-    assert torch.equal(out.masks.neurons, union.neurons.expand_as(out.masks.neurons)) and not union.neurons.all()
-    sequences = torch.cat([ids, out.tokens[:, :-1]], 1)
-    prompt = ids.shape[1]
-    generated = (torch.arange(sequences.shape[1]) >= prompt).expand(len(ids), -1)
-    with torch.no_grad():
-        dense = model(ids).logits[:, -1]
-        with apply_masks(model, union, generated):
-            reference = model(sequences).logits
-    assert torch.equal(out.tokens[:, 0], dense.argmax(-1))  # the first token is the dense prompt's
-    torch.testing.assert_close(out.logits, reference[:, prompt:], rtol=1e-4, atol=1e-4)
+    griffin_decode_and_check(tiny_models()[family]())

@@ -126,7 +126,7 @@ class RequestDecoder:
         units)."""
         prompt = None
         if isinstance(masks, GriffinMasks):
-            with masks.recording(torch.ones_like(input_ids)) as statistics:
+            with masks.recording(torch.ones_like(input_ids, device=input_device(self.model))) as statistics:
                 prompt = prompt_pass(self.model, input_ids)
             masks = masks.policy.select(*statistics())
         layers, shape = self.shape.layers, self.shape
