@@ -45,7 +45,7 @@ from shadow.config import (
     resolved_sparsities,
 )
 from shadow.criteria import CRITERIA, get_criterion
-from shadow.data import load_tasks
+from shadow.data import known_tasks
 from shadow.errors import ConfigError
 from shadow.models import TORCH_DTYPES, check_model, is_local, model_dtype
 from shadow.placements import PLACEMENTS
@@ -250,12 +250,6 @@ def validate(cfg: DictConfig | Config) -> None:
     except OSError:
         raise ConfigError(f"cache_dir={cfg.cache_dir!r} is not writable; set cache_dir or SHADOW_CACHE_DIR to a "
                           "writable directory") from None
-
-
-@functools.cache
-def known_tasks(tasks: tuple[str, ...], include_path: str | None, num_fewshot: int, key: str) -> None:
-    """lm-eval tasks known, with enough few-shot documents (``load_tasks``), once per setting in a process."""
-    load_tasks(list(tasks), include_path, num_fewshot, key)
 
 
 def check_job(cfg: DictConfig | Config, weights: bool = True) -> tuple[str, Any]:

@@ -7,6 +7,7 @@ continuation, as ShadowLLM calibrates on piqa, copa, openbookqa, winogrande, rte
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -86,6 +87,13 @@ def load_tasks(tasks: list[str], include_path: str | None, num_fewshot: int, key
                 raise ConfigError(f"{key}.num_fewshot={num_fewshot} needs more than the {len(shots)} documents of "
                                   f"{name}; lower {key}.num_fewshot")
     return manager, loaded
+
+
+@functools.cache
+def known_tasks(tasks: tuple[str, ...], include_path: str | None, num_fewshot: int, key: str) -> Any:
+    """lm-eval's checked task index (``load_tasks``), built once per setting in a process: the check before a
+    job and its evaluation share it."""
+    return load_tasks(list(tasks), include_path, num_fewshot, key)[0]
 
 
 def calibration_docs(task, name: str) -> list:

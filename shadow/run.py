@@ -240,7 +240,7 @@ def save_record(directory: Path, record: dict) -> dict:
     return {}
 
 
-RECORD_VERSION = 4  # raised when a job's record gains or changes a metric: older cached records are then rerun
+RECORD_VERSION = 5  # raised when a job's record gains or changes a metric: older cached records are then rerun
 
 
 def job_inputs(cfg: DictConfig, model_id: dict) -> dict:

@@ -11,20 +11,24 @@ from typing import Any
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
-from shadow.config import resolved_sparsities
+from shadow.criteria import get_criterion
 from shadow.placements import PLACEMENTS
+from shadow.policy import Policy
 
 log = logging.getLogger(__name__)
 
 
 def flat_config(cfg: DictConfig) -> dict[str, Any]:
-    """The keys runs are compared by, flat, then the whole resolved config under ``config``."""
-    head_sparsity, neuron_sparsity = resolved_sparsities(cfg)
+    """The keys runs are compared by, flat, then the whole resolved config under ``config``; head and neuron
+    sparsity as the job's policy asks them (a head-only criterion's neurons, GRIFFIN's heads: 0)."""
+    placement = PLACEMENTS[cfg.predictor.name]
+    policy = Policy.configured(cfg, get_criterion(cfg.criterion.name, cfg.criterion.variant).heads_only,
+                               placement.dense_attention)
     return {
         "model": cfg.model.name, "criterion": cfg.criterion.name, "criterion_variant": cfg.criterion.variant,
         "predictor": cfg.predictor.name,
-        "method": PLACEMENTS[cfg.predictor.name].method(cfg.criterion.name, cfg.predictor.granularity),
-        "sparsity": cfg.sparsity, "head_sparsity": head_sparsity, "neuron_sparsity": neuron_sparsity,
+        "method": placement.method(cfg.criterion.name, cfg.predictor.granularity),
+        "sparsity": cfg.sparsity, "head_sparsity": policy.head_sparsity, "neuron_sparsity": policy.neuron_sparsity,
         "policy": cfg.policy, "layer_scale": cfg.layer_scale, "dense_first_layer": cfg.dense_first_layer,
         "compat": cfg.compat, "attention_unit": cfg.attention_unit, "granularity": cfg.predictor.granularity,
         "allocation": cfg.predictor.allocation,

@@ -159,6 +159,7 @@ def test_griffin_runs_under_every_protocol_with_attention_dense_unless_asked(job
     assert metrics["predictor_read"] == 0 and metrics["kv_read"] == 1 and 0.5 < metrics["weights_read"] < 1
     record = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert record["setup_seconds"] == 0 and record["context"] == "dense"
+    assert (record["head_sparsity"], record["neuron_sparsity"]) == (0, 0.5)  # as the policy asks them
     heads = run(job("predictor=griffin", "policy=local", *protocol, "sparsity=0.5", "head_sparsity=0.5",
                     "logger=none"), tmp_path / "b")
     assert heads["achieved_head_sparsity"] == pytest.approx(0.5) and heads["kv_read"] < 1

@@ -15,7 +15,7 @@ from lm_eval.models.huggingface import HFLM
 from torch import nn
 
 from shadow.config import TasksEvalConfig
-from shadow.data import load_tasks
+from shadow.data import known_tasks
 from shadow.evaluate.requests import MaskFn, Request, rolling_requests, score
 from shadow.models import pad_id
 from shadow.policy import SparsityMeter
@@ -59,7 +59,7 @@ class SparseHFLM(HFLM):
 
 def check_tasks(cfg: TasksEvalConfig) -> Any:
     """The checked task index (names known, enough few-shot documents): call it before any model loads."""
-    return load_tasks(list(cfg.tasks), cfg.include_path, cfg.num_fewshot, "eval")[0]
+    return known_tasks(tuple(cfg.tasks), cfg.include_path, cfg.num_fewshot, "eval")
 
 
 def evaluate_tasks(model: nn.Module, tokenizer, mask_fn: MaskFn, cfg: TasksEvalConfig, manager: Any,
