@@ -10,7 +10,6 @@ layers for ``global`` and ``hybrid``: the predictor's targets are normalised per
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,8 +18,6 @@ from torch import Tensor
 
 from shadow.config import resolved_sparsities
 from shadow.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -133,8 +130,7 @@ class Policy:
         """The job's rule: head and neuron sparsity default to ``sparsity`` (neurons: 0 for head-only criteria;
         heads: 0 with ``dense_attention``, a placement's default, unless head_sparsity is set)."""
         head, neuron = resolved_sparsities(cfg)
-        if heads_only and neuron > 0:
-            log.info("%s scores heads only: every neuron is kept", cfg.criterion.name)
+        if heads_only:
             neuron = 0.0
         if dense_attention and cfg.head_sparsity is None:
             head = 0.0

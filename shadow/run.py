@@ -273,6 +273,8 @@ def run(cfg: DictConfig, output_dir: Path, sweep_dir: Path | None = None, job_na
     shape = family_of(config).shape(config, cfg.attention_unit)
     criterion = get_criterion(cfg.criterion.name, cfg.criterion.variant)
     policy = Policy.configured(cfg, criterion.heads_only, PLACEMENTS[cfg.predictor.name].dense_attention)
+    if criterion.heads_only and resolved_sparsities(cfg)[1] > 0:
+        log.info("%s scores heads only: every neuron is kept", cfg.criterion.name)
     tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
     examples = load_calibration(cfg.calibration, tokenizer, config.max_position_embeddings, cfg.seed)
     beside = 0.0 if cfg.predictor.device else training_bytes(cfg, shape, config.hidden_size, len(examples),
