@@ -77,11 +77,11 @@ def score(model: nn.Module, requests: list[Request], mask_fn: MaskFn, batch_size
         if context == "dense":  # right-padded: request r's targets are predicted from [len - n_targets, len)
             first = torch.tensor([len(x) - r.n_targets for x, r in zip(inputs, chunk, strict=True)])
             masked &= torch.arange(ids.shape[1]) >= first[:, None]
-        positions = masked if context == "dense" else None
+        device = input_device(model)
+        positions = masked.to(device) if context == "dense" else None  # moved once, read by every layer's hooks
         masks = mask_fn(chunk)
         with apply_masks(model, masks, positions), \
                 counter.counting(positions) if counter is not None else nullcontext():
-            device = input_device(model)
             logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
         for i, r in zip(order[start:start + batch_size], range(len(chunk)), strict=True):
             n, req = len(inputs[r]), chunk[r]
