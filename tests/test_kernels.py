@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from shadow import kernels
 from shadow.kernels import TorchGather
@@ -186,6 +187,64 @@ def test_triton_kernels_round_the_float32_products_once(dtype):
     assert TritonGather.attend(query[:0], keys, values, heads[:0], D, length).shape == (0,)
     store_k, store_v = (torch.cat([torch.randn_like(t), t], dim=1) for t in (keys, values))  # request 1 of two
     close(TritonGather.attend(query, store_k[:, positions:], store_v[:, positions:], heads, D, length), exact)
+
+
+class OutsideKernels(TorchDispatchMode):
+    """The torch operations a call makes outside the Triton launches it counts (the interpreter's own copies of a
+    launch's arguments are not the call's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+        self.launches = 0
+        self.inside = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.inside:
+            self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+    def count(self, kernel):
+        mode = self
+
+        class Counted:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    mode.launches, mode.inside = mode.launches + 1, True
+                    try:
+                        return kernel[grid](*args, **kwargs)
+                    finally:
+                        mode.inside = False
+                return launch
+        return Counted()
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_triton_column_products_are_one_launch(batch, monkeypatch):
+    """A column product is one kernel: no zero-fill, bias or cast around it (only allocations), whether its kept
+    columns take one program per tile or several splits whose sums the last to arrive adds up; the split counts
+    are left at 0 for the next launch, which gives the same result."""
+    backend_named("triton")
+    from shadow.kernels import triton_gather
+
+    gen = torch.Generator().manual_seed(13)
+    weight_t, bias = torch.randn(600, 100, generator=gen), torch.randn(100, generator=gen)
+    z = torch.randn(batch, 600, generator=gen) * (torch.rand(batch, 600, generator=gen) < 0.5)
+    arrivals = triton_gather._arrivals(torch.device("cpu"), 2)  # 100 outputs: 2 tiles of 64, the batch in one
+    for kept in (600, 300, 40, 0):  # three splits, two, one, none
+        index = torch.randperm(600, generator=gen)[:kept].sort().values
+        scale = z[:, index]
+        mode = OutsideKernels()
+        monkeypatch.setattr(triton_gather, "_columns_kernel", mode.count(triton_gather._columns_kernel))
+        with mode:
+            got = triton_gather.TritonGather.columns(weight_t, bias, index, scale)
+            again = triton_gather.TritonGather.columns(weight_t, bias, index, scale)
+            nonzero = triton_gather.TritonGather.columns_nonzero(weight_t, None, z)
+        monkeypatch.undo()
+        assert mode.launches == 3 and set(mode.ops) <= {"aten.empty", "aten.new_empty"}, mode.ops
+        torch.testing.assert_close(got, scale @ weight_t[index] + bias, rtol=1e-5, atol=1e-5)
+        assert torch.equal(again, got) and not arrivals.any()
+        torch.testing.assert_close(nonzero, z @ weight_t, rtol=1e-5, atol=1e-5)
 
 
 def test_other_dtypes_and_the_switch_use_torch_kernels(monkeypatch):

@@ -12,6 +12,8 @@ check them without a GPU.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -29,6 +31,13 @@ TILE = 2048  # float32 products a batched program holds per step: its input step
 
 def _requests_block(batch: int) -> int:
     return min(triton.next_power_of_2(max(batch, 1)), MAX_BLOCK_REQUESTS)
+
+
+@functools.cache
+def _arrivals(device: torch.device, tiles: int) -> Tensor:
+    """A split column sum's arrival counts, one per output tile: zero between launches (the last arrival sets its
+    count back), so one set per device and tile count serves every launch, captured ones included, and is kept."""
+    return torch.zeros(tiles, dtype=torch.int32, device=device)
 
 
 @triton.jit
@@ -121,14 +130,17 @@ def _batch_rows_kernel(out, weight, bias, up, up_bias, index, keep, x, kept, in_
 
 
 @triton.jit
-def _columns_kernel(partial, weight_t, bias, index, scale, kept, out_features, batch, weight_stride, scale_stride,
-                    per_split, HAS_BIAS: tl.constexpr, BY_NONZERO: tl.constexpr, BLOCK_N: tl.constexpr,
+def _columns_kernel(out, partials, arrivals, weight_t, bias, index, scale, kept, out_features, batch, weight_stride,
+                    scale_stride, per_split, HAS_BIAS: tl.constexpr, BY_NONZERO: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_I: tl.constexpr, BLOCK_B: tl.constexpr):
     """Program (n, s, c): requests [c·BLOCK_B, (c+1)·BLOCK_B)' outputs [n·BLOCK_N, (n+1)·BLOCK_N) summed over split s
-    of the kept columns, each weight tile loaded once for those requests, added to ``partial`` (float32, (B,
-    out_features)) atomically; split 0 adds the bias. Columns: ``index[slot]`` scaled by ``scale[b, slot]``; with
-    BY_NONZERO every column, scaled by ``scale[b, column]`` and read only where some request's scale is not 0."""
+    of the kept columns, each weight tile loaded once for those requests; split 0 adds the bias. Columns:
+    ``index[slot]`` scaled by ``scale[b, slot]``; with BY_NONZERO every column, scaled by ``scale[b, column]`` and
+    read only where some request's scale is not 0. With one split the program writes its tile of ``out``; with
+    more, each stores its float32 sum in ``partials`` (splits, B, out_features) and the last of a tile's splits to
+    arrive (counted in ``arrivals``, which it sets back to 0) adds them up and writes the tile: one launch."""
     block, split, chunk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    splits = tl.num_programs(1)
     column = block * BLOCK_N + tl.arange(0, BLOCK_N)
     b = chunk * BLOCK_B + tl.arange(0, BLOCK_B)
     total = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
@@ -150,8 +162,21 @@ def _columns_kernel(partial, weight_t, bias, index, scale, kept, out_features, b
     if HAS_BIAS:
         total += tl.where(split == 0, tl.load(bias + column, mask=column < out_features, other=0.0).to(tl.float32),
                           0.0)[None, :]
-    tl.atomic_add(partial + b[:, None] * out_features + column[None, :], total,
-                  mask=(b[:, None] < batch) & (column[None, :] < out_features))
+    outputs = b[:, None] * out_features + column[None, :]
+    wanted = (b[:, None] < batch) & (column[None, :] < out_features)
+    if splits > 1:
+        tl.store(partials + split * batch * out_features + outputs, total, mask=wanted)
+        tl.debug_barrier()  # every thread's partial sum is stored before the arrival releases them
+        tile = chunk * tl.num_programs(0) + block
+        if tl.atomic_add(arrivals + tile, 1, sem="acq_rel") == splits - 1:
+            total = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+            for other in range(0, splits):  # read through L2 (.cg): the other splits ran on other SMs
+                total += tl.load(partials + other * batch * out_features + outputs, mask=wanted, other=0.0,
+                                 cache_modifier=".cg")
+            tl.atomic_xchg(arrivals + tile, 0)
+            tl.store(out + outputs, total.to(out.dtype.element_ty), mask=wanted)
+    else:
+        tl.store(out + outputs, total.to(out.dtype.element_ty), mask=wanted)
 
 
 @triton.jit
@@ -266,8 +291,9 @@ class TritonGather:
 
     @staticmethod
     def columns(weight_t: Tensor, bias: Tensor | None, index: Tensor, scale: Tensor) -> Tensor:
-        """``bias + Σ_i scale[:, i] · weight_t[index[i]]`` for a batch of scales (B, kept), the kept columns split
-        over programs that add their partial sums in float32, each weight tile loaded once for the batch."""
+        """``bias + Σ_i scale[:, i] · weight_t[index[i]]`` for a batch of scales (B, kept) in one launch, the kept
+        columns split over programs whose float32 sums the last to finish adds up, each weight tile loaded once for
+        the batch."""
         return TritonGather._columns(weight_t, bias, index, scale, len(index))
 
     @staticmethod
@@ -279,18 +305,18 @@ class TritonGather:
 
     @staticmethod
     def _columns(weight_t: Tensor, bias: Tensor | None, index: Tensor | None, scale: Tensor, kept: int) -> Tensor:
-        partial = torch.zeros(scale.shape[0], weight_t.shape[1], dtype=torch.float32, device=weight_t.device)
-        if not kept:
-            return (partial if bias is None else partial + bias.float()).to(weight_t.dtype)
         weight_t, scale = weight_t.contiguous(), scale.contiguous()
-        block_b = _requests_block(scale.shape[0])
-        grid = (triton.cdiv(weight_t.shape[1], BLOCK_COLUMNS), triton.cdiv(kept, KEPT_PER_SPLIT),
-                triton.cdiv(scale.shape[0], block_b))
-        _columns_kernel[grid](partial, weight_t, bias, index, scale, kept, weight_t.shape[1], scale.shape[0],
-                              weight_t.stride(0), scale.stride(0), KEPT_PER_SPLIT, HAS_BIAS=bias is not None,
-                              BY_NONZERO=index is None, BLOCK_N=BLOCK_COLUMNS,
+        batch, out_features = scale.shape[0], weight_t.shape[1]
+        out = weight_t.new_empty(batch, out_features)
+        block_b = _requests_block(batch)
+        grid = (triton.cdiv(out_features, BLOCK_COLUMNS), max(1, triton.cdiv(kept, KEPT_PER_SPLIT)),
+                triton.cdiv(batch, block_b))
+        partials = torch.empty(grid[1], batch, out_features, dtype=torch.float32, device=weight_t.device)
+        _columns_kernel[grid](out, partials, _arrivals(weight_t.device, grid[0] * grid[2]), weight_t, bias, index,
+                              scale, kept, out_features, batch, weight_t.stride(0), scale.stride(0), KEPT_PER_SPLIT,
+                              HAS_BIAS=bias is not None, BY_NONZERO=index is None, BLOCK_N=BLOCK_COLUMNS,
                               BLOCK_I=max(4, BLOCK_KEPT // block_b), BLOCK_B=block_b)
-        return partial.to(weight_t.dtype)
+        return out
 
     @staticmethod
     def attend(query: Tensor, keys: Tensor, values: Tensor, heads: Tensor, head_dim: int,
