@@ -13,20 +13,39 @@ check them without a GPU.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-BLOCK_ROWS = 16  # kept rows per program of a row gather
-BLOCK_K = 128  # inputs per step of a row's dot product
-BLOCK_COLUMNS = 64  # outputs per program of a column gather
-BLOCK_KEPT = 32  # kept columns per step of a column gather
-KEPT_PER_SPLIT = 256  # a column gather splits its kept columns over programs, this many each
 BLOCK_POSITIONS = 32  # cached positions per step of attention
 MAX_BLOCK_REQUESTS = 8  # requests of a batch whose products share each weight tile's load
-TILE = 2048  # float32 products a batched program holds per step: its input steps shrink as its requests grow
+TUNING = "SHADOW_AUTOTUNE"  # 0: each kernel's first candidate, untuned
+
+
+def _candidates(*configs: triton.Config) -> list[triton.Config]:
+    """A kernel's launch settings: on CUDA each product shape's fastest, timed at its first call (and cached on
+    disk by Triton); the first alone in the interpreter, which has no clock, or with SHADOW_AUTOTUNE=0."""
+    tuned = not triton.knobs.runtime.interpret and os.environ.get(TUNING, "1") != "0"
+    return list(configs) if tuned else list(configs[:1])
+
+
+# Row products: BLOCK_R kept rows per program, BLOCK_K inputs per step for one request (a batch of BLOCK_B requests
+# takes BLOCK_K // BLOCK_B each step, so that a program's float32 tile stays BLOCK_R × BLOCK_K).
+ROWS = [triton.Config({"BLOCK_R": 16, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_R": 8, "BLOCK_K": 256}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_R": 4, "BLOCK_K": 512}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_R": 32, "BLOCK_K": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_R": 16, "BLOCK_K": 256}, num_warps=8, num_stages=3)]
+# Column products: BLOCK_N outputs per program, PER_SPLIT kept columns per split of the sum, BLOCK_I of them per
+# step for one request (BLOCK_I // BLOCK_B for a batch).
+COLUMNS = [triton.Config({"BLOCK_N": 64, "BLOCK_I": 32, "PER_SPLIT": 256}, num_warps=4, num_stages=3),
+           triton.Config({"BLOCK_N": 128, "BLOCK_I": 32, "PER_SPLIT": 256}, num_warps=4, num_stages=3),
+           triton.Config({"BLOCK_N": 256, "BLOCK_I": 32, "PER_SPLIT": 512}, num_warps=8, num_stages=3),
+           triton.Config({"BLOCK_N": 128, "BLOCK_I": 64, "PER_SPLIT": 512}, num_warps=8, num_stages=4),
+           triton.Config({"BLOCK_N": 64, "BLOCK_I": 64, "PER_SPLIT": 128}, num_warps=4, num_stages=4)]
 
 
 def _requests_block(batch: int) -> int:
@@ -40,53 +59,63 @@ def _arrivals(device: torch.device, tiles: int) -> Tensor:
     return torch.zeros(tiles, dtype=torch.int32, device=device)
 
 
+@triton.autotune(configs=_candidates(*ROWS), key=["in_features", "PAIRED", "LAST_IN_MEMORY", "BLOCK_B"],
+                 cache_results=True)
 @triton.jit
 def _rows_kernel(out, weight, bias, out2, weight2, bias2, index, inputs, first, last, kept, in_features, span,
-                 out_stride, weight_stride, inputs_stride, HAS_BIAS: tl.constexpr, PAIRED: tl.constexpr,
-                 LAST_IN_MEMORY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Program (r, b): kept rows [r·BLOCK_R, (r+1)·BLOCK_R) of request b, at each position p from the earliest
-    of their firsts to last (a value, or where it points), for the rows whose first <= p (input row and output
-    column b·span + p): a grid that does not grow with the context, each program looping over the positions its
-    rows catch up on (one, the current, unless a row returns after being skipped). PAIRED: the same rows of a
-    second weight (a key's value projection) into ``out2``, in the same pass over the inputs."""
-    block, request = tl.program_id(0), tl.program_id(1)
+                 requests, out_stride, weight_stride, inputs_stride, HAS_BIAS: tl.constexpr, PAIRED: tl.constexpr,
+                 LAST_IN_MEMORY: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """Program (r, c): kept rows [r·BLOCK_R, (r+1)·BLOCK_R) for requests [c·BLOCK_B, (c+1)·BLOCK_B), at each
+    position p from the earliest of their firsts to last (a value, or where it points), for the rows whose first
+    <= p (input row and output column b·span + p), each weight tile loaded once for those requests: a grid that
+    does not grow with the context, each program looping over the positions its rows catch up on (one, the
+    current, unless a row returns after being skipped). PAIRED: the same rows of a second weight (a key's value
+    projection) into ``out2``, in the same pass over the inputs."""
+    block, chunk = tl.program_id(0), tl.program_id(1)
     slot = block * BLOCK_R + tl.arange(0, BLOCK_R)
     valid = slot < kept
     row = tl.load(index + slot, mask=valid, other=0)
     starts = tl.load(first + slot, mask=valid, other=0)
     limit = tl.load(last) if LAST_IN_MEMORY else last
     lowest = tl.maximum(tl.min(tl.where(valid, starts, span), axis=0), 0)
+    b = chunk * BLOCK_B + tl.arange(0, BLOCK_B)
+    asked = b < requests
     for position in range(lowest, limit + 1):
-        column = request * span + position
+        column = b * span + position
         wanted = valid & (starts <= position)
-        products = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)  # reduced once, after the loop
-        paired = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
-        for start in range(0, in_features, BLOCK_K):
-            k = start + tl.arange(0, BLOCK_K)
+        products = tl.zeros([BLOCK_R, BLOCK_B, BLOCK_K // BLOCK_B], dtype=tl.float32)  # reduced once, after
+        paired = tl.zeros([BLOCK_R, BLOCK_B, BLOCK_K // BLOCK_B], dtype=tl.float32)
+        for start in range(0, in_features, BLOCK_K // BLOCK_B):
+            k = start + tl.arange(0, BLOCK_K // BLOCK_B)
             where = row[:, None] * weight_stride + k[None, :]
             loads = wanted[:, None] & (k[None, :] < in_features)
-            x = tl.load(inputs + column * inputs_stride + k, mask=k < in_features, other=0.0,
-                        eviction_policy="evict_last").to(tl.float32)[None, :]
+            x = tl.load(inputs + column[:, None] * inputs_stride + k[None, :],
+                        mask=asked[:, None] & (k[None, :] < in_features), other=0.0,
+                        eviction_policy="evict_last").to(tl.float32)[None, :, :]
             w = tl.load(weight + where, mask=loads, other=0.0, eviction_policy="evict_first")
-            products += w.to(tl.float32) * x
+            products += w.to(tl.float32)[:, None, :] * x
             if PAIRED:
                 w2 = tl.load(weight2 + where, mask=loads, other=0.0, eviction_policy="evict_first")
-                paired += w2.to(tl.float32) * x
-        total = tl.sum(products, axis=1)
+                paired += w2.to(tl.float32)[:, None, :] * x
+        stored = wanted[:, None] & asked[None, :]
+        outputs = row[:, None] * out_stride + column[None, :]
+        total = tl.sum(products, axis=2)
         if HAS_BIAS:
-            total += tl.load(bias + row, mask=wanted, other=0.0).to(tl.float32)
-        tl.store(out + row * out_stride + column, total.to(out.dtype.element_ty), mask=wanted)
+            total += tl.load(bias + row, mask=wanted, other=0.0).to(tl.float32)[:, None]
+        tl.store(out + outputs, total.to(out.dtype.element_ty), mask=stored)
         if PAIRED:
-            second = tl.sum(paired, axis=1)
+            second = tl.sum(paired, axis=2)
             if HAS_BIAS:
-                second += tl.load(bias2 + row, mask=wanted, other=0.0).to(tl.float32)
-            tl.store(out2 + row * out_stride + column, second.to(out2.dtype.element_ty), mask=wanted)
+                second += tl.load(bias2 + row, mask=wanted, other=0.0).to(tl.float32)[:, None]
+            tl.store(out2 + outputs, second.to(out2.dtype.element_ty), mask=stored)
 
 
+@triton.autotune(configs=_candidates(*ROWS), key=["in_features", "BY_MASK", "GATED", "BLOCK_B"], cache_results=True)
 @triton.jit
 def _batch_rows_kernel(out, weight, bias, up, up_bias, index, keep, x, kept, in_features, batch, weight_stride,
                        x_stride, out_stride, HAS_BIAS: tl.constexpr, BY_MASK: tl.constexpr, GATED: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (r, c): slots [r·BLOCK_R, (r+1)·BLOCK_R) for requests [c·BLOCK_B, (c+1)·BLOCK_B): ``out[b, slot] =
     weight[row] · x[b] + bias[row]``, each weight tile loaded once for those requests, the products summed in a
     float32 tile reduced once. Rows: ``index[slot]``; with BY_MASK the slots themselves, those where ``keep`` is
@@ -102,11 +131,11 @@ def _batch_rows_kernel(out, weight, bias, up, up_bias, index, keep, x, kept, in_
         row = tl.load(index + slot, mask=present, other=0)
         wanted = present
     b = chunk * BLOCK_B + tl.arange(0, BLOCK_B)
-    total = tl.zeros([BLOCK_R, BLOCK_B, BLOCK_K], dtype=tl.float32)
-    gated = tl.zeros([BLOCK_R, BLOCK_B, BLOCK_K], dtype=tl.float32)
+    total = tl.zeros([BLOCK_R, BLOCK_B, BLOCK_K // BLOCK_B], dtype=tl.float32)
+    gated = tl.zeros([BLOCK_R, BLOCK_B, BLOCK_K // BLOCK_B], dtype=tl.float32)
     work = tl.where(tl.max(wanted.to(tl.int32), axis=0) > 0, in_features, 0)  # no row wanted: no loads
-    for start in range(0, work, BLOCK_K):
-        k = start + tl.arange(0, BLOCK_K)
+    for start in range(0, work, BLOCK_K // BLOCK_B):
+        k = start + tl.arange(0, BLOCK_K // BLOCK_B)
         where = row[:, None] * weight_stride + k[None, :]
         loads = wanted[:, None] & (k[None, :] < in_features)
         w = tl.load(weight + where, mask=loads, other=0.0, eviction_policy="evict_first")
@@ -129,10 +158,11 @@ def _batch_rows_kernel(out, weight, bias, up, up_bias, index, keep, x, kept, in_
              mask=present[:, None] & (b[None, :] < batch))
 
 
+@triton.autotune(configs=_candidates(*COLUMNS), key=["out_features", "BY_NONZERO", "BLOCK_B"], cache_results=True)
 @triton.jit
 def _columns_kernel(out, partials, arrivals, weight_t, bias, index, scale, kept, out_features, batch, weight_stride,
-                    scale_stride, per_split, HAS_BIAS: tl.constexpr, BY_NONZERO: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_I: tl.constexpr, BLOCK_B: tl.constexpr):
+                    scale_stride, HAS_BIAS: tl.constexpr, BY_NONZERO: tl.constexpr, BLOCK_B: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, PER_SPLIT: tl.constexpr):
     """Program (n, s, c): requests [c·BLOCK_B, (c+1)·BLOCK_B)' outputs [n·BLOCK_N, (n+1)·BLOCK_N) summed over split s
     of the kept columns, each weight tile loaded once for those requests; split 0 adds the bias. Columns:
     ``index[slot]`` scaled by ``scale[b, slot]``; with BY_NONZERO every column, scaled by ``scale[b, column]`` and
@@ -144,12 +174,12 @@ def _columns_kernel(out, partials, arrivals, weight_t, bias, index, scale, kept,
     column = block * BLOCK_N + tl.arange(0, BLOCK_N)
     b = chunk * BLOCK_B + tl.arange(0, BLOCK_B)
     total = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
-    end = tl.minimum((split + 1) * per_split, kept)
-    for start in range(split * per_split, end, BLOCK_I):
-        slot = start + tl.arange(0, BLOCK_I)
+    end = tl.minimum((split + 1) * PER_SPLIT, kept)
+    for start in range(split * PER_SPLIT, end, BLOCK_I // BLOCK_B):
+        slot = start + tl.arange(0, BLOCK_I // BLOCK_B)
         present = slot < end
         s = tl.load(scale + b[:, None] * scale_stride + slot[None, :], mask=(b[:, None] < batch) & present[None, :],
-                    other=0.0, eviction_policy="evict_last").to(tl.float32)  # (BLOCK_B, BLOCK_I)
+                    other=0.0, eviction_policy="evict_last").to(tl.float32)  # (BLOCK_B, BLOCK_I // BLOCK_B)
         if BY_NONZERO:
             row = slot
             present = present & (tl.max((s != 0).to(tl.int32), axis=0) > 0)
@@ -157,7 +187,7 @@ def _columns_kernel(out, partials, arrivals, weight_t, bias, index, scale, kept,
             row = tl.load(index + slot, mask=present, other=0)
         w = tl.load(weight_t + row[:, None] * weight_stride + column[None, :],
                     mask=present[:, None] & (column[None, :] < out_features), other=0.0,
-                    eviction_policy="evict_first").to(tl.float32)  # (BLOCK_I, BLOCK_N)
+                    eviction_policy="evict_first").to(tl.float32)  # (BLOCK_I // BLOCK_B, BLOCK_N)
         total += tl.sum(s[:, :, None] * w[None, :, :], axis=1)
     if HAS_BIAS:
         total += tl.where(split == 0, tl.load(bias + column, mask=column < out_features, other=0.0).to(tl.float32),
@@ -241,13 +271,13 @@ class TritonGather:
         if out.stride(1) != 1:
             raise ValueError("rows_into writes in place: out must have contiguous rows")
         if len(index):
-            span = out.shape[1] // requests
+            span, block_b = out.shape[1] // requests, _requests_block(requests)
             weight, inputs = weight.contiguous(), inputs.contiguous()  # no copy when they are (as the decoder's are)
-            _rows_kernel[(triton.cdiv(len(index), BLOCK_ROWS), requests)](
+            _rows_kernel[lambda meta: (triton.cdiv(len(index), meta["BLOCK_R"]), triton.cdiv(requests, block_b))](
                 out, weight, bias, out2, weight2, bias2, index, inputs, first.contiguous(), last, len(index),
-                weight.shape[1], span, out.stride(0), weight.stride(0), inputs.stride(0), HAS_BIAS=bias is not None,
-                PAIRED=out2 is not None, LAST_IN_MEMORY=isinstance(last, Tensor), BLOCK_R=BLOCK_ROWS,
-                BLOCK_K=BLOCK_K)
+                weight.shape[1], span, requests, out.stride(0), weight.stride(0), inputs.stride(0),
+                HAS_BIAS=bias is not None, PAIRED=out2 is not None, LAST_IN_MEMORY=isinstance(last, Tensor),
+                BLOCK_B=block_b)
 
     @staticmethod
     def rows(weight: Tensor, bias: Tensor | None, index: Tensor, x: Tensor) -> Tensor:
@@ -282,12 +312,10 @@ class TritonGather:
         weight, x = weight.contiguous(), x.contiguous()
         up = up.contiguous() if up is not None else None
         block_b = _requests_block(x.shape[0])
-        block_k = max(16, min(BLOCK_K, TILE // (BLOCK_ROWS * block_b)))
-        grid = (triton.cdiv(kept, BLOCK_ROWS), triton.cdiv(x.shape[0], block_b))
-        _batch_rows_kernel[grid](out, weight, bias, up, up_bias, index, keep, x, kept, weight.shape[1], x.shape[0],
-                                 weight.stride(0), x.stride(0), out.stride(0), HAS_BIAS=bias is not None,
-                                 BY_MASK=keep is not None, GATED=up is not None, BLOCK_R=BLOCK_ROWS,
-                                 BLOCK_B=block_b, BLOCK_K=block_k)
+        _batch_rows_kernel[lambda meta: (triton.cdiv(kept, meta["BLOCK_R"]), triton.cdiv(x.shape[0], block_b))](
+            out, weight, bias, up, up_bias, index, keep, x, kept, weight.shape[1], x.shape[0], weight.stride(0),
+            x.stride(0), out.stride(0), HAS_BIAS=bias is not None, BY_MASK=keep is not None, GATED=up is not None,
+            BLOCK_B=block_b)
 
     @staticmethod
     def columns(weight_t: Tensor, bias: Tensor | None, index: Tensor, scale: Tensor) -> Tensor:
@@ -308,14 +336,16 @@ class TritonGather:
         weight_t, scale = weight_t.contiguous(), scale.contiguous()
         batch, out_features = scale.shape[0], weight_t.shape[1]
         out = weight_t.new_empty(batch, out_features)
-        block_b = _requests_block(batch)
-        grid = (triton.cdiv(out_features, BLOCK_COLUMNS), max(1, triton.cdiv(kept, KEPT_PER_SPLIT)),
-                triton.cdiv(batch, block_b))
-        partials = torch.empty(grid[1], batch, out_features, dtype=torch.float32, device=weight_t.device)
-        _columns_kernel[grid](out, partials, _arrivals(weight_t.device, grid[0] * grid[2]), weight_t, bias, index,
-                              scale, kept, out_features, batch, weight_t.stride(0), scale.stride(0), KEPT_PER_SPLIT,
-                              HAS_BIAS=bias is not None, BY_NONZERO=index is None, BLOCK_N=BLOCK_COLUMNS,
-                              BLOCK_I=max(4, BLOCK_KEPT // block_b), BLOCK_B=block_b)
+        block_b, chunks = _requests_block(batch), triton.cdiv(batch, _requests_block(batch))
+
+        def grid(meta: dict) -> tuple[int, int, int]:
+            return (triton.cdiv(out_features, meta["BLOCK_N"]), max(1, triton.cdiv(kept, meta["PER_SPLIT"])), chunks)
+
+        most = grid({key: min(c.kwargs[key] for c in COLUMNS) for key in ("BLOCK_N", "PER_SPLIT")})  # any config's
+        partials = torch.empty(most[1], batch, out_features, dtype=torch.float32, device=weight_t.device)
+        _columns_kernel[grid](out, partials, _arrivals(weight_t.device, most[0] * chunks), weight_t, bias, index,
+                              scale, kept, out_features, batch, weight_t.stride(0), scale.stride(0),
+                              HAS_BIAS=bias is not None, BY_NONZERO=index is None, BLOCK_B=block_b)
         return out
 
     @staticmethod
