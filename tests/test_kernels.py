@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -413,3 +417,71 @@ def test_a_key_and_value_pair_writes_what_two_row_gathers_write(name, last, monk
     for got, want in zip(paired, apart, strict=True):
         assert torch.equal(got.isnan(), want.isnan()) and (~got.isnan()).sum() == 2 * (9 - first.clamp(max=9)).sum()
         torch.testing.assert_close(got.nan_to_num(), want.nan_to_num())
+
+
+ON_CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                         reason="needs CUDA")])
+
+
+@pytest.mark.parametrize("device", ["cpu", ON_CUDA])
+@pytest.mark.parametrize("candidate", range(5))
+def test_every_launch_setting_computes_the_same_products(candidate, device, monkeypatch):
+    """On CUDA each product's launch settings are tuned among candidates; each candidate gives the dense products:
+    row gathers plain, gated and under a mask, the key-value catch-up for one request and for a batch wider than a
+    program takes, column sums in one split and several (on CUDA, many splits of many tiles, whose last arrival
+    adds them up), and TEAL's zero test, for batches of 1, 3 and 10 requests. On CPU tensors in the interpreter."""
+    triton_gather = pytest.importorskip("shadow.kernels.triton_gather")
+    for kernel, configs in ((triton_gather._rows_kernel, triton_gather.ROWS),
+                            (triton_gather._batch_rows_kernel, triton_gather.ROWS),
+                            (triton_gather._columns_kernel, triton_gather.COLUMNS)):
+        monkeypatch.setattr(kernel, "configs", [configs[candidate]])
+    gen = torch.Generator().manual_seed(14)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device)
+
+    def close(got: torch.Tensor, want: torch.Tensor) -> None:  # float32 sums in another order
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * max(1.0, want.abs().max().item()))
+
+    gather = triton_gather.TritonGather
+    weight, up, bias = randn(70, 300), randn(70, 300), randn(70)
+    index = torch.randperm(70, generator=gen)[:37].sort().values.to(device)
+    keep = torch.zeros(70, dtype=torch.bool, device=device).index_fill_(0, index, True)
+    columns_in, columns_out = (600, 80) if device == "cpu" else (8192, 1024)  # two tiles of 64 outputs; many
+    weight_t, out_bias = randn(columns_in, columns_out), randn(columns_out)
+    for batch in (1, 3, 10):
+        x = randn(batch, 300)
+        dense, dense_up = x @ weight.t() + bias, x @ up.t() + bias
+        close(gather.rows(weight, bias, index, x), dense[:, index])
+        close(gather.gated_rows(weight, bias, up, bias, index, x),
+              (torch.nn.functional.silu(dense) * dense_up)[:, index])
+        close(gather.rows_where(weight, bias, keep, x), dense * keep)
+        first = torch.randint(-1, 6, (37,), generator=gen).to(device)  # per row: where its catch-up starts
+        inputs = randn(batch * 6, 300)  # each request a span of 6 positions
+        keys, values = (torch.full((70, batch * 6), float("nan"), device=device) for _ in range(2))
+        gather.rows_into_pair(keys, weight, bias, values, up, bias, index, inputs, first, 5, batch)
+        asked = torch.zeros(70, 6, dtype=torch.bool, device=device)
+        for row, start in zip(index.tolist(), first.clamp(min=0).tolist(), strict=True):
+            asked[row, start:] = True
+        asked = asked.repeat(1, batch)
+        close(keys[asked], (weight @ inputs.t() + bias[:, None])[asked])
+        close(values[asked], (up @ inputs.t() + bias[:, None])[asked])
+        assert keys[~asked].isnan().all() and values[~asked].isnan().all()
+        z = randn(batch, columns_in) * (torch.rand(batch, columns_in, generator=gen) < 0.5).to(device)
+        for kept in (columns_in, columns_in // 6, 0):
+            chosen = torch.randperm(columns_in, generator=gen)[:kept].sort().values.to(device)
+            close(gather.columns(weight_t, out_bias, chosen, z[:, chosen]), z[:, chosen] @ weight_t[chosen] + out_bias)
+        close(gather.columns_nonzero(weight_t, None, z), z @ weight_t)
+
+
+def test_triton_kernels_compile_for_hopper():
+    """Every kernel in every launch setting compiles for an H100/H200 (sm_90, float16, with Triton's ptxas) within
+    a block's shared memory, for one request and for a batch: what the interpreter cannot show. In a process of
+    its own: under the interpreter Triton's own library functions cannot be compiled."""
+    pytest.importorskip("triton")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("compile_for_hopper.py"))], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    compiled = done.stdout.split()
+    assert len(compiled) == 2 * 3 * 5 + 2 * 2 * 5 + 1, compiled  # batch blocks × variants × settings, attention
