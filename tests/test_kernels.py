@@ -361,7 +361,8 @@ def test_fixed_grid_products_skip_the_rows_not_kept_and_the_zero_inputs(name, wi
 
 def test_kernel_benchmark_runs_every_product_in_a_dry_run(monkeypatch, capsys):
     """The GPU check's kernel microbenchmark, run through Triton's interpreter at 1/64 of Llama-3.1-8B's shapes:
-    every product, dense and Triton, with its GB/s and its share of the copy bandwidth."""
+    every product, dense and Triton, with its GB/s, its share of the copy bandwidth and the Triton kernel's launch
+    setting (the first, untuned, in the interpreter)."""
     pytest.importorskip("triton")
     from shadow.benchmarks import kernels as bench
 
@@ -370,9 +371,14 @@ def test_kernel_benchmark_runs_every_product_in_a_dry_run(monkeypatch, capsys):
     bench.main()
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("cpu, float32: copy ") and lines[1].split()[:3] == ["arch", "product", "kept"]
-    rows = [line.split() for line in lines[2:]]
-    assert len(rows) == 12 and {r[-5] for r in rows} == {"dense", "triton"}
-    assert all(r[-1] == "1.00" for r in rows if r[-5] == "dense") and all(float(r[-4]) > 0 for r in rows)
+    rows = {}
+    for line in lines[2:]:
+        words = line.split()
+        kernel = "triton" if "triton" in words else "dense"
+        rows.setdefault(kernel, []).append(words[words.index(kernel) + 1:])  # ms, GB/s, of copy, × dense, setting
+    assert len(rows["dense"]) == len(rows["triton"]) == 6
+    assert all(r == r[:4] and r[3] == "1.00" for r in rows["dense"]) and all(float(r[0]) > 0 for r in rows["triton"])
+    assert {" ".join(r[4:]) for r in rows["triton"]} == {"16×128 4w3s", "64×32×256 4w3s"}  # the first settings
 
 
 @pytest.mark.parametrize("name", BACKENDS)
@@ -485,3 +491,19 @@ def test_triton_kernels_compile_for_hopper():
     assert done.returncode == 0, done.stderr[-3000:]
     compiled = done.stdout.split()
     assert len(compiled) == 2 * 3 * 5 + 2 * 2 * 5 + 1, compiled  # batch blocks × variants × settings, attention
+
+
+def test_kernels_are_tuned_on_cuda_unless_switched_off(monkeypatch):
+    """Outside the interpreter every launch setting is a candidate, unless SHADOW_AUTOTUNE=0 (as the tests set):
+    then, as in the interpreter, the first alone."""
+    triton = pytest.importorskip("triton")
+    from shadow.kernels.triton_gather import COLUMNS, ROWS, TUNING, _candidates
+
+    monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
+    monkeypatch.setenv(TUNING, "1")
+    assert _candidates(*ROWS) == ROWS and _candidates(*COLUMNS) == COLUMNS
+    monkeypatch.setenv(TUNING, "0")
+    assert _candidates(*ROWS) == ROWS[:1]
+    monkeypatch.setattr(triton.knobs.runtime, "interpret", True)
+    monkeypatch.setenv(TUNING, "1")
+    assert _candidates(*COLUMNS) == COLUMNS[:1]

@@ -8,8 +8,9 @@ under its own time limit and written to the report as it ends (a check cut short
 1. ``tests``: the tests marked ``gpu`` (``pytest -m gpu``): per-token and per-request decoding and pruning on CUDA
    against the masked model in three dtypes, a decoding step that never waits for the device, criteria in half
    precision against float32, CPU offload with CUDA execution, two GPUs (about 3 minutes on one H200);
-2. ``kernels``: the gather kernels' GB/s at OPT-13B's and Llama-3.1-8B's shapes, 50% and 100% kept, beside
-   cuBLAS's dense product and the copy bandwidth (``shadow.benchmarks.kernels``; about a minute);
+2. ``kernels``: the gather kernels' GB/s at OPT-13B's and Llama-3.1-8B's shapes, 50% and 100% kept, batches of
+   1, 4 and 8, beside cuBLAS's dense product and the copy bandwidth, with the launch setting each kernel's
+   autotuning chose (``shadow.benchmarks.kernels``; a few minutes, most of it compiling and tuning);
 3. ``latency``: the latency table in float16, batch 1, 128 + 128 tokens at 50% of heads and neurons, for each of
    ``--archs`` (random weights, 3 rounds; OPT-13B, Llama-3.1-8B, then OPT-30B, which fits one H200 in 60 GB):
    every row against ``generate``, the same engine's dense step and its weights' time at the copy bandwidth
@@ -104,7 +105,8 @@ def main() -> None:
             save(["", f"## Tests marked gpu: {'passed' if passed else 'FAILED'} ({seconds:.0f} s)", "", "```",
                   tail.splitlines()[-1] if passed else tail, "```"])
         if "kernels" in args.steps:
-            passed, tail, seconds = step(["shadow.benchmarks.kernels"], 240)
+            passed, tail, seconds = step(["shadow.benchmarks.kernels", "--batch", "1", "4", "8",
+                                          "--min-run-time", "0.1"], 360)
             ok &= passed
             save(["", f"## Gather kernels ({seconds:.0f} s)", "", "```", tail, "```"])
         for arch in args.archs if "latency" in args.steps else []:

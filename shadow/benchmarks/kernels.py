@@ -9,7 +9,9 @@ beside torch's dense product of the same layer and the bandwidth of a device-to-
 Products of one layer, each at ``--keep`` of its rows (columns) kept: the query rows (E × E), the output columns,
 the up rows (F × E; gate and up on Llama), the down columns, TEAL's down product with half of each request's inputs
 zero (``columns_nonzero``: the zero test inside the product) and CATS' up rows under a kept-unit mask
-(``rows_where``). Rows: ``dense`` is torch's product of the whole weight (cuBLAS), ``triton`` the gather kernel.
+(``rows_where``). Rows: ``dense`` is torch's product of the whole weight (cuBLAS), ``triton`` the gather kernel,
+with the launch setting its autotuning chose on CUDA (rows and inputs per step, or outputs, columns per step and
+per split; warps and stages), tuned at an untimed first call.
 GB/s counts the weight bytes a kernel must read (the kept share of the weight; dense: all of it), so the copy's
 GB/s is the ceiling. Each product rotates over enough copies of its weight to exceed the cache several times, as
 decoding does; times are medians of ``torch.utils.benchmark``.
@@ -38,10 +40,11 @@ def shapes(arch: str, scale: int) -> tuple[int, int]:
 
 
 def products(E: int, F: int, keep: float, batch: int, device: str, dtype: torch.dtype, gen: torch.Generator
-             ) -> dict[str, tuple[tuple[int, int], float, dict]]:
-    """Each product: its weight's (rows, columns), the share of the weight it reads, and its kernels, each a function
-    of one weight (rows products take it as it is, column products stored transposed)."""
-    from shadow.kernels.triton_gather import TritonGather
+             ) -> dict[str, tuple[tuple[int, int], float, dict, object]]:
+    """Each product: its weight's (rows, columns), the share of the weight it reads, its kernels, each a function
+    of one weight (rows products take it as it is, column products stored transposed), and the Triton kernel's
+    autotuner."""
+    from shadow.kernels.triton_gather import TritonGather, _batch_rows_kernel, _columns_kernel
 
     def kept(n: int) -> torch.Tensor:
         return torch.randperm(n, generator=gen)[:max(1, round(n * keep))].sort().values.to(device)
@@ -54,20 +57,30 @@ def products(E: int, F: int, keep: float, batch: int, device: str, dtype: torch.
     y, u = x.index_select(1, cols_e).contiguous(), z.index_select(1, cols_f).contiguous()
     return {
         "query rows": ((E, E), len(rows_e) / E, {"dense": lambda w: nn.functional.linear(x, w),
-                                                 "triton": lambda w: TritonGather.rows(w, None, rows_e, x)}),
+                                                 "triton": lambda w: TritonGather.rows(w, None, rows_e, x)},
+                       _batch_rows_kernel),
         "output columns": ((E, E), len(cols_e) / E, {"dense": lambda w: x @ w,
-                                                     "triton": lambda w: TritonGather.columns(w, None, cols_e, y)}),
+                                                     "triton": lambda w: TritonGather.columns(w, None, cols_e, y)},
+                           _columns_kernel),
         "up rows": ((F, E), len(rows_f) / F, {"dense": lambda w: nn.functional.linear(x, w),
-                                              "triton": lambda w: TritonGather.rows(w, None, rows_f, x)}),
+                                              "triton": lambda w: TritonGather.rows(w, None, rows_f, x)},
+                    _batch_rows_kernel),
         "down columns": ((F, E), len(cols_f) / F, {"dense": lambda w: z @ w,
-                                                   "triton": lambda w: TritonGather.columns(w, None, cols_f, u)}),
+                                                   "triton": lambda w: TritonGather.columns(w, None, cols_f, u)},
+                         _columns_kernel),
         "teal down (nonzero)": ((F, E), float(half_zero.ne(0).any(0).float().mean()),
                                 {"dense": lambda w: half_zero @ w,
-                                 "triton": lambda w: TritonGather.columns_nonzero(w, None, half_zero)}),
+                                 "triton": lambda w: TritonGather.columns_nonzero(w, None, half_zero)},
+                                _columns_kernel),
         "cats up (mask)": ((F, E), float(units.float().mean()),
                            {"dense": lambda w: nn.functional.linear(x, w),
-                            "triton": lambda w: TritonGather.rows_where(w, None, units, x)}),
+                            "triton": lambda w: TritonGather.rows_where(w, None, units, x)}, _batch_rows_kernel),
     }
+
+
+def setting(config) -> str:
+    """A launch setting in a few characters: its block sizes, warps and stages."""
+    return f"{'×'.join(map(str, config.kwargs.values()))} {config.num_warps}w{config.num_stages}s"
 
 
 def main() -> None:
@@ -86,25 +99,27 @@ def main() -> None:
     copy = copy_bandwidth(torch.device(args.device), args.min_run_time)
     print(f"{args.device}, {args.dtype}: copy {copy / 1e9:.0f} GB/s (read and written)")
     print(f"{'arch':<14}{'product':<22}{'kept':>6}{'batch':>6}{'kernel':>8}{'ms':>9}{'GB/s':>8}{'of copy':>9}"
-          f"{'× dense':>9}")
+          f"{'× dense':>9}  setting")
     for arch in args.archs:
         E, F = shapes(arch, args.scale)
         for keep in args.keep:
             for batch in args.batch:
-                for product, ((rows, columns), share, kernels) in products(E, F, keep, batch, args.device, dtype,
-                                                                           gen).items():
+                for product, ((rows, columns), share, kernels, tuner) in products(E, F, keep, batch, args.device,
+                                                                                  dtype, gen).items():
                     size = rows * columns * dtype.itemsize
                     weights = [torch.randn(rows, columns, generator=gen).to(args.device, dtype)
                                for _ in range(max(1, math.ceil(CACHE_BYTES / size)) if args.scale == 1 else 1)]
                     times = {}
                     for name, kernel in kernels.items():
+                        kernel(weights[0])  # compiles, and on CUDA tunes, untimed
                         times[name] = median_ms(lambda k=kernel, ws=weights: [k(w) for w in ws], args.min_run_time)
                         times[name] /= len(weights)
                     for name, ms in times.items():
                         read = size * (1.0 if name == "dense" else share)
                         print(f"{arch:<14}{product:<22}{keep:>6.0%}{batch:>6}{name:>8}{ms:>9.4f}"
                               f"{read / ms / 1e6:>8.0f}{read / ms / 1e6 / (copy / 1e9):>9.0%}"
-                              f"{times['dense'] / ms:>9.2f}", flush=True)
+                              f"{times['dense'] / ms:>9.2f}  {setting(tuner.best_config) if name != 'dense' else ''}",
+                              flush=True)
 
 
 if __name__ == "__main__":

@@ -111,16 +111,18 @@ def _rows_kernel(out, weight, bias, out2, weight2, bias2, index, inputs, first, 
             tl.store(out2 + outputs, second.to(out2.dtype.element_ty), mask=stored)
 
 
-@triton.autotune(configs=_candidates(*ROWS), key=["in_features", "BY_MASK", "GATED", "BLOCK_B"], cache_results=True)
+@triton.autotune(configs=_candidates(*ROWS), key=["out_features", "in_features", "BY_MASK", "GATED", "BLOCK_B"],
+                 cache_results=True)
 @triton.jit
-def _batch_rows_kernel(out, weight, bias, up, up_bias, index, keep, x, kept, in_features, batch, weight_stride,
-                       x_stride, out_stride, HAS_BIAS: tl.constexpr, BY_MASK: tl.constexpr, GATED: tl.constexpr,
-                       BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def _batch_rows_kernel(out, weight, bias, up, up_bias, index, keep, x, kept, out_features, in_features, batch,
+                       weight_stride, x_stride, out_stride, HAS_BIAS: tl.constexpr, BY_MASK: tl.constexpr,
+                       GATED: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (r, c): slots [r·BLOCK_R, (r+1)·BLOCK_R) for requests [c·BLOCK_B, (c+1)·BLOCK_B): ``out[b, slot] =
     weight[row] · x[b] + bias[row]``, each weight tile loaded once for those requests, the products summed in a
     float32 tile reduced once. Rows: ``index[slot]``; with BY_MASK the slots themselves, those where ``keep`` is
     False written 0 and not read. GATED: ``silu(that) · (up[row] · x[b] + up_bias[row])``, a gated FFN's kept
-    units, both rows read in the same pass (``up`` laid out as ``weight``)."""
+    units, both rows read in the same pass (``up`` laid out as ``weight``). ``out_features``, the weight's rows:
+    with ``in_features`` the layer's shape, which its launch setting is tuned for."""
     block, chunk = tl.program_id(0), tl.program_id(1)
     slot = block * BLOCK_R + tl.arange(0, BLOCK_R)
     present = slot < kept
@@ -158,17 +160,20 @@ def _batch_rows_kernel(out, weight, bias, up, up_bias, index, keep, x, kept, in_
              mask=present[:, None] & (b[None, :] < batch))
 
 
-@triton.autotune(configs=_candidates(*COLUMNS), key=["out_features", "BY_NONZERO", "BLOCK_B"], cache_results=True)
+@triton.autotune(configs=_candidates(*COLUMNS), key=["in_features", "out_features", "BY_NONZERO", "BLOCK_B"],
+                 cache_results=True)
 @triton.jit
-def _columns_kernel(out, partials, arrivals, weight_t, bias, index, scale, kept, out_features, batch, weight_stride,
-                    scale_stride, HAS_BIAS: tl.constexpr, BY_NONZERO: tl.constexpr, BLOCK_B: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, PER_SPLIT: tl.constexpr):
+def _columns_kernel(out, partials, arrivals, weight_t, bias, index, scale, kept, in_features, out_features, batch,
+                    weight_stride, scale_stride, HAS_BIAS: tl.constexpr, BY_NONZERO: tl.constexpr,
+                    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, PER_SPLIT: tl.constexpr):
     """Program (n, s, c): requests [c·BLOCK_B, (c+1)·BLOCK_B)' outputs [n·BLOCK_N, (n+1)·BLOCK_N) summed over split s
     of the kept columns, each weight tile loaded once for those requests; split 0 adds the bias. Columns:
     ``index[slot]`` scaled by ``scale[b, slot]``; with BY_NONZERO every column, scaled by ``scale[b, column]`` and
     read only where some request's scale is not 0. With one split the program writes its tile of ``out``; with
     more, each stores its float32 sum in ``partials`` (splits, B, out_features) and the last of a tile's splits to
-    arrive (counted in ``arrivals``, which it sets back to 0) adds them up and writes the tile: one launch."""
+    arrive (counted in ``arrivals``, which it sets back to 0) adds them up and writes the tile: one launch.
+    ``in_features``, the transposed weight's rows: with ``out_features`` the layer's shape, which its launch
+    setting is tuned for."""
     block, split, chunk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     splits = tl.num_programs(1)
     column = block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -313,9 +318,9 @@ class TritonGather:
         up = up.contiguous() if up is not None else None
         block_b = _requests_block(x.shape[0])
         _batch_rows_kernel[lambda meta: (triton.cdiv(kept, meta["BLOCK_R"]), triton.cdiv(x.shape[0], block_b))](
-            out, weight, bias, up, up_bias, index, keep, x, kept, weight.shape[1], x.shape[0], weight.stride(0),
-            x.stride(0), out.stride(0), HAS_BIAS=bias is not None, BY_MASK=keep is not None, GATED=up is not None,
-            BLOCK_B=block_b)
+            out, weight, bias, up, up_bias, index, keep, x, kept, weight.shape[0], weight.shape[1], x.shape[0],
+            weight.stride(0), x.stride(0), out.stride(0), HAS_BIAS=bias is not None, BY_MASK=keep is not None,
+            GATED=up is not None, BLOCK_B=block_b)
 
     @staticmethod
     def columns(weight_t: Tensor, bias: Tensor | None, index: Tensor, scale: Tensor) -> Tensor:
@@ -344,7 +349,8 @@ class TritonGather:
         most = grid({key: min(c.kwargs[key] for c in COLUMNS) for key in ("BLOCK_N", "PER_SPLIT")})  # any config's
         partials = torch.empty(most[1], batch, out_features, dtype=torch.float32, device=weight_t.device)
         _columns_kernel[grid](out, partials, _arrivals(weight_t.device, most[0] * chunks), weight_t, bias, index,
-                              scale, kept, out_features, batch, weight_t.stride(0), scale.stride(0),
+                              scale, kept, weight_t.shape[0], out_features, batch, weight_t.stride(0),
+                              scale.stride(0),
                               HAS_BIAS=bias is not None, BY_NONZERO=index is None, BLOCK_B=block_b)
         return out
 
