@@ -17,14 +17,15 @@ SHARED = 232448  # bytes of shared memory a block may take on an H100 or H200
 POINTERS = {"partials": "*fp32", "arrivals": "*i32", "index": "*i64", "first": "*i64", "heads": "*i64", "keep": "*i1",
             "last": "*i64", "length": "*i64"}  # others: float16 tensors
 INTEGERS = {"kept", "in_features", "span", "requests", "out_stride", "weight_stride", "inputs_stride", "batch",
-            "x_stride", "out_features", "scale_stride", "positions", "head_dim"}
+            "x_stride", "out_features", "scale_stride", "positions", "head_dim", "key_stride", "table_stride"}
+FLOATS = {"eps"}
 
 
 def compile_for_hopper(kernel: triton.JITFunction, constants: dict, config: triton.Config | None = None) -> int:
     """The shared memory (bytes) ``kernel`` needs with these constants and launch setting."""
     constants = {**constants, **(config.kwargs if config else {})}
-    signature = {name: "constexpr" if name in constants else "i32" if name in INTEGERS else POINTERS.get(name, "*fp16")
-                 for name in kernel.arg_names}
+    signature = {name: "constexpr" if name in constants else "i32" if name in INTEGERS else "fp32" if name in FLOATS
+                 else POINTERS.get(name, "*fp16") for name in kernel.arg_names}
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages} if config else {}
     return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants), target=HOPPER,
                           options=options).metadata.shared
@@ -49,6 +50,8 @@ def main() -> None:
     compiled.append(("attend", 1, None, compile_for_hopper(
         triton_gather._attend_kernel, {"LENGTH_IN_MEMORY": True, "BLOCK_T": triton_gather.BLOCK_POSITIONS,
                                        "BLOCK_D": 128})))
+    compiled.append(("rotate_keys", 1, None, compile_for_hopper(
+        triton_gather._rotate_kernel, {"LAST_IN_MEMORY": True, "HAS_NORM": True, "BLOCK_D": 64})))
     for name, block_b, config, shared in compiled:
         print(f"{name}/batch{block_b}/{'-'.join(map(str, config.kwargs.values())) if config else 'fixed'}"
               f"/{config.num_warps if config else 4}w:{shared}")

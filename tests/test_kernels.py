@@ -490,7 +490,7 @@ def test_triton_kernels_compile_for_hopper():
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     compiled = done.stdout.split()
-    assert len(compiled) == 2 * 3 * 5 + 2 * 2 * 5 + 1, compiled  # batch blocks × variants × settings, attention
+    assert len(compiled) == 2 * 3 * 5 + 2 * 2 * 5 + 2, compiled  # batch blocks × variants × settings; attend, rotate
 
 
 def test_kernels_are_tuned_on_cuda_unless_switched_off(monkeypatch):
@@ -507,3 +507,37 @@ def test_kernels_are_tuned_on_cuda_unless_switched_off(monkeypatch):
     monkeypatch.setattr(triton.knobs.runtime, "interpret", True)
     monkeypatch.setenv(TUNING, "1")
     assert _candidates(*COLUMNS) == COLUMNS[:1]
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_rotate_keys_rotates_exactly_the_written_keys(name, with_norm, monkeypatch):
+    """``rotate_keys`` through ``shadow.kernels`` on every backend (Triton's in one launch over the written
+    positions; the others, torch over the span from the prompt) equals Llama's rotation (Qwen3's head norm first,
+    ``with_norm``) of each head's keys at [first, last] in every request of a batch, with the last position as a
+    value and as a 0-d tensor, and leaves every other key as it was."""
+    from transformers.models.llama.modeling_llama import rotate_half
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    monkeypatch.setattr(kernels, "backend", lambda weight: backend_named(name))
+    gen = torch.Generator().manual_seed(15)
+    D, H, B, span, prompt = 6, 4, 2, 12, 3
+    angles = torch.randn(span, D // 2, generator=gen).repeat(1, 2)
+    table = torch.stack([angles.cos(), angles.sin()])  # (2, span, D), as rotary_table builds it
+    norm = Qwen3RMSNorm(D, eps=1e-6)
+    norm.weight.data = torch.rand(D, generator=gen) + 0.5
+    heads, first = torch.tensor([0, 2, 3]), torch.tensor([3, 7, 10])  # head 3 writes nothing up to position 9
+    for last in (9, torch.tensor(9)):
+        keys = torch.randn(H * D, B * span, generator=gen)
+        want = keys.clone()
+        for i, head in enumerate(heads.tolist()):
+            for b in range(B):
+                columns = slice(b * span + int(first[i]), b * span + 10)
+                states = keys[head * D:(head + 1) * D, columns].t()  # (positions, D)
+                if with_norm:
+                    states = norm(states)
+                cos, sin = table[:, int(first[i]):10]
+                want[head * D:(head + 1) * D, columns] = (states * cos + rotate_half(states) * sin).t()
+        with torch.no_grad():
+            kernels.rotate_keys(keys, heads, first, last, table, D, B, prompt, norm if with_norm else None)
+        torch.testing.assert_close(keys, want)

@@ -101,13 +101,17 @@ class Llama(Family):
                table: Tensor | None = None) -> Tensor:
         from transformers.models.llama.modeling_llama import rotate_half
 
-        if self.head_norms:
-            states = getattr(layer.self_attn, "q_norm" if role == "query" else "k_norm")(states)
+        norm = self.head_norm(layer, role)
+        if norm is not None:
+            states = norm(states)
         if table is None:
             cos, sin = self.backbone(model).rotary_emb(states, positions[None])
         else:
             cos, sin = table[:, positions.to(table.device)]
         return states * cos + rotate_half(states) * sin
+
+    def head_norm(self, layer: nn.Module, role: str) -> nn.Module | None:
+        return getattr(layer.self_attn, "q_norm" if role == "query" else "k_norm") if self.head_norms else None
 
     def rotary_table(self, model: nn.Module, positions: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         rotary = self.backbone(model).rotary_emb

@@ -112,6 +112,30 @@ class TorchGather:
         return out if bias is None else out + bias
 
     @staticmethod
+    def rotate_keys(keys: Tensor, heads: Tensor, first: Tensor, last: int | Tensor, table: Tensor, head_dim: int,
+                    requests: int, prompt: int, norm: tuple[Tensor, float] | None) -> None:
+        """Rotate in place the keys of key-value heads ``heads[i]`` at positions [first[i], last] of every request:
+        ``keys`` (H · head_dim, requests · span) with one row per unit, as ``rows_into`` writes them; each key
+        RMS-normalised over its head by ``norm`` (weight, epsilon) where given, then rotated by ``table``'s (2,
+        span, head_dim) cosines and sines as Llama's rotary embedding pairs dimensions (d with d + head_dim / 2), in
+        float32, rounded once. Every first is at least ``prompt``: the span from there to ``last`` (the whole cache
+        when ``last`` is a tensor) is rotated where written, a length the host knows."""
+        store = keys.view(-1, head_dim, requests, keys.shape[1] // requests)
+        end = store.shape[-1] if isinstance(last, Tensor) else last + 1
+        span = store[heads, :, :, prompt:end]  # (heads, head_dim, requests, T)
+        states = span.permute(0, 2, 3, 1).float()
+        if norm is not None:
+            weight, eps = norm
+            states = states * torch.rsqrt(states.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+        cos, sin = table[:, prompt:end].float()
+        half = head_dim // 2
+        rotated = states * cos + torch.cat([-states[..., half:], states[..., :half]], dim=-1) * sin
+        positions = torch.arange(prompt, end, device=keys.device)
+        wanted = (positions >= first[:, None, None]) & (positions <= last)  # (heads, 1, T)
+        store[heads, :, :, prompt:end] = torch.where(wanted[..., None], rotated.to(keys.dtype),
+                                                     span.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    @staticmethod
     def attend(query: Tensor, keys: Tensor, values: Tensor, heads: Tensor, head_dim: int, length: int) -> Tensor:
         """One position's attention output for the kept ``heads``: ``query`` (n · head_dim,) already scaled,
         ``keys`` and ``values`` (H · head_dim, positions) with one row per unit (perhaps column slices of a larger
@@ -207,6 +231,16 @@ def attend(query: Tensor, keys: Tensor, values: Tensor, heads: Tensor, head_dim:
     ``TorchGather.attend``); ``length`` may be a 0-d device tensor, as ``last`` of ``rows_into``."""
     kernels = backend(keys)
     return kernels.attend(query, keys, values, heads, head_dim, _on_host(kernels, length))
+
+
+def rotate_keys(keys: Tensor, heads: Tensor, first: Tensor, last: int | Tensor, table: Tensor, head_dim: int,
+                requests: int, prompt: int, norm: nn.Module | None = None) -> None:
+    """Rotate in place the keys just written at positions [first[i], last] of key-value heads ``heads[i]`` (see
+    ``TorchGather.rotate_keys``), normalised first by ``norm`` (an RMSNorm over each head) where given. Triton's
+    kernel reads and writes only those positions, in one launch; the others rotate the span from ``prompt``."""
+    rotate = getattr(backend(keys), "rotate_keys", TorchGather.rotate_keys)
+    parameters = None if norm is None else (norm.weight, norm.variance_epsilon)  # transformers' RMSNorm
+    rotate(keys, heads, first, last, table, head_dim, requests, prompt, parameters)
 
 
 def _transposed(linear: nn.Linear) -> Tensor:

@@ -244,6 +244,38 @@ def _attend_kernel(out, query, keys, values, heads, length, positions, head_dim,
     tl.store(out + h * head_dim + d, (total / mass).to(out.dtype.element_ty), mask=d < head_dim)
 
 
+@triton.jit
+def _rotate_kernel(keys, heads, first, last, table, norm, eps, head_dim, span, key_stride, table_stride,
+                   LAST_IN_MEMORY: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (i, b): the keys of key-value head ``heads[i]`` in request b at positions [first[i], last] (a value,
+    or where it points), in place: RMS-normalised over the head by ``norm``'s weights (HAS_NORM), then dimension d
+    < head_dim / 2 and its partner d + head_dim / 2 rotated by the cosines and sines of ``table`` (2, span,
+    head_dim), in float32, rounded once."""
+    i, b = tl.program_id(0), tl.program_id(1)
+    half = head_dim // 2
+    d = tl.arange(0, BLOCK_D)
+    present = d < half
+    lower = (tl.load(heads + i).to(tl.int64) * head_dim + d) * key_stride + b * span
+    upper = lower + half * key_stride
+    limit = tl.load(last) if LAST_IN_MEMORY else last
+    if HAS_NORM:
+        w1 = tl.load(norm + d, mask=present, other=0.0).to(tl.float32)
+        w2 = tl.load(norm + half + d, mask=present, other=0.0).to(tl.float32)
+    for position in range(tl.load(first + i), limit + 1):
+        x1 = tl.load(keys + lower + position, mask=present, other=0.0).to(tl.float32)
+        x2 = tl.load(keys + upper + position, mask=present, other=0.0).to(tl.float32)
+        if HAS_NORM:
+            scale = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / head_dim + eps)
+            x1, x2 = x1 * scale * w1, x2 * scale * w2
+        angles = table + position * head_dim + d
+        cos1 = tl.load(angles, mask=present, other=0.0).to(tl.float32)
+        cos2 = tl.load(angles + half, mask=present, other=0.0).to(tl.float32)
+        sin1 = tl.load(angles + table_stride, mask=present, other=0.0).to(tl.float32)
+        sin2 = tl.load(angles + table_stride + half, mask=present, other=0.0).to(tl.float32)
+        tl.store(keys + lower + position, (x1 * cos1 - x2 * sin1).to(keys.dtype.element_ty), mask=present)
+        tl.store(keys + upper + position, (x2 * cos2 + x1 * sin2).to(keys.dtype.element_ty), mask=present)
+
+
 class TritonGather:
     """``TorchGather``'s operations as Triton kernels (see there for each one's meaning)."""
 
@@ -353,6 +385,20 @@ class TritonGather:
                               scale.stride(0),
                               HAS_BIAS=bias is not None, BY_NONZERO=index is None, BLOCK_B=block_b)
         return out
+
+    @staticmethod
+    def rotate_keys(keys: Tensor, heads: Tensor, first: Tensor, last: int | Tensor, table: Tensor, head_dim: int,
+                    requests: int, prompt: int, norm: tuple[Tensor, float] | None) -> None:
+        """``TorchGather.rotate_keys`` in one launch, one program per key-value head and request, reading and
+        writing only the positions each head's keys were written at (``prompt`` is not needed)."""
+        if keys.stride(1) != 1 or table.stride(2) != 1 or table.stride(1) != head_dim:
+            raise ValueError("rotate_keys reads the cache and the table in place: both must have contiguous rows")
+        if len(heads):
+            weight, eps = norm if norm is not None else (None, 0.0)
+            _rotate_kernel[(len(heads), requests)](
+                keys, heads, first.contiguous(), last, table, weight, eps, head_dim, keys.shape[1] // requests,
+                keys.stride(0), table.stride(0), LAST_IN_MEMORY=isinstance(last, Tensor), HAS_NORM=norm is not None,
+                BLOCK_D=triton.next_power_of_2(max(head_dim // 2, 1)))
 
     @staticmethod
     def attend(query: Tensor, keys: Tensor, values: Tensor, heads: Tensor, head_dim: int,

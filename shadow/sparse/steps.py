@@ -202,8 +202,9 @@ class UnitStep:
             first = cache.done[kv_heads]  # a head kept again catches up on skipped positions
             kv_dims, first_rows = head_dims(kv_heads, D), first.repeat_interleave(D)
             kernels.rows_into_pair(cache.keys, key, cache.values, value, kv_dims, cache.inputs, first_rows, last, B)
-            if family.rotary:
-                self.rotate_new_keys(layer, cache, kv_heads, first, position, last)
+            if family.rotary:  # the keys just written, as attention reads them
+                kernels.rotate_keys(cache.keys, kv_heads, first, last, cache.rotary, D, B, cache.prompt,
+                                    family.head_norm(layer, "key"))
             cache.done.index_put_((kv_heads,), position + 1)
         dims = head_dims(queries, D)
         out = attend(self.parts, shape, index, kernels.rows(query, dims, h), queries, position, last, cache)
@@ -213,21 +214,6 @@ class UnitStep:
             queries = kept[index].queries.to(device)
             dims, out = head_dims(queries, D), out.view(B, -1, D).index_select(1, queries).flatten(1)
         return kernels.columns(output, dims, out)
-
-    def rotate_new_keys(self, layer: nn.Module, cache: LayerCache, kv_heads: Tensor, first: Tensor,
-                        position: Tensor, last: int | Tensor) -> None:
-        """Rotate the keys just written, positions [first[i], position] of each head ``kv_heads[i]`` in every
-        request, in place. Every first[i] is past the prompt, so the span from there to ``last`` (the whole cache
-        in a static step) is rotated where written: its length the host knows."""
-        D, B = self.shape.head_dim, cache.requests
-        store = cache.keys.view(-1, D, B, cache.keys.shape[1] // B)
-        end = store.shape[-1] if isinstance(last, Tensor) else last + 1
-        span = store[kv_heads, :, :, cache.prompt:end].permute(0, 2, 3, 1).flatten(0, 1)  # (heads·B, T, D)
-        positions = torch.arange(cache.prompt, end, device=span.device)
-        rotated = self.parts.family.rotate(self.parts.model, layer, "key", span, positions, cache.rotary)
-        wanted = ((positions[None] >= first.repeat_interleave(B)[:, None]) & (positions <= position))[..., None]
-        store[kv_heads, :, :, cache.prompt:end] = (torch.where(wanted, rotated, span)
-                                                    .unflatten(0, (len(kv_heads), B)).permute(0, 3, 1, 2))
 
 
 class ThresholdStep:
