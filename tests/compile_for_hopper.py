@@ -17,8 +17,9 @@ SHARED = 232448  # bytes of shared memory a block may take on an H100 or H200
 POINTERS = {"partials": "*fp32", "arrivals": "*i32", "index": "*i64", "first": "*i64", "heads": "*i64", "keep": "*i1",
             "last": "*i64", "length": "*i64"}  # others: float16 tensors
 INTEGERS = {"kept", "in_features", "span", "requests", "out_stride", "weight_stride", "inputs_stride", "batch",
-            "x_stride", "out_features", "scale_stride", "positions", "head_dim", "key_stride", "table_stride"}
-FLOATS = {"eps"}
+            "x_stride", "out_features", "scale_stride", "head_dim", "key_stride", "table_stride", "group_size",
+            "query_stride"}
+FLOATS = {"eps", "query_scale"}
 
 
 def compile_for_hopper(kernel: triton.JITFunction, constants: dict, config: triton.Config | None = None) -> int:
@@ -47,9 +48,10 @@ def main() -> None:
                 compiled.append((name, block_b, config, compile_for_hopper(
                     triton_gather._columns_kernel.fn, {"HAS_BIAS": True, "BY_NONZERO": by_nonzero,
                                                        "BLOCK_B": block_b}, config)))
-    compiled.append(("attend", 1, None, compile_for_hopper(
-        triton_gather._attend_kernel, {"LENGTH_IN_MEMORY": True, "BLOCK_T": triton_gather.BLOCK_POSITIONS,
-                                       "BLOCK_D": 128})))
+    for name, rotary in (("attend_queries", False), ("attend_queries_rotated", True)):
+        compiled.append((name, 1, None, compile_for_hopper(
+            triton_gather._attend_kernel, {"LAST_IN_MEMORY": True, "ROTARY": rotary, "HAS_NORM": rotary,
+                                           "BLOCK_T": triton_gather.BLOCK_POSITIONS, "BLOCK_D": 128})))
     compiled.append(("rotate_keys", 1, None, compile_for_hopper(
         triton_gather._rotate_kernel, {"LAST_IN_MEMORY": True, "HAS_NORM": True, "BLOCK_D": 64})))
     for name, block_b, config, shared in compiled:

@@ -187,10 +187,12 @@ def test_triton_kernels_round_the_float32_products_once(dtype):
     exact = torch.cat([values.float()[h * D:(h + 1) * D, :length] @ torch.softmax(
         query.float()[j * D:(j + 1) * D] @ keys.float()[h * D:(h + 1) * D, :length], dim=0)
         for j, h in enumerate(heads.tolist())])
-    close(TritonGather.attend(query, keys, values, heads, D, length), exact)
-    assert TritonGather.attend(query[:0], keys, values, heads[:0], D, length).shape == (0,)
+    close(TritonGather.attend_queries(query[None], keys, values, heads, 1, D, length - 1, 1, 1.0)[0], exact)
+    assert TritonGather.attend_queries(query[None, :0], keys, values, heads[:0], 1, D, length - 1, 1,
+                                       1.0).shape == (1, 0)
     store_k, store_v = (torch.cat([torch.randn_like(t), t], dim=1) for t in (keys, values))  # request 1 of two
-    close(TritonGather.attend(query, store_k[:, positions:], store_v[:, positions:], heads, D, length), exact)
+    both = torch.stack([torch.randn_like(query), query])
+    close(TritonGather.attend_queries(both, store_k, store_v, heads, 1, D, length - 1, 2, 1.0)[1], exact)
 
 
 class OutsideKernels(TorchDispatchMode):
@@ -275,21 +277,39 @@ def test_compiled_kernel_checks_its_inputs():
 
 
 @pytest.mark.parametrize("name", BACKENDS)
-def test_attend_is_attention_over_the_kept_heads(name):
+@pytest.mark.parametrize("rotary", ["none", "rotated", "normalised"])
+def test_attend_queries_is_attention_over_the_kept_heads(name, rotary, monkeypatch):
+    """``attend_queries`` through ``shadow.kernels`` on every backend (Triton's in one launch; the others rotate
+    and scale in torch, then attend each request): for a batch of two requests, query heads sharing key-value
+    heads, each query normalised by Qwen3's head norm (``normalised``) and rotated at its position (``rotated``
+    too), then scaled, attends over positions [0, last] of its key-value head's cache rows in its own request."""
+    from transformers.models.llama.modeling_llama import rotate_half
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    monkeypatch.setattr(kernels, "backend", lambda weight: backend_named(name))
     gen = torch.Generator().manual_seed(8)
-    H, D, positions, length = 6, 8, 11, 7
-    keys, values = torch.randn(H * D, positions, generator=gen), torch.randn(H * D, positions, generator=gen)
-    heads = torch.tensor([1, 2, 5])
-    query = torch.randn(len(heads) * D, generator=gen)
-    got = backend_named(name).attend(query, keys, values, heads, D, length)
-    # the same cache as the second request's span of a batch's store: read in place, rows strided
-    store_k, store_v = (torch.cat([torch.randn_like(t), t], dim=1) for t in (keys, values))
-    in_place = backend_named(name).attend(query, store_k[:, positions:], store_v[:, positions:], heads, D, length)
-    torch.testing.assert_close(in_place, got)
-    for j, head in enumerate(heads.tolist()):
-        k, v = keys[head * D:(head + 1) * D, :length], values[head * D:(head + 1) * D, :length]
-        weights = torch.softmax(query[j * D:(j + 1) * D] @ k, dim=0)  # positions past length are not read
-        torch.testing.assert_close(got[j * D:(j + 1) * D], v @ weights)
+    H, D, span, last, B, group, scale = 3, 8, 11, 6, 2, 2, 0.3
+    keys, values = torch.randn(H * D, B * span, generator=gen), torch.randn(H * D, B * span, generator=gen)
+    heads = torch.tensor([1, 2, 5])  # query heads: key-value heads 0, 1, 2
+    queries = torch.randn(B, len(heads) * D, generator=gen)
+    angles = torch.randn(span, D // 2, generator=gen).repeat(1, 2)
+    table = torch.stack([angles.cos(), angles.sin()])
+    norm = Qwen3RMSNorm(D, eps=1e-6)
+    norm.weight.data = torch.rand(D, generator=gen) + 0.5
+    with torch.no_grad():
+        got = kernels.attend_queries(queries, keys, values, heads, group, D, last, B, scale,
+                                     None if rotary == "none" else table,
+                                     (norm.weight, norm.variance_epsilon) if rotary == "normalised" else None)
+        for b in range(B):
+            for j, head in enumerate(heads.tolist()):
+                q = queries[b, j * D:(j + 1) * D]
+                if rotary == "normalised":
+                    q = norm(q)
+                if rotary != "none":
+                    q = q * table[0, last] + rotate_half(q) * table[1, last]
+                rows, columns = slice(head // group * D, (head // group + 1) * D), slice(b * span, b * span + last + 1)
+                weights = torch.softmax(q * scale @ keys[rows, columns], dim=0)  # later positions are not read
+                torch.testing.assert_close(got[b, j * D:(j + 1) * D], values[rows, columns] @ weights)
 
 
 @pytest.mark.parametrize("name", BACKENDS)
@@ -307,10 +327,10 @@ def test_positions_may_come_as_tensors(name, monkeypatch):
         assert torch.equal(told.isnan(), read.isnan()) and told[:, last + 1:].isnan().all()
         assert torch.equal(told.nan_to_num(), read.nan_to_num())
     keys, values = torch.randn(6 * 8, 11, generator=gen), torch.randn(6 * 8, 11, generator=gen)
-    heads, query = torch.tensor([1, 2, 5]), torch.randn(3 * 8, generator=gen)
-    for length in (1, 7):
-        assert torch.equal(kernels.attend(query, keys, values, heads, 8, length),
-                           kernels.attend(query, keys, values, heads, 8, torch.tensor(length)))
+    heads, queries = torch.tensor([1, 2, 5]), torch.randn(1, 3 * 8, generator=gen)
+    for last in (0, 6):
+        assert torch.equal(kernels.attend_queries(queries, keys, values, heads, 1, 8, last, 1, 0.5),
+                           kernels.attend_queries(queries, keys, values, heads, 1, 8, torch.tensor(last), 1, 0.5))
 
 
 def test_gather_benchmark_prints_every_kernel(monkeypatch, capsys):
@@ -490,7 +510,7 @@ def test_triton_kernels_compile_for_hopper():
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     compiled = done.stdout.split()
-    assert len(compiled) == 2 * 3 * 5 + 2 * 2 * 5 + 2, compiled  # batch blocks × variants × settings; attend, rotate
+    assert len(compiled) == 2 * 3 * 5 + 2 * 2 * 5 + 3, compiled  # batch blocks × variants × settings; 3 more
 
 
 def test_kernels_are_tuned_on_cuda_unless_switched_off(monkeypatch):
@@ -539,5 +559,6 @@ def test_rotate_keys_rotates_exactly_the_written_keys(name, with_norm, monkeypat
                 cos, sin = table[:, int(first[i]):10]
                 want[head * D:(head + 1) * D, columns] = (states * cos + rotate_half(states) * sin).t()
         with torch.no_grad():
-            kernels.rotate_keys(keys, heads, first, last, table, D, B, prompt, norm if with_norm else None)
+            kernels.rotate_keys(keys, heads, first, last, table, D, B, prompt,
+                                (norm.weight, norm.variance_epsilon) if with_norm else None)
         torch.testing.assert_close(keys, want)

@@ -152,9 +152,9 @@ class Family(ABC):
         given. Without: unchanged (positions enter with the input)."""
         return states
 
-    def head_norm(self, layer: nn.Module, role: str) -> nn.Module | None:
-        """The RMSNorm a ``rotary`` family applies to each query or key head (``role``) before rotating it, where
-        it has one (Qwen3's)."""
+    def head_norm(self, layer: nn.Module, role: str) -> tuple[Tensor, float] | None:
+        """The weight and epsilon of the RMSNorm a ``rotary`` family applies to each query or key head (``role``)
+        before rotating it, where it has one (Qwen3's)."""
         return None
 
     def rotary_table(self, model: nn.Module, positions: int, device: torch.device, dtype: torch.dtype

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from shadow import kernels
 from shadow.arch.base import FFN, Activation, Attention, Family, Fetch, Shape
 from shadow.offload import resident
 
@@ -29,6 +30,12 @@ def _sizes(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: in
     return {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
             "num_key_value_heads": kv_heads, "intermediate_size": intermediate, "vocab_size": vocab,
             "tie_word_embeddings": tied, **extra}
+
+
+def rms_norm(norm: nn.Module, x: Tensor) -> Tensor:
+    """transformers' RMSNorm module on ``x`` as torch's one operation (fused on CUDA; the module's own forward is
+    six or eight kernels a call), summed in float32 alike."""
+    return nn.functional.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
 
 
 class Llama(Family):
@@ -99,19 +106,17 @@ class Llama(Family):
 
     def rotate(self, model: nn.Module, layer: nn.Module, role: str, states: Tensor, positions: Tensor,
                table: Tensor | None = None) -> Tensor:
-        from transformers.models.llama.modeling_llama import rotate_half
-
-        norm = self.head_norm(layer, role)
-        if norm is not None:
-            states = norm(states)
         if table is None:
             cos, sin = self.backbone(model).rotary_emb(states, positions[None])
         else:
             cos, sin = table[:, positions.to(table.device)]
-        return states * cos + rotate_half(states) * sin
+        return kernels.rotated(states, cos, sin, self.head_norm(layer, role))
 
-    def head_norm(self, layer: nn.Module, role: str) -> nn.Module | None:
-        return getattr(layer.self_attn, "q_norm" if role == "query" else "k_norm") if self.head_norms else None
+    def head_norm(self, layer: nn.Module, role: str) -> tuple[Tensor, float] | None:
+        if not self.head_norms:
+            return None
+        norm = getattr(layer.self_attn, "q_norm" if role == "query" else "k_norm")
+        return norm.weight, norm.variance_epsilon
 
     def rotary_table(self, model: nn.Module, positions: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         rotary = self.backbone(model).rotary_emb
@@ -127,9 +132,9 @@ class Llama(Family):
         for index, layer in enumerate(backbone.layers):
             with fetch(index):
                 x = x.to(layer.mlp.down_proj.weight.device)
-                x = x + attention(index, layer.input_layernorm(x))
-                x = x + ffn(index, layer.post_attention_layernorm(x))
-        return model.lm_head(backbone.norm(x)).float()
+                x = x + attention(index, rms_norm(layer.input_layernorm, x))
+                x = x + ffn(index, rms_norm(layer.post_attention_layernorm, x))
+        return model.lm_head(rms_norm(backbone.norm, x)).float()
 
 
 class Mistral(Llama):

@@ -122,18 +122,11 @@ class TorchGather:
         when ``last`` is a tensor) is rotated where written, a length the host knows."""
         store = keys.view(-1, head_dim, requests, keys.shape[1] // requests)
         end = store.shape[-1] if isinstance(last, Tensor) else last + 1
-        span = store[heads, :, :, prompt:end]  # (heads, head_dim, requests, T)
-        states = span.permute(0, 2, 3, 1).float()
-        if norm is not None:
-            weight, eps = norm
-            states = states * torch.rsqrt(states.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
-        cos, sin = table[:, prompt:end].float()
-        half = head_dim // 2
-        rotated = states * cos + torch.cat([-states[..., half:], states[..., :half]], dim=-1) * sin
+        span = store[heads, :, :, prompt:end].permute(0, 2, 3, 1)  # (heads, requests, T, head_dim)
         positions = torch.arange(prompt, end, device=keys.device)
         wanted = (positions >= first[:, None, None]) & (positions <= last)  # (heads, 1, T)
-        store[heads, :, :, prompt:end] = torch.where(wanted[..., None], rotated.to(keys.dtype),
-                                                     span.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        store[heads, :, :, prompt:end] = torch.where(wanted[..., None], rotated(span, *table[:, prompt:end], norm),
+                                                     span).permute(0, 3, 1, 2)
 
     @staticmethod
     def attend(query: Tensor, keys: Tensor, values: Tensor, heads: Tensor, head_dim: int, length: int) -> Tensor:
@@ -145,6 +138,18 @@ class TorchGather:
                         for store in (keys, values))
         return nn.functional.scaled_dot_product_attention(query.view(1, -1, 1, head_dim), keys, values,
                                                           scale=1.0).flatten()
+
+
+def rotated(states: Tensor, cos: Tensor, sin: Tensor, norm: tuple[Tensor, float] | None = None) -> Tensor:
+    """Llama's rotary embedding of ``states`` (..., head_dim) by ``cos`` and ``sin`` (broadcast to them),
+    dimension d paired with d + head_dim / 2, after an RMSNorm over each head by ``norm`` (weight, epsilon) where
+    given (Qwen3's head norms): in float32, rounded to ``states``' dtype once, as the Triton kernels compute it."""
+    x = states.float()
+    if norm is not None:
+        weight, eps = norm
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    half = x.shape[-1] // 2
+    return (x * cos.float() + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin.float()).to(states.dtype)
 
 
 @functools.cache
@@ -226,21 +231,35 @@ def rows(linear: nn.Linear, index: Tensor, x: Tensor) -> Tensor:
     return backend(linear.weight).rows(linear.weight, linear.bias, index, x.contiguous())
 
 
-def attend(query: Tensor, keys: Tensor, values: Tensor, heads: Tensor, head_dim: int, length: int | Tensor) -> Tensor:
-    """Attention of one position over the first ``length`` cached positions, for the kept ``heads`` only (see
-    ``TorchGather.attend``); ``length`` may be a 0-d device tensor, as ``last`` of ``rows_into``."""
-    kernels = backend(keys)
-    return kernels.attend(query, keys, values, heads, head_dim, _on_host(kernels, length))
-
-
 def rotate_keys(keys: Tensor, heads: Tensor, first: Tensor, last: int | Tensor, table: Tensor, head_dim: int,
-                requests: int, prompt: int, norm: nn.Module | None = None) -> None:
+                requests: int, prompt: int, norm: tuple[Tensor, float] | None = None) -> None:
     """Rotate in place the keys just written at positions [first[i], last] of key-value heads ``heads[i]`` (see
-    ``TorchGather.rotate_keys``), normalised first by ``norm`` (an RMSNorm over each head) where given. Triton's
-    kernel reads and writes only those positions, in one launch; the others rotate the span from ``prompt``."""
+    ``TorchGather.rotate_keys``), normalised first by ``norm`` (an RMSNorm's weight and epsilon) where given.
+    Triton's kernel reads and writes only those positions, in one launch; the others rotate the span from
+    ``prompt``."""
     rotate = getattr(backend(keys), "rotate_keys", TorchGather.rotate_keys)
-    parameters = None if norm is None else (norm.weight, norm.variance_epsilon)  # transformers' RMSNorm
-    rotate(keys, heads, first, last, table, head_dim, requests, prompt, parameters)
+    rotate(keys, heads, first, last, table, head_dim, requests, prompt, norm)
+
+
+def attend_queries(queries: Tensor, keys: Tensor, values: Tensor, heads: Tensor, group_size: int, head_dim: int,
+                   last: int | Tensor, requests: int, scale: float, table: Tensor | None = None,
+                   norm: tuple[Tensor, float] | None = None) -> Tensor:
+    """One step's attention output (B, n · head_dim) for the query heads ``heads`` (n,) of a batch's (B, n ·
+    head_dim) query projections at position ``last`` (an int, or a 0-d device tensor), over positions [0, last]
+    of the caches ``keys`` and ``values`` ((H · head_dim, B · span), each request's span one after another, as
+    ``rows_into`` writes them), each head over its key-value head ``heads // group_size``. Each query is first
+    normalised by ``norm`` and rotated by ``table``'s row ``last`` (see ``rotated``) where given, then scaled.
+    Triton's kernel does it all in one launch; elsewhere torch rotates and scales, then each request attends."""
+    kernels = backend(keys)
+    if hasattr(kernels, "attend_queries"):
+        return kernels.attend_queries(queries, keys, values, heads, group_size, head_dim, last, requests, scale,
+                                      table, norm)
+    if table is not None:
+        queries = rotated(queries.view(requests, -1, head_dim), *table[:, last, None], norm).flatten(1)
+    queries, groups, span = queries * scale, heads // group_size, keys.shape[1] // requests
+    return torch.stack([kernels.attend(queries[b], keys[:, b * span:(b + 1) * span],
+                                       values[:, b * span:(b + 1) * span], groups, head_dim,
+                                       _on_host(kernels, last + 1)) for b in range(requests)])
 
 
 def _transposed(linear: nn.Linear) -> Tensor:

@@ -215,33 +215,52 @@ def _columns_kernel(out, partials, arrivals, weight_t, bias, index, scale, kept,
 
 
 @triton.jit
-def _attend_kernel(out, query, keys, values, heads, length, positions, head_dim, LENGTH_IN_MEMORY: tl.constexpr,
-                   BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program h: attention of kept query head h over positions [0, length) of its cache rows ``heads[h]`` (length
-    a value, or where it points), with a running maximum so that the softmax is one pass."""
-    h = tl.program_id(0)
-    if LENGTH_IN_MEMORY:
-        length = tl.load(length)
-    base = tl.load(heads + h).to(tl.int64) * head_dim * positions
+def _attend_kernel(out, queries, keys, values, heads, last, table, norm, eps, query_scale, group_size, head_dim,
+                   span, key_stride, query_stride, out_stride, table_stride, LAST_IN_MEMORY: tl.constexpr,
+                   ROTARY: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (j, b): the attention output of query j of request b (``queries[b, j·head_dim:]``) at position
+    ``last`` (a value, or where it points) over positions [0, last] of its key-value head ``heads[j] //
+    group_size``'s cache rows in request b's span; the query first RMS-normalised by ``norm`` (HAS_NORM) and
+    rotated by ``table``'s row ``last`` as ``rotated`` does (ROTARY), then scaled by ``query_scale``. A running
+    maximum makes the softmax one pass."""
+    j, b = tl.program_id(0), tl.program_id(1)
+    length = (tl.load(last) if LAST_IN_MEMORY else last) + 1
+    base = (tl.load(heads + j) // group_size).to(tl.int64) * head_dim * key_stride + b * span
     d = tl.arange(0, BLOCK_D)
-    q = tl.load(query + h * head_dim + d, mask=d < head_dim, other=0.0).to(tl.float32)
+    present = d < head_dim
+    at = queries + b * query_stride + j * head_dim
+    q = tl.load(at + d, mask=present, other=0.0).to(tl.float32)
+    if ROTARY:
+        half = head_dim // 2
+        partner = tl.load(at + tl.where(d < half, d + half, d - half), mask=present, other=0.0).to(tl.float32)
+        if HAS_NORM:
+            gain = tl.load(norm + d, mask=present, other=0.0).to(tl.float32)
+            partner_gain = tl.load(norm + tl.where(d < half, d + half, d - half), mask=present,
+                                   other=0.0).to(tl.float32)
+            rms = tl.rsqrt(tl.sum(q * q, axis=0) / head_dim + eps)
+            q, partner = q * rms * gain, partner * rms * partner_gain
+        angles = table + (length - 1) * head_dim + d
+        cos = tl.load(angles, mask=present, other=0.0).to(tl.float32)
+        sin = tl.load(angles + table_stride, mask=present, other=0.0).to(tl.float32)
+        q = q * cos + tl.where(d < half, -partner, partner) * sin
+    q = q.to(queries.dtype.element_ty).to(tl.float32) * query_scale  # rounded as the model's query
     highest = tl.max(tl.full([BLOCK_T], float("-inf"), tl.float32), axis=0)
     mass = tl.sum(tl.zeros([BLOCK_T], tl.float32), axis=0)
     total = tl.zeros([BLOCK_D], dtype=tl.float32)
     for start in range(0, length, BLOCK_T):
         t = start + tl.arange(0, BLOCK_T)
-        where = base + d[:, None] * positions + t[None, :]
-        present = (d[:, None] < head_dim) & (t[None, :] < length)
-        k = tl.load(keys + where, mask=present, other=0.0).to(tl.float32)
+        where = base + d[:, None] * key_stride + t[None, :]
+        loaded = present[:, None] & (t[None, :] < length)
+        k = tl.load(keys + where, mask=loaded, other=0.0).to(tl.float32)
         score = tl.where(t < length, tl.sum(k * q[:, None], axis=0), float("-inf"))
         new_highest = tl.maximum(highest, tl.max(score, axis=0))
         decay = tl.exp(highest - new_highest)
         weight = tl.exp(score - new_highest)
-        v = tl.load(values + where, mask=present, other=0.0).to(tl.float32)
+        v = tl.load(values + where, mask=loaded, other=0.0).to(tl.float32)
         total = total * decay + tl.sum(v * weight[None, :], axis=1)
         mass = mass * decay + tl.sum(weight, axis=0)
         highest = new_highest
-    tl.store(out + h * head_dim + d, (total / mass).to(out.dtype.element_ty), mask=d < head_dim)
+    tl.store(out + b * out_stride + j * head_dim + d, (total / mass).to(out.dtype.element_ty), mask=present)
 
 
 @triton.jit
@@ -279,7 +298,7 @@ def _rotate_kernel(keys, heads, first, last, table, norm, eps, head_dim, span, k
 class TritonGather:
     """``TorchGather``'s operations as Triton kernels (see there for each one's meaning)."""
 
-    positions_on_device = True  # ``last`` and ``length`` may be 0-d device tensors
+    positions_on_device = True  # ``last`` may be a 0-d device tensor
 
     @staticmethod
     def rows_into(out: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, inputs: Tensor, first: Tensor,
@@ -401,16 +420,21 @@ class TritonGather:
                 BLOCK_D=triton.next_power_of_2(max(head_dim // 2, 1)))
 
     @staticmethod
-    def attend(query: Tensor, keys: Tensor, values: Tensor, heads: Tensor, head_dim: int,
-               length: int | Tensor) -> Tensor:
-        """One position's attention output for the kept query heads, each over its cache rows ``heads[i]``; keys and
-        values may be column slices of a larger store (rows contiguous); ``length`` perhaps a 0-d device tensor."""
+    def attend_queries(queries: Tensor, keys: Tensor, values: Tensor, heads: Tensor, group_size: int, head_dim: int,
+                       last: int | Tensor, requests: int, scale: float, table: Tensor | None = None,
+                       norm: tuple[Tensor, float] | None = None) -> Tensor:
+        """``shadow.kernels.attend_queries`` in one launch: one program per query head and request, the query
+        normalised, rotated and scaled in it."""
         if keys.stride(1) != 1 or keys.stride() != values.stride():
             raise ValueError("attend reads the cache in place: keys and values must have contiguous rows alike")
-        out = query.new_empty(len(heads) * head_dim)
+        queries = queries.contiguous()
+        out = queries.new_empty(requests, len(heads) * head_dim)
         if len(heads):
-            _attend_kernel[(len(heads),)](out, query.contiguous(), keys, values, heads, length, keys.stride(0),
-                                          head_dim, LENGTH_IN_MEMORY=isinstance(length, Tensor),
-                                          BLOCK_T=BLOCK_POSITIONS,
-                                          BLOCK_D=triton.next_power_of_2(head_dim))
+            weight, eps = norm if norm is not None else (None, 0.0)
+            _attend_kernel[(len(heads), requests)](
+                out, queries, keys, values, heads, last, table, weight, eps, scale, group_size, head_dim,
+                keys.shape[1] // requests, keys.stride(0), queries.stride(0), out.stride(0),
+                table.stride(0) if table is not None else 0, LAST_IN_MEMORY=isinstance(last, Tensor),
+                ROTARY=table is not None, HAS_NORM=norm is not None, BLOCK_T=BLOCK_POSITIONS,
+                BLOCK_D=triton.next_power_of_2(head_dim))
         return out

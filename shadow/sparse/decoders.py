@@ -53,7 +53,7 @@ class TokenDecoder:
 
     A static step launches the same kernels with the same arguments at every position: the position is a device
     tensor the kernels read, the row gathers that fill the KV cache launch over its whole length (programs past the
-    position return at once) and rotary keys are rotated over it. On CUDA a static step is captured once as a CUDA
+    position return at once) and the new keys' rotation loops up to it. On CUDA a static step is captured once as a CUDA
     graph and replayed for every later token, which removes the launch overhead of its hundreds of small kernels.
     That needs the kept counts known in advance (a local policy, a batch of one: a batch's union varies), the
     Triton kernels, and the model and predictor on one GPU with nothing offloaded; under a global or hybrid policy

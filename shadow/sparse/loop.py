@@ -38,11 +38,6 @@ class LayerCache:
     requests: int  # B
     rotary: Tensor | None = None  # a rotary family's (2, P, head_dim) cosines and sines, shared by the layers
 
-    def request(self, b: int) -> tuple[Tensor, Tensor]:
-        """Request b's keys and values, (key-value heads · head_dim, P) views of the stores."""
-        span = self.keys.shape[1] // self.requests
-        return self.keys[:, b * span:(b + 1) * span], self.values[:, b * span:(b + 1) * span]
-
 
 PromptCache = list[tuple[Tensor, Tensor]]  # per layer: keys and values, (B, key-value heads, T, head_dim) each
 Prompt = Callable[[Tensor], tuple[Tensor, PromptCache]]  # (B, T) ids → (B, V) last logits and the prompt's cache

@@ -85,17 +85,15 @@ def write_keys_values(parts: ModelParts, shape: Shape, index: int, h: Tensor, po
         store.view(store.shape[0], B, -1).index_copy_(2, position.view(1), new.t()[..., None].to(store.dtype))
 
 
-def attend(parts: ModelParts, shape: Shape, index: int, queries: Tensor, heads: Tensor, position: Tensor,
-           last: int | Tensor, cache: LayerCache) -> Tensor:
-    """The attention of the query heads ``heads`` over the cache, (B, len(heads) · head_dim), from their (B,
-    len(heads) · head_dim) projections: rotated, scaled, each over its key-value group's cache rows, positions up to
-    ``last``."""
-    family, layer, D, B = parts.family, parts.layers[index], shape.head_dim, cache.requests
-    if family.rotary:
-        queries = family.rotate(parts.model, layer, "query", queries.view(-1, 1, D), position.view(1), cache.rotary)
-    queries = queries.reshape(B, -1) * family.scaling(layer)
-    groups = heads // shape.group_size
-    return torch.stack([kernels.attend(queries[b], *cache.request(b), groups, D, last + 1) for b in range(B)])
+def attend(parts: ModelParts, shape: Shape, index: int, queries: Tensor, heads: Tensor, last: int | Tensor,
+           cache: LayerCache) -> Tensor:
+    """The attention of the query heads ``heads`` at position ``last`` over the cache, (B, len(heads) · head_dim),
+    from their (B, len(heads) · head_dim) projections: rotated, scaled, each over its key-value group's cache rows,
+    positions up to ``last``."""
+    family, layer = parts.family, parts.layers[index]
+    table = cache.rotary if family.rotary else None
+    return kernels.attend_queries(queries, cache.keys, cache.values, heads, shape.group_size, shape.head_dim, last,
+                                  cache.requests, family.scaling(layer), table, family.head_norm(layer, "query"))
 
 
 def every_head(parts: ModelParts, shape: Shape, index: int, h: Tensor, position: Tensor, last: int | Tensor,
@@ -106,7 +104,7 @@ def every_head(parts: ModelParts, shape: Shape, index: int, h: Tensor, position:
     position = position.to(h.device)  # a no-op but across the GPUs of a split model
     write_keys_values(parts, shape, index, h, position, cache, project)
     every = torch.arange(shape.query_heads, device=h.device)
-    return project("output", attend(parts, shape, index, project("query", h), every, position, last, cache))
+    return project("output", attend(parts, shape, index, project("query", h), every, last, cache))
 
 
 def dense_ffn(parts: ModelParts, index: int, h: Tensor) -> Tensor:
@@ -207,7 +205,7 @@ class UnitStep:
                                     family.head_norm(layer, "key"))
             cache.done.index_put_((kv_heads,), position + 1)
         dims = head_dims(queries, D)
-        out = attend(self.parts, shape, index, kernels.rows(query, dims, h), queries, position, last, cache)
+        out = attend(self.parts, shape, index, kernels.rows(query, dims, h), queries, last, cache)
         if index in self.units.feature_layers:
             self.units.predict(index, h.new_zeros(B, output.in_features).index_copy_(1, dims, out), kept)
         if known is None:  # every head was computed: the output reads those the mask now keeps
