@@ -562,3 +562,33 @@ def test_rotate_keys_rotates_exactly_the_written_keys(name, with_norm, monkeypat
             kernels.rotate_keys(keys, heads, first, last, table, D, B, prompt,
                                 (norm.weight, norm.variance_epsilon) if with_norm else None)
         torch.testing.assert_close(keys, want)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_heads_given_as_units_read_their_rows(name, monkeypatch):
+    """Entries that name ``unit`` rows each (heads of head_dim rows) through ``shadow.kernels`` on every backend
+    (Triton's kernels expand them; the others get the rows): the same products as the rows themselves, for row
+    gathers, the catch-up of keys and values from each head's own first position in a batch, and column sums."""
+    monkeypatch.setattr(kernels, "backend", lambda weight: backend_named(name))
+    gen = torch.Generator().manual_seed(16)
+    D, B, span = 5, 3, 7
+    linear, second = torch.nn.Linear(24, 30), torch.nn.Linear(24, 30)  # 6 heads of 5
+    heads, first = torch.tensor([0, 2, 5]), torch.tensor([1, 6, 3])
+    rows = kernels.unit_rows(heads, D)
+    assert rows.tolist() == [0, 1, 2, 3, 4, 10, 11, 12, 13, 14, 25, 26, 27, 28, 29]
+    x, inputs = torch.randn(B, 24, generator=gen), torch.randn(B * span, 24, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(kernels.rows(linear, heads, x, D), kernels.rows(linear, rows, x))
+        by_heads, by_rows = (torch.full((30, B * span), float("nan")) for _ in range(2))
+        paired = torch.full((30, B * span), float("nan"))
+        kernels.rows_into_pair(by_heads, linear, paired, second, heads, inputs, first, 5, B, D)
+        kernels.rows_into(by_rows, linear, rows, inputs, first.repeat_interleave(D), 5, B)
+        assert torch.equal(by_heads.isnan(), by_rows.isnan())
+        torch.testing.assert_close(by_heads.nan_to_num(), by_rows.nan_to_num())
+        written = ~paired.isnan()
+        torch.testing.assert_close(paired[written], (second(inputs).t())[written])
+        assert torch.equal(written, ~by_rows.isnan())
+        down = torch.nn.Linear(30, 8)
+        down.weight.data = down.weight.data.t().contiguous().t()  # stored transposed, as the decoders store it
+        z = torch.randn(B, len(rows), generator=gen)
+        torch.testing.assert_close(kernels.columns(down, heads, z, D), kernels.columns(down, rows, z))

@@ -362,12 +362,12 @@ def test_a_static_step_launches_the_same_work_at_every_position(family, monkeypa
     launches = Launches()
 
     class Recorded:  # the Triton kernels (in the interpreter), their calls logged with the other operations
-        positions_on_device = True
+        positions_on_device = units_in_kernel = True
 
         def __getattr__(self, name):
-            def call(*args):
-                launches.log.append((name, signature(args)))
-                return getattr(TritonGather, name)(*args)
+            def call(*args, **kwargs):
+                launches.log.append((name, signature(args), signature(sorted(kwargs.items()))))
+                return getattr(TritonGather, name)(*args, **kwargs)
             return call
 
     pytest.importorskip("triton")

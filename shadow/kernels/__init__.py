@@ -196,39 +196,61 @@ def backend(weight: Tensor) -> ModuleType | type:
     return TorchGather
 
 
+def unit_rows(index: Tensor, unit: int) -> Tensor:
+    """The rows of the entries ``index`` that name ``unit`` consecutive rows each (a head's ``head_dim``), in
+    order: rows [index[i]·unit, (index[i] + 1)·unit) for each i."""
+    return (index[:, None] * unit + torch.arange(unit, device=index.device)).flatten()
+
+
+def _units(kernels: ModuleType | type, index: Tensor, unit: int, first: Tensor | None = None
+           ) -> tuple[Tensor, Tensor | None, dict]:
+    """``index`` (and each entry's ``first``) as ``kernels`` take them: Triton's expand each entry's ``unit`` rows
+    themselves (``unit`` passed on); the others get the rows (and their firsts)."""
+    if getattr(kernels, "units_in_kernel", False):
+        return index, first, {"unit": unit}
+    if unit == 1:
+        return index, first, {}
+    return unit_rows(index, unit), None if first is None else first.repeat_interleave(unit), {}
+
+
 def _on_host(kernels: ModuleType | type, value: int | Tensor) -> int | Tensor:
     """A position as ``kernels`` take it: Triton's read a 0-d device tensor where it is; the others, on the host."""
     return int(value) if isinstance(value, Tensor) and not getattr(kernels, "positions_on_device", False) else value
 
 
 def rows_into(out: Tensor, linear: nn.Linear, index: Tensor, inputs: Tensor, first: Tensor, last: int | Tensor,
-              requests: int = 1) -> None:
+              requests: int = 1, unit: int = 1) -> None:
     """Write ``linear(inputs[p])[index[i]]`` to ``out[index[i], p]`` for p in [first[i], last], reading only the
     rows ``index`` (sorted) of the weight, each once. ``out``: (out_features, positions), ``inputs``: (positions,
     in); with ``requests`` > 1, both hold that many requests' equal spans of positions one after another, and the
     positions are those of each span. ``last`` may be a 0-d tensor on the weight's device: the Triton kernels then
-    launch over the whole span whatever its value (a host read for the others)."""
+    launch over the whole span whatever its value (a host read for the others). With ``unit`` > 1 each entry of
+    ``index`` (and of ``first``) names ``unit`` consecutive rows (``unit_rows``): a head's."""
     kernels = backend(linear.weight)
-    kernels.rows_into(out, linear.weight, linear.bias, index, inputs, first, _on_host(kernels, last), requests)
+    index, first, units = _units(kernels, index, unit, first)
+    kernels.rows_into(out, linear.weight, linear.bias, index, inputs, first, _on_host(kernels, last), requests,
+                      **units)
 
 
 def rows_into_pair(out: Tensor, linear: nn.Linear, out2: Tensor, linear2: nn.Linear, index: Tensor, inputs: Tensor,
-                   first: Tensor, last: int | Tensor, requests: int = 1) -> None:
+                   first: Tensor, last: int | Tensor, requests: int = 1, unit: int = 1) -> None:
     """``rows_into`` of two projections of one shape at the same rows and positions (a layer's keys and values):
     one pass over the inputs with Triton's kernels, two with the others."""
     kernels = backend(linear.weight)
     if hasattr(kernels, "rows_into_pair") and (linear.bias is None) == (linear2.bias is None):
         kernels.rows_into_pair(out, linear.weight, linear.bias, out2, linear2.weight, linear2.bias, index, inputs,
-                               first, last, requests)
+                               first, last, requests, unit)
         return
-    rows_into(out, linear, index, inputs, first, last, requests)
-    rows_into(out2, linear2, index, inputs, first, last, requests)
+    rows_into(out, linear, index, inputs, first, last, requests, unit)
+    rows_into(out2, linear2, index, inputs, first, last, requests, unit)
 
 
-def rows(linear: nn.Linear, index: Tensor, x: Tensor) -> Tensor:
-    """``linear(x)[..., index]`` for a batch (B, in) of inputs, reading only the rows ``index`` (sorted) of the
-    weight, each once for the batch."""
-    return backend(linear.weight).rows(linear.weight, linear.bias, index, x.contiguous())
+def rows(linear: nn.Linear, index: Tensor, x: Tensor, unit: int = 1) -> Tensor:
+    """``linear(x)[..., rows]`` for a batch (B, in) of inputs, reading only those rows (sorted) of the weight, each
+    once for the batch: ``index``, or with ``unit`` > 1 the ``unit`` rows of each of its entries (a head's)."""
+    kernels = backend(linear.weight)
+    index, _, units = _units(kernels, index, unit)
+    return kernels.rows(linear.weight, linear.bias, index, x.contiguous(), **units)
 
 
 def rotate_keys(keys: Tensor, heads: Tensor, first: Tensor, last: int | Tensor, table: Tensor, head_dim: int,
@@ -310,8 +332,11 @@ def columns_nonzero(linear: nn.Linear, x: Tensor) -> Tensor:
     return kernels.columns_nonzero(weight_t, linear.bias, x.contiguous())
 
 
-def columns(linear: nn.Linear, index: Tensor, x: Tensor) -> Tensor:
-    """``x @ W[:, index]ᵀ + b`` for a batch (B, kept), reading only the columns ``index`` of W, stored transposed
-    (``weight.t()`` contiguous) so that each column is one contiguous row, each once for the batch."""
+def columns(linear: nn.Linear, index: Tensor, x: Tensor, unit: int = 1) -> Tensor:
+    """``x @ W[:, columns]ᵀ + b`` for a batch (B, kept), reading only those columns of W: ``index``, or with
+    ``unit`` > 1 the ``unit`` columns of each of its entries (a head's). W is stored transposed (``weight.t()``
+    contiguous) so that each column is one contiguous row, read once for the batch."""
     weight_t = _transposed(linear)
-    return backend(weight_t).columns(weight_t, linear.bias, index, x.contiguous())
+    kernels = backend(weight_t)
+    index, _, units = _units(kernels, index, unit)
+    return kernels.columns(weight_t, linear.bias, index, x.contiguous(), **units)

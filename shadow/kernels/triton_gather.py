@@ -62,7 +62,7 @@ def _arrivals(device: torch.device, tiles: int) -> Tensor:
 @triton.autotune(configs=_candidates(*ROWS), key=["in_features", "PAIRED", "LAST_IN_MEMORY", "BLOCK_B"],
                  cache_results=True)
 @triton.jit
-def _rows_kernel(out, weight, bias, out2, weight2, bias2, index, inputs, first, last, kept, in_features, span,
+def _rows_kernel(out, weight, bias, out2, weight2, bias2, index, inputs, first, last, kept, unit, in_features, span,
                  requests, out_stride, weight_stride, inputs_stride, HAS_BIAS: tl.constexpr, PAIRED: tl.constexpr,
                  LAST_IN_MEMORY: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
                  BLOCK_K: tl.constexpr):
@@ -71,12 +71,13 @@ def _rows_kernel(out, weight, bias, out2, weight2, bias2, index, inputs, first, 
     <= p (input row and output column b·span + p), each weight tile loaded once for those requests: a grid that
     does not grow with the context, each program looping over the positions its rows catch up on (one, the
     current, unless a row returns after being skipped). PAIRED: the same rows of a second weight (a key's value
-    projection) into ``out2``, in the same pass over the inputs."""
+    projection) into ``out2``, in the same pass over the inputs. Kept row ``slot`` is row ``slot % unit`` of entry
+    ``index[slot // unit]``'s ``unit`` (a head's ``head_dim`` rows), from its entry's first position."""
     block, chunk = tl.program_id(0), tl.program_id(1)
     slot = block * BLOCK_R + tl.arange(0, BLOCK_R)
     valid = slot < kept
-    row = tl.load(index + slot, mask=valid, other=0)
-    starts = tl.load(first + slot, mask=valid, other=0)
+    row = tl.load(index + slot // unit, mask=valid, other=0) * unit + slot % unit
+    starts = tl.load(first + slot // unit, mask=valid, other=0)
     limit = tl.load(last) if LAST_IN_MEMORY else last
     lowest = tl.maximum(tl.min(tl.where(valid, starts, span), axis=0), 0)
     b = chunk * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -114,15 +115,16 @@ def _rows_kernel(out, weight, bias, out2, weight2, bias2, index, inputs, first, 
 @triton.autotune(configs=_candidates(*ROWS), key=["out_features", "in_features", "BY_MASK", "GATED", "BLOCK_B"],
                  cache_results=True)
 @triton.jit
-def _batch_rows_kernel(out, weight, bias, up, up_bias, index, keep, x, kept, out_features, in_features, batch,
+def _batch_rows_kernel(out, weight, bias, up, up_bias, index, keep, x, kept, unit, out_features, in_features, batch,
                        weight_stride, x_stride, out_stride, HAS_BIAS: tl.constexpr, BY_MASK: tl.constexpr,
                        GATED: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (r, c): slots [r·BLOCK_R, (r+1)·BLOCK_R) for requests [c·BLOCK_B, (c+1)·BLOCK_B): ``out[b, slot] =
-    weight[row] · x[b] + bias[row]``, each weight tile loaded once for those requests, the products summed in a
-    float32 tile reduced once. Rows: ``index[slot]``; with BY_MASK the slots themselves, those where ``keep`` is
-    False written 0 and not read. GATED: ``silu(that) · (up[row] · x[b] + up_bias[row])``, a gated FFN's kept
-    units, both rows read in the same pass (``up`` laid out as ``weight``). ``out_features``, the weight's rows:
-    with ``in_features`` the layer's shape, which its launch setting is tuned for."""
+    weight[row] · x[b] + bias[row]``, each weight tile loaded once for those requests, the products summed in a float32
+    tile reduced once. Rows: row ``slot % unit`` of the ``unit`` rows of entry ``index[slot // unit]``; with BY_MASK the
+    slots themselves, those where ``keep`` is False written 0 and not read. GATED: ``silu(that) · (up[row] · x[b] +
+    up_bias[row])``, a gated FFN's kept units, both rows read in the same pass (``up`` laid out as ``weight``).
+    ``out_features``, the weight's rows: with ``in_features`` the layer's shape, which its launch setting is tuned
+    for."""
     block, chunk = tl.program_id(0), tl.program_id(1)
     slot = block * BLOCK_R + tl.arange(0, BLOCK_R)
     present = slot < kept
@@ -130,7 +132,7 @@ def _batch_rows_kernel(out, weight, bias, up, up_bias, index, keep, x, kept, out
         row = slot
         wanted = present & (tl.load(keep + slot, mask=present, other=0) != 0)
     else:
-        row = tl.load(index + slot, mask=present, other=0)
+        row = tl.load(index + slot // unit, mask=present, other=0) * unit + slot % unit
         wanted = present
     b = chunk * BLOCK_B + tl.arange(0, BLOCK_B)
     total = tl.zeros([BLOCK_R, BLOCK_B, BLOCK_K // BLOCK_B], dtype=tl.float32)
@@ -163,17 +165,17 @@ def _batch_rows_kernel(out, weight, bias, up, up_bias, index, keep, x, kept, out
 @triton.autotune(configs=_candidates(*COLUMNS), key=["in_features", "out_features", "BY_NONZERO", "BLOCK_B"],
                  cache_results=True)
 @triton.jit
-def _columns_kernel(out, partials, arrivals, weight_t, bias, index, scale, kept, in_features, out_features, batch,
-                    weight_stride, scale_stride, HAS_BIAS: tl.constexpr, BY_NONZERO: tl.constexpr,
+def _columns_kernel(out, partials, arrivals, weight_t, bias, index, scale, kept, unit, in_features, out_features,
+                    batch, weight_stride, scale_stride, HAS_BIAS: tl.constexpr, BY_NONZERO: tl.constexpr,
                     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, PER_SPLIT: tl.constexpr):
-    """Program (n, s, c): requests [c·BLOCK_B, (c+1)·BLOCK_B)' outputs [n·BLOCK_N, (n+1)·BLOCK_N) summed over split s
-    of the kept columns, each weight tile loaded once for those requests; split 0 adds the bias. Columns:
-    ``index[slot]`` scaled by ``scale[b, slot]``; with BY_NONZERO every column, scaled by ``scale[b, column]`` and
-    read only where some request's scale is not 0. With one split the program writes its tile of ``out``; with
-    more, each stores its float32 sum in ``partials`` (splits, B, out_features) and the last of a tile's splits to
-    arrive (counted in ``arrivals``, which it sets back to 0) adds them up and writes the tile: one launch.
-    ``in_features``, the transposed weight's rows: with ``out_features`` the layer's shape, which its launch
-    setting is tuned for."""
+    """Program (n, s, c): requests [c·BLOCK_B, (c+1)·BLOCK_B)' outputs [n·BLOCK_N, (n+1)·BLOCK_N) summed over split s of
+    the kept columns, each weight tile loaded once for those requests; split 0 adds the bias. Columns: row ``slot %
+    unit`` of the ``unit`` rows of entry ``index[slot // unit]``, scaled by ``scale[b, slot]``; with BY_NONZERO every
+    column, scaled by ``scale[b, column]`` and read only where some request's scale is not 0. With one split the program
+    writes its tile of ``out``; with more, each stores its float32 sum in ``partials`` (splits, B, out_features) and the
+    last of a tile's splits to arrive (counted in ``arrivals``, which it sets back to 0) adds them up and writes the
+    tile: one launch. ``in_features``, the transposed weight's rows: with ``out_features`` the layer's shape, which its
+    launch setting is tuned for."""
     block, split, chunk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     splits = tl.num_programs(1)
     column = block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -189,7 +191,7 @@ def _columns_kernel(out, partials, arrivals, weight_t, bias, index, scale, kept,
             row = slot
             present = present & (tl.max((s != 0).to(tl.int32), axis=0) > 0)
         else:
-            row = tl.load(index + slot, mask=present, other=0)
+            row = tl.load(index + slot // unit, mask=present, other=0) * unit + slot % unit
         w = tl.load(weight_t + row[:, None] * weight_stride + column[None, :],
                     mask=present[:, None] & (column[None, :] < out_features), other=0.0,
                     eviction_policy="evict_first").to(tl.float32)  # (BLOCK_I // BLOCK_B, BLOCK_N)
@@ -299,49 +301,52 @@ class TritonGather:
     """``TorchGather``'s operations as Triton kernels (see there for each one's meaning)."""
 
     positions_on_device = True  # ``last`` may be a 0-d device tensor
+    units_in_kernel = True  # an index entry may name ``unit`` consecutive rows (a head's), expanded in the kernels
 
     @staticmethod
     def rows_into(out: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, inputs: Tensor, first: Tensor,
-                  last: int | Tensor, requests: int = 1) -> None:
-        """``out[index[i], b·span + p] = weight[index[i]] · inputs[b·span + p] + bias[index[i]]`` for p in
-        [first[i], last] and each request b: one program per block of kept rows and request, looping over the
-        positions its rows need up to ``last`` (an int, or a 0-d device tensor the kernel reads), so that the grid
-        is the same at every position and does not grow with the context."""
-        TritonGather._rows_into(out, weight, bias, None, None, None, index, inputs, first, last, requests)
+                  last: int | Tensor, requests: int = 1, unit: int = 1) -> None:
+        """``out[r, b·span + p] = weight[r] · inputs[b·span + p] + bias[r]`` for the ``unit`` rows r of each entry
+        ``index[i]`` (rows [index[i]·unit, (index[i] + 1)·unit)), p in [first[i], last] and each request b: one
+        program per block of kept rows and of requests, looping over the positions its rows need up to ``last``
+        (an int, or a 0-d device tensor the kernel reads), so that the grid is the same at every position and
+        does not grow with the context."""
+        TritonGather._rows_into(out, weight, bias, None, None, None, index, inputs, first, last, requests, unit)
 
     @staticmethod
     def rows_into_pair(out: Tensor, weight: Tensor, bias: Tensor | None, out2: Tensor, weight2: Tensor,
                        bias2: Tensor | None, index: Tensor, inputs: Tensor, first: Tensor, last: int | Tensor,
-                       requests: int = 1) -> None:
+                       requests: int = 1, unit: int = 1) -> None:
         """``rows_into`` of two weights of one shape (a layer's key and value projections) at the same rows and
         positions, into two outputs of one layout, in one pass over the inputs (biases both or neither)."""
         if out2.stride() != out.stride():
             raise ValueError("rows_into_pair writes two outputs of one layout: out and out2 must have equal strides")
         TritonGather._rows_into(out, weight, bias, out2, weight2.contiguous(), bias2, index, inputs, first, last,
-                                requests)
+                                requests, unit)
 
     @staticmethod
     def _rows_into(out: Tensor, weight: Tensor, bias: Tensor | None, out2: Tensor | None, weight2: Tensor | None,
                    bias2: Tensor | None, index: Tensor, inputs: Tensor, first: Tensor, last: int | Tensor,
-                   requests: int) -> None:
+                   requests: int, unit: int) -> None:
         if out.stride(1) != 1:
             raise ValueError("rows_into writes in place: out must have contiguous rows")
         if len(index):
-            span, block_b = out.shape[1] // requests, _requests_block(requests)
+            span, block_b, kept = out.shape[1] // requests, _requests_block(requests), len(index) * unit
             weight, inputs = weight.contiguous(), inputs.contiguous()  # no copy when they are (as the decoder's are)
-            _rows_kernel[lambda meta: (triton.cdiv(len(index), meta["BLOCK_R"]), triton.cdiv(requests, block_b))](
-                out, weight, bias, out2, weight2, bias2, index, inputs, first.contiguous(), last, len(index),
+            _rows_kernel[lambda meta: (triton.cdiv(kept, meta["BLOCK_R"]), triton.cdiv(requests, block_b))](
+                out, weight, bias, out2, weight2, bias2, index, inputs, first.contiguous(), last, kept, unit,
                 weight.shape[1], span, requests, out.stride(0), weight.stride(0), inputs.stride(0),
                 HAS_BIAS=bias is not None, PAIRED=out2 is not None, LAST_IN_MEMORY=isinstance(last, Tensor),
                 BLOCK_B=block_b)
 
     @staticmethod
-    def rows(weight: Tensor, bias: Tensor | None, index: Tensor, x: Tensor) -> Tensor:
-        """``(x @ weightᵀ + bias)[:, index]`` for a batch x (B, in), computing only those rows, each weight tile
-        loaded once for the batch."""
-        out = x.new_empty(x.shape[0], len(index))
+    def rows(weight: Tensor, bias: Tensor | None, index: Tensor, x: Tensor, unit: int = 1) -> Tensor:
+        """``(x @ weightᵀ + bias)[:, rows]`` for a batch x (B, in), the ``unit`` rows of each entry of ``index`` in
+        order (rows [index[i]·unit, (index[i] + 1)·unit)), computing only those rows, each weight tile loaded once
+        for the batch."""
+        out = x.new_empty(x.shape[0], len(index) * unit)
         if len(index):
-            TritonGather._batch_rows(out, weight, bias, index, None, x, len(index))
+            TritonGather._batch_rows(out, weight, bias, index, None, x, len(index) * unit, unit)
         return out
 
     @staticmethod
@@ -351,7 +356,7 @@ class TritonGather:
         gated FFN's kept units, the gate and up rows of each read in one pass (biases both or neither)."""
         out = x.new_empty(x.shape[0], len(index))
         if len(index):
-            TritonGather._batch_rows(out, gate, gate_bias, index, None, x, len(index), up, up_bias)
+            TritonGather._batch_rows(out, gate, gate_bias, index, None, x, len(index), 1, up, up_bias)
         return out
 
     @staticmethod
@@ -359,36 +364,37 @@ class TritonGather:
         """``x @ weightᵀ + bias`` for a batch x (B, in) with the rows where ``keep`` (out,) is False left 0 and not
         read: a grid over every row, so nothing is read back."""
         out = x.new_empty(x.shape[0], weight.shape[0])
-        TritonGather._batch_rows(out, weight, bias, None, keep, x, weight.shape[0])
+        TritonGather._batch_rows(out, weight, bias, None, keep, x, weight.shape[0], 1)
         return out
 
     @staticmethod
     def _batch_rows(out: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor | None, keep: Tensor | None,
-                    x: Tensor, kept: int, up: Tensor | None = None, up_bias: Tensor | None = None) -> None:
+                    x: Tensor, kept: int, unit: int, up: Tensor | None = None, up_bias: Tensor | None = None) -> None:
         weight, x = weight.contiguous(), x.contiguous()
         up = up.contiguous() if up is not None else None
         block_b = _requests_block(x.shape[0])
         _batch_rows_kernel[lambda meta: (triton.cdiv(kept, meta["BLOCK_R"]), triton.cdiv(x.shape[0], block_b))](
-            out, weight, bias, up, up_bias, index, keep, x, kept, weight.shape[0], weight.shape[1], x.shape[0],
+            out, weight, bias, up, up_bias, index, keep, x, kept, unit, weight.shape[0], weight.shape[1], x.shape[0],
             weight.stride(0), x.stride(0), out.stride(0), HAS_BIAS=bias is not None, BY_MASK=keep is not None,
             GATED=up is not None, BLOCK_B=block_b)
 
     @staticmethod
-    def columns(weight_t: Tensor, bias: Tensor | None, index: Tensor, scale: Tensor) -> Tensor:
-        """``bias + Σ_i scale[:, i] · weight_t[index[i]]`` for a batch of scales (B, kept) in one launch, the kept
-        columns split over programs whose float32 sums the last to finish adds up, each weight tile loaded once for
-        the batch."""
-        return TritonGather._columns(weight_t, bias, index, scale, len(index))
+    def columns(weight_t: Tensor, bias: Tensor | None, index: Tensor, scale: Tensor, unit: int = 1) -> Tensor:
+        """``bias + Σ_i scale[:, i] · weight_t[rows[i]]`` for a batch of scales (B, kept), the rows the ``unit``
+        rows of each entry of ``index`` in order, in one launch: the kept columns split over programs whose float32
+        sums the last to finish adds up, each weight tile loaded once for the batch."""
+        return TritonGather._columns(weight_t, bias, index, scale, len(index) * unit, unit)
 
     @staticmethod
     def columns_nonzero(weight_t: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
         """``bias + x @ weight_t`` for a batch x (B, in), reading only the rows of ``weight_t`` (the columns of W)
         where some request's entry is not 0: the zero test inside the product, on a grid over every column, so
         nothing is read back (TEAL's and CATS' thresholded inputs)."""
-        return TritonGather._columns(weight_t, bias, None, x, weight_t.shape[0])
+        return TritonGather._columns(weight_t, bias, None, x, weight_t.shape[0], 1)
 
     @staticmethod
-    def _columns(weight_t: Tensor, bias: Tensor | None, index: Tensor | None, scale: Tensor, kept: int) -> Tensor:
+    def _columns(weight_t: Tensor, bias: Tensor | None, index: Tensor | None, scale: Tensor, kept: int,
+                 unit: int) -> Tensor:
         weight_t, scale = weight_t.contiguous(), scale.contiguous()
         batch, out_features = scale.shape[0], weight_t.shape[1]
         out = weight_t.new_empty(batch, out_features)
@@ -400,9 +406,9 @@ class TritonGather:
         most = grid({key: min(c.kwargs[key] for c in COLUMNS) for key in ("BLOCK_N", "PER_SPLIT")})  # any config's
         partials = torch.empty(most[1], batch, out_features, dtype=torch.float32, device=weight_t.device)
         _columns_kernel[grid](out, partials, _arrivals(weight_t.device, most[0] * chunks), weight_t, bias, index,
-                              scale, kept, weight_t.shape[0], out_features, batch, weight_t.stride(0),
-                              scale.stride(0),
-                              HAS_BIAS=bias is not None, BY_NONZERO=index is None, BLOCK_B=block_b)
+                              scale, kept, unit, weight_t.shape[0], out_features, batch, weight_t.stride(0),
+                              scale.stride(0), HAS_BIAS=bias is not None, BY_NONZERO=index is None,
+                              BLOCK_B=block_b)
         return out
 
     @staticmethod

@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch
 from torch import Tensor, nn
 
 from shadow.arch import Shape, family_of
+from shadow.kernels import unit_rows
 from shadow.offload import resident
 from shadow.policy import Masks
 
@@ -39,11 +39,6 @@ def _columns(layer: nn.Linear, index: Tensor) -> nn.Linear:
     if weight.t().is_contiguous():
         return _linear(weight.t().index_select(0, index).t(), bias)
     return _linear(weight.index_select(1, index).contiguous(), bias)
-
-
-def head_dims(heads: Tensor, head_dim: int) -> Tensor:
-    """The rows (or columns) of ``heads`` in a projection with ``head_dim`` of them per head."""
-    return (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).flatten()
 
 
 def pruned_groups(shape: Shape, heads: Tensor) -> tuple[Tensor, Tensor]:
@@ -75,11 +70,11 @@ def pruned(model: nn.Module, masks: Masks, shape: Shape) -> Iterator[None]:
             with resident(layer):  # the copies live on the layer's execution device, offloaded or not
                 device = family.head_output(layer).weight.device
                 query_kept, groups = pruned_groups(shape, masks.heads[0, index].to(device))
-                queries = head_dims(groups, shape.group_size)  # every query head of the kept groups
-                query_dims = head_dims(queries, shape.head_dim)
+                queries = unit_rows(groups, shape.group_size)  # every query head of the kept groups
+                query_dims = unit_rows(queries, shape.head_dim)
                 neurons = masks.neurons[0, index].nonzero().flatten().to(device)
                 gathers = ((family.query_rows, _rows, query_dims),
-                           (family.kv_rows, _rows, head_dims(groups, shape.head_dim)),
+                           (family.kv_rows, _rows, unit_rows(groups, shape.head_dim)),
                            (family.head_columns, _columns, query_dims),
                            (family.neuron_rows, _rows, neurons), (family.neuron_columns, _columns, neurons))
                 for roles, gather, kept in gathers:

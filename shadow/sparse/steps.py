@@ -17,7 +17,6 @@ from shadow.offload import input_device, offloaded, resident
 from shadow.policy import Masks
 from shadow.sparse.kept import FixedUnits, PredictedUnits, ThresholdedChannels, UnitSet
 from shadow.sparse.loop import LayerCache
-from shadow.sparse.pruning import head_dims
 from shadow.thresholds import INPUT_SITES
 
 
@@ -198,20 +197,19 @@ class UnitStep:
         else:
             cache.inputs.view(B, -1, h.shape[1]).index_copy_(1, position.view(1), h[:, None])
             first = cache.done[kv_heads]  # a head kept again catches up on skipped positions
-            kv_dims, first_rows = head_dims(kv_heads, D), first.repeat_interleave(D)
-            kernels.rows_into_pair(cache.keys, key, cache.values, value, kv_dims, cache.inputs, first_rows, last, B)
+            kernels.rows_into_pair(cache.keys, key, cache.values, value, kv_heads, cache.inputs, first, last, B, D)
             if family.rotary:  # the keys just written, as attention reads them
                 kernels.rotate_keys(cache.keys, kv_heads, first, last, cache.rotary, D, B, cache.prompt,
                                     family.head_norm(layer, "key"))
             cache.done.index_put_((kv_heads,), position + 1)
-        dims = head_dims(queries, D)
-        out = attend(self.parts, shape, index, kernels.rows(query, dims, h), queries, last, cache)
+        out = attend(self.parts, shape, index, kernels.rows(query, queries, h, D), queries, last, cache)
         if index in self.units.feature_layers:
-            self.units.predict(index, h.new_zeros(B, output.in_features).index_copy_(1, dims, out), kept)
+            features = h.new_zeros(B, output.in_features).index_copy_(1, kernels.unit_rows(queries, D), out)
+            self.units.predict(index, features, kept)
         if known is None:  # every head was computed: the output reads those the mask now keeps
             queries = kept[index].queries.to(device)
-            dims, out = head_dims(queries, D), out.view(B, -1, D).index_select(1, queries).flatten(1)
-        return kernels.columns(output, dims, out)
+            out = out.view(B, -1, D).index_select(1, queries).flatten(1)
+        return kernels.columns(output, queries, out, D)
 
 
 class ThresholdStep:
