@@ -238,8 +238,9 @@ def rows_into_pair(out: Tensor, linear: nn.Linear, out2: Tensor, linear2: nn.Lin
     one pass over the inputs with Triton's kernels, two with the others."""
     kernels = backend(linear.weight)
     if hasattr(kernels, "rows_into_pair") and (linear.bias is None) == (linear2.bias is None):
+        index, first, units = _units(kernels, index, unit, first)
         kernels.rows_into_pair(out, linear.weight, linear.bias, out2, linear2.weight, linear2.bias, index, inputs,
-                               first, last, requests, unit)
+                               first, last, requests, **units)
         return
     rows_into(out, linear, index, inputs, first, last, requests, unit)
     rows_into(out2, linear2, index, inputs, first, last, requests, unit)
