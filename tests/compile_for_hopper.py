@@ -15,10 +15,10 @@ from shadow.kernels import triton_gather
 HOPPER = GPUTarget("cuda", 90, 32)
 SHARED = 232448  # bytes of shared memory a block may take on an H100 or H200
 POINTERS = {"partials": "*fp32", "arrivals": "*i32", "index": "*i64", "first": "*i64", "heads": "*i64", "keep": "*i1",
-            "last": "*i64", "length": "*i64"}  # others: float16 tensors
+            "last": "*i64"}  # others: float16 tensors
 INTEGERS = {"kept", "unit", "in_features", "span", "requests", "out_stride", "weight_stride", "inputs_stride", "batch",
-            "x_stride", "out_features", "scale_stride", "head_dim", "key_stride", "table_stride", "group_size",
-            "query_stride"}
+            "x_stride", "out_features", "scale_stride", "head_dim", "key_stride", "table_stride", "first_stride",
+            "group_size", "query_stride"}
 FLOATS = {"eps", "query_scale"}
 
 

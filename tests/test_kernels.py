@@ -562,6 +562,19 @@ def test_rotate_keys_rotates_exactly_the_written_keys(name, with_norm, monkeypat
             kernels.rotate_keys(keys, heads, first, last, table, D, B, prompt,
                                 (norm.weight, norm.variance_epsilon) if with_norm else None)
         torch.testing.assert_close(keys, want)
+    # every head's key at one position, the first of each a view of that position (as a dense step writes them)
+    keys, position = torch.randn(H * D, B * span, generator=gen), torch.tensor(8)
+    want = keys.clone()
+    column = torch.arange(B) * span + 8
+    states = want.view(H, D, B * span)[:, :, column].permute(0, 2, 1)  # (H, B, D)
+    if with_norm:
+        states = norm(states)
+    rotated = states * table[0, 8] + rotate_half(states) * table[1, 8]
+    want.view(H, D, B * span)[:, :, column] = rotated.permute(0, 2, 1)
+    with torch.no_grad():
+        kernels.rotate_keys(keys, torch.arange(H), position.expand(H), 8, table, D, B, 8,
+                            (norm.weight, norm.variance_epsilon) if with_norm else None)
+    torch.testing.assert_close(keys, want)
 
 
 @pytest.mark.parametrize("name", BACKENDS)

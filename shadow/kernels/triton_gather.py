@@ -266,7 +266,7 @@ def _attend_kernel(out, queries, keys, values, heads, last, table, norm, eps, qu
 
 
 @triton.jit
-def _rotate_kernel(keys, heads, first, last, table, norm, eps, head_dim, span, key_stride, table_stride,
+def _rotate_kernel(keys, heads, first, last, table, norm, eps, head_dim, span, key_stride, table_stride, first_stride,
                    LAST_IN_MEMORY: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (i, b): the keys of key-value head ``heads[i]`` in request b at positions [first[i], last] (a value,
     or where it points), in place: RMS-normalised over the head by ``norm``'s weights (HAS_NORM), then dimension d
@@ -282,7 +282,7 @@ def _rotate_kernel(keys, heads, first, last, table, norm, eps, head_dim, span, k
     if HAS_NORM:
         w1 = tl.load(norm + d, mask=present, other=0.0).to(tl.float32)
         w2 = tl.load(norm + half + d, mask=present, other=0.0).to(tl.float32)
-    for position in range(tl.load(first + i), limit + 1):
+    for position in range(tl.load(first + i * first_stride), limit + 1):
         x1 = tl.load(keys + lower + position, mask=present, other=0.0).to(tl.float32)
         x2 = tl.load(keys + upper + position, mask=present, other=0.0).to(tl.float32)
         if HAS_NORM:
@@ -421,8 +421,8 @@ class TritonGather:
         if len(heads):
             weight, eps = norm if norm is not None else (None, 0.0)
             _rotate_kernel[(len(heads), requests)](
-                keys, heads, first.contiguous(), last, table, weight, eps, head_dim, keys.shape[1] // requests,
-                keys.stride(0), table.stride(0), LAST_IN_MEMORY=isinstance(last, Tensor), HAS_NORM=norm is not None,
+                keys, heads, first, last, table, weight, eps, head_dim, keys.shape[1] // requests, keys.stride(0),
+                table.stride(0), first.stride(0), LAST_IN_MEMORY=isinstance(last, Tensor), HAS_NORM=norm is not None,
                 BLOCK_D=triton.next_power_of_2(max(head_dim // 2, 1)))
 
     @staticmethod

@@ -5,6 +5,7 @@ kept rows (query, key, value, gate, up) and the kept columns (output, down: stor
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
@@ -72,16 +73,24 @@ def decide_static(parts: ModelParts, asked: bool | None, blocker: Callable[[], s
     return asked
 
 
-def write_keys_values(parts: ModelParts, shape: Shape, index: int, h: Tensor, position: Tensor, cache: LayerCache,
-                      project: Callable[[str, Tensor], Tensor]) -> None:
-    """Every key-value head's key and value at ``position`` for the batch's (B, E) inputs, each projection by
-    ``project(role, x)``, written to the cache (keys rotated)."""
-    family, layer, D, B = parts.family, parts.layers[index], shape.head_dim, cache.requests
-    keys, values = project("key", h), project("value", h)
-    if family.rotary:
-        keys = family.rotate(parts.model, layer, "key", keys.view(-1, 1, D), position.view(1), cache.rotary)
-    for store, new in ((cache.keys, keys.reshape(B, -1)), (cache.values, values)):
+@functools.cache
+def every_one(count: int, device: torch.device) -> Tensor:
+    """Indices [0, count) on ``device``, made once (a step reuses them, and a CUDA graph replays them)."""
+    return torch.arange(count, device=device)
+
+
+def write_keys_values(parts: ModelParts, shape: Shape, index: int, h: Tensor, position: Tensor, last: int | Tensor,
+                      cache: LayerCache, project: Callable[[str, Tensor], Tensor]) -> None:
+    """Every key-value head's key and value at ``position`` (``last``, as the launches take it) for the batch's (B,
+    E) inputs, each projection by ``project(role, x)``, written to the cache, the keys then rotated there as the
+    kept heads' are."""
+    family, layer, B = parts.family, parts.layers[index], cache.requests
+    for store, new in ((cache.keys, project("key", h)), (cache.values, project("value", h))):
         store.view(store.shape[0], B, -1).index_copy_(2, position.view(1), new.t()[..., None].to(store.dtype))
+    if family.rotary:
+        heads = every_one(shape.kv_heads, h.device)
+        kernels.rotate_keys(cache.keys, heads, position.expand(shape.kv_heads), last, cache.rotary, shape.head_dim, B,
+                            last if isinstance(last, int) else cache.prompt, family.head_norm(layer, "key"))
 
 
 def attend(parts: ModelParts, shape: Shape, index: int, queries: Tensor, heads: Tensor, last: int | Tensor,
@@ -101,8 +110,8 @@ def every_head(parts: ModelParts, shape: Shape, index: int, h: Tensor, position:
     head computed, each projection by ``project(role, x)``: the key and value written to the cache at
     ``position``."""
     position = position.to(h.device)  # a no-op but across the GPUs of a split model
-    write_keys_values(parts, shape, index, h, position, cache, project)
-    every = torch.arange(shape.query_heads, device=h.device)
+    write_keys_values(parts, shape, index, h, position, last, cache, project)
+    every = every_one(shape.query_heads, h.device)
     return project("output", attend(parts, shape, index, project("query", h), every, last, cache))
 
 
@@ -188,12 +197,11 @@ class UnitStep:
         if known is not None:
             queries, kv_heads = known.queries.to(device), known.kv_heads.to(device)
         else:
-            queries = torch.arange(shape.query_heads, device=device)
-            kv_heads = torch.arange(shape.kv_heads, device=device)
+            queries, kv_heads = every_one(shape.query_heads, device), every_one(shape.kv_heads, device)
         position = position.to(device)  # a no-op but across the GPUs of a split model
         last = position if isinstance(last, Tensor) else last
         if self.dense_key_values:
-            write_keys_values(self.parts, shape, index, h, position, cache, dense)
+            write_keys_values(self.parts, shape, index, h, position, last, cache, dense)
         else:
             cache.inputs.view(B, -1, h.shape[1]).index_copy_(1, position.view(1), h[:, None])
             first = cache.done[kv_heads]  # a head kept again catches up on skipped positions
