@@ -254,6 +254,12 @@ def rows(linear: nn.Linear, index: Tensor, x: Tensor, unit: int = 1) -> Tensor:
     return kernels.rows(linear.weight, linear.bias, index, x.contiguous(), **units)
 
 
+def rotates_keys_in_place(keys: Tensor) -> bool:
+    """Whether the kernels for this cache rotate written keys in one launch over just their positions (Triton's);
+    elsewhere a step that writes every head's new key is better off rotating it before it writes."""
+    return hasattr(backend(keys), "rotate_keys")
+
+
 def rotate_keys(keys: Tensor, heads: Tensor, first: Tensor, last: int | Tensor, table: Tensor, head_dim: int,
                 requests: int, prompt: int, norm: tuple[Tensor, float] | None = None) -> None:
     """Rotate in place the keys just written at positions [first[i], last] of key-value heads ``heads[i]`` (see

@@ -82,15 +82,19 @@ def every_one(count: int, device: torch.device) -> Tensor:
 def write_keys_values(parts: ModelParts, shape: Shape, index: int, h: Tensor, position: Tensor, last: int | Tensor,
                       cache: LayerCache, project: Callable[[str, Tensor], Tensor]) -> None:
     """Every key-value head's key and value at ``position`` (``last``, as the launches take it) for the batch's (B,
-    E) inputs, each projection by ``project(role, x)``, written to the cache, the keys then rotated there as the
-    kept heads' are."""
-    family, layer, B = parts.family, parts.layers[index], cache.requests
-    for store, new in ((cache.keys, project("key", h)), (cache.values, project("value", h))):
+    E) inputs, each projection by ``project(role, x)``, written to the cache, the keys rotated: in place in one
+    launch where the kernels rotate keys so (Triton's, as for the kept heads), else by torch before writing."""
+    family, layer, D, B = parts.family, parts.layers[index], shape.head_dim, cache.requests
+    keys = project("key", h)
+    in_place = family.rotary and kernels.rotates_keys_in_place(cache.keys)
+    if family.rotary and not in_place:
+        keys = family.rotate(parts.model, layer, "key", keys.view(-1, 1, D), position.view(1), cache.rotary)
+    for store, new in ((cache.keys, keys.reshape(B, -1)), (cache.values, project("value", h))):
         store.view(store.shape[0], B, -1).index_copy_(2, position.view(1), new.t()[..., None].to(store.dtype))
-    if family.rotary:
+    if in_place:
         heads = every_one(shape.kv_heads, h.device)
-        kernels.rotate_keys(cache.keys, heads, position.expand(shape.kv_heads), last, cache.rotary, shape.head_dim, B,
-                            last if isinstance(last, int) else cache.prompt, family.head_norm(layer, "key"))
+        kernels.rotate_keys(cache.keys, heads, position.expand(shape.kv_heads), last, cache.rotary, D, B,
+                            cache.prompt, family.head_norm(layer, "key"))
 
 
 def attend(parts: ModelParts, shape: Shape, index: int, queries: Tensor, heads: Tensor, last: int | Tensor,
