@@ -33,8 +33,8 @@ def _sizes(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: in
 
 
 def rms_norm(norm: nn.Module, x: Tensor) -> Tensor:
-    """transformers' RMSNorm module on ``x`` as torch's one operation (fused on CUDA; the module's own forward is
-    six or eight kernels a call), summed in float32 alike."""
+    """transformers' RMSNorm module on ``x`` as torch's one operation, which torch fuses on CUDA (the module's own
+    forward is six or eight kernels a call); the same float32 sums."""
     return nn.functional.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
 
 
