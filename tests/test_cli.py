@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import FAST_CLI, run_shadow
 
+from shadow.benchmarks.gpu import Budget, step
 from shadow.cli import fix_argv, overrides_of
 from shadow.criteria import CRITERIA
 from shadow.opt_mini import MODEL_DIR
@@ -87,3 +88,25 @@ def test_the_gpu_check_says_in_one_line_that_it_needs_cuda(tmp_path):
     assert result.returncode == 1 and not (tmp_path / "report.md").exists()
     assert result.stdout.strip().splitlines() == [
         "no CUDA device is visible (torch.cuda.is_available() is False): the GPU check needs one"]
+
+
+def test_a_gpu_check_budget_too_short_for_any_step_is_refused_in_one_line(tmp_path):
+    result = run_shadow("--budget 30", tmp_path, module="shadow.benchmarks.gpu")
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        "--budget 30: under 60 s no step can run; give at least 60, or leave it out for no bound"]
+
+
+def test_the_gpu_checks_budget_cuts_each_steps_limit_to_what_is_left():
+    assert Budget(None).limit(300) == 300
+    assert Budget(1000).limit(300) == 300
+    assert 118 <= Budget(120).limit(300) <= 120
+    assert Budget(59).limit(300) is None  # too little left for a step: skipped
+
+
+def test_a_gpu_check_step_cut_short_reports_what_it_printed(tmp_path, monkeypatch):
+    (tmp_path / "slow_step.py").write_text("import sys, time\nprint('row 1')\nprint('warned', file=sys.stderr)\n"
+                                          "print('row 2')\ntime.sleep(60)\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    passed, tail, seconds = step(["slow_step"], timeout=5)
+    assert not passed and seconds < 30
+    assert tail.splitlines() == ["row 1", "row 2", "warned", "timed out after 5 s"]

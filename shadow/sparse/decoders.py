@@ -166,21 +166,23 @@ class RequestDecoder:
 
 
 class ThresholdDecoder:
-    """Greedy decoding under TEAL's or CATS' thresholds (``shadow.thresholds``), each step reading only the weights
-    of the channels it keeps. The prompt runs under the thresholds too, so the generation is the thresholded
-    model's.
+    """Greedy decoding under TEAL's, WINA's or CATS' thresholds (``shadow.thresholds``), each step reading only the
+    weights of the channels it keeps. The prompt runs under the thresholds too, so the generation is the
+    thresholded model's.
 
-    At each step TEAL zeroes each site's entries below its threshold and reads only the kept channels' columns of
-    the projections the site feeds (all of them stored transposed). CATS computes the FFN input projection (gate;
-    OPT's up) whole, zeroes the activations below its threshold and reads only the kept units' up rows and down
-    columns; its attention is dense. Every head is computed at every step.
+    At each step TEAL zeroes each site's entries below its threshold (WINA: those whose magnitude times their
+    weight column's norm is below it) and reads only the kept channels' columns of the projections the site feeds
+    (all of them stored transposed). CATS computes the FFN input projection (gate; OPT's up) whole, zeroes the
+    activations below its threshold and reads only the kept units' up rows and down columns; its attention is
+    dense. Every head is computed at every step.
 
     A batch zeroes each request's own small entries and reads, per site, the columns of the channels any of its
-    requests keeps. How many a step keeps is known only once it has thresholded: each site reads its count back
-    (on CUDA a host sync per site and layer), so the steps are not static and not captured as CUDA graphs."""
+    requests keeps. With Triton's kernels the products test their inputs themselves and the shares kept are summed
+    on the device (see ``ThresholdStep``): nothing is read back, so on CUDA the steps are captured as CUDA graphs.
+    """
 
     def __init__(self, model: nn.Module, method: str, thresholds: Tensor, static: bool | None = None):
-        """``thresholds``: (sites, L), as ``Histograms.thresholds`` gives them for ``method`` (teal or cats);
+        """``thresholds``: (sites, L), as ``Histograms.thresholds`` gives them for ``method`` (teal, wina or cats);
         ``static`` as for ``TokenDecoder``."""
         self.model, self.method, self.static = model, method, static
         self.step = ThresholdStep(ModelParts(model), ThresholdedChannels(model, method, thresholds))
